@@ -1,0 +1,5 @@
+import sys
+
+from quota.cli import main
+
+sys.exit(main())

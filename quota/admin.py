@@ -1,0 +1,127 @@
+"""The admin HTTP API, mounted by the middleware under settings.admin_prefix (default /_quota).
+
+Every endpoint needs `Authorization: Bearer <token>` (settings.admin_token or QUOTA_ADMIN_TOKEN),
+compared in constant time. Without a configured token the API answers 404: it is off.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from quota import accounts as subs
+from quota.billing import bill_account
+from quota.entitlements import entitlements
+from quota.errors import StorageError, UnknownAppError
+from quota.metering import usage_report
+
+
+def _error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+def _month(text: str | None) -> tuple[int, int]:
+    today = date.today()
+    if not text:
+        return today.year, today.month
+    year, month = text.split("-")
+    return int(year), int(month)
+
+
+def create_admin(runtime: Callable[[], Any]) -> Starlette:
+    def token() -> str | None:
+        return os.environ.get("QUOTA_ADMIN_TOKEN") or runtime().settings.admin_token
+
+    def guarded(handler: Callable[..., Any]) -> Callable[[Request], Any]:
+        async def run(request: Request) -> JSONResponse:
+            expected = token()
+            if not expected:
+                return _error(404, "service_resource_not_found", "the admin API is off: no admin token configured")
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+                return _error(401, "unauthorized", "missing or wrong admin token")
+            try:
+                return await handler(request, runtime())
+            except UnknownAppError as exc:
+                return _error(404, "service_resource_not_found", str(exc))
+            except KeyError as exc:
+                return _error(404, "service_resource_not_found", str(exc.args[0]))
+            except ValueError as exc:
+                return _error(400, "illegal_argument", str(exc))
+            except StorageError:
+                return _error(503, "service_unavailable", "quota storage is unavailable")
+
+        return run
+
+    async def show_entitlements(request: Request, rt: Any) -> JSONResponse:
+        appkey = f"{request.path_params['org']}#{request.path_params['app']}"
+        entities = {k: v for k in ("user", "group", "chatroom") if (v := request.query_params.get(k))}
+        return JSONResponse(await entitlements(rt.directory, rt.store, appkey, entities=entities))
+
+    async def show_usage(request: Request, rt: Any) -> JSONResponse:
+        appkey = f"{request.path_params['org']}#{request.path_params['app']}"
+        if rt.directory.lookup(appkey, date.today()) is None:
+            raise UnknownAppError(appkey)
+        year, month = _month(request.query_params.get("month"))
+        return JSONResponse(await usage_report(rt.directory, rt.store, appkey, year, month))
+
+    async def show_bill(request: Request, rt: Any) -> JSONResponse:
+        year, month = _month(request.query_params.get("month"))
+        bill = await bill_account(rt.directory, rt.store, request.path_params["account"], year, month)
+        return JSONResponse(bill.to_json())
+
+    async def show_account(request: Request, rt: Any) -> JSONResponse:
+        name = request.path_params["account"]
+        account = rt.directory.accounts.get(name)
+        if account is None:
+            raise KeyError(f"unknown account {name!r}")
+        return JSONResponse(account.to_json())
+
+    async def change(request: Request, rt: Any) -> JSONResponse:
+        name, action = request.path_params["account"], request.path_params["action"]
+        account = rt.directory.accounts.get(name)
+        if account is None:
+            raise KeyError(f"unknown account {name!r}")
+        try:
+            payload = await request.json() if await request.body() else {}
+        except ValueError as exc:
+            raise ValueError("body must be JSON") from exc
+        if not isinstance(payload, dict):
+            raise ValueError("body must be a JSON object")
+        day = date.fromisoformat(payload["date"]) if payload.get("date") else date.today()
+        plan = payload.get("plan")
+        if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:
+            raise ValueError(f"plan must be one of {', '.join(rt.config.matrix.plans)}")
+        updated = apply_change(account, action, plan, day)
+        await rt.directory.save(updated)
+        return JSONResponse(updated.to_json())
+
+    return Starlette(routes=[
+        Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
+        Route("/usage/{org}/{app}", guarded(show_usage)),
+        Route("/bills/{account}", guarded(show_bill)),
+        Route("/accounts/{account}", guarded(show_account)),
+        Route("/accounts/{account}/{action}", guarded(change), methods=["POST"]),
+    ])
+
+
+def apply_change(account: subs.Account, action: str, plan: str | None, day: date) -> subs.Account:
+    if action == "subscribe":
+        return subs.subscribe(account, str(plan), day)
+    if action == "change-plan":
+        return subs.change_plan(account, str(plan), day)
+    if action == "cancel":
+        return subs.cancel(account, day)
+    if action == "freeze":
+        return subs.freeze(account, day)
+    if action == "unfreeze":
+        return subs.unfreeze(account)
+    raise KeyError(f"unknown action {action!r} (subscribe, change-plan, cancel, freeze, unfreeze)")

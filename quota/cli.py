@@ -1,0 +1,320 @@
+"""The `quota` command: plans, config checks, entitlements, bills, usage, subscriptions, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+from quota.billing import AppPeak, bill_account, compute_bill
+from quota.config import DEFAULT_DIR, Config, load_config
+from quota.errors import ConfigError, QuotaError, StorageError
+from quota.matrix import Matrix, MauShare, limit_to_json
+from quota.plans import Directory
+from quota.store import store_from_url
+
+EXIT_CONFIG = 2
+EXIT_NOT_FOUND = 3
+EXIT_STORAGE = 4
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path or DEFAULT_DIR)
+
+
+def plans_json(matrix: Matrix) -> dict[str, Any]:
+    return {
+        "plans": {
+            name: {
+                "price": {
+                    "monthly_fee": str(p.price.monthly_fee),
+                    "included_dau": p.price.included_dau,
+                    "overage_per_10k_dau": None if p.price.overage_per_10k_dau is None
+                    else str(p.price.overage_per_10k_dau),
+                },
+                "limits": {k: limit_to_json(v) for k, v in p.limits.items()},
+                "custom": sorted(p.custom),
+                "features": dict(p.features),
+                "rates": {k: r.text for k, r in p.rates.items()},
+            }
+            for name, p in matrix.plans.items()
+        }
+    }
+
+
+def _cell(value: Any, custom: bool = False) -> str:
+    if value is None:
+        text = "unlimited"
+    elif isinstance(value, bool):
+        text = "✓" if value else "✖"
+    elif isinstance(value, MauShare):
+        text = value.describe()
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"custom (default {text})" if custom else text
+
+
+def plans_table(matrix: Matrix) -> str:
+    names = list(matrix.plans)
+    rows: list[tuple[str, list[str]]] = []
+    plans = [matrix.plans[n] for n in names]
+    rows.append(("[price]", [""] * len(names)))
+    for key in ("monthly_fee", "included_dau", "overage_per_10k_dau"):
+        vals = [getattr(p.price, key) for p in plans]
+        rows.append((key, ["n/a (upgrade)" if v is None else _cell(v) for v in vals]))
+    rows.append(("[limits]", [""] * len(names)))
+    for key in plans[0].limits:
+        rows.append((key, [_cell(p.limits[key], key in p.custom) for p in plans]))
+    rows.append(("[rates]", [""] * len(names)))
+    for key in plans[0].rates:
+        rows.append((key, [p.rates[key].text for p in plans]))
+    for section, features in plans[0].feature_sections.items():
+        rows.append((f"[{section}]", [""] * len(names)))
+        for f in features:
+            rows.append((f, [_cell(p.features[f]) for p in plans]))
+    width = max(len(r[0]) for r in rows)
+    cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
+    lines = ["  ".join([" " * width, *(n.ljust(c) for n, c in zip(names, cols))]).rstrip()]
+    for label, cells in rows:
+        lines.append("  ".join([label.ljust(width), *(v.ljust(c) for v, c in zip(cells, cols))]).rstrip())
+    return "\n".join(lines)
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    def walk(node: Any, indent: int) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                print(" " * indent + f"{key}:")
+                walk(value, indent + 2)
+            else:
+                shown = "unlimited" if value is None else value
+                print(" " * indent + f"{key}: {shown}")
+    walk(data, 0)
+
+
+def _month(text: str | None) -> tuple[int, int]:
+    if not text:
+        today = date.today()
+        return today.year, today.month
+    try:
+        year, month = (int(x) for x in text.split("-"))
+        date(year, month, 1)
+    except ValueError:
+        raise SystemExit(f"quota: --month must be YYYY-MM, found {text!r}") from None
+    return year, month
+
+
+async def _with_store(args: argparse.Namespace, work: Any) -> Any:
+    cfg = _config(args.config)
+    store = store_from_url(args.redis or "memory://", timeout_ms=cfg.settings.storage_timeout_ms)
+    directory = Directory(cfg.matrix, cfg.accounts, store)
+    try:
+        await directory.refresh()
+        return await work(cfg, directory, store)
+    finally:
+        await store.close()
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    if args.json:
+        print(json.dumps(plans_json(cfg.matrix), indent=2, ensure_ascii=False))
+    else:
+        print(plans_table(cfg.matrix))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.dir or DEFAULT_DIR)
+    print(f"{cfg.directory}: ok ({len(cfg.matrix.plans)} plans, {len(cfg.routes.rules)} routes, "
+          f"{len(cfg.accounts)} accounts)")
+    return 0
+
+
+def cmd_entitlements(args: argparse.Namespace) -> int:
+    from quota.entitlements import entitlements
+
+    entities = {k: v for k in ("user", "group", "chatroom") if (v := getattr(args, k))}
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        return await entitlements(directory, store, args.app, usage=True, entities=entities)
+
+    _print(asyncio.run(_with_store(args, work)), args.json)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from quota.metering import usage_report
+
+    year, month = _month(args.month)
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        if directory.account_of(args.app) is None:
+            from quota.errors import UnknownAppError
+
+            raise UnknownAppError(args.app)
+        return await usage_report(directory, store, args.app, year, month)
+
+    _print(asyncio.run(_with_store(args, work)), args.json)
+    return 0
+
+
+def cmd_bill(args: argparse.Namespace) -> int:
+    year, month = _month(args.month)
+    if args.plan:
+        cfg = _config(args.config)
+        plan = cfg.matrix.plans.get(args.plan)
+        if plan is None:
+            raise SystemExit(f"quota: unknown plan {args.plan!r} ({', '.join(cfg.matrix.plans)})")
+        if not args.peak_dau:
+            raise SystemExit("quota: give --peak-dau N once per app")
+        since = date.fromisoformat(args.subscribed_on) if args.subscribed_on else None
+        if since is not None and not args.month:
+            year, month = since.year, since.month
+        peaks = [AppPeak(f"app{i + 1}", n) for i, n in enumerate(args.peak_dau)]
+        bill = compute_bill(plan, peaks, year, month, subscribed_on=since)
+    else:
+        if not args.account:
+            raise SystemExit("quota: bill needs ACCOUNT, or --plan with --peak-dau")
+
+        async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+            return await bill_account(directory, store, args.account, year, month)
+
+        bill = asyncio.run(_with_store(args, work))
+    if args.json:
+        print(json.dumps(bill.to_json(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"account {bill.account}  month {bill.month}  plan {bill.plan}")
+    for a in bill.apps:
+        print(f"  {a.app}: peak DAU {a.peak_dau:,}" + (f" on {a.day}" if a.day else ""))
+    print(f"usage (sum of peaks)  {bill.usage:,}")
+    print(f"included DAU          {bill.included:,}")
+    print(f"excess                {bill.excess:,}")
+    proration = f"  ({bill.prorated_days[0]}/{bill.prorated_days[1]} days)" if bill.prorated_days else ""
+    print(f"plan fee              {bill.plan_fee}{proration}")
+    print(f"overage               {bill.overage}")
+    print(f"total                 {bill.total} 元")
+    for note in bill.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from quota.admin import apply_change
+
+    day = date.fromisoformat(args.date) if args.date else date.today()
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        account = directory.accounts.get(args.account)
+        if account is None:
+            raise KeyError(f"unknown account {args.account!r}")
+        if args.action in ("subscribe", "change-plan") and args.plan not in cfg.matrix.plans:
+            raise SystemExit(f"quota: {args.action} needs a plan ({', '.join(cfg.matrix.plans)})")
+        updated = apply_change(account, args.action, args.plan, day)
+        await directory.save(updated)
+        return updated.to_json()
+
+    _print(asyncio.run(_with_store(args, work)), args.json)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from quota.serve import build_app
+
+    app = build_app(args.config, redis_url=args.redis)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="quota", description="Hold IM apps to their plans.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, store: bool = False) -> None:
+        p.add_argument("--config", help=f"config directory (default {DEFAULT_DIR})")
+        if store:
+            p.add_argument("--redis", help="redis://host:port/db (default: the in-memory store, empty)")
+
+    p = sub.add_parser("plans", help="print the limit matrix, plans as columns")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plans)
+
+    p = sub.add_parser("check-config", help="validate a config directory")
+    p.add_argument("dir", nargs="?")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("entitlements", help="what an app's plan allows and how much is used")
+    common(p, store=True)
+    p.add_argument("app", help="appkey org#app")
+    p.add_argument("--json", action="store_true")
+    for kind in ("user", "group", "chatroom"):
+        p.add_argument(f"--{kind}", help=f"also show one {kind}'s counters")
+    p.set_defaults(func=cmd_entitlements)
+
+    p = sub.add_parser("usage", help="an app's DAU per day, MAU, peak online and limits in a month")
+    common(p, store=True)
+    p.add_argument("app")
+    p.add_argument("--month", help="YYYY-MM (default this month)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("bill", help="an account's bill for a month, or a what-if bill")
+    common(p, store=True)
+    p.add_argument("account", nargs="?")
+    p.add_argument("--month", help="YYYY-MM (default this month)")
+    p.add_argument("--plan", help="what-if: bill this plan for the given peaks")
+    p.add_argument("--peak-dau", type=int, action="append", help="what-if: one app's peak DAU (repeat per app)")
+    p.add_argument("--subscribed-on", help="what-if: YYYY-MM-DD the subscription started (prorates the fee)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bill)
+
+    for action in ("subscribe", "change-plan", "cancel", "freeze", "unfreeze"):
+        p = sub.add_parser(action, help=f"{action} an account (stored in --redis)")
+        common(p, store=True)
+        p.add_argument("account")
+        if action in ("subscribe", "change-plan"):
+            p.add_argument("plan")
+        p.add_argument("--date", help="YYYY-MM-DD (default today)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_account, action=action, plan=getattr(p, "plan", None))
+
+    p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware")
+    common(p, store=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not hasattr(args, "plan"):
+        args.plan = None
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"quota: configuration is not valid:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (KeyError, QuotaError) as exc:
+        if isinstance(exc, StorageError):
+            print(f"quota: storage unavailable: {exc}", file=sys.stderr)
+            return EXIT_STORAGE
+        message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        print(f"quota: {message}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Reads config/*.yaml and validates all of it in one place, reporting every problem at once.
+
+Files in a config directory:
+    plans.yaml     the limit matrix (matrix.Plan per plan)
+    routes.yaml    the route map (routes.RouteRule per route) and the relations it counts
+    accounts.yaml  accounts, their plans, overrides and apps
+    quota.yaml     settings of the middleware (optional)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from limits import parse as parse_rate
+
+from quota.accounts import Account, Subscription
+from quota.errors import ConfigError, Problem
+from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
+from quota.routes import Change, Relation, RateUse, RouteMap, RouteRule, Selector
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
+APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
+
+
+@dataclass(frozen=True)
+class Settings:
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    admin_token: str | None = None
+    admin_prefix: str = "/_quota"
+    max_body_bytes: int = 1 << 20
+    # What a request meets when the store does not answer: rates fail open, counter writes closed.
+    outage_rates: Literal["open", "closed"] = "open"
+    outage_counters: Literal["open", "closed"] = "closed"
+    storage_timeout_ms: int = 250
+    lease_ttl_s: int = 60
+    fallback_rate: Rate = Rate(100, 1, "100/second")
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    directory: Path
+    matrix: Matrix
+    routes: RouteMap
+    accounts: dict[str, Account]
+    settings: Settings = field(default_factory=Settings)
+
+
+def load_config(directory: str | Path | None = None) -> Config:
+    """Load and validate a config directory; raise ConfigError naming every file, key and fault."""
+    root = Path(directory) if directory is not None else DEFAULT_DIR
+    problems: list[Problem] = []
+    docs = {name: _read(root / name, problems, required=name != "quota.yaml") for name in _FILES}
+    if problems:
+        raise ConfigError(problems)
+    matrix = _Matrix(root / "plans.yaml", problems).build(docs["plans.yaml"])
+    routes = _Routes(root / "routes.yaml", problems, matrix).build(docs["routes.yaml"])
+    accounts = _Accounts(root / "accounts.yaml", problems, matrix).build(docs["accounts.yaml"])
+    settings = _Settings(root / "quota.yaml", problems).build(docs["quota.yaml"] or {})
+    if problems:
+        raise ConfigError(problems)
+    return Config(root, matrix, routes, accounts, settings)
+
+
+_FILES = ("plans.yaml", "routes.yaml", "accounts.yaml", "quota.yaml")
+
+
+def _read(path: Path, problems: list[Problem], *, required: bool) -> Any:
+    if not path.exists():
+        if required:
+            problems.append(Problem(str(path), "(file)", "a YAML file", _Said("no such file")))
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problems.append(Problem(str(path), where, "valid YAML", _Said(str(getattr(exc, "problem", exc)))))
+        return None
+
+
+class _Said(str):
+    """A description of what was found, printed as is (other values are shown with repr)."""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, _Said):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    def __init__(self, path: Path, problems: list[Problem]) -> None:
+        self.file = str(path)
+        self.problems = problems
+
+    def fail(self, key: str, expected: str, found: Any) -> None:
+        self.problems.append(Problem(self.file, key, expected, _show(found)))
+
+    def mapping(self, node: Any, key: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
+        if not isinstance(node, dict):
+            self.fail(key, "a mapping", node)
+            return {}
+        for name in required:
+            if name not in node:
+                self.fail(f"{key}.{name}", "a value", _Said("nothing (missing key)"))
+        if required or optional:
+            for name in node:
+                if name not in required and name not in optional:
+                    allowed = ", ".join((*required, *optional))
+                    self.fail(f"{key}.{name}", f"one of the known keys ({allowed})", _Said(f"unknown key {name!r}"))
+        return node
+
+    def whole(self, node: Any, key: str, minimum: int = 0) -> int | None:
+        if isinstance(node, bool) or not isinstance(node, int):
+            self.fail(key, f"a whole number >= {minimum}", node)
+            return None
+        if node < minimum:
+            self.fail(key, f"a whole number >= {minimum}", node)
+            return None
+        return node
+
+    def money(self, node: Any, key: str) -> Decimal | None:
+        if isinstance(node, float):
+            self.fail(key, "an amount written as a string (\"888\") so it stays exact", node)
+            return None
+        try:
+            value = Decimal(str(node))
+        except InvalidOperation:
+            self.fail(key, "an amount of money", node)
+            return None
+        if not value.is_finite() or value < 0:
+            self.fail(key, "an amount >= 0", node)
+            return None
+        return value
+
+    def rate(self, node: Any, key: str) -> Rate | None:
+        try:
+            if not isinstance(node, str) or ";" in node:
+                raise ValueError
+            item = parse_rate(node)
+        except ValueError:
+            self.fail(key, "a rate such as '100/second' or '1/minute'", node)
+            return None
+        return Rate(item.amount, item.get_expiry(), node)
+
+    def boolean(self, node: Any, key: str) -> bool | None:
+        if not isinstance(node, bool):
+            self.fail(key, "true or false", node)
+            return None
+        return node
+
+
+class _Matrix(_Checker):
+    def build(self, doc: Any) -> Matrix:
+        top = self.mapping(doc, "(top)", required=("plans",))
+        plans_node = self.mapping(top.get("plans", {}), "plans")
+        plans: dict[str, Plan] = {}
+        for name, node in plans_node.items():
+            plan = self._plan(str(name), node)
+            if plan:
+                plans[str(name)] = plan
+        self._same_keys(plans_node)
+        return Matrix(plans)
+
+    def _plan(self, name: str, node: Any) -> Plan | None:
+        key = f"plans.{name}"
+        node = self.mapping(node, key, required=("price", "limits", "rates", "features"))
+        price = self.mapping(node.get("price", {}), f"{key}.price", required=PRICE_NAMES)
+        limits_node = self.mapping(node.get("limits", {}), f"{key}.limits", required=LIMIT_NAMES)
+        rates_node = self.mapping(node.get("rates", {}), f"{key}.rates", required=RATE_NAMES)
+        sections = self.mapping(node.get("features", {}), f"{key}.features")
+        limits: dict[str, LimitValue] = {}
+        custom: set[str] = set()
+        for lname, value in limits_node.items():
+            if lname not in LIMIT_NAMES:
+                continue
+            if isinstance(value, dict) and set(value) == {"custom"}:
+                custom.add(lname)
+                value = value["custom"]
+            limits[lname] = self._limit(value, f"{key}.limits.{lname}", lname)
+        features: dict[str, bool] = {}
+        feature_sections: dict[str, tuple[str, ...]] = {}
+        for section, rows in sections.items():
+            rows = self.mapping(rows, f"{key}.features.{section}")
+            feature_sections[str(section)] = tuple(rows)
+            for fname, flag in rows.items():
+                if fname in features:
+                    self.fail(f"{key}.features.{section}.{fname}", "a feature name used once", _Said("a repeated name"))
+                checked = self.boolean(flag, f"{key}.features.{section}.{fname}")
+                features[str(fname)] = bool(checked)
+        fee = self.money(price.get("monthly_fee"), f"{key}.price.monthly_fee")
+        included = self.whole(price.get("included_dau"), f"{key}.price.included_dau")
+        overage_node = price.get("overage_per_10k_dau")
+        overage = None if overage_node is None else self.money(overage_node, f"{key}.price.overage_per_10k_dau")
+        rates = {r: self.rate(rates_node.get(r), f"{key}.rates.{r}") for r in rates_node if r in RATE_NAMES}
+        if fee is None or included is None or any(v is None for v in rates.values()):
+            return None
+        return Plan(
+            name=name,
+            price=Price(fee, included, overage),
+            limits=limits,
+            custom=frozenset(custom),
+            features=features,
+            feature_sections=feature_sections,
+            rates={k: v for k, v in rates.items() if v is not None},
+        )
+
+    def _limit(self, value: Any, key: str, name: str) -> LimitValue:
+        if value == "unlimited":
+            return None
+        if name == "online_users" and isinstance(value, dict):
+            node = self.mapping(value, key, required=("share_of_mau", "floor"))
+            share = self.money(node.get("share_of_mau"), f"{key}.share_of_mau")
+            floor = self.whole(node.get("floor"), f"{key}.floor")
+            if share is not None and share > 1:
+                self.fail(f"{key}.share_of_mau", "a share between 0 and 1", share)
+            return MauShare(share or Decimal(0), floor or 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(key, "a whole number >= 0, 'unlimited' or {custom: <default>}", value)
+            return 0
+        return value
+
+    def _same_keys(self, plans_node: dict) -> None:
+        # A row present in one plan and missing from another is a hole in the sheet, not a default.
+        def rows(plan: Any) -> set[str]:
+            if not isinstance(plan, dict):
+                return set()
+            out: set[str] = set()
+            for part in ("price", "limits", "rates"):
+                if isinstance(plan.get(part), dict):
+                    out |= {f"{part}.{k}" for k in plan[part]}
+            for section, fs in (plan.get("features") or {}).items() if isinstance(plan.get("features"), dict) else ():
+                if isinstance(fs, dict):
+                    out |= {f"features.{section}.{f}" for f in fs}
+            return out
+
+        every = {name: rows(plan) for name, plan in plans_node.items()}
+        union = set().union(*every.values()) if every else set()
+        for name, have in every.items():
+            for missing in sorted(union - have):
+                if missing.split(".")[0] in ("features",):
+                    others = [n for n, h in every.items() if missing in h]
+                    self.fail(f"plans.{name}.{missing}", f"the row the other plans have ({', '.join(others)})",
+                              _Said("nothing (missing key)"))
+
+
+class _Routes(_Checker):
+    def __init__(self, path: Path, problems: list[Problem], matrix: Matrix) -> None:
+        super().__init__(path, problems)
+        self.matrix = matrix
+        self.features = set(matrix.feature_names)
+
+    def build(self, doc: Any) -> RouteMap:
+        top = self.mapping(doc, "(top)", required=("relations", "default_rates", "routes"))
+        relations = {}
+        for name, node in self.mapping(top.get("relations", {}), "relations").items():
+            key = f"relations.{name}"
+            node = self.mapping(node, key, optional=("owner_limit", "member_limit", "symmetric"))
+            for side in ("owner_limit", "member_limit"):
+                if node.get(side) is not None and node[side] not in LIMIT_NAMES:
+                    self.fail(f"{key}.{side}", f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", node[side])
+            relations[str(name)] = Relation(
+                str(name), node.get("owner_limit"), node.get("member_limit"), bool(node.get("symmetric", False))
+            )
+        defaults = self._rates(top.get("default_rates"), "default_rates")
+        rules: list[RouteRule] = []
+        names: set[str] = set()
+        routes_node = top.get("routes", [])
+        if not isinstance(routes_node, list):
+            self.fail("routes", "a list of routes", routes_node)
+            routes_node = []
+        for i, node in enumerate(routes_node):
+            rule = self._route(node, f"routes[{i}]", relations, defaults)
+            if rule:
+                if rule.name in names:
+                    self.fail(f"routes[{i}].name", "a name used once", rule.name)
+                names.add(rule.name)
+                rules.append(rule)
+        fallback = RouteRule("other", "*", "*", defaults)
+        return RouteMap(relations, tuple(rules), fallback)
+
+    def _rates(self, node: Any, key: str) -> tuple[RateUse, ...]:
+        if not isinstance(node, list):
+            self.fail(key, "a list of {rate, by}", node)
+            return ()
+        out = []
+        for i, item in enumerate(node):
+            item = self.mapping(item, f"{key}[{i}]", required=("rate", "by"))
+            rate, by = item.get("rate"), item.get("by")
+            if by not in ("ip", "app", "user"):
+                self.fail(f"{key}[{i}].by", "one of ip, app, user", by)
+                continue
+            if rate in RATE_NAMES:
+                out.append(RateUse(rate, None, None, by))
+            else:
+                parsed = self.rate(rate, f"{key}[{i}].rate")
+                if parsed:
+                    out.append(RateUse(f"{parsed.amount}/{parsed.window_s}s", parsed.amount, parsed.window_s, by))
+        return tuple(out)
+
+    def _selector(self, node: Any, key: str, sources: tuple[str, ...], params: set[str]) -> Selector | None:
+        if not isinstance(node, str) or not node:
+            self.fail(key, f"a selector ({' | '.join(s + '.<name>' for s in sources)})", node)
+            return None
+        source, *path = node.split(".")
+        if source not in sources or (source != "app" and not path) or (source == "app" and path):
+            self.fail(key, f"a selector starting with one of {', '.join(sources)}", node)
+            return None
+        if source == "path" and (len(path) != 1 or path[0] not in params):
+            self.fail(key, f"a parameter of the route's path ({', '.join(sorted(params))})", node)
+            return None
+        return Selector(source, tuple(path))  # type: ignore[arg-type]
+
+    def _route(self, node: Any, key: str, relations: dict[str, Relation], defaults: tuple[RateUse, ...]) -> RouteRule | None:
+        node = self.mapping(
+            node, key, required=("name", "method", "path"),
+            optional=("rates", "feature", "changes", "login", "connection", "retention", "user", "outage"),
+        )
+        method, template = node.get("method"), node.get("path")
+        if method not in METHODS:
+            self.fail(f"{key}.method", f"one of {', '.join(METHODS)}", method)
+        if not isinstance(template, str) or not template.startswith("/{org}/{app}"):
+            self.fail(f"{key}.path", "a path template starting /{org}/{app}", template)
+            return None
+        params = set(re.findall(r"\{([a-z_]+)\}", template))
+        feature = node.get("feature")
+        if feature is not None and feature not in self.features:
+            self.fail(f"{key}.feature", "a feature of the matrix", _Said(f"unknown feature {feature!r}"))
+        rates = self._rates(node["rates"], f"{key}.rates") if "rates" in node else defaults
+        changes = []
+        for j, ch in enumerate(node.get("changes") or []):
+            ck = f"{key}.changes[{j}]"
+            ch = self.mapping(ch, ck, required=("relation", "op", "owner"), optional=("members", "max_batch"))
+            if ch.get("relation") not in relations:
+                self.fail(f"{ck}.relation", f"a relation ({', '.join(relations)})", ch.get("relation"))
+                continue
+            if ch.get("op") not in ("add", "remove", "drop", "drop_member"):
+                self.fail(f"{ck}.op", "one of add, remove, drop, drop_member", ch.get("op"))
+                continue
+            # Removals are applied after the upstream succeeded, so they may read its response.
+            sources = ("app", "path", "body") if ch["op"] == "add" else ("app", "path", "body", "response")
+            owner = self._selector(ch.get("owner"), f"{ck}.owner", sources, params)
+            members = None
+            if ch["op"] not in ("drop", "drop_member") or "members" in ch:
+                members = self._selector(ch.get("members"), f"{ck}.members", ("path", "body", "response"), params)
+            max_batch = self.whole(ch["max_batch"], f"{ck}.max_batch", 1) if "max_batch" in ch else None
+            if owner:
+                changes.append(Change(ch["relation"], ch["op"], owner, members, max_batch))
+        retention = user = None
+        if "retention" in node:
+            retention = self._selector(node["retention"], f"{key}.retention", ("path",), params)
+        if "user" in node:
+            user = self._selector(node["user"], f"{key}.user", ("path", "body"), params)
+        login = bool(self.boolean(node.get("login", False), f"{key}.login"))
+        connection = bool(self.boolean(node.get("connection", False), f"{key}.connection"))
+        if (login or connection) and user is None:
+            self.fail(f"{key}.user", "a selector naming the user who logs in", _Said("nothing (missing key)"))
+        outage = node.get("outage")
+        if outage not in (None, "open", "closed"):
+            self.fail(f"{key}.outage", "open or closed", outage)
+        return RouteRule(
+            name=str(node.get("name")), method=str(method), template=template, rates=rates, feature=feature,
+            changes=tuple(changes), login=login, connection=connection, retention=retention, user=user,
+            outage=outage,
+        )
+
+
+class _Accounts(_Checker):
+    def __init__(self, path: Path, problems: list[Problem], matrix: Matrix) -> None:
+        super().__init__(path, problems)
+        self.matrix = matrix
+
+    def build(self, doc: Any) -> dict[str, Account]:
+        top = self.mapping(doc, "(top)", required=("accounts",))
+        accounts: dict[str, Account] = {}
+        owner: dict[str, str] = {}
+        for name, node in self.mapping(top.get("accounts", {}), "accounts").items():
+            key = f"accounts.{name}"
+            node = self.mapping(
+                node, key, required=("plan", "apps"),
+                optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist"),
+            )
+            plan_name = node.get("plan")
+            plan = self.matrix.plans.get(plan_name) if isinstance(plan_name, str) else None
+            if plan is None:
+                self.fail(f"{key}.plan", f"a plan of the matrix ({', '.join(self.matrix.plans)})", plan_name)
+            apps = node.get("apps") or []
+            if not isinstance(apps, list):
+                self.fail(f"{key}.apps", "a list of appkeys org#app", apps)
+                apps = []
+            for i, app in enumerate(apps):
+                if not isinstance(app, str) or not APPKEY.match(app):
+                    self.fail(f"{key}.apps[{i}]", "an appkey org#app", app)
+                elif app in owner:
+                    self.fail(f"{key}.apps[{i}]", "an app held by one account only", _Said(f"{app} (also in {owner[app]})"))
+                else:
+                    owner[app] = str(name)
+            overrides: dict[str, int | None] = {}
+            for lname, value in self.mapping(node.get("overrides") or {}, f"{key}.overrides").items():
+                okey = f"{key}.overrides.{lname}"
+                if lname not in LIMIT_NAMES:
+                    self.fail(okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}"))
+                elif plan is not None and lname not in plan.custom:
+                    custom = ", ".join(sorted(plan.custom)) or "none"
+                    self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
+                elif value == "unlimited":
+                    overrides[lname] = None
+                else:
+                    checked = self.whole(value, okey)
+                    if checked is not None:
+                        overrides[lname] = checked
+            start = self._date(node.get("subscribed_on", date(2000, 1, 1)), f"{key}.subscribed_on")
+            frozen = self._date(node["frozen_on"], f"{key}.frozen_on") if node.get("frozen_on") else None
+            allow = node.get("ip_allowlist") or []
+            for i, net in enumerate(allow if isinstance(allow, list) else [allow]):
+                try:
+                    ipaddress.ip_network(str(net), strict=False)
+                except ValueError:
+                    self.fail(f"{key}.ip_allowlist[{i}]", "an IP address or network (10.0.0.0/8)", net)
+            accounts[str(name)] = Account(
+                name=str(name), apps=tuple(a for a in apps if isinstance(a, str)),
+                subscriptions=(Subscription(str(plan_name), start or date(2000, 1, 1)),),
+                overrides=overrides, frozen_on=frozen, ip_allowlist=tuple(str(n) for n in allow),
+            )
+        return accounts
+
+    def _date(self, node: Any, key: str) -> date | None:
+        if isinstance(node, date):
+            return node
+        try:
+            return date.fromisoformat(str(node))
+        except ValueError:
+            self.fail(key, "a date YYYY-MM-DD", node)
+            return None
+
+
+class _Settings(_Checker):
+    def build(self, doc: Any) -> Settings:
+        node = self.mapping(
+            doc, "(top)",
+            optional=("trusted_proxies", "admin_token", "admin_prefix", "max_body_bytes", "outage",
+                      "storage_timeout_ms", "lease_ttl_s", "fallback_rate", "shadow"),
+        )
+        base = Settings()
+        proxies = []
+        for i, net in enumerate(node.get("trusted_proxies") or []):
+            try:
+                proxies.append(ipaddress.ip_network(str(net), strict=False))
+            except ValueError:
+                self.fail(f"trusted_proxies[{i}]", "an IP address or network", net)
+        outage = self.mapping(node.get("outage") or {}, "outage", optional=("rates", "counters"))
+        for part in ("rates", "counters"):
+            if part in outage and outage[part] not in ("open", "closed"):
+                self.fail(f"outage.{part}", "open or closed", outage[part])
+        token = node.get("admin_token")
+        if token is not None and (not isinstance(token, str) or len(token) < 16):
+            self.fail("admin_token", "a string of at least 16 characters", _Said("a shorter value"))
+        fallback = self.rate(node["fallback_rate"], "fallback_rate") if "fallback_rate" in node else base.fallback_rate
+        return Settings(
+            trusted_proxies=tuple(proxies),
+            admin_token=token,
+            admin_prefix=str(node.get("admin_prefix", base.admin_prefix)),
+            max_body_bytes=self.whole(node.get("max_body_bytes", base.max_body_bytes), "max_body_bytes", 1) or 1,
+            outage_rates=outage.get("rates", base.outage_rates),
+            outage_counters=outage.get("counters", base.outage_counters),
+            storage_timeout_ms=self.whole(node.get("storage_timeout_ms", base.storage_timeout_ms),
+                                          "storage_timeout_ms", 1) or 1,
+            lease_ttl_s=self.whole(node.get("lease_ttl_s", base.lease_ttl_s), "lease_ttl_s", 1) or 1,
+            fallback_rate=fallback or base.fallback_rate,
+            shadow=bool(self.boolean(node.get("shadow", False), "shadow")),
+        )

@@ -1,0 +1,266 @@
+"""Pure decisions: from a matched route, the app's plan and the request's facts, either a denial
+(feature gate, retention, bad input: no I/O) or the program of ops the store must run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+from quota.keys import dau_key, mau_key, online_key, peak_key, rate_key, set_key, side_prefix
+from quota.matrix import MauShare
+from quota.plans import AppPlan
+from quota.routes import Change, Relation, RouteMap, RouteRule, Selector
+from quota.store.program import (
+    UNLIMITED,
+    AddOp,
+    BindOp,
+    DropOp,
+    LeaseOp,
+    LoginOp,
+    Op,
+    Program,
+    RateOp,
+    Refusal,
+    RemoveOp,
+)
+
+# How long a create's reservation waits for the upstream's answer before it is freed.
+PENDING_TTL_MS = 60_000
+PLACEHOLDER = "~pending:"
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    error: str
+    description: str
+    limit: str | None = None
+    retry_after_ms: int = 0
+    rate_limit: int = 0
+    reset_ms: int = 0
+
+
+class BadInput(Exception):
+    pass
+
+
+@dataclass
+class Plan:
+    """What one request asks of the store: `before` runs before the upstream is called; the rest
+    is decided once the upstream answered."""
+
+    before: Program = field(default_factory=Program)
+    adds: list[int] = field(default_factory=list)  # indexes of AddOps in `before`
+    binds: list[tuple[int, Change]] = field(default_factory=list)
+    after: list[Change] = field(default_factory=list)
+    login_user: str | None = None
+
+
+def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -> Denial | None:
+    """Refusals that need no I/O: a frozen account, a feature the plan lacks, history too old."""
+    if app.frozen:
+        purge = app.account.purge_after
+        return Denial(403, "forbidden_op", f"account {app.account.name} is frozen; its data is kept until {purge}")
+    if rule.feature and not app.plan.features.get(rule.feature, False):
+        return Denial(403, "forbidden_op",
+                      f"feature {rule.feature} is not in plan {app.plan.name}; upgrade to use it", rule.feature)
+    if rule.retention is not None:
+        raw = params.get(rule.retention.path[0], "")
+        try:
+            hour = datetime.strptime(raw, "%Y%m%d%H").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return Denial(400, "illegal_argument", f"time must be yyyyMMddHH, found {raw[:20]!r}")
+        days = app.limits.get("message_retention_days")
+        if isinstance(days, int) and hour < now - timedelta(days=days):
+            return Denial(403, "forbidden_op",
+                          f"message_retention_days is {days} on plan {app.plan.name}: history before "
+                          f"{(now - timedelta(days=days)):%Y%m%d%H} is not kept", "message_retention_days")
+    return None
+
+
+def select(selector: Selector, params: dict[str, str], body: Any, response: Any = None) -> list[str]:
+    """The values a selector names, as strings; BadInput when they are missing or not strings."""
+    if selector.source == "path":
+        raw = params.get(selector.path[0], "")
+        values = [v for v in raw.split(",") if v]
+        if not values:
+            raise BadInput(f"{selector} is empty")
+        return values
+    root = body if selector.source == "body" else response
+    found: list[Any] = [root]
+    for part in selector.path:
+        nxt: list[Any] = []
+        for node in found:
+            items = node if isinstance(node, list) else [node]
+            for item in items:
+                if not isinstance(item, dict) or part not in item:
+                    raise BadInput(f"{selector} is missing")
+                nxt.append(item[part])
+        found = nxt
+    flat = [v for node in found for v in (node if isinstance(node, list) else [node])]
+    if not flat or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in flat):
+        raise BadInput(f"{selector} must be a string or a list of strings")
+    values = [str(v) for v in flat]
+    if any(not v or len(v) > 256 for v in values):
+        raise BadInput(f"{selector} must be 1 to 256 characters")
+    return list(dict.fromkeys(values))
+
+
+def _cap(app: AppPlan, limit: str | None) -> int:
+    value = app.limits.get(limit) if limit else None
+    return value if isinstance(value, int) else UNLIMITED
+
+
+def _sides(routes: RouteMap, app: AppPlan, change: Change, owner: str) -> tuple[Relation, str, str]:
+    rel = routes.relations[change.relation]
+    owner_side = side_prefix(app.prefix, rel.name, "o")
+    member_side = side_prefix(app.prefix, rel.name, "o" if rel.symmetric else "m")
+    if change.op == "drop_member" and not rel.symmetric:
+        return rel, set_key(app.prefix, rel.name, "m", owner), owner_side
+    return rel, set_key(app.prefix, rel.name, "o", owner), member_side if (rel.member_limit or rel.symmetric) else ""
+
+
+def _owner(change: Change, app: AppPlan, params: dict[str, str], body: Any, response: Any = None) -> list[str]:
+    if change.owner.source == "app":
+        return [app.appkey]
+    return select(change.owner, params, body, response)
+
+
+def plan_request(
+    routes: RouteMap,
+    rule: RouteRule,
+    app: AppPlan,
+    params: dict[str, str],
+    body: Any,
+    client_ip: str,
+    now_ms: int,
+    *,
+    lease_ttl_ms: int,
+    conn_id: str = "",
+) -> Plan:
+    """Build the ops of one request; raises BadInput when the body lacks what a counted route needs."""
+    plan = Plan()
+    ops: list[Op] = plan.before.ops
+    user: str | None = None
+    if rule.user is not None:
+        user = select(rule.user, params, body)[0]
+    for use in rule.rates:
+        rate = app.plan.rates.get(use.name)
+        amount, window_s = (rate.amount, rate.window_s) if rate else (use.amount or 0, use.window_s or 1)
+        who = client_ip if use.by == "ip" else (user or "") if use.by == "user" else "app"
+        ops.append(RateOp(rate_key(app.prefix, rule.name, use.name, who), amount, window_s * 1000, 1, use.name))
+    for change in rule.changes:
+        if change.op != "add":
+            plan.after.append(change)
+            continue
+        owners = _owner(change, app, params, body)
+        if len(owners) != 1:
+            raise BadInput(f"{change.owner} must name one {change.relation} owner")
+        rel, owner_key, reverse_prefix = _sides(routes, app, change, owners[0])
+        if change.binds_later:
+            members: list[str] = [PLACEHOLDER + uuid.uuid4().hex]
+            plan.binds.append((len(ops), change))
+        else:
+            assert change.members is not None
+            members = select(change.members, params, body)
+        if change.max_batch and len(members) > change.max_batch:
+            raise BadInput(f"{change.members} holds {len(members)} ids; at most {change.max_batch} per call")
+        plan.adds.append(len(ops))
+        ops.append(AddOp(
+            limit=rel.owner_limit or "", owner_key=owner_key, cap=_cap(app, rel.owner_limit), members=tuple(members),
+            reverse_limit=rel.member_limit or "", reverse_prefix=reverse_prefix,
+            reverse_cap=_cap(app, rel.member_limit), reverse_value=owners[0],
+            pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
+        ))
+    today = datetime.fromtimestamp(now_ms / 1000, timezone.utc).date()
+    if rule.login and user is not None:
+        plan.login_user = user
+        no_overage = app.plan.price.overage_per_10k_dau is None
+        cap = app.plan.price.included_dau if no_overage else UNLIMITED
+        ops.append(LoginOp(dau_key(app.prefix, today), mau_key(app.prefix, today.year, today.month), user, cap))
+    if rule.connection:
+        ops.append(lease_op(app, today, conn_id, lease_ttl_ms))
+    return plan
+
+
+def lease_op(app: AppPlan, today: date, conn_id: str, ttl_ms: int) -> LeaseOp:
+    limit = app.limits.get("online_users")
+    last = (today.replace(day=1) - timedelta(days=1))
+    base = dict(online_key=online_key(app.prefix), peak_key=peak_key(app.prefix), month=f"{today:%Y%m}",
+                conn=conn_id, ttl_ms=ttl_ms)
+    if isinstance(limit, MauShare):
+        return LeaseOp(**base, cap=limit.floor, share_bp=int(limit.share * 10000),  # type: ignore[arg-type]
+                       mau_last_key=mau_key(app.prefix, last.year, last.month),
+                       mau_this_key=mau_key(app.prefix, today.year, today.month))
+    return LeaseOp(**base, cap=limit if isinstance(limit, int) else UNLIMITED)  # type: ignore[arg-type]
+
+
+def undo_ops(plan: Plan, added: tuple[tuple[str, ...], ...]) -> Program:
+    """Remove exactly what this request added: concurrent requests' members stay."""
+    program = Program()
+    adds = [plan.before.ops[i] for i in plan.adds]
+    for op, members in zip(adds, added):
+        assert isinstance(op, AddOp)
+        if members:
+            program.ops.append(RemoveOp(op.owner_key, members, op.reverse_prefix, op.reverse_value))
+    return program
+
+
+def after_ops(
+    routes: RouteMap, plan: Plan, app: AppPlan, params: dict[str, str], body: Any, response: Any,
+    added: tuple[tuple[str, ...], ...],
+) -> Program:
+    """The upstream answered 2xx: bind reservations to the ids it returned, apply removals."""
+    program = Program()
+    for index, change in plan.binds:
+        op = plan.before.ops[index]
+        assert isinstance(op, AddOp) and change.members is not None
+        try:
+            real = select(change.members, params, body, response)[0]
+        except BadInput:
+            # No id in the answer: nothing was created that we can name, so free the slot.
+            program.ops.append(RemoveOp(op.owner_key, op.members))
+            continue
+        program.ops.append(BindOp(op.owner_key, op.members[0], real))
+    for change in plan.after:
+        try:
+            owners = _owner(change, app, params, body, response)
+        except BadInput:
+            continue
+        for owner in owners:
+            rel, owner_key, reverse_prefix = _sides(routes, app, change, owner)
+            if change.op == "remove":
+                assert change.members is not None
+                try:
+                    members = tuple(select(change.members, params, body, response))
+                except BadInput:
+                    continue
+                program.ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
+            else:
+                program.ops.append(DropOp(owner_key, reverse_prefix, owner))
+    return program
+
+
+def denial_for(refusal: Refusal, plan: Plan, app: AppPlan) -> Denial:
+    """Shape a store refusal the way the IM vendor does (reference §5)."""
+    op = plan.before.ops[refusal.op_index]
+    pname = app.plan.name
+    if isinstance(op, RateOp):
+        return Denial(429, "reach_limit", f"This request has reached api limit ({op.name}: {op.limit} per "
+                      f"{op.window_ms // 1000}s)", op.name, refusal.retry_after_ms, op.limit, refusal.reset_ms)
+    if isinstance(op, AddOp):
+        friends = op.limit == "friends_per_user"
+        error = "exceed_limit" if friends else "forbidden_op"
+        if refusal.kind == "owner":
+            return Denial(403, error, f"{op.limit} is {refusal.cap} on plan {pname}: {refusal.used} used, "
+                          f"room for {refusal.room} more", op.limit)
+        return Denial(403, error, f"{op.reverse_limit} is {refusal.cap} on plan {pname}: user {refusal.who} "
+                      f"already has {refusal.used}", op.reverse_limit)
+    if isinstance(op, LoginOp):
+        return Denial(403, "forbidden_op", f"plan {pname} allows {refusal.cap} daily active users and today has "
+                      f"{refusal.used}; upgrade to let new users in", "included_dau")
+    return Denial(403, "forbidden_op", f"online_users is {refusal.cap} on plan {pname} and {refusal.used} "
+                  f"are online", "online_users")

@@ -1,0 +1,58 @@
+"""Storage keys. Every key of an app starts with `q:{org#app}:`, a Redis Cluster hash tag, so that
+one script can touch all of them; every value from a URL or a body is escaped before it is used.
+
+    q:{org#app}:r:<route>:<rate>:<who>:<window>   a rate window (sliding-window counter)
+    q:{org#app}:s:<relation>:<o|m>:<id>           a membership set (owner side / member side)
+    q:{org#app}:s:...:pending                     reservations awaiting the id a create returns
+    q:{org#app}:dau:<yyyymmdd>  :mau:<yyyymm>     users active on a day / in a month
+    q:{org#app}:online   :peak                    connection leases (sorted set) / peak online per month
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+_UNSAFE = re.compile(rb"[^A-Za-z0-9_.\-]")
+
+
+def escape(value: str) -> str:
+    """Percent-encode every byte outside [A-Za-z0-9_.-]: braces, colons and '#' can't leak into a key.
+
+    store/lua/program.lua carries the same function, for the keys a script derives itself.
+    """
+    raw = value.encode("utf-8", "surrogatepass")
+    return _UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], raw).decode("ascii")
+
+
+def app_prefix(appkey: str) -> str:
+    org, _, app = appkey.partition("#")
+    return "q:{" + escape(org) + "#" + escape(app) + "}:"
+
+
+def set_key(prefix: str, relation: str, side: str, entity: str) -> str:
+    return f"{prefix}s:{relation}:{side}:{escape(entity)}"
+
+
+def side_prefix(prefix: str, relation: str, side: str) -> str:
+    return f"{prefix}s:{relation}:{side}:"
+
+
+def rate_key(prefix: str, route: str, rate: str, who: str) -> str:
+    return f"{prefix}r:{route}:{escape(rate)}:{escape(who)}"
+
+
+def dau_key(prefix: str, day: date) -> str:
+    return f"{prefix}dau:{day:%Y%m%d}"
+
+
+def mau_key(prefix: str, year: int, month: int) -> str:
+    return f"{prefix}mau:{year:04d}{month:02d}"
+
+
+def online_key(prefix: str) -> str:
+    return prefix + "online"
+
+
+def peak_key(prefix: str) -> str:
+    return prefix + "peak"

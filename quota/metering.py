@@ -1,0 +1,51 @@
+"""Metering: DAU and MAU as exact sets, peak online, read back for usage reports and bills."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from quota.accounts import month_days
+from quota.keys import dau_key, mau_key, peak_key
+from quota.store import Store
+
+
+async def mau_pair(store: Store, prefix: str, today: date) -> tuple[int, int]:
+    last = today.replace(day=1) - timedelta(days=1)
+    counts = await store.cardinalities(
+        [mau_key(prefix, last.year, last.month), mau_key(prefix, today.year, today.month)]
+    )
+    return counts[0], counts[1]
+
+
+async def daily_active(store: Store, prefix: str, year: int, month: int) -> dict[date, int]:
+    days = month_days(year, month)
+    counts = await store.cardinalities([dau_key(prefix, d) for d in days])
+    return dict(zip(days, counts))
+
+
+async def monthly_active(store: Store, prefix: str, year: int, month: int) -> int:
+    return (await store.cardinalities([mau_key(prefix, year, month)]))[0]
+
+
+async def peak_online(store: Store, prefix: str, year: int, month: int) -> int:
+    return (await store.peaks(peak_key(prefix))).get(f"{year:04d}{month:02d}", 0)
+
+
+async def usage_report(directory: object, store: Store, appkey: str, year: int, month: int) -> dict[str, object]:
+    """DAU per day, MAU, peak online, and each counted limit against its cap."""
+    from quota.entitlements import entitlements
+    from quota.keys import app_prefix
+
+    prefix = app_prefix(appkey)
+    ent = await entitlements(directory, store, appkey, date(year, month, 1))  # type: ignore[arg-type]
+    daily = await daily_active(store, prefix, year, month)
+    return {
+        "app": appkey,
+        "month": f"{year:04d}-{month:02d}",
+        "plan": ent["plan"],
+        "dau": {d.isoformat(): n for d, n in daily.items()},
+        "peak_dau": max(daily.values()),
+        "mau": await monthly_active(store, prefix, year, month),
+        "peak_online": await peak_online(store, prefix, year, month),
+        "limits": ent["usage"],
+    }

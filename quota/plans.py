@@ -1,0 +1,108 @@
+"""Who is on which plan: an in-process snapshot of app -> account -> plan, refreshed on change.
+
+Requests read the snapshot only; the store is asked for the accounts' version in the background
+(once a second), never on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import date
+
+from quota.accounts import Account
+from quota.keys import app_prefix
+from quota.matrix import LimitValue, Matrix, Plan
+from quota.store import Store
+
+
+@dataclass(frozen=True)
+class AppPlan:
+    appkey: str
+    prefix: str
+    account: Account
+    plan: Plan
+    # The plan's limits with the account's overrides applied.
+    limits: dict[str, LimitValue]
+
+    @property
+    def frozen(self) -> bool:
+        return self.account.frozen_on is not None
+
+
+def effective_limits(plan: Plan, account: Account) -> dict[str, LimitValue]:
+    limits = dict(plan.limits)
+    for name, value in account.overrides.items():
+        if name in plan.custom:
+            limits[name] = value
+    return limits
+
+
+class Directory:
+    def __init__(self, matrix: Matrix, accounts: dict[str, Account], store: Store | None = None) -> None:
+        self.matrix = matrix
+        self.configured = dict(accounts)
+        self.store = store
+        self.version = -1
+        self._accounts = dict(accounts)
+        self._apps: dict[str, str] = {}
+        self._cache: dict[str, AppPlan | None] = {}
+        self._day: date | None = None
+        self._index()
+
+    def _index(self) -> None:
+        self._apps = {app: acc.name for acc in self._accounts.values() for app in acc.apps}
+        self._cache = {}
+
+    @property
+    def accounts(self) -> dict[str, Account]:
+        return self._accounts
+
+    def account_of(self, appkey: str) -> Account | None:
+        name = self._apps.get(appkey)
+        return self._accounts.get(name) if name else None
+
+    def lookup(self, appkey: str, today: date) -> AppPlan | None:
+        if today != self._day:
+            self._cache, self._day = {}, today
+        try:
+            return self._cache[appkey]
+        except KeyError:
+            pass
+        account = self.account_of(appkey)
+        found = None
+        if account is not None:
+            plan_name = account.plan_on(today)
+            plan = self.matrix.plans.get(plan_name) if plan_name else None
+            if plan is not None:
+                found = AppPlan(appkey, app_prefix(appkey), account, plan, effective_limits(plan, account))
+        self._cache[appkey] = found
+        return found
+
+    async def refresh(self) -> None:
+        """Reload accounts changed at run time; those in the store win over the config file's."""
+        if self.store is None:
+            return
+        version, records = await self.store.load_accounts()
+        if version == self.version:
+            return
+        merged = dict(self.configured)
+        merged.update({name: Account.from_json(rec) for name, rec in records.items()})
+        self._accounts, self.version = merged, version
+        self._index()
+
+    async def save(self, account: Account) -> None:
+        if self.store is None:
+            self._accounts[account.name] = account
+            self._index()
+            return
+        await self.store.save_account(account.name, account.to_json())
+        await self.refresh()
+
+    async def watch(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):
+                if self.store is not None and await self.store.accounts_version() != self.version:
+                    await self.refresh()

@@ -1,0 +1,60 @@
+"""Stores: where counters live. `memory` for one process (the default), `redis` for many.
+
+    store = store_from_url("memory://")
+    store = store_from_url("redis://localhost:6379/0")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from quota.errors import ConfigError, Problem
+from quota.store.program import Outcome, Program
+
+
+class Store(Protocol):
+    async def run(self, program: Program, now_ms: int) -> Outcome:
+        """Check every op of `program`, then apply all of them or none, in one atomic step."""
+
+    async def cardinalities(self, keys: list[str]) -> list[int]:
+        """The size of each set (one round trip)."""
+
+    async def members(self, key: str) -> set[str]: ...
+
+    async def online(self, key: str, now_ms: int) -> int:
+        """Live connection leases."""
+
+    async def peaks(self, key: str) -> dict[str, int]:
+        """Peak online per month (yyyymm -> peak)."""
+
+    async def load_accounts(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """The accounts changed at run time, with the version of that document."""
+
+    async def save_account(self, name: str, record: dict[str, Any]) -> int:
+        """Store one account record and bump the version; returns the new version."""
+
+    async def accounts_version(self) -> int: ...
+
+    async def scan_prefix(self, prefix: str) -> list[str]:
+        """Every key starting with `prefix` (admin and reconcile only, never on the request path)."""
+
+    async def delete(self, keys: list[str]) -> None: ...
+
+    async def add_members(self, key: str, members: list[str]) -> None: ...
+
+    async def remove_members(self, key: str, members: list[str]) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def store_from_url(url: str, *, timeout_ms: int = 250) -> Store:
+    scheme = url.split("://", 1)[0]
+    if scheme == "memory":
+        from quota.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme in ("redis", "rediss", "unix"):
+        from quota.store.redis import RedisStore
+
+        return RedisStore(url, timeout_ms=timeout_ms)
+    raise ConfigError([Problem("--redis", "url", "memory:// or redis[s]://host:port[/db]", url)])

@@ -1,0 +1,177 @@
+"""The program a store runs in one atomic step: every op is checked first, then all are applied.
+
+Nothing is half-applied: if one check refuses, no op takes effect. Both stores run the same ops
+with the same semantics (memory.py in Python, redis.py as one Lua script, lua/program.lua).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+UNLIMITED = -1
+
+
+@dataclass(frozen=True)
+class RateOp:
+    """A sliding-window counter: floor(previous x weight) + current + cost must stay <= limit."""
+
+    key: str
+    limit: int
+    window_ms: int
+    cost: int
+    name: str
+
+
+@dataclass(frozen=True)
+class AddOp:
+    """Add members to an owner's set, capped on the owner side and (optionally) on each member's side.
+
+    The member side of member m is the set `reverse_prefix + escape(m)`, which gains `reverse_value`.
+    With `pending_ttl_ms` the single member is a placeholder, reserved until bound or expired.
+    """
+
+    limit: str
+    owner_key: str
+    cap: int
+    members: tuple[str, ...]
+    reverse_limit: str = ""
+    reverse_prefix: str = ""
+    reverse_cap: int = UNLIMITED
+    reverse_value: str = ""
+    pending_ttl_ms: int = 0
+
+
+@dataclass(frozen=True)
+class RemoveOp:
+    owner_key: str
+    members: tuple[str, ...]
+    reverse_prefix: str = ""
+    reverse_value: str = ""
+
+
+@dataclass(frozen=True)
+class DropOp:
+    """Delete an owner's set, removing `value` from the other side's set of each member."""
+
+    owner_key: str
+    reverse_prefix: str
+    value: str
+
+
+@dataclass(frozen=True)
+class BindOp:
+    owner_key: str
+    placeholder: str
+    member: str
+
+
+@dataclass(frozen=True)
+class LoginOp:
+    """Record a user active today and this month; with a cap, a new user past it is refused."""
+
+    dau_key: str
+    mau_key: str
+    user: str
+    dau_cap: int
+    keep_days: int = 400
+
+
+@dataclass(frozen=True)
+class LeaseOp:
+    """Hold (or renew) a connection lease that expires unless renewed: a killed worker leaks nothing.
+
+    The cap is `cap`, or with share_bp > 0: max(cap, share_bp/10000 x max(MAU last month, this month)).
+    """
+
+    online_key: str
+    peak_key: str
+    month: str
+    conn: str
+    ttl_ms: int
+    cap: int
+    share_bp: int = 0
+    mau_last_key: str = ""
+    mau_this_key: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseOp:
+    online_key: str
+    conn: str
+
+
+Op = Union[RateOp, AddOp, RemoveOp, DropOp, BindOp, LoginOp, LeaseOp, ReleaseOp]
+
+
+@dataclass(frozen=True)
+class RateState:
+    name: str
+    limit: int
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a program was refused. kind: rate, owner, member, dau, online."""
+
+    op_index: int
+    kind: str
+    used: int
+    cap: int
+    # rate: milliseconds until a retry can pass; owner: room left; member: the member over its cap.
+    retry_after_ms: int = 0
+    reset_ms: int = 0
+    room: int = 0
+    who: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    refusal: Refusal | None = None
+    rates: tuple[RateState, ...] = ()
+    # For each AddOp, in order: the members it really added (undo removes exactly these).
+    added: tuple[tuple[str, ...], ...] = ()
+    online: int = 0
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
+
+
+@dataclass
+class Program:
+    ops: list[Op] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+def sliding_window(prev: int, cur: int, elapsed_ms: int, window_ms: int) -> int:
+    """The weighted count of a sliding-window counter, in integers so both stores agree exactly."""
+    return prev * (window_ms - elapsed_ms) // window_ms + cur
+
+
+def retry_after_ms(prev: int, cur: int, elapsed_ms: int, window_ms: int, limit: int, cost: int) -> int:
+    """How long until `cost` more would fit, if nothing else is counted meanwhile (exact, by bisection)."""
+    if cost > limit:
+        return 2 * window_ms
+
+    def fits(t: int) -> bool:
+        e = elapsed_ms + t
+        if e < window_ms:
+            return sliding_window(prev, cur, e, window_ms) + cost <= limit
+        e -= window_ms
+        if e < window_ms:
+            return sliding_window(cur, 0, e, window_ms) + cost <= limit
+        return True
+
+    lo, hi = 0, 2 * window_ms
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(1, lo)

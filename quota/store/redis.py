@@ -1,0 +1,176 @@
+"""The Redis store: one EVALSHA of lua/program.lua per program, so a request costs one round trip.
+
+redis-py's AsyncScript reloads the script after NOSCRIPT, so a Redis restart heals on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from quota.errors import StorageError
+from quota.store.program import (
+    AddOp,
+    BindOp,
+    DropOp,
+    LeaseOp,
+    LoginOp,
+    Op,
+    Outcome,
+    Program,
+    RateOp,
+    RateState,
+    Refusal,
+    ReleaseOp,
+    RemoveOp,
+    retry_after_ms,
+)
+
+PROGRAM_LUA = resources.files("quota.store").joinpath("lua/program.lua").read_text(encoding="utf-8")
+ACCOUNTS_KEY = "q:{accounts}:records"
+ACCOUNTS_VERSION_KEY = "q:{accounts}:version"
+
+
+def encode(program: Program, now_ms: int) -> list[str | int]:
+    args: list[str | int] = [now_ms]
+    for op in program.ops:
+        args.extend(_encode_op(op))
+    return args
+
+
+def _encode_op(op: Op) -> list[str | int]:
+    if isinstance(op, RateOp):
+        return ["R", op.key, op.limit, op.window_ms, op.cost]
+    if isinstance(op, AddOp):
+        return ["A", op.owner_key, op.cap, op.pending_ttl_ms, op.reverse_prefix, op.reverse_cap,
+                op.reverse_value, len(op.members), *op.members]
+    if isinstance(op, RemoveOp):
+        return ["X", op.owner_key, op.reverse_prefix, op.reverse_value, len(op.members), *op.members]
+    if isinstance(op, DropOp):
+        return ["D", op.owner_key, op.reverse_prefix, op.value]
+    if isinstance(op, BindOp):
+        return ["B", op.owner_key, op.placeholder, op.member]
+    if isinstance(op, LoginOp):
+        return ["L", op.dau_key, op.mau_key, op.user, op.dau_cap, op.keep_days * 86400]
+    if isinstance(op, LeaseOp):
+        return ["O", op.online_key, op.peak_key, op.month, op.conn, op.ttl_ms, op.cap, op.share_bp,
+                op.mau_last_key or op.online_key, op.mau_this_key or op.online_key]
+    if isinstance(op, ReleaseOp):
+        return ["Z", op.online_key, op.conn]
+    raise TypeError(op)
+
+
+def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
+    def text(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    if int(reply[0]) == 0:
+        index, kind, used, cap = int(reply[1]), text(reply[2]), int(reply[3]), int(reply[4])
+        a, b, c, who = int(reply[5]), int(reply[6]), int(reply[7]), text(reply[8])
+        if kind == "rate":
+            op = program.ops[index]
+            assert isinstance(op, RateOp)
+            retry = retry_after_ms(a, b, c, op.window_ms, op.limit, op.cost)
+            return Outcome(Refusal(index, kind, used, cap, retry_after_ms=retry, reset_ms=op.window_ms - c))
+        return Outcome(Refusal(index, kind, used, cap, room=a, who=who))
+    online, n_rates = int(reply[1]), int(reply[2])
+    names = [op for op in program.ops if isinstance(op, RateOp)]
+    rates = tuple(
+        RateState(names[j].name, names[j].limit, int(reply[3 + 2 * j]), int(reply[4 + 2 * j])) for j in range(n_rates)
+    )
+    pos = 3 + 2 * n_rates
+    added: list[tuple[str, ...]] = []
+    for _ in range(int(reply[pos])):
+        k = int(reply[pos + 1])
+        added.append(tuple(text(m) for m in reply[pos + 2 : pos + 2 + k]))
+        pos += 1 + k
+    return Outcome(rates=rates, added=tuple(added), online=online)
+
+
+def _route_key(program: Program) -> str:
+    op = program.ops[0]
+    for attr in ("key", "owner_key", "dau_key", "online_key"):
+        if hasattr(op, attr):
+            return str(getattr(op, attr))
+    raise TypeError(op)
+
+
+class RedisStore:
+    def __init__(self, url: str, *, timeout_ms: int = 250, client: aioredis.Redis | None = None) -> None:
+        timeout = timeout_ms / 1000
+        self.client = client or aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self.script = self.client.register_script(PROGRAM_LUA)
+
+    async def run(self, program: Program, now_ms: int) -> Outcome:
+        if not program:
+            return Outcome()
+        try:
+            reply = await self.script(keys=[_route_key(program)], args=encode(program, now_ms))
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
+        return decode(program, now_ms, reply)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
+
+    async def cardinalities(self, keys: list[str]) -> list[int]:
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.scard(key)
+        return [int(n) for n in await self._call(pipe.execute())]
+
+    async def members(self, key: str) -> set[str]:
+        return {m.decode() for m in await self._call(self.client.smembers(key))}
+
+    async def online(self, key: str, now_ms: int) -> int:
+        return int(await self._call(self.client.zcount(key, now_ms + 1, "+inf")))
+
+    async def peaks(self, key: str) -> dict[str, int]:
+        raw = await self._call(self.client.hgetall(key))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def load_accounts(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(ACCOUNTS_VERSION_KEY)
+        pipe.hgetall(ACCOUNTS_KEY)
+        version, raw = await self._call(pipe.execute())
+        return int(version or 0), {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def save_account(self, name: str, record: dict[str, Any]) -> int:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(ACCOUNTS_KEY, name, json.dumps(record))
+        pipe.incr(ACCOUNTS_VERSION_KEY)
+        _, version = await self._call(pipe.execute())
+        return int(version)
+
+    async def accounts_version(self) -> int:
+        return int(await self._call(self.client.get(ACCOUNTS_VERSION_KEY)) or 0)
+
+    async def scan_prefix(self, prefix: str) -> list[str]:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        return [k.decode() async for k in self.client.scan_iter(match=pattern, count=1000)]
+
+    async def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            await self._call(self.client.delete(key))
+
+    async def add_members(self, key: str, members: list[str]) -> None:
+        if members:
+            await self._call(self.client.sadd(key, *members))
+
+    async def remove_members(self, key: str, members: list[str]) -> int:
+        return int(await self._call(self.client.srem(key, *members))) if members else 0
+
+    async def close(self) -> None:
+        await self.client.aclose()

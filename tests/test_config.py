@@ -1,0 +1,141 @@
+"""Validation: every fault names the file, the key, what was expected and what was found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quota.config import load_config
+from quota.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def edit(path: Path, change: object) -> None:
+    doc = yaml.safe_load(path.read_text())
+    change(doc)  # type: ignore[operator]
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+
+
+def problems(config_dir: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_dir)
+    return str(info.value)
+
+
+def test_shipped_config_is_valid() -> None:
+    """`quota check-config` accepts the shipped config and exits 0."""
+    result = run_cli("check-config", "config")
+    assert result.returncode == 0, result.stderr
+    assert "4 plans" in result.stdout
+
+
+def test_unknown_key(config_dir: Path) -> None:
+    """An unknown limit is named with its path."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["limits"].update(friend_per_user=5))
+    text = problems(config_dir)
+    assert "plans.yaml: plans.pro.limits.friend_per_user" in text and "unknown key" in text
+
+
+def test_wrong_type(config_dir: Path) -> None:
+    """A string where a number belongs says what was expected and found."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["basic"]["limits"].update(members_per_group="lots"))
+    text = problems(config_dir)
+    assert "plans.basic.limits.members_per_group: expected a whole number >= 0" in text and "'lots'" in text
+
+
+def test_negative_number(config_dir: Path) -> None:
+    """Negative caps are refused."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(groups_per_app=-1))
+    assert "plans.free.limits.groups_per_app: expected a whole number >= 0" in problems(config_dir)
+
+
+def test_plan_missing_a_row(config_dir: Path) -> None:
+    """A feature row one plan lacks and the others have is an error, not a default."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["basic"]["features"]["capabilities"].pop("translation"))
+    text = problems(config_dir)
+    assert "plans.basic.features.capabilities.translation" in text and "free, pro, enterprise" in text
+
+
+def test_missing_limit(config_dir: Path) -> None:
+    """A plan without one of the public limits is an error."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["limits"].pop("groups_per_user"))
+    assert "plans.pro.limits.groups_per_user: expected a value, found nothing (missing key)" in problems(config_dir)
+
+
+def test_bad_rate(config_dir: Path) -> None:
+    """A rate string that does not parse is named."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["rates"].update(rest_per_ip="100 per sec"))
+    assert "plans.pro.rates.rest_per_ip: expected a rate such as '100/second'" in problems(config_dir)
+
+
+def test_float_money(config_dir: Path) -> None:
+    """Money written as a float is refused: it must stay exact."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["price"].update(monthly_fee=2888.5))
+    assert "plans.pro.price.monthly_fee" in problems(config_dir)
+
+
+def test_broken_yaml_names_line(config_dir: Path) -> None:
+    """Unparseable YAML names the file and the line."""
+    (config_dir / "accounts.yaml").write_text("accounts:\n  a: [unclosed\n")
+    text = problems(config_dir)
+    assert "accounts.yaml: line" in text and "valid YAML" in text
+
+
+def test_route_unknown_feature_and_limit(config_dir: Path) -> None:
+    """A route naming an unknown feature, or a relation naming an unknown limit, is an error."""
+    def change(d: dict) -> None:
+        d["routes"][0]["feature"] = "teleportation"
+        d["relations"]["contacts"]["owner_limit"] = "friends_per_person"
+    edit(config_dir / "routes.yaml", change)
+    text = problems(config_dir)
+    assert "routes.yaml: routes[0].feature" in text and "teleportation" in text
+    assert "relations.contacts.owner_limit" in text and "friends_per_person" in text
+
+
+def test_route_bad_selector(config_dir: Path) -> None:
+    """A change whose selector names a path parameter the route lacks is an error."""
+    edit(config_dir / "routes.yaml",
+         lambda d: d["routes"].append({"name": "x", "method": "POST", "path": "/{org}/{app}/x/{a}",
+                                       "changes": [{"relation": "contacts", "op": "add", "owner": "path.b",
+                                                    "members": "path.a"}]}))
+    assert "changes[0].owner: expected a parameter of the route's path (a, app, org)" in problems(config_dir)
+
+
+def test_override_only_where_custom(config_dir: Path) -> None:
+    """Overrides are allowed only for limits the plan marks custom."""
+    edit(config_dir / "accounts.yaml",
+         lambda d: d["accounts"]["demo-basic"].update(overrides={"members_per_group": 999}))
+    text = problems(config_dir)
+    assert "accounts.demo-basic.overrides.members_per_group" in text and "plan basic" in text
+
+
+def test_account_unknown_plan_and_bad_appkey(config_dir: Path) -> None:
+    """An account on a plan that does not exist, or with a malformed appkey, is an error."""
+    edit(config_dir / "accounts.yaml", lambda d: d["accounts"]["demo-pro"].update(plan="platinum", apps=["nohash"]))
+    text = problems(config_dir)
+    assert "accounts.demo-pro.plan" in text and "platinum" in text and "apps[0]" in text
+
+
+def test_all_problems_reported_at_once(config_dir: Path) -> None:
+    """Several faults in several files come back together."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(groups_per_app=-1))
+    edit(config_dir / "quota.yaml", lambda d: d.update(outage={"rates": "sometimes"}))
+    text = problems(config_dir)
+    assert "plans.yaml" in text and "quota.yaml: outage.rates" in text
+
+
+def test_check_config_cli_fails_with_messages(config_dir: Path) -> None:
+    """`quota check-config DIR` exits non-zero and prints the key."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(groups_per_app=-1))
+    result = run_cli("check-config", str(config_dir))
+    assert result.returncode != 0
+    assert "plans.free.limits.groups_per_app" in result.stderr
+
+
+def test_serve_refuses_bad_config_before_serving(config_dir: Path) -> None:
+    """`quota serve` with a bad config exits before binding a port."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(groups_per_app=-1))
+    result = run_cli("serve", "--config", str(config_dir), "--port", "1", timeout=30)
+    assert result.returncode != 0 and "plans.free.limits.groups_per_app" in result.stderr

@@ -101,7 +101,9 @@ def select(selector: Selector, params: dict[str, str], body: Any, response: Any 
                 nxt.append(item[part])
         found = nxt
     flat = [v for node in found for v in (node if isinstance(node, list) else [node])]
-    if not flat or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in flat):
+    # Ids in a request are strings; an upstream may answer a numeric id, which is fine to bind.
+    kinds = (str, int) if selector.source == "response" else (str,)
+    if not flat or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in flat):
         raise BadInput(f"{selector} must be a string or a list of strings")
     values = [str(v) for v in flat]
     if any(not v or len(v) > 256 for v in values):

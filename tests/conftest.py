@@ -100,12 +100,18 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 
 class Clock:
-    """A controllable clock for rate windows: tests move time, never sleep."""
+    """A controllable clock for rate windows: tests move time, never sleep.
 
-    def __init__(self, start: float = 1_790_000_000.0) -> None:
+    Each reading advances it by `tick` seconds, so fill-to-the-cap tests stay under the per-IP
+    rate; rate tests set tick to 0 and move time with advance().
+    """
+
+    def __init__(self, start: float = 1_790_000_000.0, tick: float = 0.021) -> None:
         self.now = start
+        self.tick = tick
 
     def __call__(self) -> float:
+        self.now += self.tick
         return self.now
 
     def advance(self, seconds: float) -> None:

@@ -1,0 +1,38 @@
+"""Small drivers of the wrapped gateway, as a client would call it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+async def register(client: httpx.AsyncClient, app: str, names: list[str]) -> None:
+    for i in range(0, len(names), 60):
+        r = await client.post(f"/{app}/users", json=[{"username": n, "password": "p"} for n in names[i:i + 60]])
+        assert r.status_code == 200, r.text
+
+
+async def create_room(client: httpx.AsyncClient, app: str, kind: str, owner: str) -> httpx.Response:
+    return await client.post(f"/{app}/{kind}", json={"groupname": "g", "name": "r", "owner": owner})
+
+
+def room_id(response: httpx.Response, kind: str) -> str:
+    data = response.json()["data"]
+    return str(data["groupid"] if kind == "chatgroups" else data["id"])
+
+
+async def entitlements(client: httpx.AsyncClient, app: str, **entities: str) -> dict[str, Any]:
+    from quota.entitlements import entitlements as read
+
+    mw = client._transport.app  # type: ignore[attr-defined]
+    rt = mw.runtime
+    return await read(rt.directory, rt.store, app.replace("/", "#"), entities=entities)
+
+
+def gateway_state(client: httpx.AsyncClient, app: str) -> Any:
+    mw = client._transport.app  # type: ignore[attr-defined]
+    upstream = mw.app
+    while not hasattr(upstream, "state") or not hasattr(upstream.state, "gateway"):
+        upstream = upstream.app
+    return upstream.state.gateway.apps[app.replace("/", "#")]

@@ -1,0 +1,427 @@
+"""Enforcement through HTTP, as a client of the wrapped gateway sees it, on both stores."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from quota.config import load_config
+from quota.decisions import plan_request
+from quota.gateway import create_gateway
+from quota.store.program import AddOp
+from tests.conftest import Clock, make_client
+from tests.helpers import create_room, entitlements, gateway_state, register, room_id
+
+FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
+IM_ERROR_KEYS = {"error", "exception", "timestamp", "duration", "error_description"}
+
+
+def assert_refused(r: httpx.Response, status: int, error: str, *words: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert IM_ERROR_KEYS <= set(body), body
+    assert body["error"] == error, body
+    for word in words:
+        assert word in body["error_description"], body
+    return body
+
+
+class TestFriends:
+    async def test_cap_at_free_value(self, client: httpx.AsyncClient) -> None:
+        """A free user holds 100 friends; the 101st add is refused with exceed_limit naming the limit."""
+        users = [f"u{i}" for i in range(102)]
+        await register(client, FREE, users)
+        for friend in users[1:101]:
+            r = await client.post(f"/{FREE}/users/u0/contacts/users/{friend}")
+            assert r.status_code == 200, r.text
+        r = await client.post(f"/{FREE}/users/u0/contacts/users/u101")
+        body = assert_refused(r, 403, "exceed_limit", "friends_per_user", "free", "100")
+        assert body["limit"] == "friends_per_user"
+        ent = await entitlements(client, FREE, user="u0")
+        assert ent["entities"]["user:u0"]["friends_per_user"] == {"used": 100, "limit": 100, "remaining": 0}
+
+    async def test_invitee_side_is_capped(self, client: httpx.AsyncClient) -> None:
+        """Adding a friend to a user whose own list is full is refused too (both sides count)."""
+        users = [f"u{i}" for i in range(102)]
+        await register(client, FREE, users)
+        for friend in users[1:101]:
+            assert (await client.post(f"/{FREE}/users/{friend}/contacts/users/u0")).status_code == 200
+        r = await client.post(f"/{FREE}/users/u101/contacts/users/u0")
+        assert_refused(r, 403, "exceed_limit", "u0")
+
+    async def test_repeats_and_removals(self, client: httpx.AsyncClient) -> None:
+        """Adding the same friend twice counts once; removing a non-friend never goes below zero."""
+        await register(client, BASIC, ["a", "b", "c"])
+        assert (await client.post(f"/{BASIC}/users/a/contacts/users/b")).status_code == 200
+        assert (await client.post(f"/{BASIC}/users/a/contacts/users/b")).status_code == 200
+        assert (await client.delete(f"/{BASIC}/users/a/contacts/users/c")).status_code == 404
+        ent = await entitlements(client, BASIC, user="a")
+        assert ent["entities"]["user:a"]["friends_per_user"]["used"] == 1
+        assert (await client.delete(f"/{BASIC}/users/a/contacts/users/b")).status_code == 200
+        assert (await client.delete(f"/{BASIC}/users/a/contacts/users/b")).status_code == 404
+        ent = await entitlements(client, BASIC, user="a")
+        assert ent["entities"]["user:a"]["friends_per_user"]["used"] == 0
+        assert (await entitlements(client, BASIC, user="b"))["entities"]["user:b"]["friends_per_user"]["used"] == 0
+
+
+@pytest.mark.parametrize("kind,per_app,per_room,per_user", [
+    ("chatgroups", "groups_per_app", "members_per_group", "groups_per_user"),
+    ("chatrooms", "chatrooms_per_app", "members_per_chatroom", "chatrooms_per_user"),
+])
+class TestRooms:
+    async def test_rooms_per_app_at_free_value(self, client: httpx.AsyncClient, kind: str, per_app: str,
+                                               per_room: str, per_user: str) -> None:
+        """Free creates 100; the 101st is refused; deleting one frees its slot; ids are bound, not leaked."""
+        await register(client, FREE, ["owner"])
+        ids = []
+        for _ in range(100):
+            r = await create_room(client, FREE, kind, "owner")
+            assert r.status_code == 200, r.text
+            ids.append(room_id(r, kind))
+        assert_refused(await create_room(client, FREE, kind, "owner"), 403, "forbidden_op", per_app, "100")
+        ent = await entitlements(client, FREE)
+        assert ent["usage"][per_app]["used"] == 100
+        assert (await client.delete(f"/{FREE}/{kind}/{ids[0]}")).status_code == 200
+        assert (await create_room(client, FREE, kind, "owner")).status_code == 200
+
+    async def test_members_batch_all_or_nothing(self, client: httpx.AsyncClient, kind: str, per_app: str,
+                                                per_room: str, per_user: str) -> None:
+        """A batch over the cap adds nobody and says how much room was left."""
+        users = [f"m{i}" for i in range(110)]
+        await register(client, FREE, ["owner", *users])
+        rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
+        r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[:50]})
+        assert r.status_code == 200, r.text
+        r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:110]})
+        assert_refused(r, 403, "forbidden_op", per_room, "room for 50")
+        assert len(gateway_state(client, FREE).groups.get(rid, gateway_state(client, FREE).chatrooms.get(rid))
+                   ["members"]) == 50
+        r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:100]})
+        assert r.status_code == 200
+        assert_refused(await client.post(f"/{FREE}/{kind}/{rid}/users/m100"), 403, "forbidden_op", per_room,
+                       "room for 0")
+        ent = await entitlements(client, FREE, **{"group" if kind == "chatgroups" else "chatroom": rid})
+        assert list(ent["entities"].values())[0][per_room] == {"used": 100, "limit": 100, "remaining": 0}
+
+    async def test_rooms_per_user_and_delete_frees(self, client: httpx.AsyncClient, kind: str, per_app: str,
+                                                   per_room: str, per_user: str) -> None:
+        """A free user joins at most 100; deleting a room frees its members' joined counts."""
+        await register(client, FREE, ["owner", "joiner"])
+        ids = []
+        for _ in range(100):
+            rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
+            assert (await client.post(f"/{FREE}/{kind}/{rid}/users/joiner")).status_code == 200
+            ids.append(rid)
+        ent = await entitlements(client, FREE, user="joiner")
+        assert ent["entities"]["user:joiner"][per_user]["used"] == 100
+        await client.delete(f"/{FREE}/{kind}/{ids[-1]}")
+        ent = await entitlements(client, FREE, user="joiner")
+        assert ent["entities"]["user:joiner"][per_user]["used"] == 99
+        rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
+        assert (await client.post(f"/{FREE}/{kind}/{rid}/users/joiner")).status_code == 200
+
+    async def test_rooms_per_user_refused(self, store: Any, clock: Clock, config_dir: Path, kind: str,
+                                          per_app: str, per_room: str, per_user: str) -> None:
+        """A user at their joined cap is refused the next room, naming the user and the limit."""
+        path = config_dir / "accounts.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["accounts"]["demo-enterprise"]["overrides"] = {per_user: 2}
+        path.write_text(yaml.safe_dump(doc))
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, ENT, ["owner", "joiner"])
+            rids = [room_id(await create_room(client, ENT, kind, "owner"), kind) for _ in range(3)]
+            for rid in rids[:2]:
+                assert (await client.post(f"/{ENT}/{kind}/{rid}/users/joiner")).status_code == 200
+            r = await client.post(f"/{ENT}/{kind}/{rids[2]}/users", json={"usernames": ["owner", "joiner"]})
+            assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
+            assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/owner")).status_code == 200
+
+    async def test_deleting_user_frees_memberships(self, client: httpx.AsyncClient, kind: str, per_app: str,
+                                                   per_room: str, per_user: str) -> None:
+        """Deleting a user removes them from every room's member count and frees their friendships."""
+        await register(client, FREE, ["owner", "gone", "friend"])
+        rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
+        assert (await client.post(f"/{FREE}/{kind}/{rid}/users/gone")).status_code == 200
+        assert (await client.post(f"/{FREE}/users/gone/contacts/users/friend")).status_code == 200
+        assert (await client.delete(f"/{FREE}/users/gone")).status_code == 200
+        ent = await entitlements(client, FREE, user="friend", **{"group" if kind == "chatgroups" else "chatroom": rid})
+        values = list(ent["entities"].values())
+        assert values[0]["friends_per_user"]["used"] == 0
+        assert values[1][per_room]["used"] == 0
+        assert ent["usage"]["registered_users"]["used"] == 2
+
+
+async def test_fill_at_real_value_basic_members(client: httpx.AsyncClient) -> None:
+    """basic: 250 members per group at the seed's value, the 251st refused."""
+    users = [f"m{i}" for i in range(251)]
+    await register(client, BASIC, ["owner", *users])
+    rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
+    for i in range(0, 240, 60):
+        assert (await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[i:i + 60]})).status_code == 200
+    assert (await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[240:250]})).status_code == 200
+    assert_refused(await client.post(f"/{BASIC}/chatgroups/{rid}/users/m250"), 403, "forbidden_op",
+                   "members_per_group is 250 on plan basic")
+
+
+async def test_override_lowers_cap(store: Any, clock: Clock, config_dir: Path) -> None:
+    """An enterprise account's override is what the middleware enforces."""
+    path = config_dir / "accounts.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["accounts"]["demo-enterprise"]["overrides"] = {"members_per_group": 3, "groups_per_app": 2}
+    path.write_text(yaml.safe_dump(doc))
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, ENT, ["o", "a", "b", "c", "d"])
+        rid = room_id(await create_room(client, ENT, "chatgroups", "o"), "chatgroups")
+        r = await client.post(f"/{ENT}/chatgroups/{rid}/users", json={"usernames": ["a", "b", "c", "d"]})
+        assert_refused(r, 403, "forbidden_op", "members_per_group is 3 on plan enterprise", "room for 3")
+        assert (await create_room(client, ENT, "chatgroups", "o")).status_code == 200
+        assert_refused(await create_room(client, ENT, "chatgroups", "o"), 403, "forbidden_op", "groups_per_app is 2")
+
+
+SEED_CAPS = {  # from the seed, by hand
+    "free": {"friends_per_user": 100, "groups_per_app": 100, "members_per_group": 100, "groups_per_user": 100,
+             "chatrooms_per_app": 100, "members_per_chatroom": 100, "chatrooms_per_user": 100},
+    "basic": {"friends_per_user": 250, "groups_per_app": 100000, "members_per_group": 250, "groups_per_user": 1000,
+              "chatrooms_per_app": 10000, "members_per_chatroom": 2000, "chatrooms_per_user": 1000},
+    "pro": {"friends_per_user": 1000, "groups_per_app": 50000, "members_per_group": 1000, "groups_per_user": 2000,
+            "chatrooms_per_app": 50000, "members_per_chatroom": 10000, "chatrooms_per_user": 2000},
+    "enterprise": {"friends_per_user": 10000, "groups_per_app": 100000, "members_per_group": 5000,
+                   "groups_per_user": 10000, "chatrooms_per_app": 100000, "members_per_chatroom": 200000,
+                   "chatrooms_per_user": 10000},
+}
+
+
+@pytest.mark.parametrize("plan", list(SEED_CAPS))
+def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
+    """For every counted limit, the cap a request carries to the store is the seed's value."""
+    cfg = load_config()
+    from quota.plans import Directory
+
+    app = Directory(cfg.matrix, {}).matrix and None
+    directory = Directory(cfg.matrix, cfg.accounts)
+    appkey = f"demo#{plan}"
+    app = directory.lookup(appkey, datetime.now(timezone.utc).date())
+    assert app is not None
+    if plan == "enterprise":
+        app = type(app)(app.appkey, app.prefix, app.account, app.plan, dict(app.plan.limits))  # no overrides
+    seen: dict[str, int] = {}
+    for rule in cfg.routes.rules:
+        for change in rule.changes:
+            if change.op != "add":
+                continue
+            params = {"org": "demo", "app": plan, "owner": "a", "friend": "b", "group_id": "g", "chatroom_id": "c",
+                      "username": "u"}
+            body = {"usernames": ["x"], "username": "x"}
+            built = plan_request(cfg.routes, rule, app, params, body, "1.2.3.4", 0, lease_ttl_ms=1000)
+            for op in built.before.ops:
+                if isinstance(op, AddOp):
+                    if op.limit:
+                        seen[op.limit] = op.cap
+                    if op.reverse_limit:
+                        seen[op.reverse_limit] = op.reverse_cap
+    assert {k: v for k, v in seen.items() if k in SEED_CAPS[plan]} == SEED_CAPS[plan]
+
+
+class TestRates:
+    @pytest.fixture(autouse=True)
+    def frozen(self, clock: Clock) -> None:
+        clock.tick = 0
+
+    async def test_per_ip_rate(self, client: httpx.AsyncClient, clock: Clock) -> None:
+        """100/s per client IP per API: the 101st in a second gets 429 reach_limit with headers."""
+        await register(client, PRO, ["a"])
+        clock.advance(2)
+        for _ in range(100):
+            assert (await client.get(f"/{PRO}/users/a")).status_code == 200
+        r = await client.get(f"/{PRO}/users/a")
+        assert_refused(r, 429, "reach_limit")
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["ratelimit-limit"] == "100" and r.headers["ratelimit-remaining"] == "0"
+        assert int(r.headers["ratelimit-reset"]) >= 1
+        # Another API has its own budget.
+        assert (await client.get(f"/{PRO}/users/a/contacts/users")).status_code == 200
+        clock.advance(2.0)
+        assert (await client.get(f"/{PRO}/users/a")).status_code == 200
+
+    async def test_other_ip_has_its_own_budget(self, store: Any, clock: Clock) -> None:
+        """Two client IPs each get 100/s."""
+        async with make_client(store, clock, client_ip="10.0.0.1") as one, \
+                make_client(store, clock, client_ip="10.0.0.2") as two:
+            for _ in range(100):
+                await one.get(f"/{PRO}/users")
+            assert (await one.get(f"/{PRO}/users")).status_code == 429
+            assert (await two.get(f"/{PRO}/users")).status_code == 200
+
+    async def test_history_once_a_minute_per_app(self, store: Any, clock: Clock) -> None:
+        """The history file: once a minute per app, whatever the IP."""
+        hour = (datetime.fromtimestamp(clock.now, timezone.utc) - timedelta(hours=2)).strftime("%Y%m%d%H")
+        async with make_client(store, clock, client_ip="10.0.0.1") as one, \
+                make_client(store, clock, client_ip="10.0.0.2") as two:
+            assert (await one.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
+            r = await two.get(f"/{PRO}/chatmessages/{hour}")
+            assert_refused(r, 429, "reach_limit", "history_export_per_app")
+            assert int(r.headers["retry-after"]) > 1
+            assert (await two.get(f"/{BASIC}/chatmessages/{hour}")).status_code == 200
+            clock.advance(120)
+            assert (await two.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
+
+    async def test_route_figure_from_reference(self, client: httpx.AsyncClient, clock: Clock) -> None:
+        """Per-endpoint figures of the reference apply: group messages at 20/s."""
+        for _ in range(20):
+            assert (await client.post(f"/{PRO}/messages/chatgroups", json={"to": ["g"]})).status_code == 200
+        assert (await client.post(f"/{PRO}/messages/chatgroups", json={"to": ["g"]})).status_code == 429
+
+    async def test_unknown_route_gets_general_rate(self, client: httpx.AsyncClient) -> None:
+        """Routes outside the map still get the general per-IP rate."""
+        codes = [(await client.get("/nowhere")).status_code for _ in range(101)]
+        assert codes[:100] == [404] * 100 and codes[100] == 429
+
+
+GATED = [
+    ("POST", "/messages/translate", "translation"),
+    ("POST", "/messages/report", "message_report"),
+    ("PUT", "/callbacks", "message_event_callbacks"),
+    ("PUT", "/callbacks/user_status", "user_status_callbacks"),
+    ("PUT", "/callbacks/pre_send", "pre_send_callbacks"),
+    ("PUT", "/moderation/text", "text_moderation"),
+    ("PUT", "/moderation/image", "image_moderation"),
+    ("POST", "/chatgroups/g1/read_receipts", "group_read_receipts"),
+]
+
+
+@pytest.mark.parametrize("method,path,feature", GATED, ids=[g[2] for g in GATED])
+async def test_feature_gates(client: httpx.AsyncClient, method: str, path: str, feature: str) -> None:
+    """Each gated route is refused on free and basic (forbidden_op naming the feature) and passes on pro+."""
+    for app in (FREE, BASIC):
+        r = await client.request(method, f"/{app}{path}", json={})
+        assert_refused(r, 403, "forbidden_op", feature)
+    for app in (PRO, ENT):
+        r = await client.request(method, f"/{app}{path}", json={})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("app,days,kept", [(FREE, 7, True), (FREE, 8, False), (BASIC, 89, True),
+                                           (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)])
+async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int, kept: bool) -> None:
+    """History older than the plan's message_retention_days is refused."""
+    now = datetime.fromtimestamp(clock.now, timezone.utc)
+    hour = (now - timedelta(days=days) + timedelta(hours=1)).strftime("%Y%m%d%H")
+    r = await client.get(f"/{app}/chatmessages/{hour}")
+    if kept:
+        assert r.status_code == 200, r.text
+    else:
+        assert_refused(r, 403, "forbidden_op", "message_retention_days")
+
+
+async def test_concurrent_joins_exact(client: httpx.AsyncClient) -> None:
+    """500 concurrent joins against a cap of 250 leave exactly 250 members."""
+    users = [f"c{i}" for i in range(500)]
+    await register(client, BASIC, ["owner", *users])
+    rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
+    results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
+    codes = [r.status_code for r in results]
+    assert codes.count(200) == 250 and codes.count(403) == 250
+    assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
+    ent = await entitlements(client, BASIC, group=rid)
+    assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 250
+
+
+async def test_upstream_failures_are_undone(store: Any, clock: Clock) -> None:
+    """With a third of upstream calls failing or raising, counters equal what succeeded."""
+    gateway = create_gateway()
+    rng = random.Random(7)
+
+    async def flaky(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and "/users/" in scope["path"] \
+                and "chatgroups" in scope["path"]:
+            roll = rng.random()
+            if roll < 1 / 6:
+                await send({"type": "http.response.start", "status": 500, "headers": []})
+                await send({"type": "http.response.body", "body": b"{}"})
+                return
+            if roll < 1 / 3:
+                raise RuntimeError("upstream crashed")
+        await gateway(scope, receive, send)
+
+    async with make_client(store, clock, upstream=flaky) as client:
+        users = [f"f{i}" for i in range(90)]
+        await register(client, PRO, ["owner", *users])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "owner"), "chatgroups")
+        for u in users:
+            try:
+                await client.post(f"/{PRO}/chatgroups/{rid}/users/{u}")
+            except RuntimeError:
+                pass
+        truth = gateway.state.gateway.apps["demo#pro"].groups[rid]["members"]
+        assert 30 < len(truth) < 90
+        ent = await entitlements(client, PRO, group=rid)
+        assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == len(truth)
+        for u in users:
+            joined = (await entitlements(client, PRO, user=u))["entities"][f"user:{u}"]["groups_per_user"]["used"]
+            assert joined == (1 if u in truth else 0)
+
+
+class TestInput:
+    async def test_malformed_body(self, client: httpx.AsyncClient) -> None:
+        """Invalid JSON, wrong types and oversize batches get a 400 and change nothing."""
+        for content in (b"{not json", b'{"usernames": 5}', b'{"usernames": [1.5]}', b"[]"):
+            r = await client.post(f"/{PRO}/chatgroups/g/users", content=content)
+            assert_refused(r, 400, "illegal_argument")
+        r = await client.post(f"/{PRO}/chatgroups/g/users", json={"usernames": [f"x{i}" for i in range(61)]})
+        assert_refused(r, 400, "illegal_argument", "at most 60")
+        r = await client.post(f"/{PRO}/users", content=b"\xff\xfe")
+        assert_refused(r, 400, "illegal_argument")
+        assert (await entitlements(client, PRO))["usage"]["registered_users"]["used"] == 0
+
+    async def test_body_limit(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """A body over max_body_bytes is refused with 413."""
+        (config_dir / "quota.yaml").write_text("max_body_bytes: 64\n")
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            r = await client.post(f"/{PRO}/users", json=[{"username": "x" * 100}])
+            assert_refused(r, 413, "request_too_large")
+
+    async def test_ids_with_key_characters(self, client: httpx.AsyncClient) -> None:
+        """Ids with braces, colons and '#' are escaped: they count, and never reach another key."""
+        names = ["a{b}", "c:d", "e#f", "ü"]
+        await register(client, PRO, ["owner", *names])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "owner"), "chatgroups")
+        assert (await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": names})).status_code == 200
+        ent = await entitlements(client, PRO, group=rid, user="a{b}")
+        assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 4
+        assert ent["entities"]["user:a{b}"]["groups_per_user"]["used"] == 1
+
+    async def test_unknown_app(self, client: httpx.AsyncClient) -> None:
+        """An app no account holds is refused, not let through unmetered."""
+        assert_refused(await client.get("/nobody/nothing/users"), 404, "service_resource_not_found")
+
+    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient) -> None:
+        """Allowed responses keep the upstream's status, body and headers."""
+        r = await client.get(f"/{PRO}/users/missing")
+        assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
+        assert "ratelimit-limit" not in r.headers
+
+
+class TestClientIp:
+    @pytest.fixture(autouse=True)
+    def frozen(self, clock: Clock) -> None:
+        clock.tick = 0
+
+    async def test_forwarded_for_only_from_trusted_proxy(self, store: Any, clock: Clock) -> None:
+        """X-Forwarded-For is believed from a trusted proxy, ignored from anyone else."""
+        async with make_client(store, clock, client_ip="127.0.0.1") as proxy, \
+                make_client(store, clock, client_ip="10.9.9.9") as direct:
+            for i in range(100):
+                assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})).status_code == 200
+            assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})).status_code == 429
+            assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "2.2.2.2"})).status_code == 200
+            # An untrusted peer cannot borrow another address's budget or escape its own.
+            for i in range(100):
+                await direct.get(f"/{PRO}/users", headers={"x-forwarded-for": f"3.3.3.{i}"})
+            assert (await direct.get(f"/{PRO}/users", headers={"x-forwarded-for": "4.4.4.4"})).status_code == 429

@@ -1,0 +1,140 @@
+"""Several real gateway processes (`quota serve`) sharing one Redis, as operators run them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis as redis_sync
+from websockets.sync.client import connect
+
+from quota.keys import app_prefix, online_key
+from tests.conftest import ROOT, RedisServer, free_port
+
+pytestmark = pytest.mark.redis
+BASIC = "demo/basic"
+
+
+def serve(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quota", "serve", "--config", str(config), "--redis", redis_url, "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            httpx.get(base + "/demo/basic/users", timeout=1)
+            return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("quota serve did not start")
+
+
+@pytest.fixture
+def two_gateways(redis_server: RedisServer, config_dir: Path) -> Iterator[list[tuple[subprocess.Popen[bytes], str]]]:
+    redis_server.flush()
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 2\ntrusted_proxies: [127.0.0.1/32]\n")
+    procs = [serve(config_dir, redis_server.url) for _ in range(2)]
+    yield procs
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def test_two_processes_share_the_cap(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
+                                           redis_server: RedisServer) -> None:
+    """500 concurrent friend adds spread over two processes against basic's cap of 250: exactly 250 pass.
+
+    Each process runs its own reference gateway (state in memory), so every user is registered on
+    both; what the processes share is quota's counter in Redis.
+    """
+    (_, a), (_, b) = two_gateways
+    users = [{"username": f"p{i}"} for i in range(500)] + [{"username": "owner"}]
+    async with httpx.AsyncClient(timeout=30) as c:
+        for base in (a, b):
+            for i in range(0, len(users), 60):
+                assert (await c.post(f"{base}/{BASIC}/users", json=users[i:i + 60])).status_code == 200
+        sem = asyncio.Semaphore(64)
+
+        async def add(i: int) -> int:
+            async with sem:
+                # Many clients behind the trusted proxy: each has its own per-IP budget.
+                r = await c.post(f"{a if i % 2 else b}/{BASIC}/users/owner/contacts/users/p{i}",
+                                 headers={"x-forwarded-for": f"10.0.{i // 250}.{i % 250}"})
+                return r.status_code
+
+        codes = await asyncio.gather(*(add(i) for i in range(500)))
+    assert codes.count(200) == 250 and codes.count(403) == 250
+    r = redis_sync.Redis(port=redis_server.port)
+    assert r.scard(f"{app_prefix('demo#basic')}s:contacts:o:owner") == 250
+    r.close()
+
+
+def test_one_write_is_one_script_call(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
+                                      redis_server: RedisServer) -> None:
+    """A typical write (join a group) costs one Redis call: one EVALSHA, counted by INFO commandstats.
+
+    commandstats also counts what the script runs inside Redis (SCARD, SISMEMBER, SADD...), so the
+    client's calls are read from the evalsha line alone, and the total from every line.
+    """
+    (_, a), _ = two_gateways
+    httpx.post(f"{a}/{BASIC}/users", json=[{"username": u} for u in ("o", "j0", "j1", "j2", "j3")])
+    gid = httpx.post(f"{a}/{BASIC}/chatgroups", json={"owner": "o"}).json()["data"]["groupid"]
+    r = redis_sync.Redis(port=redis_server.port)
+    r.config_resetstat()
+    for i in range(4):
+        assert httpx.post(f"{a}/{BASIC}/chatgroups/{gid}/users/j{i}").status_code == 200
+    stats = r.info("commandstats")
+    r.close()
+    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+    assert calls.get("evalsha") == 4
+    client_side = {"evalsha", "eval", "script|load", "script", "config|resetstat", "info", "get", "hgetall",
+                   "multi", "exec"}
+    inside = sum(n for name, n in calls.items() if name not in client_side)
+    assert inside > 4  # the script's own commands: visible here, not extra round trips
+
+
+def test_killed_worker_leaks_no_connections(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
+                                            redis_server: RedisServer) -> None:
+    """Connections held by a worker killed with -9 stop counting once their leases expire."""
+    (proc_a, a), (_, b) = two_gateways
+    for base in (a, b):
+        httpx.post(f"{base}/{BASIC}/users", json=[{"username": f"k{i}"} for i in range(5)])
+    url_a, url_b = a.replace("http", "ws"), b.replace("http", "ws")
+    stack = contextlib.ExitStack()
+    held = [stack.enter_context(connect(f"{url_a}/{BASIC}/users/k{i}/connection")) for i in range(3)]
+    other = stack.enter_context(connect(f"{url_b}/{BASIC}/users/k4/connection"))
+    r = redis_sync.Redis(port=redis_server.port)
+    key = online_key(app_prefix("demo#basic"))
+
+    def live() -> int:
+        return int(r.zcount(key, int(time.time() * 1000) + 1, "+inf"))
+
+    assert live() == 4
+    os.kill(proc_a.pid, signal.SIGKILL)
+    proc_a.wait(10)
+    deadline = time.time() + 10
+    while live() > 1 and time.time() < deadline:
+        time.sleep(0.2)
+    # The survivor's connection is renewed and still counts; the dead worker's three are gone.
+    time.sleep(1.0)
+    assert live() == 1
+    other.send("still here")
+    assert other.recv() == "still here"
+    assert len(held) == 3
+    with contextlib.suppress(Exception):
+        stack.close()
+    r.close()

@@ -49,7 +49,8 @@ def create_admin(runtime: Callable[[], Any]) -> Starlette:
             if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
                 return _error(401, "unauthorized", "missing or wrong admin token")
             try:
-                return await handler(request, runtime())
+                response: JSONResponse = await handler(request, runtime())
+                return response
             except UnknownAppError as exc:
                 return _error(404, "service_resource_not_found", str(exc))
             except KeyError as exc:

@@ -23,7 +23,7 @@ from limits import parse as parse_rate
 from quota.accounts import Account, Subscription
 from quota.errors import ConfigError, Problem
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
-from quota.routes import Change, Relation, RateUse, RouteMap, RouteRule, Selector
+from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
@@ -106,7 +106,7 @@ class _Checker:
     def fail(self, key: str, expected: str, found: Any) -> None:
         self.problems.append(Problem(self.file, key, expected, _show(found)))
 
-    def mapping(self, node: Any, key: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
+    def mapping(self, node: Any, key: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
         if not isinstance(node, dict):
             self.fail(key, "a mapping", node)
             return {}
@@ -230,7 +230,7 @@ class _Matrix(_Checker):
             return 0
         return value
 
-    def _same_keys(self, plans_node: dict) -> None:
+    def _same_keys(self, plans_node: dict[str, Any]) -> None:
         # A row present in one plan and missing from another is a hole in the sheet, not a default.
         def rows(plan: Any) -> set[str]:
             if not isinstance(plan, dict):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from quota.keys import dau_key, mau_key, online_key, peak_key, rate_key, set_key, side_prefix
@@ -70,7 +70,7 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -
     if rule.retention is not None:
         raw = params.get(rule.retention.path[0], "")
         try:
-            hour = datetime.strptime(raw, "%Y%m%d%H").replace(tzinfo=timezone.utc)
+            hour = datetime.strptime(raw, "%Y%m%d%H").replace(tzinfo=UTC)
         except ValueError:
             return Denial(400, "illegal_argument", f"time must be yyyyMMddHH, found {raw[:20]!r}")
         days = app.limits.get("message_retention_days")
@@ -177,7 +177,7 @@ def plan_request(
             reverse_cap=_cap(app, rel.member_limit), reverse_value=owners[0],
             pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
         ))
-    today = datetime.fromtimestamp(now_ms / 1000, timezone.utc).date()
+    today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
     if rule.login and user is not None:
         plan.login_user = user
         no_overage = app.plan.price.overage_per_10k_dau is None

@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class QuotaMiddleware:
                     except ValueError:
                         return peer
                     if not any(addr in net for net in rt.trusted):
-                        return hop
+                        return str(hop)
                 return hops[0] if hops else peer
         return peer
 
@@ -135,14 +135,14 @@ class QuotaMiddleware:
     async def _run(self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule_outage: str | None) -> Outcome | Denial:
         try:
             return await rt.store.run(program, now_ms)
-        except (StorageError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, StorageError, OSError):
             policy = rule_outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
             if policy == "open":
                 return Outcome()
             return Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
 
     async def _http(self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        now = datetime.fromtimestamp(started, timezone.utc)
+        now = datetime.fromtimestamp(started, UTC)
         rule = match.rule
         app = self._app_of(rt, match, now.date())
         if isinstance(app, Denial):
@@ -226,7 +226,7 @@ class QuotaMiddleware:
         if program:
             try:
                 await rt.store.run(program, now_ms)
-            except (StorageError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, StorageError, OSError):
                 pass
 
     async def _fallback(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, ip: str) -> None:
@@ -247,7 +247,7 @@ class QuotaMiddleware:
 
     async def _websocket(self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send,
                          started: float) -> None:
-        now = datetime.fromtimestamp(started, timezone.utc)
+        now = datetime.fromtimestamp(started, UTC)
         app = self._app_of(rt, match, now.date())
         denial: Denial | None = app if isinstance(app, Denial) else None
         if app is None and match.rule.name != "other":
@@ -295,7 +295,7 @@ class QuotaMiddleware:
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = self.clock()
-            op = lease_op(app, datetime.fromtimestamp(now, timezone.utc).date(), conn, ttl_ms)
+            op = lease_op(app, datetime.fromtimestamp(now, UTC).date(), conn, ttl_ms)
             await self._settle(rt, Program([op]), int(now * 1000))
 
 

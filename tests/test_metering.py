@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -42,7 +42,7 @@ async def test_one_user_two_logins_is_one_dau(client: httpx.AsyncClient, clock: 
     for u in ("a", "a", "b"):
         assert (await client.post("/demo/pro/token", json={"username": u})).status_code == 200
     mw = client._transport.app  # type: ignore[attr-defined]
-    today = datetime.fromtimestamp(clock.now, timezone.utc).date()
+    today = datetime.fromtimestamp(clock.now, UTC).date()
     assert await mw.runtime.store.cardinalities([dau_key(app_prefix("demo#pro"), today)]) == [2]
 
 

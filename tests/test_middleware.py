@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
     app = Directory(cfg.matrix, {}).matrix and None
     directory = Directory(cfg.matrix, cfg.accounts)
     appkey = f"demo#{plan}"
-    app = directory.lookup(appkey, datetime.now(timezone.utc).date())
+    app = directory.lookup(appkey, datetime.now(UTC).date())
     assert app is not None
     if plan == "enterprise":
         app = type(app)(app.appkey, app.prefix, app.account, app.plan, dict(app.plan.limits))  # no overrides
@@ -261,7 +261,7 @@ class TestRates:
 
     async def test_history_once_a_minute_per_app(self, store: Any, clock: Clock) -> None:
         """The history file: once a minute per app, whatever the IP."""
-        hour = (datetime.fromtimestamp(clock.now, timezone.utc) - timedelta(hours=2)).strftime("%Y%m%d%H")
+        hour = (datetime.fromtimestamp(clock.now, UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
         async with make_client(store, clock, client_ip="10.0.0.1") as one, \
                 make_client(store, clock, client_ip="10.0.0.2") as two:
             assert (await one.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
@@ -311,7 +311,7 @@ async def test_feature_gates(client: httpx.AsyncClient, method: str, path: str, 
                                            (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)])
 async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int, kept: bool) -> None:
     """History older than the plan's message_retention_days is refused."""
-    now = datetime.fromtimestamp(clock.now, timezone.utc)
+    now = datetime.fromtimestamp(clock.now, UTC)
     hour = (now - timedelta(days=days) + timedelta(hours=1)).strftime("%Y%m%d%H")
     r = await client.get(f"/{app}/chatmessages/{hour}")
     if kept:

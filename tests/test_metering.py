@@ -181,3 +181,39 @@ def test_cli_entitlements_and_unknown_app() -> None:
     assert data["limits"]["registered_users"] is None and data["features"]["translation"] is True
     bad = run_cli("entitlements", "nobody#here")
     assert bad.returncode != 0 and "nobody#here" in bad.stderr
+
+
+async def test_online_cap_follows_last_months_mau(store: Any) -> None:
+    """basic: cap = max(500, 10% x max(last month's MAU, this month's)); on the 1st last month carries it."""
+    from quota.decisions import lease_op
+    from quota.keys import mau_key
+    from quota.plans import Directory
+    from quota.store.program import Program
+
+    cfg = load_config()
+    day = date(2026, 5, 1)
+    app = Directory(cfg.matrix, cfg.accounts).lookup("demo#basic", day)
+    assert app is not None
+    await store.add_members(mau_key(app.prefix, 2026, 4), [f"m{i}" for i in range(6000)])
+    now = 1_800_000_000_000
+    results = [(await store.run(Program([lease_op(app, day, f"c{i}", 60_000)]), now)).allowed for i in range(601)]
+    assert results.count(True) == 600 and results[-1] is False
+
+
+@pytest.mark.redis
+def test_usage_cli(redis_server: RedisServer) -> None:
+    """`quota usage ORG#APP --month` reports DAU per day, MAU and each counted limit."""
+    import redis as redis_sync
+
+    redis_server.flush()
+    r = redis_sync.Redis(port=redis_server.port)
+    prefix = app_prefix("demo#pro")
+    r.sadd(dau_key(prefix, date(2026, 9, 3)), "a", "b")
+    r.sadd(dau_key(prefix, date(2026, 9, 4)), "a")
+    r.sadd(prefix + "mau:202609", "a", "b")
+    r.close()
+    out = run_cli("usage", "demo#pro", "--month", "2026-09", "--json", "--redis", redis_server.url)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["dau"]["2026-09-03"] == 2 and data["peak_dau"] == 2 and data["mau"] == 2
+    assert data["limits"]["groups_per_app"] == {"used": 0, "limit": 50000, "remaining": 50000}

@@ -105,13 +105,15 @@ def create_admin(runtime: Callable[[], Any]) -> Starlette:
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
-    return Starlette(routes=[
-        Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
-        Route("/usage/{org}/{app}", guarded(show_usage)),
-        Route("/bills/{account}", guarded(show_bill)),
-        Route("/accounts/{account}", guarded(show_account)),
-        Route("/accounts/{account}/{action}", guarded(change), methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
+            Route("/usage/{org}/{app}", guarded(show_usage)),
+            Route("/bills/{account}", guarded(show_bill)),
+            Route("/accounts/{account}", guarded(show_account)),
+            Route("/accounts/{account}/{action}", guarded(change), methods=["POST"]),
+        ]
+    )
 
 
 def apply_change(account: subs.Account, action: str, plan: str | None, day: date) -> subs.Account:

@@ -20,7 +20,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from quota.accounts import Account
+from quota.keys import app_prefix
 from quota.matrix import Plan
+from quota.metering import daily_active
 
 TEN_THOUSAND = Decimal(10000)
 CENTS = Decimal("0.001")
@@ -54,8 +56,9 @@ class Bill:
             "account": self.account,
             "month": self.month,
             "plan": self.plan,
-            "apps": [{"app": a.app, "peak_dau": a.peak_dau, "day": a.day.isoformat() if a.day else None}
-                     for a in self.apps],
+            "apps": [
+                {"app": a.app, "peak_dau": a.peak_dau, "day": a.day.isoformat() if a.day else None} for a in self.apps
+            ],
             "usage": self.usage,
             "included_dau": self.included,
             "excess": self.excess,
@@ -91,10 +94,19 @@ def compute_bill(
         overage = Decimal(excess) * price / TEN_THOUSAND
     total = (fee + overage).quantize(CENTS, rounding=ROUND_HALF_UP)
     return Bill(
-        account=account, month=f"{year:04d}-{month:02d}", plan=plan.name, apps=tuple(apps), usage=usage,
-        included=included, excess=excess, plan_fee=fee.quantize(CENTS, rounding=ROUND_HALF_UP),
-        prorated_days=prorated, overage_price=price, overage=overage.quantize(CENTS, rounding=ROUND_HALF_UP),
-        total=total, notes=tuple(notes),
+        account=account,
+        month=f"{year:04d}-{month:02d}",
+        plan=plan.name,
+        apps=tuple(apps),
+        usage=usage,
+        included=included,
+        excess=excess,
+        plan_fee=fee.quantize(CENTS, rounding=ROUND_HALF_UP),
+        prorated_days=prorated,
+        overage_price=price,
+        overage=overage.quantize(CENTS, rounding=ROUND_HALF_UP),
+        total=total,
+        notes=tuple(notes),
     )
 
 
@@ -117,8 +129,6 @@ def billing_plan(account: Account, year: int, month: int) -> tuple[str | None, d
 
 async def bill_account(directory: Any, store: Any, name: str, year: int, month: int) -> Bill:
     """Bill one account's month from stored activity (its apps' daily DAU sets)."""
-    from quota.metering import daily_active
-
     account: Account | None = directory.accounts.get(name)
     if account is None:
         raise KeyError(f"unknown account {name!r}")
@@ -127,8 +137,6 @@ async def bill_account(directory: Any, store: Any, name: str, year: int, month: 
         raise KeyError(f"account {name!r} had no subscription in {year:04d}-{month:02d}")
     peaks = []
     for appkey in account.apps:
-        from quota.keys import app_prefix
-
         daily = await daily_active(store, app_prefix(appkey), year, month)
         day, peak = max(daily.items(), key=lambda kv: (kv[1], -kv[0].toordinal()))
         peaks.append(AppPeak(appkey, peak, day if peak else None))

@@ -33,7 +33,8 @@ def plans_json(matrix: Matrix) -> dict[str, Any]:
                 "price": {
                     "monthly_fee": str(p.price.monthly_fee),
                     "included_dau": p.price.included_dau,
-                    "overage_per_10k_dau": None if p.price.overage_per_10k_dau is None
+                    "overage_per_10k_dau": None
+                    if p.price.overage_per_10k_dau is None
                     else str(p.price.overage_per_10k_dau),
                 },
                 "limits": {k: limit_to_json(v) for k, v in p.limits.items()},
@@ -80,9 +81,9 @@ def plans_table(matrix: Matrix) -> str:
             rows.append((f, [_cell(p.features[f]) for p in plans]))
     width = max(len(r[0]) for r in rows)
     cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
-    lines = ["  ".join([" " * width, *(n.ljust(c) for n, c in zip(names, cols))]).rstrip()]
+    lines = ["  ".join([" " * width, *(n.ljust(c) for n, c in zip(names, cols, strict=True))]).rstrip()]
     for label, cells in rows:
-        lines.append("  ".join([label.ljust(width), *(v.ljust(c) for v, c in zip(cells, cols))]).rstrip())
+        lines.append("  ".join([label.ljust(width), *(v.ljust(c) for v, c in zip(cells, cols, strict=True))]).rstrip())
     return "\n".join(lines)
 
 
@@ -90,6 +91,7 @@ def _print(data: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return
+
     def walk(node: Any, indent: int) -> None:
         for key, value in node.items():
             if isinstance(value, dict):
@@ -98,6 +100,7 @@ def _print(data: Any, as_json: bool) -> None:
             else:
                 shown = "unlimited" if value is None else value
                 print(" " * indent + f"{key}: {shown}")
+
     walk(data, 0)
 
 
@@ -135,8 +138,10 @@ def cmd_plans(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.dir or DEFAULT_DIR)
-    print(f"{cfg.directory}: ok ({len(cfg.matrix.plans)} plans, {len(cfg.routes.rules)} routes, "
-          f"{len(cfg.accounts)} accounts)")
+    print(
+        f"{cfg.directory}: ok ({len(cfg.matrix.plans)} plans, {len(cfg.routes.rules)} routes, "
+        f"{len(cfg.accounts)} accounts)"
+    )
     return 0
 
 

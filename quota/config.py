@@ -106,7 +106,9 @@ class _Checker:
     def fail(self, key: str, expected: str, found: Any) -> None:
         self.problems.append(Problem(self.file, key, expected, _show(found)))
 
-    def mapping(self, node: Any, key: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    def mapping(
+        self, node: Any, key: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         if not isinstance(node, dict):
             self.fail(key, "a mapping", node)
             return {}
@@ -131,7 +133,7 @@ class _Checker:
 
     def money(self, node: Any, key: str) -> Decimal | None:
         if isinstance(node, float):
-            self.fail(key, "an amount written as a string (\"888\") so it stays exact", node)
+            self.fail(key, 'an amount written as a string ("888") so it stays exact', node)
             return None
         try:
             value = Decimal(str(node))
@@ -250,8 +252,11 @@ class _Matrix(_Checker):
             for missing in sorted(union - have):
                 if missing.split(".")[0] in ("features",):
                     others = [n for n, h in every.items() if missing in h]
-                    self.fail(f"plans.{name}.{missing}", f"the row the other plans have ({', '.join(others)})",
-                              _Said("nothing (missing key)"))
+                    self.fail(
+                        f"plans.{name}.{missing}",
+                        f"the row the other plans have ({', '.join(others)})",
+                        _Said("nothing (missing key)"),
+                    )
 
 
 class _Routes(_Checker):
@@ -321,9 +326,13 @@ class _Routes(_Checker):
             return None
         return Selector(source, tuple(path))  # type: ignore[arg-type]
 
-    def _route(self, node: Any, key: str, relations: dict[str, Relation], defaults: tuple[RateUse, ...]) -> RouteRule | None:
+    def _route(
+        self, node: Any, key: str, relations: dict[str, Relation], defaults: tuple[RateUse, ...]
+    ) -> RouteRule | None:
         node = self.mapping(
-            node, key, required=("name", "method", "path"),
+            node,
+            key,
+            required=("name", "method", "path"),
             optional=("rates", "feature", "changes", "login", "connection", "retention", "user", "outage"),
         )
         method, template = node.get("method"), node.get("path")
@@ -369,8 +378,16 @@ class _Routes(_Checker):
         if outage not in (None, "open", "closed"):
             self.fail(f"{key}.outage", "open or closed", outage)
         return RouteRule(
-            name=str(node.get("name")), method=str(method), template=template, rates=rates, feature=feature,
-            changes=tuple(changes), login=login, connection=connection, retention=retention, user=user,
+            name=str(node.get("name")),
+            method=str(method),
+            template=template,
+            rates=rates,
+            feature=feature,
+            changes=tuple(changes),
+            login=login,
+            connection=connection,
+            retention=retention,
+            user=user,
             outage=outage,
         )
 
@@ -387,7 +404,9 @@ class _Accounts(_Checker):
         for name, node in self.mapping(top.get("accounts", {}), "accounts").items():
             key = f"accounts.{name}"
             node = self.mapping(
-                node, key, required=("plan", "apps"),
+                node,
+                key,
+                required=("plan", "apps"),
                 optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist"),
             )
             plan_name = node.get("plan")
@@ -402,14 +421,18 @@ class _Accounts(_Checker):
                 if not isinstance(app, str) or not APPKEY.match(app):
                     self.fail(f"{key}.apps[{i}]", "an appkey org#app", app)
                 elif app in owner:
-                    self.fail(f"{key}.apps[{i}]", "an app held by one account only", _Said(f"{app} (also in {owner[app]})"))
+                    self.fail(
+                        f"{key}.apps[{i}]", "an app held by one account only", _Said(f"{app} (also in {owner[app]})")
+                    )
                 else:
                     owner[app] = str(name)
             overrides: dict[str, int | None] = {}
             for lname, value in self.mapping(node.get("overrides") or {}, f"{key}.overrides").items():
                 okey = f"{key}.overrides.{lname}"
                 if lname not in LIMIT_NAMES:
-                    self.fail(okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}"))
+                    self.fail(
+                        okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}")
+                    )
                 elif plan is not None and lname not in plan.custom:
                     custom = ", ".join(sorted(plan.custom)) or "none"
                     self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
@@ -428,9 +451,12 @@ class _Accounts(_Checker):
                 except ValueError:
                     self.fail(f"{key}.ip_allowlist[{i}]", "an IP address or network (10.0.0.0/8)", net)
             accounts[str(name)] = Account(
-                name=str(name), apps=tuple(a for a in apps if isinstance(a, str)),
+                name=str(name),
+                apps=tuple(a for a in apps if isinstance(a, str)),
                 subscriptions=(Subscription(str(plan_name), start or date(2000, 1, 1)),),
-                overrides=overrides, frozen_on=frozen, ip_allowlist=tuple(str(n) for n in allow),
+                overrides=overrides,
+                frozen_on=frozen,
+                ip_allowlist=tuple(str(n) for n in allow),
             )
         return accounts
 
@@ -447,9 +473,19 @@ class _Accounts(_Checker):
 class _Settings(_Checker):
     def build(self, doc: Any) -> Settings:
         node = self.mapping(
-            doc, "(top)",
-            optional=("trusted_proxies", "admin_token", "admin_prefix", "max_body_bytes", "outage",
-                      "storage_timeout_ms", "lease_ttl_s", "fallback_rate", "shadow"),
+            doc,
+            "(top)",
+            optional=(
+                "trusted_proxies",
+                "admin_token",
+                "admin_prefix",
+                "max_body_bytes",
+                "outage",
+                "storage_timeout_ms",
+                "lease_ttl_s",
+                "fallback_rate",
+                "shadow",
+            ),
         )
         base = Settings()
         proxies = []
@@ -473,8 +509,10 @@ class _Settings(_Checker):
             max_body_bytes=self.whole(node.get("max_body_bytes", base.max_body_bytes), "max_body_bytes", 1) or 1,
             outage_rates=outage.get("rates", base.outage_rates),
             outage_counters=outage.get("counters", base.outage_counters),
-            storage_timeout_ms=self.whole(node.get("storage_timeout_ms", base.storage_timeout_ms),
-                                          "storage_timeout_ms", 1) or 1,
+            storage_timeout_ms=self.whole(
+                node.get("storage_timeout_ms", base.storage_timeout_ms), "storage_timeout_ms", 1
+            )
+            or 1,
             lease_ttl_s=self.whole(node.get("lease_ttl_s", base.lease_ttl_s), "lease_ttl_s", 1) or 1,
             fallback_rate=fallback or base.fallback_rate,
             shadow=bool(self.boolean(node.get("shadow", False), "shadow")),

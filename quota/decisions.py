@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -48,7 +48,7 @@ class BadInput(Exception):
 
 
 @dataclass
-class Plan:
+class RequestPlan:
     """What one request asks of the store: `before` runs before the upstream is called; the rest
     is decided once the upstream answered."""
 
@@ -65,8 +65,12 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -
         purge = app.account.purge_after
         return Denial(403, "forbidden_op", f"account {app.account.name} is frozen; its data is kept until {purge}")
     if rule.feature and not app.plan.features.get(rule.feature, False):
-        return Denial(403, "forbidden_op",
-                      f"feature {rule.feature} is not in plan {app.plan.name}; upgrade to use it", rule.feature)
+        return Denial(
+            403,
+            "forbidden_op",
+            f"feature {rule.feature} is not in plan {app.plan.name}; upgrade to use it",
+            rule.feature,
+        )
     if rule.retention is not None:
         raw = params.get(rule.retention.path[0], "")
         try:
@@ -75,9 +79,13 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -
             return Denial(400, "illegal_argument", f"time must be yyyyMMddHH, found {raw[:20]!r}")
         days = app.limits.get("message_retention_days")
         if isinstance(days, int) and hour < now - timedelta(days=days):
-            return Denial(403, "forbidden_op",
-                          f"message_retention_days is {days} on plan {app.plan.name}: history before "
-                          f"{(now - timedelta(days=days)):%Y%m%d%H} is not kept", "message_retention_days")
+            return Denial(
+                403,
+                "forbidden_op",
+                f"message_retention_days is {days} on plan {app.plan.name}: history before "
+                f"{(now - timedelta(days=days)):%Y%m%d%H} is not kept",
+                "message_retention_days",
+            )
     return None
 
 
@@ -142,9 +150,9 @@ def plan_request(
     *,
     lease_ttl_ms: int,
     conn_id: str = "",
-) -> Plan:
+) -> RequestPlan:
     """Build the ops of one request; raises BadInput when the body lacks what a counted route needs."""
-    plan = Plan()
+    plan = RequestPlan()
     ops: list[Op] = plan.before.ops
     user: str | None = None
     if rule.user is not None:
@@ -171,12 +179,19 @@ def plan_request(
         if change.max_batch and len(members) > change.max_batch:
             raise BadInput(f"{change.members} holds {len(members)} ids; at most {change.max_batch} per call")
         plan.adds.append(len(ops))
-        ops.append(AddOp(
-            limit=rel.owner_limit or "", owner_key=owner_key, cap=_cap(app, rel.owner_limit), members=tuple(members),
-            reverse_limit=rel.member_limit or "", reverse_prefix=reverse_prefix,
-            reverse_cap=_cap(app, rel.member_limit), reverse_value=owners[0],
-            pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
-        ))
+        ops.append(
+            AddOp(
+                limit=rel.owner_limit or "",
+                owner_key=owner_key,
+                cap=_cap(app, rel.owner_limit),
+                members=tuple(members),
+                reverse_limit=rel.member_limit or "",
+                reverse_prefix=reverse_prefix,
+                reverse_cap=_cap(app, rel.member_limit),
+                reverse_value=owners[0],
+                pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
+            )
+        )
     today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
     if rule.login and user is not None:
         plan.login_user = user
@@ -190,21 +205,32 @@ def plan_request(
 
 def lease_op(app: AppPlan, today: date, conn_id: str, ttl_ms: int) -> LeaseOp:
     limit = app.limits.get("online_users")
-    last = (today.replace(day=1) - timedelta(days=1))
-    base = dict(online_key=online_key(app.prefix), peak_key=peak_key(app.prefix), month=f"{today:%Y%m}",
-                conn=conn_id, ttl_ms=ttl_ms)
-    if isinstance(limit, MauShare):
-        return LeaseOp(**base, cap=limit.floor, share_bp=int(limit.share * 10000),  # type: ignore[arg-type]
-                       mau_last_key=mau_key(app.prefix, last.year, last.month),
-                       mau_this_key=mau_key(app.prefix, today.year, today.month))
-    return LeaseOp(**base, cap=limit if isinstance(limit, int) else UNLIMITED)  # type: ignore[arg-type]
+    op = LeaseOp(
+        online_key=online_key(app.prefix),
+        peak_key=peak_key(app.prefix),
+        month=f"{today:%Y%m}",
+        conn=conn_id,
+        ttl_ms=ttl_ms,
+        cap=limit if isinstance(limit, int) else UNLIMITED,
+    )
+    if not isinstance(limit, MauShare):
+        return op
+    last = today.replace(day=1) - timedelta(days=1)
+    return replace(
+        op,
+        cap=limit.floor,
+        share_bp=int(limit.share * 10000),
+        mau_last_key=mau_key(app.prefix, last.year, last.month),
+        mau_this_key=mau_key(app.prefix, today.year, today.month),
+    )
 
 
-def undo_ops(plan: Plan, added: tuple[tuple[str, ...], ...]) -> Program:
+def undo_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> Program:
     """Remove exactly what this request added: concurrent requests' members stay."""
     program = Program()
     adds = [plan.before.ops[i] for i in plan.adds]
-    for op, members in zip(adds, added):
+    # A fail-open outcome added nothing and reports nothing: zip stops at the shorter.
+    for op, members in zip(adds, added, strict=False):
         assert isinstance(op, AddOp)
         if members:
             program.ops.append(RemoveOp(op.owner_key, members, op.reverse_prefix, op.reverse_value))
@@ -212,7 +238,12 @@ def undo_ops(plan: Plan, added: tuple[tuple[str, ...], ...]) -> Program:
 
 
 def after_ops(
-    routes: RouteMap, plan: Plan, app: AppPlan, params: dict[str, str], body: Any, response: Any,
+    routes: RouteMap,
+    plan: RequestPlan,
+    app: AppPlan,
+    params: dict[str, str],
+    body: Any,
+    response: Any,
     added: tuple[tuple[str, ...], ...],
 ) -> Program:
     """The upstream answered 2xx: bind reservations to the ids it returned, apply removals."""
@@ -246,23 +277,47 @@ def after_ops(
     return program
 
 
-def denial_for(refusal: Refusal, plan: Plan, app: AppPlan) -> Denial:
+def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
     """Shape a store refusal the way the IM vendor does (reference §5)."""
     op = plan.before.ops[refusal.op_index]
     pname = app.plan.name
     if isinstance(op, RateOp):
-        return Denial(429, "reach_limit", f"This request has reached api limit ({op.name}: {op.limit} per "
-                      f"{op.window_ms // 1000}s)", op.name, refusal.retry_after_ms, op.limit, refusal.reset_ms)
+        return Denial(
+            429,
+            "reach_limit",
+            f"This request has reached api limit ({op.name}: {op.limit} per {op.window_ms // 1000}s)",
+            op.name,
+            refusal.retry_after_ms,
+            op.limit,
+            refusal.reset_ms,
+        )
     if isinstance(op, AddOp):
         friends = op.limit == "friends_per_user"
         error = "exceed_limit" if friends else "forbidden_op"
         if refusal.kind == "owner":
-            return Denial(403, error, f"{op.limit} is {refusal.cap} on plan {pname}: {refusal.used} used, "
-                          f"room for {refusal.room} more", op.limit)
-        return Denial(403, error, f"{op.reverse_limit} is {refusal.cap} on plan {pname}: user {refusal.who} "
-                      f"already has {refusal.used}", op.reverse_limit)
+            return Denial(
+                403,
+                error,
+                f"{op.limit} is {refusal.cap} on plan {pname}: {refusal.used} used, room for {refusal.room} more",
+                op.limit,
+            )
+        return Denial(
+            403,
+            error,
+            f"{op.reverse_limit} is {refusal.cap} on plan {pname}: user {refusal.who} already has {refusal.used}",
+            op.reverse_limit,
+        )
     if isinstance(op, LoginOp):
-        return Denial(403, "forbidden_op", f"plan {pname} allows {refusal.cap} daily active users and today has "
-                      f"{refusal.used}; upgrade to let new users in", "included_dau")
-    return Denial(403, "forbidden_op", f"online_users is {refusal.cap} on plan {pname} and {refusal.used} "
-                  f"are online", "online_users")
+        return Denial(
+            403,
+            "forbidden_op",
+            f"plan {pname} allows {refusal.cap} daily active users and today has "
+            f"{refusal.used}; upgrade to let new users in",
+            "included_dau",
+        )
+    return Denial(
+        403,
+        "forbidden_op",
+        f"online_users is {refusal.cap} on plan {pname} and {refusal.used} are online",
+        "online_users",
+    )

@@ -20,8 +20,11 @@ APP_COUNTERS = {
 }
 # Counted limits kept per entity: kind -> {limit: (relation, side)}.
 ENTITY_COUNTERS = {
-    "user": {"friends_per_user": ("contacts", "o"), "groups_per_user": ("group_members", "m"),
-             "chatrooms_per_user": ("chatroom_members", "m")},
+    "user": {
+        "friends_per_user": ("contacts", "o"),
+        "groups_per_user": ("group_members", "m"),
+        "chatrooms_per_user": ("chatroom_members", "m"),
+    },
     "group": {"members_per_group": ("group_members", "o")},
     "chatroom": {"members_per_chatroom": ("chatroom_members", "o")},
 }
@@ -66,9 +69,7 @@ async def entitlements(
     prefix = app_prefix(appkey)
     keys = [set_key(prefix, rel, side, appkey) for rel, side in APP_COUNTERS.values()]
     counts = await store.cardinalities(keys)
-    used: dict[str, Any] = {
-        name: _usage(app.limits.get(name), n) for name, n in zip(APP_COUNTERS, counts)
-    }
+    used: dict[str, Any] = {name: _usage(app.limits.get(name), n) for name, n in zip(APP_COUNTERS, counts, strict=True)}
     online = await store.online(online_key(prefix), int(time.time() * 1000))
     cap = app.limits.get("online_users")
     if isinstance(cap, MauShare):
@@ -83,6 +84,6 @@ async def entitlements(
         names = ENTITY_COUNTERS[kind]
         counts = await store.cardinalities([set_key(prefix, rel, side, entity) for rel, side in names.values()])
         out.setdefault("entities", {})[f"{kind}:{entity}"] = {
-            name: _usage(app.limits.get(name), n) for name, n in zip(names, counts)
+            name: _usage(app.limits.get(name), n) for name, n in zip(names, counts, strict=True)
         }
     return out

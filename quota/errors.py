@@ -1,9 +1,9 @@
 """Exceptions raised by quota.
 
-    QuotaError
-     ├── ConfigError      a config file does not validate; carries every Problem found
-     ├── UnknownAppError  no account holds this appkey
-     └── StorageError     the store did not answer (timeout, connection, script error)
+QuotaError
+ ├── ConfigError      a config file does not validate; carries every Problem found
+ ├── UnknownAppError  no account holds this appkey
+ └── StorageError     the store did not answer (timeout, connection, script error)
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Union
 
 # The public schema: `quota plans --json` and the entitlement API use exactly these names.
 LIMIT_NAMES = (
@@ -50,7 +49,7 @@ class MauShare:
 
 
 # None is unlimited (无上限).
-LimitValue = Union[int, MauShare, None]
+LimitValue = int | MauShare | None
 
 
 @dataclass(frozen=True)

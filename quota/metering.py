@@ -20,7 +20,7 @@ async def mau_pair(store: Store, prefix: str, today: date) -> tuple[int, int]:
 async def daily_active(store: Store, prefix: str, year: int, month: int) -> dict[date, int]:
     days = month_days(year, month)
     counts = await store.cardinalities([dau_key(prefix, d) for d in days])
-    return dict(zip(days, counts))
+    return dict(zip(days, counts, strict=True))
 
 
 async def monthly_active(store: Store, prefix: str, year: int, month: int) -> int:

@@ -24,12 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from quota.config import Config, Settings, load_config
 from quota.decisions import BadInput, Denial, after_ops, denial_for, gate, lease_op, plan_request, undo_ops
 from quota.errors import StorageError
+from quota.keys import rate_key
 from quota.plans import AppPlan, Directory
 from quota.responses import close_websocket, send_denial
 from quota.routes import Match
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import Outcome, Program, ReleaseOp
+from quota.store.program import Outcome, Program, RateOp, ReleaseOp
 
 FALLBACK_PREFIX = "q:{_}:"
 RESPONSE_CAPTURE_LIMIT = 1 << 16
@@ -123,16 +124,9 @@ class QuotaMiddleware:
             return Denial(404, "service_resource_not_found", f"app {org}#{app} has no plan here")
         return found
 
-    def _allowlisted(self, app: AppPlan, ip: str) -> bool:
-        if not app.account.ip_allowlist:
-            return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in ipaddress.ip_network(net, strict=False) for net in app.account.ip_allowlist)
-
-    async def _run(self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule_outage: str | None) -> Outcome | Denial:
+    async def _run(
+        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule_outage: str | None
+    ) -> Outcome | Denial:
         try:
             return await rt.store.run(program, now_ms)
         except (TimeoutError, StorageError, OSError):
@@ -141,7 +135,9 @@ class QuotaMiddleware:
                 return Outcome()
             return Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
 
-    async def _http(self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+    async def _http(
+        self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
         now = datetime.fromtimestamp(started, UTC)
         rule = match.rule
         app = self._app_of(rt, match, now.date())
@@ -152,9 +148,10 @@ class QuotaMiddleware:
         if app is None:
             await self._fallback(rt, scope, receive, send, started, ip)
             return
-        if not self._allowlisted(app, ip):
-            await send_denial(Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist"),
-                              send, started)
+        if not app.allows(ip):
+            await send_denial(
+                Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist"), send, started
+            )
             return
         denial = gate(rule, app, match.params, now)
         if denial:
@@ -164,8 +161,11 @@ class QuotaMiddleware:
         if rule.needs_body:
             raw, receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
             if too_big:
-                await send_denial(Denial(413, "request_too_large",
-                                         f"request body over {rt.settings.max_body_bytes} bytes"), send, started)
+                await send_denial(
+                    Denial(413, "request_too_large", f"request body over {rt.settings.max_body_bytes} bytes"),
+                    send,
+                    started,
+                )
                 return
             try:
                 body = json.loads(raw) if raw else None
@@ -174,8 +174,9 @@ class QuotaMiddleware:
                 return
         now_ms = int(started * 1000)
         try:
-            plan = plan_request(rt.routes, rule, app, match.params, body, ip, now_ms,
-                                lease_ttl_ms=rt.settings.lease_ttl_s * 1000)
+            plan = plan_request(
+                rt.routes, rule, app, match.params, body, ip, now_ms, lease_ttl_ms=rt.settings.lease_ttl_s * 1000
+            )
         except BadInput as exc:
             await send_denial(Denial(400, "illegal_argument", str(exc)), send, started)
             return
@@ -193,8 +194,9 @@ class QuotaMiddleware:
 
         status = 0
         captured: list[bytes] = []
-        capture = bool(plan.binds) or any(c.owner.source == "response" or (c.members and c.members.source == "response")
-                                          for c in plan.after)
+        capture = bool(plan.binds) or any(
+            c.owner.source == "response" or (c.members and c.members.source == "response") for c in plan.after
+        )
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -230,23 +232,30 @@ class QuotaMiddleware:
                 pass
 
     async def _fallback(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, ip: str) -> None:
-        from quota.keys import rate_key
-        from quota.store.program import RateOp
-
         rate = rt.settings.fallback_rate
-        op = RateOp(rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", ip), rate.amount, rate.window_ms, 1, "rest_per_ip")
+        op = RateOp(
+            rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", ip), rate.amount, rate.window_ms, 1, "rest_per_ip"
+        )
         result = await self._run(rt, Program([op]), int(started * 1000), False, None)
         if isinstance(result, Outcome) and result.refusal is not None:
             r = result.refusal
-            result = Denial(429, "reach_limit", "This request has reached api limit (rest_per_ip)", "rest_per_ip",
-                            r.retry_after_ms, rate.amount, r.reset_ms)
+            result = Denial(
+                429,
+                "reach_limit",
+                "This request has reached api limit (rest_per_ip)",
+                "rest_per_ip",
+                r.retry_after_ms,
+                rate.amount,
+                r.reset_ms,
+            )
         if isinstance(result, Denial):
             await send_denial(result, send, started)
             return
         await self.app(scope, receive, send)
 
-    async def _websocket(self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send,
-                         started: float) -> None:
+    async def _websocket(
+        self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
         now = datetime.fromtimestamp(started, UTC)
         app = self._app_of(rt, match, now.date())
         denial: Denial | None = app if isinstance(app, Denial) else None
@@ -260,14 +269,23 @@ class QuotaMiddleware:
             return
         ip = self.client_ip(rt, scope)
         denial = gate(match.rule, app, match.params, now)
-        if denial is None and not self._allowlisted(app, ip):
+        if denial is None and not app.allows(ip):
             denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
         conn = uuid.uuid4().hex
         ttl_ms = rt.settings.lease_ttl_s * 1000
         if denial is None:
             try:
-                plan = plan_request(rt.routes, match.rule, app, match.params, None, ip, int(started * 1000),
-                                    lease_ttl_ms=ttl_ms, conn_id=conn)
+                plan = plan_request(
+                    rt.routes,
+                    match.rule,
+                    app,
+                    match.params,
+                    None,
+                    ip,
+                    int(started * 1000),
+                    lease_ttl_ms=ttl_ms,
+                    conn_id=conn,
+                )
             except BadInput as exc:
                 denial = Denial(400, "illegal_argument", str(exc))
             else:

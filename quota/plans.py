@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from dataclasses import dataclass
 from datetime import date
 
@@ -25,6 +26,17 @@ class AppPlan:
     plan: Plan
     # The plan's limits with the account's overrides applied.
     limits: dict[str, LimitValue]
+    # Parsed once per snapshot: the request path only tests membership.
+    allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def allows(self, ip: str) -> bool:
+        if not self.allowlist:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.allowlist)
 
     @property
     def frozen(self) -> bool:
@@ -76,7 +88,8 @@ class Directory:
             plan_name = account.plan_on(today)
             plan = self.matrix.plans.get(plan_name) if plan_name else None
             if plan is not None:
-                found = AppPlan(appkey, app_prefix(appkey), account, plan, effective_limits(plan, account))
+                allow = tuple(ipaddress.ip_network(n, strict=False) for n in account.ip_allowlist)
+                found = AppPlan(appkey, app_prefix(appkey), account, plan, effective_limits(plan, account), allow)
         self._cache[appkey] = found
         return found
 

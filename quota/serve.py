@@ -14,7 +14,10 @@ from quota.store import Store, store_from_url
 
 
 def build_app(
-    config: Config | str | Path | None = None, *, redis_url: str | None = None, store: Store | None = None,
+    config: Config | str | Path | None = None,
+    *,
+    redis_url: str | None = None,
+    store: Store | None = None,
     upstream: ASGIApp | None = None,
 ) -> QuotaMiddleware:
     cfg = config if isinstance(config, Config) else load_config(config)

@@ -49,9 +49,21 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis_sync.Redis(port=self.port)
         deadline = time.time() + 10
@@ -131,8 +143,9 @@ def config_dir(tmp_path: Path) -> Path:
     return target
 
 
-def make_client(store: Any, clock: Clock | None = None, config: Any = None, upstream: Any = None,
-                client_ip: str = "10.1.2.3") -> httpx.AsyncClient:
+def make_client(
+    store: Any, clock: Clock | None = None, config: Any = None, upstream: Any = None, client_ip: str = "10.1.2.3"
+) -> httpx.AsyncClient:
     app = build_app(config if config is not None else load_config(), store=store, upstream=upstream)
     if clock is not None:
         app.clock = clock
@@ -149,6 +162,10 @@ async def client(store: Any, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `python -m quota ...` as a user would, in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "quota", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [sys.executable, "-m", "quota", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
     )

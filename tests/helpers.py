@@ -9,7 +9,7 @@ import httpx
 
 async def register(client: httpx.AsyncClient, app: str, names: list[str]) -> None:
     for i in range(0, len(names), 60):
-        r = await client.post(f"/{app}/users", json=[{"username": n, "password": "p"} for n in names[i:i + 60]])
+        r = await client.post(f"/{app}/users", json=[{"username": n, "password": "p"} for n in names[i : i + 60]])
         assert r.status_code == 200, r.text
 
 

@@ -85,9 +85,11 @@ def test_broken_yaml_names_line(config_dir: Path) -> None:
 
 def test_route_unknown_feature_and_limit(config_dir: Path) -> None:
     """A route naming an unknown feature, or a relation naming an unknown limit, is an error."""
+
     def change(d: dict) -> None:
         d["routes"][0]["feature"] = "teleportation"
         d["relations"]["contacts"]["owner_limit"] = "friends_per_person"
+
     edit(config_dir / "routes.yaml", change)
     text = problems(config_dir)
     assert "routes.yaml: routes[0].feature" in text and "teleportation" in text
@@ -96,17 +98,25 @@ def test_route_unknown_feature_and_limit(config_dir: Path) -> None:
 
 def test_route_bad_selector(config_dir: Path) -> None:
     """A change whose selector names a path parameter the route lacks is an error."""
-    edit(config_dir / "routes.yaml",
-         lambda d: d["routes"].append({"name": "x", "method": "POST", "path": "/{org}/{app}/x/{a}",
-                                       "changes": [{"relation": "contacts", "op": "add", "owner": "path.b",
-                                                    "members": "path.a"}]}))
+    edit(
+        config_dir / "routes.yaml",
+        lambda d: d["routes"].append(
+            {
+                "name": "x",
+                "method": "POST",
+                "path": "/{org}/{app}/x/{a}",
+                "changes": [{"relation": "contacts", "op": "add", "owner": "path.b", "members": "path.a"}],
+            }
+        ),
+    )
     assert "changes[0].owner: expected a parameter of the route's path (a, app, org)" in problems(config_dir)
 
 
 def test_override_only_where_custom(config_dir: Path) -> None:
     """Overrides are allowed only for limits the plan marks custom."""
-    edit(config_dir / "accounts.yaml",
-         lambda d: d["accounts"]["demo-basic"].update(overrides={"members_per_group": 999}))
+    edit(
+        config_dir / "accounts.yaml", lambda d: d["accounts"]["demo-basic"].update(overrides={"members_per_group": 999})
+    )
     text = problems(config_dir)
     assert "accounts.demo-basic.overrides.members_per_group" in text and "plan basic" in text
 

@@ -71,8 +71,7 @@ def test_online_cap_on_websocket() -> None:
 
 def test_seed_example_what_if() -> None:
     """The seed's worked example, to the last digit, from the what-if CLI."""
-    r = run_cli("bill", "--plan", "basic", "--peak-dau", "82370", "--peak-dau", "17865", "--month", "2026-10",
-                "--json")
+    r = run_cli("bill", "--plan", "basic", "--peak-dau", "82370", "--peak-dau", "17865", "--month", "2026-10", "--json")
     assert r.returncode == 0, r.stderr
     bill = json.loads(r.stdout)
     assert bill["total"] == "8557.975" and bill["usage"] == 100235 and bill["excess"] == 90235
@@ -105,14 +104,17 @@ def test_seed_example_from_stored_activity(redis_server: RedisServer) -> None:
     assert [(a["peak_dau"], a["day"]) for a in bill["apps"]] == [(82370, "2026-10-09"), (17865, "2026-10-20")]
 
 
-@pytest.mark.parametrize("start,days,fee", [
-    (date(2026, 2, 1), (28, 28), "888.000"),
-    (date(2026, 2, 15), (14, 28), "444.000"),
-    (date(2026, 2, 28), (1, 28), "31.714"),
-    (date(2026, 1, 31), (1, 31), "28.645"),
-    (date(2026, 1, 1), (31, 31), "888.000"),
-    (date(2028, 2, 29), (1, 29), "30.621"),
-])
+@pytest.mark.parametrize(
+    "start,days,fee",
+    [
+        (date(2026, 2, 1), (28, 28), "888.000"),
+        (date(2026, 2, 15), (14, 28), "444.000"),
+        (date(2026, 2, 28), (1, 28), "31.714"),
+        (date(2026, 1, 31), (1, 31), "28.645"),
+        (date(2026, 1, 1), (31, 31), "888.000"),
+        (date(2028, 2, 29), (1, 29), "30.621"),
+    ],
+)
 def test_proration(start: date, days: tuple[int, int], fee: str) -> None:
     """The first month's fee is prorated by days used / days in the month; February and 31-day months."""
     plan = load_config().matrix.plans["basic"]

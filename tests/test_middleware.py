@@ -71,13 +71,17 @@ class TestFriends:
         assert (await entitlements(client, BASIC, user="b"))["entities"]["user:b"]["friends_per_user"]["used"] == 0
 
 
-@pytest.mark.parametrize("kind,per_app,per_room,per_user", [
-    ("chatgroups", "groups_per_app", "members_per_group", "groups_per_user"),
-    ("chatrooms", "chatrooms_per_app", "members_per_chatroom", "chatrooms_per_user"),
-])
+@pytest.mark.parametrize(
+    "kind,per_app,per_room,per_user",
+    [
+        ("chatgroups", "groups_per_app", "members_per_group", "groups_per_user"),
+        ("chatrooms", "chatrooms_per_app", "members_per_chatroom", "chatrooms_per_user"),
+    ],
+)
 class TestRooms:
-    async def test_rooms_per_app_at_free_value(self, client: httpx.AsyncClient, kind: str, per_app: str,
-                                               per_room: str, per_user: str) -> None:
+    async def test_rooms_per_app_at_free_value(
+        self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
+    ) -> None:
         """Free creates 100; the 101st is refused; deleting one frees its slot; ids are bound, not leaked."""
         await register(client, FREE, ["owner"])
         ids = []
@@ -91,8 +95,9 @@ class TestRooms:
         assert (await client.delete(f"/{FREE}/{kind}/{ids[0]}")).status_code == 200
         assert (await create_room(client, FREE, kind, "owner")).status_code == 200
 
-    async def test_members_batch_all_or_nothing(self, client: httpx.AsyncClient, kind: str, per_app: str,
-                                                per_room: str, per_user: str) -> None:
+    async def test_members_batch_all_or_nothing(
+        self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
+    ) -> None:
         """A batch over the cap adds nobody and says how much room was left."""
         users = [f"m{i}" for i in range(110)]
         await register(client, FREE, ["owner", *users])
@@ -101,17 +106,21 @@ class TestRooms:
         assert r.status_code == 200, r.text
         r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:110]})
         assert_refused(r, 403, "forbidden_op", per_room, "room for 50")
-        assert len(gateway_state(client, FREE).groups.get(rid, gateway_state(client, FREE).chatrooms.get(rid))
-                   ["members"]) == 50
+        assert (
+            len(gateway_state(client, FREE).groups.get(rid, gateway_state(client, FREE).chatrooms.get(rid))["members"])
+            == 50
+        )
         r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:100]})
         assert r.status_code == 200
-        assert_refused(await client.post(f"/{FREE}/{kind}/{rid}/users/m100"), 403, "forbidden_op", per_room,
-                       "room for 0")
+        assert_refused(
+            await client.post(f"/{FREE}/{kind}/{rid}/users/m100"), 403, "forbidden_op", per_room, "room for 0"
+        )
         ent = await entitlements(client, FREE, **{"group" if kind == "chatgroups" else "chatroom": rid})
         assert list(ent["entities"].values())[0][per_room] == {"used": 100, "limit": 100, "remaining": 0}
 
-    async def test_rooms_per_user_and_delete_frees(self, client: httpx.AsyncClient, kind: str, per_app: str,
-                                                   per_room: str, per_user: str) -> None:
+    async def test_rooms_per_user_and_delete_frees(
+        self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
+    ) -> None:
         """A free user joins at most 100; deleting a room frees its members' joined counts."""
         await register(client, FREE, ["owner", "joiner"])
         ids = []
@@ -127,8 +136,9 @@ class TestRooms:
         rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
         assert (await client.post(f"/{FREE}/{kind}/{rid}/users/joiner")).status_code == 200
 
-    async def test_rooms_per_user_refused(self, store: Any, clock: Clock, config_dir: Path, kind: str,
-                                          per_app: str, per_room: str, per_user: str) -> None:
+    async def test_rooms_per_user_refused(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, per_app: str, per_room: str, per_user: str
+    ) -> None:
         """A user at their joined cap is refused the next room, naming the user and the limit."""
         path = config_dir / "accounts.yaml"
         doc = yaml.safe_load(path.read_text())
@@ -143,8 +153,9 @@ class TestRooms:
             assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
             assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/owner")).status_code == 200
 
-    async def test_deleting_user_frees_memberships(self, client: httpx.AsyncClient, kind: str, per_app: str,
-                                                   per_room: str, per_user: str) -> None:
+    async def test_deleting_user_frees_memberships(
+        self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
+    ) -> None:
         """Deleting a user removes them from every room's member count and frees their friendships."""
         await register(client, FREE, ["owner", "gone", "friend"])
         rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
@@ -164,10 +175,18 @@ async def test_fill_at_real_value_basic_members(client: httpx.AsyncClient) -> No
     await register(client, BASIC, ["owner", *users])
     rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
     for i in range(0, 240, 60):
-        assert (await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[i:i + 60]})).status_code == 200
-    assert (await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[240:250]})).status_code == 200
-    assert_refused(await client.post(f"/{BASIC}/chatgroups/{rid}/users/m250"), 403, "forbidden_op",
-                   "members_per_group is 250 on plan basic")
+        assert (
+            await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[i : i + 60]})
+        ).status_code == 200
+    assert (
+        await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[240:250]})
+    ).status_code == 200
+    assert_refused(
+        await client.post(f"/{BASIC}/chatgroups/{rid}/users/m250"),
+        403,
+        "forbidden_op",
+        "members_per_group is 250 on plan basic",
+    )
 
 
 async def test_override_lowers_cap(store: Any, clock: Clock, config_dir: Path) -> None:
@@ -186,15 +205,42 @@ async def test_override_lowers_cap(store: Any, clock: Clock, config_dir: Path) -
 
 
 SEED_CAPS = {  # from the seed, by hand
-    "free": {"friends_per_user": 100, "groups_per_app": 100, "members_per_group": 100, "groups_per_user": 100,
-             "chatrooms_per_app": 100, "members_per_chatroom": 100, "chatrooms_per_user": 100},
-    "basic": {"friends_per_user": 250, "groups_per_app": 100000, "members_per_group": 250, "groups_per_user": 1000,
-              "chatrooms_per_app": 10000, "members_per_chatroom": 2000, "chatrooms_per_user": 1000},
-    "pro": {"friends_per_user": 1000, "groups_per_app": 50000, "members_per_group": 1000, "groups_per_user": 2000,
-            "chatrooms_per_app": 50000, "members_per_chatroom": 10000, "chatrooms_per_user": 2000},
-    "enterprise": {"friends_per_user": 10000, "groups_per_app": 100000, "members_per_group": 5000,
-                   "groups_per_user": 10000, "chatrooms_per_app": 100000, "members_per_chatroom": 200000,
-                   "chatrooms_per_user": 10000},
+    "free": {
+        "friends_per_user": 100,
+        "groups_per_app": 100,
+        "members_per_group": 100,
+        "groups_per_user": 100,
+        "chatrooms_per_app": 100,
+        "members_per_chatroom": 100,
+        "chatrooms_per_user": 100,
+    },
+    "basic": {
+        "friends_per_user": 250,
+        "groups_per_app": 100000,
+        "members_per_group": 250,
+        "groups_per_user": 1000,
+        "chatrooms_per_app": 10000,
+        "members_per_chatroom": 2000,
+        "chatrooms_per_user": 1000,
+    },
+    "pro": {
+        "friends_per_user": 1000,
+        "groups_per_app": 50000,
+        "members_per_group": 1000,
+        "groups_per_user": 2000,
+        "chatrooms_per_app": 50000,
+        "members_per_chatroom": 10000,
+        "chatrooms_per_user": 2000,
+    },
+    "enterprise": {
+        "friends_per_user": 10000,
+        "groups_per_app": 100000,
+        "members_per_group": 5000,
+        "groups_per_user": 10000,
+        "chatrooms_per_app": 100000,
+        "members_per_chatroom": 200000,
+        "chatrooms_per_user": 10000,
+    },
 }
 
 
@@ -204,7 +250,6 @@ def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
     cfg = load_config()
     from quota.plans import Directory
 
-    app = Directory(cfg.matrix, {}).matrix and None
     directory = Directory(cfg.matrix, cfg.accounts)
     appkey = f"demo#{plan}"
     app = directory.lookup(appkey, datetime.now(UTC).date())
@@ -216,8 +261,15 @@ def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
         for change in rule.changes:
             if change.op != "add":
                 continue
-            params = {"org": "demo", "app": plan, "owner": "a", "friend": "b", "group_id": "g", "chatroom_id": "c",
-                      "username": "u"}
+            params = {
+                "org": "demo",
+                "app": plan,
+                "owner": "a",
+                "friend": "b",
+                "group_id": "g",
+                "chatroom_id": "c",
+                "username": "u",
+            }
             body = {"usernames": ["x"], "username": "x"}
             built = plan_request(cfg.routes, rule, app, params, body, "1.2.3.4", 0, lease_ttl_ms=1000)
             for op in built.before.ops:
@@ -252,8 +304,10 @@ class TestRates:
 
     async def test_other_ip_has_its_own_budget(self, store: Any, clock: Clock) -> None:
         """Two client IPs each get 100/s."""
-        async with make_client(store, clock, client_ip="10.0.0.1") as one, \
-                make_client(store, clock, client_ip="10.0.0.2") as two:
+        async with (
+            make_client(store, clock, client_ip="10.0.0.1") as one,
+            make_client(store, clock, client_ip="10.0.0.2") as two,
+        ):
             for _ in range(100):
                 await one.get(f"/{PRO}/users")
             assert (await one.get(f"/{PRO}/users")).status_code == 429
@@ -262,8 +316,10 @@ class TestRates:
     async def test_history_once_a_minute_per_app(self, store: Any, clock: Clock) -> None:
         """The history file: once a minute per app, whatever the IP."""
         hour = (datetime.fromtimestamp(clock.now, UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
-        async with make_client(store, clock, client_ip="10.0.0.1") as one, \
-                make_client(store, clock, client_ip="10.0.0.2") as two:
+        async with (
+            make_client(store, clock, client_ip="10.0.0.1") as one,
+            make_client(store, clock, client_ip="10.0.0.2") as two,
+        ):
             assert (await one.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
             r = await two.get(f"/{PRO}/chatmessages/{hour}")
             assert_refused(r, 429, "reach_limit", "history_export_per_app")
@@ -307,8 +363,10 @@ async def test_feature_gates(client: httpx.AsyncClient, method: str, path: str, 
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("app,days,kept", [(FREE, 7, True), (FREE, 8, False), (BASIC, 89, True),
-                                           (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)])
+@pytest.mark.parametrize(
+    "app,days,kept",
+    [(FREE, 7, True), (FREE, 8, False), (BASIC, 89, True), (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)],
+)
 async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int, kept: bool) -> None:
     """History older than the plan's message_retention_days is refused."""
     now = datetime.fromtimestamp(clock.now, UTC)
@@ -339,8 +397,12 @@ async def test_upstream_failures_are_undone(store: Any, clock: Clock) -> None:
     rng = random.Random(7)
 
     async def flaky(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and "/users/" in scope["path"] \
-                and "chatgroups" in scope["path"]:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and "/users/" in scope["path"]
+            and "chatgroups" in scope["path"]
+        ):
             roll = rng.random()
             if roll < 1 / 6:
                 await send({"type": "http.response.start", "status": 500, "headers": []})
@@ -415,9 +477,11 @@ class TestClientIp:
 
     async def test_forwarded_for_only_from_trusted_proxy(self, store: Any, clock: Clock) -> None:
         """X-Forwarded-For is believed from a trusted proxy, ignored from anyone else."""
-        async with make_client(store, clock, client_ip="127.0.0.1") as proxy, \
-                make_client(store, clock, client_ip="10.9.9.9") as direct:
-            for i in range(100):
+        async with (
+            make_client(store, clock, client_ip="127.0.0.1") as proxy,
+            make_client(store, clock, client_ip="10.9.9.9") as direct,
+        ):
+            for _ in range(100):
                 assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})).status_code == 200
             assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})).status_code == 429
             assert (await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "2.2.2.2"})).status_code == 200

@@ -28,7 +28,9 @@ def serve(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "quota", "serve", "--config", str(config), "--redis", redis_url, "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 20
@@ -54,8 +56,9 @@ def two_gateways(redis_server: RedisServer, config_dir: Path) -> Iterator[list[t
             proc.wait(10)
 
 
-async def test_two_processes_share_the_cap(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
-                                           redis_server: RedisServer) -> None:
+async def test_two_processes_share_the_cap(
+    two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
+) -> None:
     """500 concurrent friend adds spread over two processes against basic's cap of 250: exactly 250 pass.
 
     Each process runs its own reference gateway (state in memory), so every user is registered on
@@ -66,14 +69,16 @@ async def test_two_processes_share_the_cap(two_gateways: list[tuple[subprocess.P
     async with httpx.AsyncClient(timeout=30) as c:
         for base in (a, b):
             for i in range(0, len(users), 60):
-                assert (await c.post(f"{base}/{BASIC}/users", json=users[i:i + 60])).status_code == 200
+                assert (await c.post(f"{base}/{BASIC}/users", json=users[i : i + 60])).status_code == 200
         sem = asyncio.Semaphore(64)
 
         async def add(i: int) -> int:
             async with sem:
                 # Many clients behind the trusted proxy: each has its own per-IP budget.
-                r = await c.post(f"{a if i % 2 else b}/{BASIC}/users/owner/contacts/users/p{i}",
-                                 headers={"x-forwarded-for": f"10.0.{i // 250}.{i % 250}"})
+                r = await c.post(
+                    f"{a if i % 2 else b}/{BASIC}/users/owner/contacts/users/p{i}",
+                    headers={"x-forwarded-for": f"10.0.{i // 250}.{i % 250}"},
+                )
                 return r.status_code
 
         codes = await asyncio.gather(*(add(i) for i in range(500)))
@@ -83,8 +88,9 @@ async def test_two_processes_share_the_cap(two_gateways: list[tuple[subprocess.P
     r.close()
 
 
-def test_one_write_is_one_script_call(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
-                                      redis_server: RedisServer) -> None:
+def test_one_write_is_one_script_call(
+    two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
+) -> None:
     """A typical write (join a group) costs one Redis call: one EVALSHA, counted by INFO commandstats.
 
     commandstats also counts what the script runs inside Redis (SCARD, SISMEMBER, SADD...), so the
@@ -101,14 +107,25 @@ def test_one_write_is_one_script_call(two_gateways: list[tuple[subprocess.Popen[
     r.close()
     calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
     assert calls.get("evalsha") == 4
-    client_side = {"evalsha", "eval", "script|load", "script", "config|resetstat", "info", "get", "hgetall",
-                   "multi", "exec"}
+    client_side = {
+        "evalsha",
+        "eval",
+        "script|load",
+        "script",
+        "config|resetstat",
+        "info",
+        "get",
+        "hgetall",
+        "multi",
+        "exec",
+    }
     inside = sum(n for name, n in calls.items() if name not in client_side)
     assert inside > 4  # the script's own commands: visible here, not extra round trips
 
 
-def test_killed_worker_leaks_no_connections(two_gateways: list[tuple[subprocess.Popen[bytes], str]],
-                                            redis_server: RedisServer) -> None:
+def test_killed_worker_leaks_no_connections(
+    two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
+) -> None:
     """Connections held by a worker killed with -9 stop counting once their leases expire."""
     (proc_a, a), (_, b) = two_gateways
     for base in (a, b):

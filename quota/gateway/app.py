@@ -41,8 +41,9 @@ class ApiError(Exception):
 
 
 def _not_found(what: str) -> ApiError:
-    return ApiError(404, "service_resource_not_found", f"Service resource not found: {what}",
-                    "ServiceResourceNotFoundException")
+    return ApiError(
+        404, "service_resource_not_found", f"Service resource not found: {what}", "ServiceResourceNotFoundException"
+    )
 
 
 class Gateway:
@@ -80,9 +81,13 @@ class Gateway:
             if not isinstance(name, str) or not name:
                 raise ApiError(400, "illegal_argument", "username is required")
             if name in st.users or name in names:
-                raise ApiError(400, "duplicate_unique_property_exists",
-                               f"Application null Entity user requires that property named username be unique, "
-                               f"value of {name} exists", "DuplicateUniquePropertyExistsException")
+                raise ApiError(
+                    400,
+                    "duplicate_unique_property_exists",
+                    f"Application null Entity user requires that property named username be unique, "
+                    f"value of {name} exists",
+                    "DuplicateUniquePropertyExistsException",
+                )
             names.append(name)
         now = time.time()
         for name in names:
@@ -129,8 +134,9 @@ class Gateway:
         name = payload.get("username") if isinstance(payload, dict) else None
         if not isinstance(name, str) or name not in st.users:
             raise ApiError(404, "service_resource_not_found", "user not found", "UserNotFoundException")
-        return JSONResponse({"access_token": "YWMt" + uuid.uuid4().hex, "expires_in": 86400,
-                             "user": _user(name, st.users[name])})
+        return JSONResponse(
+            {"access_token": "YWMt" + uuid.uuid4().hex, "expires_in": 86400, "user": _user(name, st.users[name])}
+        )
 
     # Contacts
     async def add_contact(self, request: Request, st: AppState, started: float) -> Response:
@@ -177,15 +183,23 @@ class Gateway:
         if payload["owner"] not in st.users:
             raise _not_found(f"user {payload['owner']}")
         rid = str(uuid.uuid4().int)[:15]
-        self._rooms(st, kind)[rid] = {"name": str(payload.get("groupname") or payload.get("name") or rid),
-                                      "owner": payload["owner"], "members": set()}
+        self._rooms(st, kind)[rid] = {
+            "name": str(payload.get("groupname") or payload.get("name") or rid),
+            "owner": payload["owner"],
+            "members": set(),
+        }
         return self.ok(request, started, data={"groupid": rid} if kind == "chatgroups" else {"id": rid})
 
     async def get_room(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         room = self._room(request, st, kind)
         rid = request.path_params["room_id"]
-        return self.ok(request, started, data=[{"id": rid, "name": room["name"], "owner": room["owner"],
-                                               "affiliations_count": len(room["members"])}])
+        return self.ok(
+            request,
+            started,
+            data=[
+                {"id": rid, "name": room["name"], "owner": room["owner"], "affiliations_count": len(room["members"])}
+            ],
+        )
 
     async def delete_room(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         self._room(request, st, kind)
@@ -239,8 +253,11 @@ class Gateway:
 
     async def history(self, request: Request, st: AppState, started: float) -> Response:
         hour = request.path_params["hour"]
-        return self.ok(request, started, data=[{"url": f"https://files.invalid/{hour}.gz",
-                                                "Expires": int(time.time() * 1000) + 3_600_000}])
+        return self.ok(
+            request,
+            started,
+            data=[{"url": f"https://files.invalid/{hour}.gz", "Expires": int(time.time() * 1000) + 3_600_000}],
+        )
 
     async def accept(self, request: Request, st: AppState, started: float) -> Response:
         payload = await _json(request, allow_empty=True)
@@ -265,8 +282,14 @@ async def _json(request: Request, allow_empty: bool = False) -> Any:
 
 def _user(name: str, created: float) -> dict[str, Any]:
     ms = int(created * 1000)
-    return {"uuid": str(uuid.uuid5(uuid.NAMESPACE_OID, name)), "type": "user", "created": ms, "modified": ms,
-            "username": name, "activated": True}
+    return {
+        "uuid": str(uuid.uuid5(uuid.NAMESPACE_OID, name)),
+        "type": "user",
+        "created": ms,
+        "modified": ms,
+        "username": name,
+        "activated": True,
+    }
 
 
 Handler = Callable[..., Awaitable[Response]]
@@ -282,8 +305,13 @@ def create_gateway() -> Starlette:
                 return await handler(request, gw.state(request), started, **kw)
             except ApiError as err:
                 return JSONResponse(
-                    {"error": err.error, "exception": err.exception, "timestamp": int(time.time() * 1000),
-                     "duration": int((time.time() - started) * 1000), "error_description": err.description},
+                    {
+                        "error": err.error,
+                        "exception": err.exception,
+                        "timestamp": int(time.time() * 1000),
+                        "duration": int((time.time() - started) * 1000),
+                        "error_description": err.description,
+                    },
                     status_code=err.status,
                 )
 

@@ -1,7 +1,7 @@
 """Stores: where counters live. `memory` for one process (the default), `redis` for many.
 
-    store = store_from_url("memory://")
-    store = store_from_url("redis://localhost:6379/0")
+store = store_from_url("memory://")
+store = store_from_url("redis://localhost:6379/0")
 """
 
 from __future__ import annotations

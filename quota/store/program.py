@@ -7,7 +7,6 @@ with the same semantics (memory.py in Python, redis.py as one Lua script, lua/pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 UNLIMITED = -1
 
@@ -101,7 +100,7 @@ class ReleaseOp:
     conn: str
 
 
-Op = Union[RateOp, AddOp, RemoveOp, DropOp, BindOp, LoginOp, LeaseOp, ReleaseOp]
+Op = RateOp | AddOp | RemoveOp | DropOp | BindOp | LoginOp | LeaseOp | ReleaseOp
 
 
 @dataclass(frozen=True)

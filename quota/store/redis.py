@@ -46,8 +46,17 @@ def _encode_op(op: Op) -> list[str | int]:
     if isinstance(op, RateOp):
         return ["R", op.key, op.limit, op.window_ms, op.cost]
     if isinstance(op, AddOp):
-        return ["A", op.owner_key, op.cap, op.pending_ttl_ms, op.reverse_prefix, op.reverse_cap,
-                op.reverse_value, len(op.members), *op.members]
+        return [
+            "A",
+            op.owner_key,
+            op.cap,
+            op.pending_ttl_ms,
+            op.reverse_prefix,
+            op.reverse_cap,
+            op.reverse_value,
+            len(op.members),
+            *op.members,
+        ]
     if isinstance(op, RemoveOp):
         return ["X", op.owner_key, op.reverse_prefix, op.reverse_value, len(op.members), *op.members]
     if isinstance(op, DropOp):
@@ -57,8 +66,18 @@ def _encode_op(op: Op) -> list[str | int]:
     if isinstance(op, LoginOp):
         return ["L", op.dau_key, op.mau_key, op.user, op.dau_cap, op.keep_days * 86400]
     if isinstance(op, LeaseOp):
-        return ["O", op.online_key, op.peak_key, op.month, op.conn, op.ttl_ms, op.cap, op.share_bp,
-                op.mau_last_key or op.online_key, op.mau_this_key or op.online_key]
+        return [
+            "O",
+            op.online_key,
+            op.peak_key,
+            op.month,
+            op.conn,
+            op.ttl_ms,
+            op.cap,
+            op.share_bp,
+            op.mau_last_key or op.online_key,
+            op.mau_this_key or op.online_key,
+        ]
     if isinstance(op, ReleaseOp):
         return ["Z", op.online_key, op.conn]
     raise TypeError(op)

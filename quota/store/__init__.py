@@ -53,8 +53,9 @@ def store_from_url(url: str, *, timeout_ms: int = 250) -> Store:
         from quota.store.memory import MemoryStore
 
         return MemoryStore()
-    if scheme in ("redis", "rediss", "unix"):
-        from quota.store.redis import RedisStore
+    from quota.store.redis import SCHEMES, RedisStore
 
+    if scheme in SCHEMES:
         return RedisStore(url, timeout_ms=timeout_ms)
-    raise ConfigError([Problem("--redis", "url", "memory:// or redis[s]://host:port[/db]", url)])
+    expected = "memory://, redis[s]://host:port[/db], redis+cluster://h:p[,h:p] or redis+sentinel://h:p[,h:p]/service"
+    raise ConfigError([Problem("--redis", "url", expected, url)])

@@ -118,12 +118,52 @@ def _route_key(program: Program) -> str:
     raise TypeError(op)
 
 
-class RedisStore:
-    def __init__(self, url: str, *, timeout_ms: int = 250, client: aioredis.Redis | None = None) -> None:
-        timeout = timeout_ms / 1000
-        self.client = client or aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
+
+
+def connect(url: str, timeout_ms: int) -> Any:
+    """A redis-py asyncio client for any of SCHEMES (the names `limits` uses for the same topologies).
+
+    redis://host:port/db, rediss://..., unix:///path
+    redis+cluster://host:port[,host:port...]          any reachable nodes; the slot map is discovered
+    redis+sentinel://host:port[,host:port...]/service[/db]
+    """
+    timeout = timeout_ms / 1000
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry_on_timeout": False,
+    }
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis", "rediss", "unix"):
+        return aioredis.Redis.from_url(url, **options)
+    tls = scheme.startswith("rediss")
+    netloc, _, path = rest.partition("/")
+    auth, _, hosts = netloc.rpartition("@")
+    password = auth.partition(":")[2] or None if auth else None
+    nodes = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 6379)) for h in hosts.split(",") if h]
+    if scheme.endswith("+cluster"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+            password=password,
+            ssl=tls,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+    from redis.asyncio.sentinel import Sentinel
+
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError(f"{url}: redis+sentinel needs a service name: redis+sentinel://host:port/<service>")
+    sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": timeout}, password=password, ssl=tls, **options)
+    return sentinel.master_for(service, db=int(db or 0))
+
+
+class RedisStore:
+    def __init__(self, url: str, *, timeout_ms: int = 250, client: Any = None) -> None:
+        self.client = client or connect(url, timeout_ms)
         self.script = self.client.register_script(PROGRAM_LUA)
 
     async def run(self, program: Program, now_ms: int) -> Outcome:
@@ -160,14 +200,16 @@ class RedisStore:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def load_accounts(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        pipe = self.client.pipeline(transaction=True)
+        # Version first, then records: a write in between only makes the next poll reload again.
+        pipe = self.client.pipeline(transaction=False)
         pipe.get(ACCOUNTS_VERSION_KEY)
         pipe.hgetall(ACCOUNTS_KEY)
         version, raw = await self._call(pipe.execute())
         return int(version or 0), {k.decode(): json.loads(v) for k, v in raw.items()}
 
     async def save_account(self, name: str, record: dict[str, Any]) -> int:
-        pipe = self.client.pipeline(transaction=True)
+        # Records first, then the version that tells other processes to reload.
+        pipe = self.client.pipeline(transaction=False)
         pipe.hset(ACCOUNTS_KEY, name, json.dumps(record))
         pipe.incr(ACCOUNTS_VERSION_KEY)
         _, version = await self._call(pipe.execute())

@@ -7,21 +7,28 @@ compared in constant time. Without a configured token the API answers 404: it is
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quota import accounts as subs
 from quota.billing import bill_account
 from quota.entitlements import entitlements
-from quota.errors import StorageError, UnknownAppError
+from quota.errors import ConfigError, StorageError, UnknownAppError
 from quota.metering import usage_report
+from quota.privacy import forget_user
+
+if TYPE_CHECKING:
+    from quota.middleware import QuotaMiddleware
 
 
 def _error(status: int, error: str, description: str) -> JSONResponse:
@@ -36,12 +43,15 @@ def _month(text: str | None) -> tuple[int, int]:
     return int(year), int(month)
 
 
-def create_admin(runtime: Callable[[], Any]) -> Starlette:
+def create_admin(middleware: QuotaMiddleware) -> Starlette:
+    def runtime() -> Any:
+        return middleware.runtime
+
     def token() -> str | None:
         return os.environ.get("QUOTA_ADMIN_TOKEN") or runtime().settings.admin_token
 
     def guarded(handler: Callable[..., Any]) -> Callable[[Request], Any]:
-        async def run(request: Request) -> JSONResponse:
+        async def run(request: Request) -> Response:
             expected = token()
             if not expected:
                 return _error(404, "service_resource_not_found", "the admin API is off: no admin token configured")
@@ -49,7 +59,7 @@ def create_admin(runtime: Callable[[], Any]) -> Starlette:
             if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
                 return _error(401, "unauthorized", "missing or wrong admin token")
             try:
-                response: JSONResponse = await handler(request, runtime())
+                response: Response = await handler(request, runtime())
                 return response
             except UnknownAppError as exc:
                 return _error(404, "service_resource_not_found", str(exc))
@@ -105,12 +115,61 @@ def create_admin(runtime: Callable[[], Any]) -> Starlette:
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
+    async def set_allowlist(request: Request, rt: Any) -> JSONResponse:
+        name = request.path_params["account"]
+        account = rt.directory.accounts.get(name)
+        if account is None:
+            raise KeyError(f"unknown account {name!r}")
+        try:
+            payload = await request.json()
+        except ValueError as exc:
+            raise ValueError('body must be JSON: {"ip_allowlist": ["10.0.0.0/8", ...]}') from exc
+        nets = payload.get("ip_allowlist") if isinstance(payload, dict) else None
+        if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
+            raise ValueError("ip_allowlist must be a list of addresses or networks ([] removes the allowlist)")
+        for net in nets:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"ip_allowlist: {net!r} is not an address or network") from exc
+        updated = replace(account, ip_allowlist=tuple(nets))
+        await rt.directory.save(updated)
+        return JSONResponse(updated.to_json())
+
+    async def forget(request: Request, rt: Any) -> JSONResponse:
+        appkey = f"{request.path_params['org']}#{request.path_params['app']}"
+        if rt.directory.account_of(appkey) is None:
+            raise UnknownAppError(appkey)
+        user = request.path_params["user"]
+        report = await forget_user(rt.store, rt.routes, appkey, user, int(time.time() * 1000))
+        return JSONResponse(report)
+
+    async def reload(request: Request, rt: Any) -> JSONResponse:
+        try:
+            cfg = await middleware.reload_async()
+        except ConfigError as exc:
+            body = {
+                "error": "illegal_argument",
+                "error_description": "the new config does not validate; the old one stays in force",
+                "problems": [str(p) for p in exc.problems],
+            }
+            return JSONResponse(body, status_code=400)
+        summary = {"plans": len(cfg.matrix.plans), "routes": len(cfg.routes.rules), "accounts": len(cfg.accounts)}
+        return JSONResponse({"reloaded": str(cfg.directory), **summary})
+
+    async def metrics(request: Request, rt: Any) -> Response:
+        return Response(middleware.metrics.render(), media_type="text/plain; version=0.0.4")
+
     return Starlette(
         routes=[
+            Route("/metrics", guarded(metrics)),
+            Route("/reload", guarded(reload), methods=["POST"]),
+            Route("/forget/{org}/{app}/{user}", guarded(forget), methods=["POST"]),
             Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
             Route("/usage/{org}/{app}", guarded(show_usage)),
             Route("/bills/{account}", guarded(show_bill)),
             Route("/accounts/{account}", guarded(show_account)),
+            Route("/accounts/{account}/allowlist", guarded(set_allowlist), methods=["PUT"]),
             Route("/accounts/{account}/{action}", guarded(change), methods=["POST"]),
         ]
     )

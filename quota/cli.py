@@ -232,13 +232,40 @@ def cmd_account(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    import time
+
+    from quota.errors import UnknownAppError
+    from quota.privacy import forget_user
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        if directory.account_of(args.app) is None:
+            raise UnknownAppError(args.app)
+        return await forget_user(store, cfg.routes, args.app, args.user, int(time.time() * 1000))
+
+    _print(asyncio.run(_with_store(args, work)), args.json)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from quota.errors import UnknownAppError
+    from quota.reconcile import read_source, reconcile
+
+    truth = read_source(args.source)
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        if directory.account_of(args.app) is None:
+            raise UnknownAppError(args.app)
+        return {"app": args.app, **await reconcile(store, args.app, truth)}
+
+    _print(asyncio.run(_with_store(args, work)), args.json)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from quota.serve import serve
 
-    from quota.serve import build_app
-
-    app = build_app(args.config, redis_url=args.redis)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    serve(args.config, redis_url=args.redis, host=args.host, port=args.port)
     return 0
 
 
@@ -295,7 +322,21 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_account, action=action, plan=getattr(p, "plan", None))
 
-    p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware")
+    p = sub.add_parser("forget-user", help="remove every trace of a user from quota's storage")
+    common(p, store=True)
+    p.add_argument("app", help="appkey org#app")
+    p.add_argument("user")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("reconcile", help="rebuild an app's counters from the gateway's truth")
+    common(p, store=True)
+    p.add_argument("app", help="appkey org#app")
+    p.add_argument("--source", required=True, help="a JSON file, or an http(s) URL such as the gateway's /_state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware (SIGHUP reloads)")
     common(p, store=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -312,11 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"quota: configuration is not valid:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (KeyError, QuotaError) as exc:
+    except (KeyError, QuotaError, ValueError, OSError) as exc:
         if isinstance(exc, StorageError):
             print(f"quota: storage unavailable: {exc}", file=sys.stderr)
             return EXIT_STORAGE
-        message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"quota: {message}", file=sys.stderr)
         return EXIT_NOT_FOUND
 

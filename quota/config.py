@@ -333,7 +333,7 @@ class _Routes(_Checker):
             node,
             key,
             required=("name", "method", "path"),
-            optional=("rates", "feature", "changes", "login", "connection", "retention", "user", "outage"),
+            optional=("rates", "feature", "changes", "login", "connection", "retention", "user", "outage", "shadow"),
         )
         method, template = node.get("method"), node.get("path")
         if method not in METHODS:
@@ -374,6 +374,7 @@ class _Routes(_Checker):
         connection = bool(self.boolean(node.get("connection", False), f"{key}.connection"))
         if (login or connection) and user is None:
             self.fail(f"{key}.user", "a selector naming the user who logs in", _Said("nothing (missing key)"))
+        shadow = bool(self.boolean(node.get("shadow", False), f"{key}.shadow"))
         outage = node.get("outage")
         if outage not in (None, "open", "closed"):
             self.fail(f"{key}.outage", "open or closed", outage)
@@ -389,6 +390,7 @@ class _Routes(_Checker):
             retention=retention,
             user=user,
             outage=outage,
+            shadow=shadow,
         )
 
 

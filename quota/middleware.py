@@ -15,25 +15,40 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from quota.breaker import CircuitBreaker
 from quota.config import Config, Settings, load_config
-from quota.decisions import BadInput, Denial, after_ops, denial_for, gate, lease_op, plan_request, undo_ops
-from quota.errors import StorageError
+from quota.decisions import (
+    BadInput,
+    Denial,
+    RequestPlan,
+    after_ops,
+    denial_for,
+    gate,
+    lease_op,
+    plan_request,
+    undo_ops,
+)
+from quota.errors import ConfigError, StorageError
 from quota.keys import rate_key
+from quota.metrics import Metrics
 from quota.plans import AppPlan, Directory
 from quota.responses import close_websocket, send_denial
-from quota.routes import Match
+from quota.routes import Match, RouteRule
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import Outcome, Program, RateOp, ReleaseOp
+from quota.store.program import AddOp, Outcome, Program, RateOp, ReleaseOp
 
 FALLBACK_PREFIX = "q:{_}:"
 RESPONSE_CAPTURE_LIMIT = 1 << 16
+SHADOW_HEADER = b"x-quota-shadow"
+UNAVAILABLE = Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
 
 
 class Runtime:
@@ -46,6 +61,18 @@ class Runtime:
         self.store = store
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.trusted = config.settings.trusted_proxies
+
+
+@dataclass
+class _Verdict:
+    """What quota decided for one request, before the upstream is called."""
+
+    app: AppPlan
+    receive: Receive
+    denial: Denial | None = None
+    plan: RequestPlan | None = None
+    outcome: Outcome | None = None
+    body: Any = None
 
 
 class QuotaMiddleware:
@@ -63,19 +90,36 @@ class QuotaMiddleware:
         self.runtime = Runtime(cfg, store or MemoryStore())
         self.clock = clock
         self.admin = admin
+        self.metrics = Metrics()
+        self.breaker = CircuitBreaker()
         self._watcher: asyncio.Task[None] | None = None
+
+    def reload(self, directory: str | Path | None = None) -> Config:
+        """Load the config again and apply it to the next request; raises ConfigError and keeps the
+        old config when the new one does not validate. In-flight requests finish under their own."""
+        old = self.runtime
+        cfg = load_config(directory or old.config.directory)
+        new = Runtime(cfg, old.store)
+        new.directory.version = -1
+        self.runtime = new
+        return cfg
+
+    async def reload_async(self, directory: str | Path | None = None) -> Config:
+        cfg = self.reload(directory)
+        try:
+            await self.runtime.directory.refresh()
+        except StorageError:
+            self.metrics.errors.labels("storage_unavailable").inc()
+        return cfg
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        if kind not in ("http", "websocket"):  # pragma: no cover
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         rt = self.runtime
         if self._watcher is None and rt.directory.store is not None:
-            self._watcher = asyncio.ensure_future(rt.directory.watch())
+            self._watcher = asyncio.ensure_future(self._watch())
         path: str = scope["path"]
         prefix = rt.settings.admin_prefix
         if self.admin is not None and (path == prefix or path.startswith(prefix + "/")):
@@ -89,15 +133,21 @@ class QuotaMiddleware:
         else:
             await self._http(rt, match, scope, receive, send, started)
 
+    async def _watch(self) -> None:
+        # The runtime may be swapped by a reload: always watch the current one's directory.
+        while True:
+            await asyncio.sleep(1.0)
+            rt = self.runtime
+            try:
+                if rt.directory.store is not None and await rt.store.accounts_version() != rt.directory.version:
+                    await rt.directory.refresh()
+            except Exception:  # noqa: BLE001 - a background poll must outlive any storage fault
+                self.metrics.errors.labels("storage_unavailable").inc()
+
     def client_ip(self, rt: Runtime, scope: Scope) -> str:
         client = scope.get("client")
         peer = client[0] if client else ""
-        if not rt.trusted or not peer:
-            return peer
-        try:
-            if not any(ipaddress.ip_address(peer) in net for net in rt.trusted):
-                return peer
-        except ValueError:
+        if not rt.trusted or not peer or not _within(peer, rt.trusted):
             return peer
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
@@ -105,12 +155,12 @@ class QuotaMiddleware:
                 hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
                 for hop in reversed(hops):
                     try:
-                        addr = ipaddress.ip_address(hop)
+                        ipaddress.ip_address(hop)
                     except ValueError:
                         return peer
-                    if not any(addr in net for net in rt.trusted):
+                    if not _within(hop, rt.trusted):
                         return str(hop)
-                return hops[0] if hops else peer
+                return str(hops[0]) if hops else peer
         return peer
 
     def _app_of(self, rt: Runtime, match: Match, today: Any) -> AppPlan | Denial | None:
@@ -124,16 +174,102 @@ class QuotaMiddleware:
             return Denial(404, "service_resource_not_found", f"app {org}#{app} has no plan here")
         return found
 
+    async def _store(self, rt: Runtime, program: Program, now_ms: int) -> Outcome:
+        """One store call behind the breaker; every failure surfaces as StorageError."""
+        if not self.breaker.allow():
+            self.metrics.errors.labels("breaker_open").inc()
+            raise StorageError("circuit open")
+        started = time.perf_counter()
+        try:
+            outcome = await rt.store.run(program, now_ms)
+        except (TimeoutError, StorageError, OSError) as exc:
+            self.breaker.failure()
+            kind = (
+                "storage_timeout" if "Timeout" in str(exc) or isinstance(exc, TimeoutError) else "storage_unavailable"
+            )
+            self.metrics.errors.labels(kind).inc()
+            raise StorageError(str(exc)) from exc
+        finally:
+            self.metrics.storage_seconds.observe(time.perf_counter() - started)
+        self.breaker.success()
+        return outcome
+
     async def _run(
-        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule_outage: str | None
+        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule
     ) -> Outcome | Denial:
         try:
-            return await rt.store.run(program, now_ms)
-        except (TimeoutError, StorageError, OSError):
-            policy = rule_outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
-            if policy == "open":
-                return Outcome()
-            return Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
+            return await self._store(rt, program, now_ms)
+        except StorageError:
+            policy = rule.outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
+            return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
+
+    async def _settle(self, rt: Runtime, program: Program, now_ms: int) -> None:
+        # Settling never fails the client's request: a lost settle is drift, which reconcile repairs.
+        if program:
+            try:
+                await self._store(rt, program, now_ms)
+            except StorageError:
+                pass
+
+    async def _decide(
+        self, rt: Runtime, match: Match, app: AppPlan, ip: str, receive: Receive, started: float, now: datetime
+    ) -> _Verdict:
+        rule = match.rule
+        verdict = _Verdict(app, receive)
+        if not app.allows(ip):
+            verdict.denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
+            return verdict
+        verdict.denial = gate(rule, app, match.params, now)
+        if verdict.denial:
+            return verdict
+        if rule.needs_body:
+            raw, verdict.receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
+            if too_big:
+                limit = rt.settings.max_body_bytes
+                verdict.denial = Denial(413, "request_too_large", f"request body over {limit} bytes")
+                return verdict
+            try:
+                verdict.body = json.loads(raw) if raw else None
+            except (ValueError, UnicodeDecodeError):
+                verdict.denial = Denial(400, "illegal_argument", "request body is not valid JSON")
+                return verdict
+        now_ms = int(started * 1000)
+        try:
+            verdict.plan = plan_request(
+                rt.routes,
+                rule,
+                app,
+                match.params,
+                verdict.body,
+                ip,
+                now_ms,
+                lease_ttl_ms=rt.settings.lease_ttl_s * 1000,
+            )
+        except BadInput as exc:
+            verdict.denial = Denial(400, "illegal_argument", str(exc))
+            return verdict
+        counted = bool(verdict.plan.adds or verdict.plan.login_user)
+        result = await self._run(rt, verdict.plan.before, now_ms, counted, rule)
+        if isinstance(result, Denial):
+            verdict.denial = result
+        elif result.refusal is not None:
+            verdict.denial = denial_for(result.refusal, verdict.plan, app)
+        else:
+            verdict.outcome = result
+        return verdict
+
+    def _report(self, rule: RouteRule, app: AppPlan, verdict: _Verdict) -> None:
+        plan_name = app.plan.name
+        outcome = verdict.outcome
+        if outcome is None or verdict.plan is None:
+            return
+        self.metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
+        for state in outcome.rates:
+            self.metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
+        adds = [verdict.plan.before.ops[i] for i in verdict.plan.adds]
+        for op, size in zip(adds, outcome.sizes, strict=False):
+            if isinstance(op, AddOp) and op.limit:
+                self.metrics.near(rule.name, op.limit, plan_name, size, op.cap)
 
     async def _http(
         self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
@@ -148,50 +284,39 @@ class QuotaMiddleware:
         if app is None:
             await self._fallback(rt, scope, receive, send, started, ip)
             return
-        if not app.allows(ip):
-            await send_denial(
-                Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist"), send, started
-            )
-            return
-        denial = gate(rule, app, match.params, now)
-        if denial:
+        verdict = await self._decide(rt, match, app, ip, receive, started, now)
+        denial = verdict.denial
+        if denial is not None:
+            if denial.status in (403, 429) and (rule.shadow or rt.settings.shadow):
+                # Shadow: report the refusal, count nothing, let the request through and say so.
+                self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow")
+                note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
+                await self.app(scope, verdict.receive, _with_header(send, SHADOW_HEADER, note))
+                return
+            self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused")
             await send_denial(denial, send, started)
             return
-        body: Any = None
-        if rule.needs_body:
-            raw, receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
-            if too_big:
-                await send_denial(
-                    Denial(413, "request_too_large", f"request body over {rt.settings.max_body_bytes} bytes"),
-                    send,
-                    started,
-                )
-                return
-            try:
-                body = json.loads(raw) if raw else None
-            except (ValueError, UnicodeDecodeError):
-                await send_denial(Denial(400, "illegal_argument", "request body is not valid JSON"), send, started)
-                return
-        now_ms = int(started * 1000)
-        try:
-            plan = plan_request(
-                rt.routes, rule, app, match.params, body, ip, now_ms, lease_ttl_ms=rt.settings.lease_ttl_s * 1000
-            )
-        except BadInput as exc:
-            await send_denial(Denial(400, "illegal_argument", str(exc)), send, started)
+        self._report(rule, app, verdict)
+        plan, outcome = verdict.plan, verdict.outcome
+        assert plan is not None and outcome is not None
+        if not (plan.adds or plan.after) or outcome.unchecked:
+            await self.app(scope, verdict.receive, send)
             return
-        counted = bool(plan.adds or plan.login_user)
-        result = await self._run(rt, plan.before, now_ms, counted, rule.outage)
-        if isinstance(result, Denial):
-            await send_denial(result, send, started)
-            return
-        if result.refusal is not None:
-            await send_denial(denial_for(result.refusal, plan, app), send, started)
-            return
-        if not (plan.adds or plan.after):
-            await self.app(scope, receive, send)
-            return
+        await self._forward_counted(rt, match, app, plan, outcome, verdict, scope, send, started)
 
+    async def _forward_counted(
+        self,
+        rt: Runtime,
+        match: Match,
+        app: AppPlan,
+        plan: RequestPlan,
+        outcome: Outcome,
+        verdict: _Verdict,
+        scope: Scope,
+        send: Send,
+        started: float,
+    ) -> None:
+        now_ms = int(started * 1000)
         status = 0
         captured: list[bytes] = []
         capture = bool(plan.binds) or any(
@@ -208,46 +333,32 @@ class QuotaMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, verdict.receive, send_wrapper)
         except BaseException:
-            await self._settle(rt, undo_ops(plan, result.added), now_ms)
+            await self._settle(rt, undo_ops(plan, outcome.added), now_ms)
             raise
-        if 200 <= status < 300:
-            response: Any = None
-            if capture:
-                try:
-                    response = json.loads(b"".join(captured))
-                except ValueError:
-                    response = None
-            await self._settle(rt, after_ops(rt.routes, plan, app, match.params, body, response, result.added), now_ms)
-        else:
-            await self._settle(rt, undo_ops(plan, result.added), now_ms)
-
-    async def _settle(self, rt: Runtime, program: Program, now_ms: int) -> None:
-        # Settling never fails the client's request: a lost settle is drift, which reconcile repairs.
-        if program:
+        if not 200 <= status < 300:
+            await self._settle(rt, undo_ops(plan, outcome.added), now_ms)
+            return
+        response: Any = None
+        if capture:
             try:
-                await rt.store.run(program, now_ms)
-            except (TimeoutError, StorageError, OSError):
-                pass
+                response = json.loads(b"".join(captured))
+            except ValueError:
+                response = None
+        program = after_ops(rt.routes, plan, app, match.params, verdict.body, response, outcome.added)
+        await self._settle(rt, program, now_ms)
 
     async def _fallback(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, ip: str) -> None:
         rate = rt.settings.fallback_rate
         op = RateOp(
             rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", ip), rate.amount, rate.window_ms, 1, "rest_per_ip"
         )
-        result = await self._run(rt, Program([op]), int(started * 1000), False, None)
+        result = await self._run(rt, Program([op]), int(started * 1000), False, rt.routes.fallback)
         if isinstance(result, Outcome) and result.refusal is not None:
             r = result.refusal
-            result = Denial(
-                429,
-                "reach_limit",
-                "This request has reached api limit (rest_per_ip)",
-                "rest_per_ip",
-                r.retry_after_ms,
-                rate.amount,
-                r.reset_ms,
-            )
+            description = "This request has reached api limit (rest_per_ip)"
+            result = Denial(429, "reach_limit", description, "rest_per_ip", r.retry_after_ms, rate.amount, r.reset_ms)
         if isinstance(result, Denial):
             await send_denial(result, send, started)
             return
@@ -258,21 +369,18 @@ class QuotaMiddleware:
     ) -> None:
         now = datetime.fromtimestamp(started, UTC)
         app = self._app_of(rt, match, now.date())
-        denial: Denial | None = app if isinstance(app, Denial) else None
-        if app is None and match.rule.name != "other":
-            denial = Denial(404, "service_resource_not_found", "unknown app")
         if not isinstance(app, AppPlan):
-            if denial is None:
+            if app is None and match.rule.name == "other":
                 await self.app(scope, receive, send)
                 return
-            await _refuse_websocket(denial, receive, send)
+            await _refuse_websocket(app or Denial(404, "service_resource_not_found", "unknown app"), receive, send)
             return
         ip = self.client_ip(rt, scope)
+        conn = uuid.uuid4().hex
+        ttl_ms = rt.settings.lease_ttl_s * 1000
         denial = gate(match.rule, app, match.params, now)
         if denial is None and not app.allows(ip):
             denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
-        conn = uuid.uuid4().hex
-        ttl_ms = rt.settings.lease_ttl_s * 1000
         if denial is None:
             try:
                 plan = plan_request(
@@ -289,14 +397,16 @@ class QuotaMiddleware:
             except BadInput as exc:
                 denial = Denial(400, "illegal_argument", str(exc))
             else:
-                result = await self._run(rt, plan.before, int(started * 1000), True, match.rule.outage)
+                result = await self._run(rt, plan.before, int(started * 1000), True, match.rule)
                 if isinstance(result, Denial):
                     denial = result
                 elif result.refusal is not None:
                     denial = denial_for(result.refusal, plan, app)
         if denial is not None:
+            self.metrics.decision(match.rule.name, denial.limit, app.plan.name, "refused")
             await _refuse_websocket(denial, receive, send)
             return
+        self.metrics.decision(match.rule.name, None, app.plan.name, "allowed")
         if not match.rule.connection:
             await self.app(scope, receive, send)
             return
@@ -315,6 +425,23 @@ class QuotaMiddleware:
             now = self.clock()
             op = lease_op(app, datetime.fromtimestamp(now, UTC).date(), conn, ttl_ms)
             await self._settle(rt, Program([op]), int(now * 1000))
+
+
+def _within(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+def _with_header(send: Send, name: bytes, value: bytes) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return wrapped
 
 
 async def _refuse_websocket(denial: Denial, receive: Receive, send: Send) -> None:
@@ -349,3 +476,6 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive, bool
         return await receive()
 
     return body, replay, False
+
+
+__all__ = ["ConfigError", "QuotaMiddleware", "Runtime"]

@@ -79,6 +79,8 @@ class RouteRule:
     retention: Selector | None = None
     user: Selector | None = None
     outage: Literal["open", "closed"] | None = None
+    # Decide and report, but let refused requests through (rolling out a new plan sheet safely).
+    shadow: bool = False
 
     @property
     def needs_body(self) -> bool:

@@ -24,5 +24,35 @@ def build_app(
     if store is None:
         store = store_from_url(redis_url or "memory://", timeout_ms=cfg.settings.storage_timeout_ms)
     middleware = QuotaMiddleware(upstream or create_gateway(), config=cfg, store=store)
-    middleware.admin = create_admin(lambda: middleware.runtime)
+    middleware.admin = create_admin(middleware)
     return middleware
+
+
+def serve(config: str | Path | None, *, redis_url: str | None, host: str, port: int) -> None:
+    """Run under uvicorn; SIGHUP reloads the config (a bad one is logged and the old one kept)."""
+    import asyncio
+    import logging
+    import signal
+
+    import uvicorn
+
+    from quota.errors import ConfigError
+
+    app = build_app(config, redis_url=redis_url)
+    log = logging.getLogger("quota")
+
+    async def main() -> None:
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+
+        async def reload() -> None:
+            try:
+                cfg = await app.reload_async()
+            except ConfigError as exc:
+                log.error("reload refused, the old config stays in force:\n%s", exc)
+            else:
+                log.warning("reloaded %s", cfg.directory)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        await server.serve()
+
+    asyncio.run(main())

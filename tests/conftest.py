@@ -32,9 +32,11 @@ def free_port(below: int = 65536) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
+        if below == 65536:
+            return port
         if port < below:
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port + 10000)) != 0 or below == 65536:
+                if s.connect_ex(("127.0.0.1", port + 10000)) != 0:
                     return port
 
 

@@ -44,6 +44,9 @@ class Store(Protocol):
 
     async def remove_members(self, key: str, members: list[str]) -> int: ...
 
+    async def swap_member(self, key: str, old: str, new: str) -> bool:
+        """Replace `old` by `new` in a set if it is there, atomically (the set keeps its size)."""
+
     async def close(self) -> None: ...
 
 

@@ -45,14 +45,16 @@ class MemoryStore:
             if refusal:
                 return Outcome(refusal=refusal)
         added: list[tuple[str, ...]] = []
+        sizes: list[int] = []
         online = 0
         for op in program.ops:
             result = self._apply(op, now_ms)
             if isinstance(op, AddOp):
                 added.append(result)
+                sizes.append(len(self.sets.get(op.owner_key, ())))
             elif isinstance(op, LeaseOp):
                 online = len(self.leases[op.online_key])
-        return Outcome(rates=tuple(rates), added=tuple(added), online=online)
+        return Outcome(rates=tuple(rates), added=tuple(added), sizes=tuple(sizes), online=online)
 
     def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int, int]:
         index, elapsed = divmod(now_ms, op.window_ms)
@@ -196,6 +198,14 @@ class MemoryStore:
         before = len(self.sets.get(key, ()))
         self._srem(key, tuple(members))
         return before - len(self.sets.get(key, ()))
+
+    async def swap_member(self, key: str, old: str, new: str) -> bool:
+        members = self.sets.get(key)
+        if not members or old not in members:
+            return False
+        members.discard(old)
+        members.add(new)
+        return True
 
     async def close(self) -> None:
         return None

@@ -132,7 +132,11 @@ class Outcome:
     rates: tuple[RateState, ...] = ()
     # For each AddOp, in order: the members it really added (undo removes exactly these).
     added: tuple[tuple[str, ...], ...] = ()
+    # For each AddOp, in order: the owner set's size once applied (for near-limit metrics).
+    sizes: tuple[int, ...] = ()
     online: int = 0
+    # The store did not answer and the outage policy let the request through unchecked.
+    unchecked: bool = False
 
     @property
     def allowed(self) -> bool:

@@ -31,6 +31,10 @@ from quota.store.program import (
 )
 
 PROGRAM_LUA = resources.files("quota.store").joinpath("lua/program.lua").read_text(encoding="utf-8")
+SWAP_LUA = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then redis.call('SADD', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
 ACCOUNTS_KEY = "q:{accounts}:records"
 ACCOUNTS_VERSION_KEY = "q:{accounts}:version"
 
@@ -103,11 +107,13 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
     )
     pos = 3 + 2 * n_rates
     added: list[tuple[str, ...]] = []
+    sizes: list[int] = []
     for _ in range(int(reply[pos])):
-        k = int(reply[pos + 1])
-        added.append(tuple(text(m) for m in reply[pos + 2 : pos + 2 + k]))
-        pos += 1 + k
-    return Outcome(rates=rates, added=tuple(added), online=online)
+        k, size = int(reply[pos + 1]), int(reply[pos + 2])
+        added.append(tuple(text(m) for m in reply[pos + 3 : pos + 3 + k]))
+        sizes.append(size)
+        pos += 2 + k
+    return Outcome(rates=rates, added=tuple(added), sizes=tuple(sizes), online=online)
 
 
 def _route_key(program: Program) -> str:
@@ -157,7 +163,9 @@ def connect(url: str, timeout_ms: int) -> Any:
     service, _, db = path.partition("/")
     if not service:
         raise ValueError(f"{url}: redis+sentinel needs a service name: redis+sentinel://host:port/<service>")
-    sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": timeout}, password=password, ssl=tls, **options)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes, sentinel_kwargs={"socket_timeout": timeout}, password=password, ssl=tls, **options
+    )
     return sentinel.master_for(service, db=int(db or 0))
 
 
@@ -165,6 +173,7 @@ class RedisStore:
     def __init__(self, url: str, *, timeout_ms: int = 250, client: Any = None) -> None:
         self.client = client or connect(url, timeout_ms)
         self.script = self.client.register_script(PROGRAM_LUA)
+        self.swap = self.client.register_script(SWAP_LUA)
 
     async def run(self, program: Program, now_ms: int) -> Outcome:
         if not program:
@@ -232,6 +241,9 @@ class RedisStore:
 
     async def remove_members(self, key: str, members: list[str]) -> int:
         return int(await self._call(self.client.srem(key, *members))) if members else 0
+
+    async def swap_member(self, key: str, old: str, new: str) -> bool:
+        return bool(await self._call(self.swap(keys=[key], args=[old, new])))
 
     async def close(self) -> None:
         await self.client.aclose()

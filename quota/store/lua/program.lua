@@ -11,7 +11,7 @@
 --   L dau_key mau_key user dau_cap keep_s                       login (DAU/MAU)
 --   O online peak month conn ttl_ms cap share_bp mau_last mau_this   hold a connection lease
 --   Z online conn                                               release a lease
--- Returns {1, online, nrates, (remaining, reset_ms)*, nadds, (k, member*k)*} when applied, or
+-- Returns {1, online, nrates, (remaining, reset_ms)*, nadds, (k, size, member*k)*} when applied, or
 -- {0, op_index, kind, used, cap, a, b, c, who} when refused (rate: a,b,c = prev, cur, elapsed;
 -- owner: a = room left; member: who).
 
@@ -151,12 +151,12 @@ for _, op in ipairs(ops) do
     redis.call("INCRBY", key, op.cost)
     redis.call("PEXPIRE", key, op.window * 2 + 1000)
   elseif code == "A" then
-    adds[#adds + 1] = op.new
     for _, m in ipairs(op.new) do
       redis.call("SADD", op.owner, m)
       if op.rprefix ~= "" then redis.call("SADD", op.rprefix .. escape(m), op.rvalue) end
       if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", now + op.pending, m) end
     end
+    adds[#adds + 1] = {op.new, redis.call("SCARD", op.owner)}
   elseif code == "X" then
     for _, m in ipairs(op.members) do
       redis.call("SREM", op.owner, m)
@@ -193,8 +193,9 @@ for _, r in ipairs(rates) do
   reply[#reply + 1] = r[2]
 end
 reply[#reply + 1] = #adds
-for _, added in ipairs(adds) do
-  reply[#reply + 1] = #added
-  for _, m in ipairs(added) do reply[#reply + 1] = m end
+for _, add in ipairs(adds) do
+  reply[#reply + 1] = #add[1]
+  reply[#reply + 1] = add[2]
+  for _, m in ipairs(add[1]) do reply[#reply + 1] = m end
 end
 return reply

@@ -1,0 +1,50 @@
+"""Personal data deletion (个人数据删除 API): remove every trace of one user from quota's storage.
+
+quota holds user ids in membership sets (friends, groups and chatrooms joined, the app's users) and
+in activity sets (DAU per day, MAU per month). Memberships are removed, freeing what the user held.
+In activity sets the id is replaced by an anonymous token, so every day's and month's count, which
+bills were issued on, stays the same number. Connection leases hold connection ids, not user ids;
+rate windows keyed by a user expire within two windows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from quota.keys import app_prefix, set_key, side_prefix
+from quota.routes import RouteMap
+from quota.store import Store
+from quota.store.program import DropOp, Program, RemoveOp
+
+FORGOTTEN = "~forgotten:"
+
+
+async def forget_user(store: Store, routes: RouteMap, appkey: str, user: str, now_ms: int) -> dict[str, Any]:
+    prefix = app_prefix(appkey)
+    removed: dict[str, int] = {}
+    program = Program()
+    for rel in routes.relations.values():
+        app_set = set_key(prefix, rel.name, "o", appkey)
+        if user in await store.members(app_set):
+            removed[rel.name] = removed.get(rel.name, 0) + 1
+            program.ops.append(RemoveOp(app_set, (user,)))
+        if rel.symmetric:
+            own = set_key(prefix, rel.name, "o", user)
+            program.ops.append(DropOp(own, side_prefix(prefix, rel.name, "o"), user))
+        elif rel.member_limit:
+            own = set_key(prefix, rel.name, "m", user)
+            program.ops.append(DropOp(own, side_prefix(prefix, rel.name, "o"), user))
+        else:
+            continue
+        held = len(await store.members(own))
+        if held:
+            removed[rel.name] = removed.get(rel.name, 0) + held
+    if program:
+        await store.run(program, now_ms)
+    activity: dict[str, int] = {"days": 0, "months": 0}
+    for kind, part in (("days", "dau:"), ("months", "mau:")):
+        for key in await store.scan_prefix(prefix + part):
+            if await store.swap_member(key, user, FORGOTTEN + uuid.uuid4().hex):
+                activity[kind] += 1
+    return {"app": appkey, "user": user, "memberships_removed": removed, "activity_anonymised": activity}

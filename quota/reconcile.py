@@ -1,0 +1,63 @@
+"""Rebuild an app's counters from the gateway's own truth, after drift or a Redis restart.
+
+The source is a JSON document in the reference gateway's shape (its `GET /{org}/{app}/_state`):
+
+    {"users": [...], "contacts": {"alice": ["bob", ...]},
+     "groups": {"<group id>": ["alice", ...]}, "chatrooms": {"<room id>": ["bob", ...]}}
+
+Every membership set of the app is deleted and written again. Activity (DAU/MAU), rate windows and
+connection leases are not membership and are left alone. Run it when the app is quiet: requests
+that change counters while it runs may be lost from the rebuilt sets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from quota.keys import app_prefix, set_key
+from quota.store import Store
+
+# (relation, rooms key of the snapshot) for the group-like relations of config/routes.yaml.
+ROOMS = (("app_groups", "group_members", "groups"), ("app_chatrooms", "chatroom_members", "chatrooms"))
+
+
+def read_source(source: str) -> dict[str, Any]:
+    if source.startswith(("http://", "https://")):
+        response = httpx.get(source, timeout=30)
+        response.raise_for_status()
+        data = response.json()
+    else:
+        data = json.loads(Path(source).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("users", []), list):
+        raise ValueError(f"{source}: expected a JSON object with users, contacts, groups, chatrooms")
+    return data
+
+
+async def reconcile(store: Store, appkey: str, truth: dict[str, Any]) -> dict[str, int]:
+    prefix = app_prefix(appkey)
+    stale = await store.scan_prefix(prefix + "s:")
+    await store.delete(stale)
+    sets: dict[str, list[str]] = {}
+    sets[set_key(prefix, "app_users", "o", appkey)] = [str(u) for u in truth.get("users", [])]
+    for user, friends in (truth.get("contacts") or {}).items():
+        sets[set_key(prefix, "contacts", "o", str(user))] = [str(f) for f in friends]
+    for app_relation, members_relation, field in ROOMS:
+        rooms = truth.get(field) or {}
+        sets[set_key(prefix, app_relation, "o", appkey)] = [str(r) for r in rooms]
+        for room, members in rooms.items():
+            sets[set_key(prefix, members_relation, "o", str(room))] = [str(m) for m in members]
+            for member in members:
+                sets.setdefault(set_key(prefix, members_relation, "m", str(member)), []).append(str(room))
+    for key, members in sets.items():
+        await store.add_members(key, members)
+    return {
+        "keys_deleted": len(stale),
+        "sets_written": sum(1 for m in sets.values() if m),
+        "users": len(truth.get("users", [])),
+        "groups": len(truth.get("groups") or {}),
+        "chatrooms": len(truth.get("chatrooms") or {}),
+    }

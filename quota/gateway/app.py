@@ -95,7 +95,7 @@ class Gateway:
         return self.ok(request, started, entities=[_user(n, now) for n in names])
 
     async def list_users(self, request: Request, st: AppState, started: float) -> Response:
-        limit = int(request.query_params.get("limit", "10") or 10)
+        limit = _limit(request, 10, 1000)
         users = sorted(st.users, key=st.users.__getitem__)[:limit]
         return self.ok(request, started, entities=[_user(u, st.users[u]) for u in users], count=len(users))
 
@@ -122,7 +122,7 @@ class Gateway:
         return self.ok(request, started, entities=[_user(name, created)])
 
     async def delete_users(self, request: Request, st: AppState, started: float) -> Response:
-        limit = min(100, int(request.query_params.get("limit", "1") or 1))
+        limit = _limit(request, 1, 100)
         oldest = sorted(st.users, key=st.users.__getitem__)[:limit]
         entities = [_user(n, st.users[n]) for n in oldest]
         for name in oldest:
@@ -278,6 +278,15 @@ async def _json(request: Request, allow_empty: bool = False) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise ApiError(400, "illegal_argument", "request body is not valid JSON") from exc
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit", "")
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ApiError(400, "illegal_argument", f"limit must be a whole number from 1 to {most}")
+    return int(raw)
 
 
 def _user(name: str, created: float) -> dict[str, Any]:

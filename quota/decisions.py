@@ -150,6 +150,7 @@ def plan_request(
     *,
     lease_ttl_ms: int,
     conn_id: str = "",
+    today: date | None = None,
 ) -> RequestPlan:
     """Build the ops of one request; raises BadInput when the body lacks what a counted route needs."""
     plan = RequestPlan()
@@ -192,7 +193,8 @@ def plan_request(
                 pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
             )
         )
-    today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
+    if today is None:
+        today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
     if rule.login and user is not None:
         plan.login_user = user
         no_overage = app.plan.price.overage_per_10k_dau is None

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from functools import lru_cache
 
 _UNSAFE = re.compile(rb"[^A-Za-z0-9_.\-]")
 
 
+@lru_cache(maxsize=1 << 16)
 def escape(value: str) -> str:
     """Percent-encode every byte outside [A-Za-z0-9_.-]: braces, colons and '#' can't leak into a key.
 

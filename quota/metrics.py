@@ -8,6 +8,8 @@ quota_errors_total{kind}                              storage_timeout | storage_
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 NEAR_LIMIT_RATIO = 0.8
@@ -35,13 +37,24 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
         self.errors = Counter("quota_errors", "Errors, by kind.", ["kind"], registry=self.registry)
+        # labels() builds and locks on every call; the label sets are few, so keep their children.
+        self._decisions: dict[tuple[str, str, str, str], Any] = {}
+        self._near: dict[tuple[str, str, str], Any] = {}
 
     def decision(self, route: str, limit: str | None, plan: str, outcome: str) -> None:
-        self.decisions.labels(route, limit or "", plan, outcome).inc()
+        key = (route, limit or "", plan, outcome)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.decisions.labels(*key)
+        child.inc()
 
     def near(self, route: str, limit: str, plan: str, used: int, cap: int) -> None:
         if cap > 0 and used >= NEAR_LIMIT_RATIO * cap:
-            self.near_limit.labels(route, limit, plan).inc()
+            key = (route, limit, plan)
+            child = self._near.get(key)
+            if child is None:
+                child = self._near[key] = self.near_limit.labels(*key)
+            child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 Source = Literal["app", "path", "body", "response"]
@@ -82,13 +83,14 @@ class RouteRule:
     # Decide and report, but let refused requests through (rolling out a new plan sheet safely).
     shadow: bool = False
 
-    @property
+    # Asked on every request: computed once per rule (a frozen dataclass keeps cached values).
+    @cached_property
     def needs_body(self) -> bool:
         selectors = [c.owner for c in self.changes] + [c.members for c in self.changes if c.members]
         selectors += [s for s in (self.user, self.retention) if s]
         return any(s.source == "body" for s in selectors)
 
-    @property
+    @cached_property
     def needs_response(self) -> bool:
         return any(c.binds_later for c in self.changes)
 

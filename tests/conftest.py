@@ -74,17 +74,19 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis_sync.Redis(port=self.port)
+        # Any reply to a raw PING (+PONG, or -NOAUTH when a test set a password) means it is up.
         deadline = time.time() + 10
         while True:
             try:
-                client.ping()
-                break
-            except redis_sync.ConnectionError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64):
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -29,6 +29,7 @@ from quota.store.program import (
     RemoveOp,
     retry_after_ms,
 )
+from quota.store.wire import ReplyError, Script, Wire
 
 PROGRAM_LUA = resources.files("quota.store").joinpath("lua/program.lua").read_text(encoding="utf-8")
 SWAP_LUA = """
@@ -170,17 +171,27 @@ def connect(url: str, timeout_ms: int) -> Any:
 
 
 class RedisStore:
+    """Programs run as one EVALSHA: on a single server through the lean pipelined Wire, on Cluster and
+    Sentinel through redis-py (which follows slot moves and failovers). Everything else: redis-py."""
+
     def __init__(self, url: str, *, timeout_ms: int = 250, client: Any = None) -> None:
         self.client = client or connect(url, timeout_ms)
         self.script = self.client.register_script(PROGRAM_LUA)
+        plain = url.split("://", 1)[0] in ("redis", "rediss", "unix") and client is None
+        self.wire = Wire(url, timeout_ms=timeout_ms) if plain else None
+        self.program = Script(PROGRAM_LUA)
         self.swap = self.client.register_script(SWAP_LUA)
 
     async def run(self, program: Program, now_ms: int) -> Outcome:
         if not program:
             return Outcome()
+        keys, args = [_route_key(program)], encode(program, now_ms)
         try:
-            reply = await self.script(keys=[_route_key(program)], args=encode(program, now_ms))
-        except (RedisError, OSError) as exc:
+            if self.wire is not None:
+                reply = await self.wire.evalsha(self.program, keys, args)
+            else:
+                reply = await self.script(keys=keys, args=args)
+        except (RedisError, OSError, ReplyError) as exc:
             raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
         return decode(program, now_ms, reply)
 
@@ -246,4 +257,6 @@ class RedisStore:
         return bool(await self._call(self.swap(keys=[key], args=[old, new])))
 
     async def close(self) -> None:
+        if self.wire is not None:
+            await self.wire.close()
         await self.client.aclose()

@@ -1,0 +1,285 @@
+"""Rounds of every variant on every scenario, interleaved (A B C ... A B C ...), medians with min and
+max, ratios to the bare gateway measured in the same round. The machine is shared and noisy: only
+same-run ratios mean anything."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis as redis_sync
+
+from benchmarks.inprocess import drive
+from benchmarks.load import LOAD_CORE, Server, pinned, wrk
+from benchmarks.variants import SCENARIOS, VARIANTS, build
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HARNESS_COMMANDS = ("info", "config|resetstat", "flushall", "ping", "client|setinfo", "hello", "config|get")
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    calls_per_req: float
+    cmds_per_req: float
+    refused_per_s: float = 0.0
+
+
+@dataclass
+class Cell:
+    samples: list[Sample] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnRedis:
+    """A redis-server the harness starts for itself (pinned with the load generator)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="quota-bench-redis-")
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+        ]
+        self.proc = subprocess.Popen(pinned(LOAD_CORE, argv), stdout=subprocess.DEVNULL)
+        self.client = redis_sync.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                self.client.ping()
+                break
+            except redis_sync.ConnectionError:
+                time.sleep(0.05)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def commands(self) -> int:
+        stats = self.client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k.removeprefix("cmdstat_") not in HARNESS_COMMANDS)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def load_round(
+    redis: OwnRedis, scenario: str, variants: list[str], seconds: float, connections: int, warmup: bool
+) -> dict[str, Sample]:
+    out: dict[str, Sample] = {}
+    for variant in variants:
+        redis.client.flushall()
+        server = Server(variant, scenario, free_port(), redis.url)
+        try:
+            if warmup:
+                wrk(server.base, scenario, 1, connections)
+            sent, cmds = server.sent(), redis.commands()
+            result = wrk(server.base, scenario, seconds, connections)
+            sent, cmds = server.sent() - sent, redis.commands() - cmds
+        finally:
+            server.stop()
+        n = max(1, result.requests)
+        out[variant] = Sample(
+            result.rps, result.p50_ms, result.p99_ms, sent / n, cmds / n, result.non_2xx / result.seconds
+        )
+    return out
+
+
+def inprocess_round(redis: OwnRedis, scenario: str, variants: list[str], total: int) -> dict[str, Sample]:
+    out: dict[str, Sample] = {}
+    for variant in variants:
+        redis.client.flushall()
+
+        async def run() -> tuple[float, float, float]:
+            app = build(variant, scenario, redis.url)
+            await drive(app, scenario, min(total, 640))  # warm connections and caches
+            return await drive(app, scenario, total)
+
+        rps, p50, p99 = asyncio.run(run())
+        out[variant] = Sample(rps, p50, p99, 0.0, 0.0)
+    return out
+
+
+def aggregate(rounds: list[dict[str, dict[str, Sample]]]) -> dict[tuple[str, str], Cell]:
+    cells: dict[tuple[str, str], Cell] = {}
+    for by_scenario in rounds:
+        for scenario, by_variant in by_scenario.items():
+            bare = by_variant.get("bare")
+            for variant, sample in by_variant.items():
+                cell = cells.setdefault((scenario, variant), Cell())
+                cell.samples.append(sample)
+                if bare and bare.rps:
+                    cell.ratios.append(sample.rps / bare.rps)
+    return cells
+
+
+def row(scenario: str, variant: str, cell: Cell) -> dict[str, Any]:
+    med = statistics.median
+    s = cell.samples
+    return {
+        "scenario": scenario,
+        "variant": variant,
+        "rps": round(med(x.rps for x in s), 1),
+        "rps_min": round(min(x.rps for x in s), 1),
+        "rps_max": round(max(x.rps for x in s), 1),
+        "p50_ms": round(med(x.p50_ms for x in s), 3),
+        "p99_ms": round(med(x.p99_ms for x in s), 3),
+        "redis_calls_per_req": round(med(x.calls_per_req for x in s), 3),
+        "redis_cmds_per_req": round(med(x.cmds_per_req for x in s), 3),
+        "ratio_to_bare": round(med(cell.ratios), 3) if cell.ratios else None,
+        "ratio_min": round(min(cell.ratios), 3) if cell.ratios else None,
+        "ratio_max": round(max(cell.ratios), 3) if cell.ratios else None,
+        "refused_per_s": round(med(x.refused_per_s for x in s), 1),
+    }
+
+
+def table(rows: list[dict[str, Any]], title: str, load: bool) -> str:
+    head = ["scenario", "variant", "rps (median)", "rps min-max", "p50 ms", "p99 ms", "ratio to bare (min-max)"]
+    if load:
+        head += ["redis calls/req", "redis cmds/req", "refused/s"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ratio = (
+            "-"
+            if r["ratio_to_bare"] is None
+            else f"{r['ratio_to_bare']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+        )
+        cells = [
+            r["scenario"],
+            r["variant"],
+            f"{r['rps']:.0f}",
+            f"{r['rps_min']:.0f}-{r['rps_max']:.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            ratio,
+        ]
+        if load:
+            cells += [f"{r['redis_calls_per_req']:.2f}", f"{r['redis_cmds_per_req']:.2f}", f"{r['refused_per_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    names = ("quota", "starlette", "uvicorn", "httptools", "uvloop", "redis", "hiredis", "limits", "slowapi")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
+    extra = [wrk_version[0].split(" [")[0] if wrk_version else "wrk ?", " ".join(redis_version[:3])]
+    return ", ".join(found + extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one short round; JSON lines, no RESULTS.md (< 1 minute)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load run")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--requests", type=int, default=6400, help="requests per in-process run")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.requests = 1, 1.0, 1280
+    for tool in ("wrk", "redis-server"):
+        if not shutil.which(tool):
+            print(f"benchmarks: {tool} is not installed (apt-get install {tool})", file=sys.stderr)
+            return 2
+    variants, scenarios = args.variants.split(","), args.scenarios.split(",")
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    redis = OwnRedis()
+    load_rounds: list[dict[str, dict[str, Sample]]] = []
+    proc_rounds: list[dict[str, dict[str, Sample]]] = []
+    try:
+        for i in range(args.rounds):
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
+            load_rounds.append(
+                {s: load_round(redis, s, order, args.seconds, args.connections, not args.quick) for s in scenarios}
+            )
+            proc_rounds.append({s: inprocess_round(redis, s, order, args.requests) for s in scenarios})
+            print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        redis.stop()
+    load_rows = [
+        row(s, v, c)
+        for (s, v), c in sorted(
+            aggregate(load_rounds).items(), key=lambda kv: (scenarios.index(kv[0][0]), variants.index(kv[0][1]))
+        )
+    ]
+    proc_rows = [
+        row(s, v, c)
+        for (s, v), c in sorted(
+            aggregate(proc_rounds).items(), key=lambda kv: (scenarios.index(kv[0][0]), variants.index(kv[0][1]))
+        )
+    ]
+    if args.quick:
+        keys = (
+            "scenario",
+            "variant",
+            "rps",
+            "p50_ms",
+            "p99_ms",
+            "redis_calls_per_req",
+            "redis_cmds_per_req",
+            "ratio_to_bare",
+        )
+        for r in load_rows:
+            print(json.dumps({k: r[k] for k in keys}))
+        return 0
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"# Benchmark results\n\nRun {when} on {os.cpu_count()} cores ({platform.machine()}, Python "
+        f"{platform.python_version()}), command: `{command}`.\n\nVersions: {versions()}.\n\n"
+        f"Load: wrk, 1 thread, {args.connections} connections, {args.seconds:g} s per run after a 1 s warm-up, "
+        f"pinned to core {LOAD_CORE} (with Redis); uvicorn, one worker, httptools + uvloop, pinned to core 0. "
+        f"{args.rounds} rounds, variants interleaved and rotated each round; medians, with min-max over rounds. "
+        f"Ratios are to the bare gateway in the same round.\n"
+    )
+    text = (
+        "\n\n".join(
+            [
+                header,
+                table(load_rows, "Under load (HTTP, wrk)", True),
+                table(proc_rows, f"In-process (ASGI called directly, {args.requests} requests, 32 concurrent)", False),
+            ]
+        )
+        + "\n"
+    )
+    RESULTS.write_text(text)
+    print(text)
+    return 0

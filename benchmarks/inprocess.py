@@ -1,0 +1,68 @@
+"""An in-process driver: calls the ASGI app directly, no HTTP server or parser, so that what is
+measured is the middleware's own cost on top of the gateway's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from benchmarks.variants import request_of
+
+
+async def drive(app: Any, scenario: str, total: int, concurrency: int = 32) -> tuple[float, float, float]:
+    """(requests per second, p50 ms, p99 ms) over `total` requests from `concurrency` tasks."""
+    method, path, body = request_of(scenario)
+    latencies: list[float] = []
+    counter = [0]
+
+    async def one() -> None:
+        counter[0] += 1
+        n = counter[0]
+        p, b = path, (body or "").encode()
+        if scenario == "write":
+            p = path.rsplit("/", 1)[0] + f"/u{n % 200}"
+        elif scenario == "login":
+            b = json.dumps({"username": f"u{n % 2000}"}).encode()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": p,
+            "raw_path": p.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 80),
+            "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
+        }
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b, "more_body": False}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            return None
+
+        started = time.perf_counter()
+        await app(scope, receive, send)
+        latencies.append(time.perf_counter() - started)
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            await one()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    done = len(latencies)
+    return done / elapsed, latencies[done // 2] * 1000, latencies[min(done - 1, int(done * 0.99))] * 1000

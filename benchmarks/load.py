@@ -1,0 +1,104 @@
+"""Load from wrk (pinned to its own core) against a variant served by uvicorn (pinned to another)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from benchmarks.variants import request_of
+
+WRK_SCRIPTS = {
+    "write": """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/demo/pro/chatgroups/bench/users/u" .. (counter % 200))
+end
+""",
+    "login": """
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{"username": "u' .. (counter % 2000) .. '"}'
+  return wrk.format("POST", "/demo/pro/token", {["Content-Type"] = "application/json"}, body)
+end
+""",
+}
+SERVER_CORE, LOAD_CORE = "0", "1"
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def parse_wrk(out: str) -> LoadResult:
+    requests, seconds = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).groups()[:2]  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return LoadResult(int(requests), float(seconds), rps, p50, p99, int(non.group(1)) if non else 0)
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv] if shutil.which("taskset") else argv
+
+
+class Server:
+    """`python -m benchmarks.server VARIANT SCENARIO PORT REDIS` on its own core."""
+
+    def __init__(self, variant: str, scenario: str, port: int, redis_url: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "benchmarks.server", variant, scenario, str(port), redis_url]
+        self.proc = subprocess.Popen(pinned(SERVER_CORE, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(self.base + "/__bench/sent", timeout=1)
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"benchmark server {variant}/{scenario} did not start:\n{err}") from None
+                time.sleep(0.05)
+
+    def sent(self) -> int:
+        return int(httpx.get(self.base + "/__bench/sent", timeout=5).text)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wrk(base: str, scenario: str, seconds: float, connections: int) -> LoadResult:
+    method, path, _ = request_of(scenario)
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    script = WRK_SCRIPTS.get(scenario)
+    if script:
+        tmp = Path(tempfile.mkdtemp(prefix="quota-wrk-")) / f"{scenario}.lua"
+        tmp.write_text(script)
+        argv += ["-s", str(tmp)]
+    out = subprocess.run(pinned(LOAD_CORE, [*argv, base + path]), capture_output=True, text=True, check=True)
+    return parse_wrk(out.stdout)

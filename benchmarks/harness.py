@@ -121,7 +121,7 @@ def inprocess_round(redis: OwnRedis, scenario: str, variants: list[str], total: 
     for variant in variants:
         redis.client.flushall()
 
-        async def run() -> tuple[float, float, float]:
+        async def run(variant: str = variant) -> tuple[float, float, float]:
             app = build(variant, scenario, redis.url)
             await drive(app, scenario, min(total, 640))  # warm connections and caches
             return await drive(app, scenario, total)

@@ -37,6 +37,11 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
         self.errors = Counter("quota_errors", "Errors, by kind.", ["kind"], registry=self.registry)
+        self.local_refusals = Counter(
+            "quota_local_refusals",
+            "Rate refusals served from the local deny cache, without the store.",
+            registry=self.registry,
+        )
         # labels() builds and locks on every call; the label sets are few, so keep their children.
         self._decisions: dict[tuple[str, str, str, str], Any] = {}
         self._near: dict[tuple[str, str, str], Any] = {}

@@ -35,6 +35,7 @@ from quota.decisions import (
     plan_request,
     undo_ops,
 )
+from quota.denials import DenyCache
 from quota.errors import ConfigError, StorageError
 from quota.keys import rate_key
 from quota.metrics import Metrics
@@ -61,6 +62,8 @@ class Runtime:
         self.store = store
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.trusted = config.settings.trusted_proxies
+        # Per runtime: a reload may change the limits the cached refusals were computed from.
+        self.denials = DenyCache()
 
 
 @dataclass
@@ -197,8 +200,15 @@ class QuotaMiddleware:
     async def _run(
         self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule
     ) -> Outcome | Denial:
+        cached = rt.denials.check(program, now_ms)
+        if cached is not None:
+            self.metrics.local_refusals.inc()
+            return Outcome(cached)
         try:
-            return await self._store(rt, program, now_ms)
+            outcome = await self._store(rt, program, now_ms)
+            if outcome.refusal is not None:
+                rt.denials.remember(program, outcome.refusal, now_ms)
+            return outcome
         except StorageError:
             policy = rule.outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
             return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE

@@ -1,0 +1,45 @@
+"""A local cache of rate windows known to be over their limit: a flood is refused in-process.
+
+A rate refusal carries the first instant at which one more hit could fit if nothing else were
+counted meanwhile. Hits from other requests or processes only push that instant later, never
+earlier, so until then the store would refuse as well; and a refused request counts nothing in the
+store either way. Serving those refusals locally therefore lets no extra request through and
+refuses none that would pass: it only saves the round trip (envoy's over_limit local cache and
+upstash's ephemeral cache do the same).
+"""
+
+from __future__ import annotations
+
+from quota.store.program import Program, RateOp, Refusal
+
+MAX_ENTRIES = 1 << 16
+
+
+class DenyCache:
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self.until: dict[str, int] = {}
+
+    def check(self, program: Program, now_ms: int) -> Refusal | None:
+        if not self.until:
+            return None
+        for index, op in enumerate(program.ops):
+            if isinstance(op, RateOp):
+                until = self.until.get(op.key)
+                if until is not None:
+                    if now_ms < until:
+                        reset = op.window_ms - now_ms % op.window_ms
+                        return Refusal(index, "rate", op.limit, op.limit, retry_after_ms=until - now_ms, reset_ms=reset)
+                    del self.until[op.key]
+        return None
+
+    def remember(self, program: Program, refusal: Refusal, now_ms: int) -> None:
+        if refusal.kind != "rate":
+            return
+        op = program.ops[refusal.op_index]
+        assert isinstance(op, RateOp)
+        if len(self.until) >= self.max_entries:
+            self.until = {k: t for k, t in self.until.items() if t > now_ms}
+            if len(self.until) >= self.max_entries:
+                self.until.clear()
+        self.until[op.key] = now_ms + refusal.retry_after_ms

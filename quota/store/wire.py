@@ -47,7 +47,8 @@ class _Protocol(asyncio.Protocol):
         self.loop = loop
         self.timeout_s = timeout_s
         self.reader = hiredis.Reader(replyError=ReplyError)
-        self.transport: asyncio.Transport | None = None
+        # uvloop's transports are not asyncio.Transport subclasses: typed by what is used.
+        self.transport: Any = None
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
@@ -56,7 +57,6 @@ class _Protocol(asyncio.Protocol):
         self.error: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

@@ -80,3 +80,19 @@ async def test_auth_and_db_are_sent(tmp_path: object) -> None:
         await wire.close()
     finally:
         server.stop()
+
+
+def test_under_uvloop(redis_server: RedisServer) -> None:
+    """The connection works on uvloop, the loop uvicorn runs the gateway on."""
+    import uvloop  # installed with uvicorn[standard], a dependency of quota
+
+    async def main() -> list[bytes]:
+        wire = Wire(redis_server.url, timeout_ms=2000)
+        try:
+            script = Script("return ARGV[1]")
+            return list(await asyncio.gather(*(wire.evalsha(script, ["k"], [f"u{i}"]) for i in range(200))))
+        finally:
+            await wire.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(main()) == [f"u{i}".encode() for i in range(200)]

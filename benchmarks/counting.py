@@ -9,6 +9,7 @@ SENT = [0]
 
 
 def install() -> None:
+    import hiredis
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
@@ -21,14 +22,21 @@ def install() -> None:
 
         cls.pack_command = pack_command
 
-    # Async connections pack each command (pipelines included) through pack_command; sync ones go
-    # through their serializer's pack, one call per command.
+    # Async redis-py packs each command (pipelines included) in pack_command, in Python; sync
+    # redis-py packs through hiredis.pack_command (or PythonRespSerializer without hiredis), and so
+    # does quota's own connection (quota/store/wire.py): one call per command in each case.
     wrap_one(aconn.AbstractConnection)
-    for serializer in (sconn.HiredisRespSerializer, sconn.PythonRespSerializer):
-        original = serializer.pack
+    original_pack = hiredis.pack_command
 
-        def pack(self: Any, *args: Any, _original: Any = original) -> Any:
-            SENT[0] += 1
-            return _original(self, *args)
+    def pack_command(args: Any) -> Any:
+        SENT[0] += 1
+        return original_pack(args)
 
-        serializer.pack = pack  # type: ignore[method-assign]
+    hiredis.pack_command = pack_command
+    python_pack = sconn.PythonRespSerializer.pack
+
+    def pack(self: Any, *args: Any) -> Any:
+        SENT[0] += 1
+        return python_pack(self, *args)
+
+    sconn.PythonRespSerializer.pack = pack  # type: ignore[method-assign]

@@ -59,7 +59,7 @@ class RequestPlan:
     login_user: str | None = None
 
 
-def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -> Denial | None:
+def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) -> Denial | None:
     """Refusals that need no I/O: a frozen account, a feature the plan lacks, history too old."""
     if app.frozen:
         purge = app.account.purge_after
@@ -78,6 +78,7 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now: datetime) -
         except ValueError:
             return Denial(400, "illegal_argument", f"time must be yyyyMMddHH, found {raw[:20]!r}")
         days = app.limits.get("message_retention_days")
+        now = datetime.fromtimestamp(now_s, UTC)
         if isinstance(days, int) and hour < now - timedelta(days=days):
             return Denial(
                 403,

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class QuotaMiddleware:
         self.metrics = Metrics()
         self.breaker = CircuitBreaker()
         self._watcher: asyncio.Task[None] | None = None
+        self._day, self._date = -1, date(1970, 1, 1)
 
     def reload(self, directory: str | Path | None = None) -> Config:
         """Load the config again and apply it to the next request; raises ConfigError and keeps the
@@ -112,7 +113,7 @@ class QuotaMiddleware:
         try:
             await self.runtime.directory.refresh()
         except StorageError:
-            self.metrics.errors.labels("storage_unavailable").inc()
+            self.metrics.error("storage_unavailable")
         return cfg
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,6 +137,13 @@ class QuotaMiddleware:
         else:
             await self._http(rt, match, scope, receive, send, started)
 
+    def _today(self, now_s: float) -> date:
+        # The UTC date changes once a day: build it once a day, not once a request.
+        day = int(now_s // 86400)
+        if day != self._day:
+            self._day, self._date = day, datetime.fromtimestamp(day * 86400, UTC).date()
+        return self._date
+
     async def _watch(self) -> None:
         # The runtime may be swapped by a reload: always watch the current one's directory.
         while True:
@@ -145,7 +153,7 @@ class QuotaMiddleware:
                 if rt.directory.store is not None and await rt.store.accounts_version() != rt.directory.version:
                     await rt.directory.refresh()
             except Exception:  # noqa: BLE001 - a background poll must outlive any storage fault
-                self.metrics.errors.labels("storage_unavailable").inc()
+                self.metrics.error("storage_unavailable")
 
     def client_ip(self, rt: Runtime, scope: Scope) -> str:
         client = scope.get("client")
@@ -177,59 +185,48 @@ class QuotaMiddleware:
             return Denial(404, "service_resource_not_found", f"app {org}#{app} has no plan here")
         return found
 
-    async def _store(self, rt: Runtime, program: Program, now_ms: int) -> Outcome:
-        """One store call behind the breaker; every failure surfaces as StorageError."""
-        if not self.breaker.allow():
-            self.metrics.errors.labels("breaker_open").inc()
-            raise StorageError("circuit open")
-        started = time.perf_counter()
-        try:
-            outcome = await rt.store.run(program, now_ms)
-        except (TimeoutError, StorageError, OSError) as exc:
-            self.breaker.failure()
-            kind = (
-                "storage_timeout" if "Timeout" in str(exc) or isinstance(exc, TimeoutError) else "storage_unavailable"
-            )
-            self.metrics.errors.labels(kind).inc()
-            raise StorageError(str(exc)) from exc
-        finally:
-            self.metrics.storage_seconds.observe(time.perf_counter() - started)
-        self.breaker.success()
-        return outcome
-
     async def _run(
-        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule
+        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
     ) -> Outcome | Denial:
+        """The one way quota calls its store: deny cache, breaker, timing, and the outage policy."""
         cached = rt.denials.check(program, now_ms)
         if cached is not None:
-            self.metrics.local_refusals.inc()
+            self.metrics.local_refusals += 1
             return Outcome(cached)
-        try:
-            outcome = await self._store(rt, program, now_ms)
-            if outcome.refusal is not None:
-                rt.denials.remember(program, outcome.refusal, now_ms)
-            return outcome
-        except StorageError:
-            policy = rule.outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
-            return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
+        if self.breaker.allow():
+            started = time.perf_counter()
+            try:
+                outcome = await rt.store.run(program, now_ms)
+            except (TimeoutError, StorageError, OSError) as exc:
+                self.breaker.failure()
+                timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
+                self.metrics.error("storage_timeout" if timed_out else "storage_unavailable")
+            else:
+                self.breaker.success()
+                self.metrics.storage(time.perf_counter() - started)
+                if outcome.refusal is not None:
+                    rt.denials.remember(program, outcome.refusal, now_ms)
+                return outcome
+        else:
+            self.metrics.error("breaker_open")
+        outage = rule.outage if rule is not None else None
+        policy = outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
+        return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
 
     async def _settle(self, rt: Runtime, program: Program, now_ms: int) -> None:
         # Settling never fails the client's request: a lost settle is drift, which reconcile repairs.
         if program:
-            try:
-                await self._store(rt, program, now_ms)
-            except StorageError:
-                pass
+            await self._run(rt, program, now_ms, True, None)
 
     async def _decide(
-        self, rt: Runtime, match: Match, app: AppPlan, ip: str, receive: Receive, started: float, now: datetime
+        self, rt: Runtime, match: Match, app: AppPlan, ip: str, receive: Receive, started: float, today: date
     ) -> _Verdict:
         rule = match.rule
         verdict = _Verdict(app, receive)
         if not app.allows(ip):
             verdict.denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
             return verdict
-        verdict.denial = gate(rule, app, match.params, now)
+        verdict.denial = gate(rule, app, match.params, started)
         if verdict.denial:
             return verdict
         if rule.needs_body:
@@ -268,25 +265,23 @@ class QuotaMiddleware:
             verdict.outcome = result
         return verdict
 
-    def _report(self, rule: RouteRule, app: AppPlan, verdict: _Verdict) -> None:
-        plan_name = app.plan.name
-        outcome = verdict.outcome
-        if outcome is None or verdict.plan is None:
-            return
-        self.metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
+    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome) -> None:
+        metrics, plan_name = self.metrics, app.plan.name
+        metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
         for state in outcome.rates:
-            self.metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
-        adds = [verdict.plan.before.ops[i] for i in verdict.plan.adds]
-        for op, size in zip(adds, outcome.sizes, strict=False):
-            if isinstance(op, AddOp) and op.limit:
-                self.metrics.near(rule.name, op.limit, plan_name, size, op.cap)
+            if state.remaining * 5 <= state.limit:
+                metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
+        for index, size in zip(plan.adds, outcome.sizes, strict=False):
+            op = plan.before.ops[index]
+            if isinstance(op, AddOp) and op.limit and op.cap > 0:
+                metrics.near(rule.name, op.limit, plan_name, size, op.cap)
 
     async def _http(
         self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
     ) -> None:
-        now = datetime.fromtimestamp(started, UTC)
+        today = self._today(started)
         rule = match.rule
-        app = self._app_of(rt, match, now.date())
+        app = self._app_of(rt, match, today)
         if isinstance(app, Denial):
             await send_denial(app, send, started)
             return
@@ -294,7 +289,7 @@ class QuotaMiddleware:
         if app is None:
             await self._fallback(rt, scope, receive, send, started, ip)
             return
-        verdict = await self._decide(rt, match, app, ip, receive, started, now)
+        verdict = await self._decide(rt, match, app, ip, receive, started, today)
         denial = verdict.denial
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or rt.settings.shadow):
@@ -306,9 +301,9 @@ class QuotaMiddleware:
             self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused")
             await send_denial(denial, send, started)
             return
-        self._report(rule, app, verdict)
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
+        self._report(rule, app, plan, outcome)
         if not (plan.adds or plan.after) or outcome.unchecked:
             await self.app(scope, verdict.receive, send)
             return
@@ -329,9 +324,7 @@ class QuotaMiddleware:
         now_ms = int(started * 1000)
         status = 0
         captured: list[bytes] = []
-        capture = bool(plan.binds) or any(
-            c.owner.source == "response" or (c.members and c.members.source == "response") for c in plan.after
-        )
+        capture = match.rule.reads_response
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -349,6 +342,8 @@ class QuotaMiddleware:
             raise
         if not 200 <= status < 300:
             await self._settle(rt, undo_ops(plan, outcome.added), now_ms)
+            return
+        if not (plan.binds or plan.after):
             return
         response: Any = None
         if capture:
@@ -377,8 +372,8 @@ class QuotaMiddleware:
     async def _websocket(
         self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
     ) -> None:
-        now = datetime.fromtimestamp(started, UTC)
-        app = self._app_of(rt, match, now.date())
+        today = self._today(started)
+        app = self._app_of(rt, match, today)
         if not isinstance(app, AppPlan):
             if app is None and match.rule.name == "other":
                 await self.app(scope, receive, send)
@@ -388,7 +383,7 @@ class QuotaMiddleware:
         ip = self.client_ip(rt, scope)
         conn = uuid.uuid4().hex
         ttl_ms = rt.settings.lease_ttl_s * 1000
-        denial = gate(match.rule, app, match.params, now)
+        denial = gate(match.rule, app, match.params, started)
         if denial is None and not app.allows(ip):
             denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
         if denial is None:
@@ -425,7 +420,7 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
         finally:
             renew.cancel()
-            release = Program([ReleaseOp(lease_op(app, now.date(), conn, ttl_ms).online_key, conn)])
+            release = Program([ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn)])
             await self._settle(rt, release, int(self.clock() * 1000))
 
     async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int) -> None:
@@ -433,7 +428,7 @@ class QuotaMiddleware:
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = self.clock()
-            op = lease_op(app, datetime.fromtimestamp(now, UTC).date(), conn, ttl_ms)
+            op = lease_op(app, self._today(now), conn, ttl_ms)
             await self._settle(rt, Program([op]), int(now * 1000))
 
 

@@ -91,8 +91,9 @@ class RouteRule:
         return any(s.source == "body" for s in selectors)
 
     @cached_property
-    def needs_response(self) -> bool:
-        return any(c.binds_later for c in self.changes)
+    def reads_response(self) -> bool:
+        """A create binds the id it answers; a batch delete may name what it removed."""
+        return any(c.owner.source == "response" or (c.members and c.members.source == "response") for c in self.changes)
 
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")

@@ -101,18 +101,21 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
             retry = retry_after_ms(a, b, c, op.window_ms, op.limit, op.cost)
             return Outcome(Refusal(index, kind, used, cap, retry_after_ms=retry, reset_ms=op.window_ms - c))
         return Outcome(Refusal(index, kind, used, cap, room=a, who=who))
-    online, n_rates = int(reply[1]), int(reply[2])
-    names = [op for op in program.ops if isinstance(op, RateOp)]
-    rates = tuple(
-        RateState(names[j].name, names[j].limit, int(reply[3 + 2 * j]), int(reply[4 + 2 * j])) for j in range(n_rates)
-    )
+    # Integers arrive as ints and members as bytes (hiredis); decoded here, once, without layers.
+    online, n_rates = reply[1], reply[2]
+    rates: tuple[RateState, ...] = ()
+    if n_rates:
+        ops = [op for op in program.ops if isinstance(op, RateOp)]
+        rates = tuple(
+            RateState(op.name, op.limit, reply[3 + 2 * j], reply[4 + 2 * j]) for j, op in enumerate(ops[:n_rates])
+        )
     pos = 3 + 2 * n_rates
     added: list[tuple[str, ...]] = []
     sizes: list[int] = []
-    for _ in range(int(reply[pos])):
-        k, size = int(reply[pos + 1]), int(reply[pos + 2])
-        added.append(tuple(text(m) for m in reply[pos + 3 : pos + 3 + k]))
-        sizes.append(size)
+    for _ in range(reply[pos]):
+        k = reply[pos + 1]
+        sizes.append(reply[pos + 2])
+        added.append(tuple(m.decode() for m in reply[pos + 3 : pos + 3 + k]))
         pos += 2 + k
     return Outcome(rates=rates, added=tuple(added), sizes=tuple(sizes), online=online)
 

@@ -186,7 +186,11 @@ class Wire:
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        reply = await self.call(command)
+        protocol = self._protocol
+        if protocol is not None and protocol.error is None:
+            reply = await protocol.call(hiredis.pack_command(command))
+        else:
+            reply = await self.call(command)
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted (or flushed its scripts): load the script and send the call again, once.
             await self.call(("SCRIPT", "LOAD", script.source))

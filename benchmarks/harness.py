@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis as redis_sync
 
 from benchmarks.inprocess import drive
@@ -29,6 +30,7 @@ from benchmarks.load import LOAD_CORE, Server, pinned, wrk
 from benchmarks.variants import SCENARIOS, VARIANTS, build
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+FAILURES: list[str] = []
 HARNESS_COMMANDS = ("info", "config|resetstat", "flushall", "ping", "client|setinfo", "hello", "config|get")
 
 
@@ -100,19 +102,29 @@ def load_round(
     out: dict[str, Sample] = {}
     for variant in variants:
         redis.client.flushall()
-        server = Server(variant, scenario, free_port(), redis.url)
+        try:
+            server = Server(variant, scenario, free_port(), redis.url)
+        except RuntimeError as exc:
+            FAILURES.append(f"{scenario}/{variant}: the server did not start ({exc})")
+            continue
         try:
             if warmup:
                 wrk(server.base, scenario, 1, connections)
             sent, cmds = server.sent(), redis.commands()
             result = wrk(server.base, scenario, seconds, connections)
             sent, cmds = server.sent() - sent, redis.commands() - cmds
+        except (httpx.HTTPError, subprocess.CalledProcessError) as exc:
+            # A variant that stops answering loses this sample; the run goes on and says so.
+            FAILURES.append(f"{scenario}/{variant}: stopped answering ({exc.__class__.__name__}); sample dropped")
+            print(f"  {scenario:6s} {variant:13s} FAILED: {exc.__class__.__name__}", file=sys.stderr, flush=True)
+            continue
         finally:
             server.stop()
         n = max(1, result.requests)
         out[variant] = Sample(
             result.rps, result.p50_ms, result.p99_ms, sent / n, cmds / n, result.non_2xx / result.seconds
         )
+        print(f"  {scenario:6s} {variant:13s} {result.rps:8.0f} rps", file=sys.stderr, flush=True)
     return out
 
 

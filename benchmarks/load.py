@@ -82,7 +82,15 @@ class Server:
                 time.sleep(0.05)
 
     def sent(self) -> int:
-        return int(httpx.get(self.base + "/__bench/sent", timeout=5).text)
+        # A slow variant may still be working off wrk's last requests: wait for it, patiently.
+        deadline = time.time() + 20
+        while True:
+            try:
+                return int(httpx.get(self.base + "/__bench/sent", timeout=5).text)
+            except httpx.HTTPError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -1,0 +1,44 @@
+"""The benchmark harness keeps working: a tiny run, checked for shape only (speed lives in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_quick_json_lines() -> None:
+    """`python -m benchmarks --quick` prints one JSON line per scenario and variant, with every figure."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--scenarios", "write,flood", "--variants", "bare,quota-redis"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["scenario"], r["variant"]) for r in rows] == [
+        ("write", "bare"),
+        ("write", "quota-redis"),
+        ("flood", "bare"),
+        ("flood", "quota-redis"),
+    ]
+    keys = {
+        "scenario",
+        "variant",
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "redis_calls_per_req",
+        "redis_cmds_per_req",
+        "ratio_to_bare",
+    }
+    assert all(set(r) == keys for r in rows)
+    by = {(r["scenario"], r["variant"]): r for r in rows}
+    assert by[("write", "bare")]["redis_calls_per_req"] == 0
+    # A write through quota is one script call to Redis, whatever its speed.
+    assert 0.9 < by[("write", "quota-redis")]["redis_calls_per_req"] < 1.2
+    assert all(r["rps"] > 0 for r in rows)

@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} rounds, variants interleaved and rotated each round; medians, with min-max over rounds. "
         f"Ratios are to the bare gateway in the same round.\n"
     )
+    if FAILURES:
+        header += "\nRuns that failed (their samples are missing from the medians):\n\n"
+        header += "".join(f"- {failure}\n" for failure in FAILURES)
     text = (
         "\n\n".join(
             [

@@ -131,7 +131,7 @@ def _route_key(program: Program) -> str:
 SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 
 
-def connect(url: str, timeout_ms: int) -> Any:
+def connect(url: str, timeout_ms: int) -> tuple[Any, list[Any]]:
     """A redis-py asyncio client for any of SCHEMES (the names `limits` uses for the same topologies).
 
     redis://host:port/db, rediss://..., unix:///path
@@ -146,7 +146,7 @@ def connect(url: str, timeout_ms: int) -> Any:
     }
     scheme, _, rest = url.partition("://")
     if scheme in ("redis", "rediss", "unix"):
-        return aioredis.Redis.from_url(url, **options)
+        return aioredis.Redis.from_url(url, **options), []
     tls = scheme.startswith("rediss")
     netloc, _, path = rest.partition("/")
     auth, _, hosts = netloc.rpartition("@")
@@ -155,13 +155,14 @@ def connect(url: str, timeout_ms: int) -> Any:
     if scheme.endswith("+cluster"):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes],
             password=password,
             ssl=tls,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
+        return cluster, []
     from redis.asyncio.sentinel import Sentinel
 
     service, _, db = path.partition("/")
@@ -170,7 +171,8 @@ def connect(url: str, timeout_ms: int) -> Any:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         nodes, sentinel_kwargs={"socket_timeout": timeout}, password=password, ssl=tls, **options
     )
-    return sentinel.master_for(service, db=int(db or 0))
+    # The sentinels' own connections are closed with the store.
+    return sentinel.master_for(service, db=int(db or 0)), list(sentinel.sentinels)
 
 
 class RedisStore:
@@ -178,7 +180,10 @@ class RedisStore:
     Sentinel through redis-py (which follows slot moves and failovers). Everything else: redis-py."""
 
     def __init__(self, url: str, *, timeout_ms: int = 250, client: Any = None) -> None:
-        self.client = client or connect(url, timeout_ms)
+        self.extra: list[Any] = []
+        if client is None:
+            client, self.extra = connect(url, timeout_ms)
+        self.client = client
         self.script = self.client.register_script(PROGRAM_LUA)
         plain = url.split("://", 1)[0] in ("redis", "rediss", "unix") and client is None
         self.wire = Wire(url, timeout_ms=timeout_ms) if plain else None
@@ -263,3 +268,5 @@ class RedisStore:
         if self.wire is not None:
             await self.wire.close()
         await self.client.aclose()
+        for other in self.extra:
+            await other.aclose()

@@ -180,12 +180,14 @@ class RedisStore:
     Sentinel through redis-py (which follows slot moves and failovers). Everything else: redis-py."""
 
     def __init__(self, url: str, *, timeout_ms: int = 250, client: Any = None) -> None:
+        # The lean connection serves single servers reached by URL; Cluster, Sentinel and a client
+        # handed in keep redis-py, which follows slot moves and failovers.
+        plain = url.split("://", 1)[0] in ("redis", "rediss", "unix") and client is None
         self.extra: list[Any] = []
         if client is None:
             client, self.extra = connect(url, timeout_ms)
         self.client = client
         self.script = self.client.register_script(PROGRAM_LUA)
-        plain = url.split("://", 1)[0] in ("redis", "rediss", "unix") and client is None
         self.wire = Wire(url, timeout_ms=timeout_ms) if plain else None
         self.program = Script(PROGRAM_LUA)
         self.swap = self.client.register_script(SWAP_LUA)

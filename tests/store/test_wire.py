@@ -96,3 +96,13 @@ def test_under_uvloop(redis_server: RedisServer) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()) == [f"u{i}".encode() for i in range(200)]
+
+
+def test_which_urls_take_the_lean_connection() -> None:
+    """Single servers by URL use the pipelined connection; Cluster and Sentinel keep redis-py."""
+    from quota.store.redis import RedisStore
+
+    assert RedisStore("redis://127.0.0.1:1/0").wire is not None
+    assert RedisStore("unix:///tmp/none.sock").wire is not None
+    assert RedisStore("redis+cluster://127.0.0.1:1").wire is None
+    assert RedisStore("redis+sentinel://127.0.0.1:1/svc").wire is None

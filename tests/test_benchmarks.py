@@ -42,3 +42,18 @@ def test_quick_json_lines() -> None:
     # A write through quota is one script call to Redis, whatever its speed.
     assert 0.9 < by[("write", "quota-redis")]["redis_calls_per_req"] < 1.2
     assert all(r["rps"] > 0 for r in rows)
+
+
+def test_targets_are_checked_against_the_run() -> None:
+    """RESULTS.md's target section says met or not from the run's own medians, with the reason when not."""
+    from benchmarks.harness import targets
+
+    def r(scenario: str, variant: str, ratio: float, calls: float) -> dict[str, object]:
+        return {"scenario": scenario, "variant": variant, "ratio_to_bare": ratio, "redis_calls_per_req": calls}
+
+    rows = [r("write", "quota-redis", 0.85, 1.0), r("write", "slowapi", 0.30, 1.0), r("flood", "quota-redis", 1.3, 0.2)]
+    text = targets(rows)  # type: ignore[arg-type]
+    assert "**no**" not in text and "2.83x" in text and "measured reason" not in text
+    rows[0]["ratio_to_bare"] = 0.7
+    text = targets(rows)  # type: ignore[arg-type]
+    assert "| write route at 0.8 of bare or better | 0.70 | **no** |" in text and "measured reason" in text

@@ -1,0 +1,26 @@
+"""The house style holds: ruff clean everywhere, mypy --strict clean on the package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_ruff() -> None:
+    """`ruff check` finds nothing in quota/, tests/ and benchmarks/."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "quota", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_mypy_strict() -> None:
+    """`mypy` (strict, configured in pyproject.toml) finds nothing in quota/."""
+    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -36,7 +36,7 @@ from quota.decisions import (
     undo_ops,
 )
 from quota.denials import DenyCache
-from quota.errors import ConfigError, StorageError
+from quota.errors import StorageError
 from quota.keys import rate_key
 from quota.metrics import Metrics
 from quota.plans import AppPlan, Directory
@@ -483,4 +483,4 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive, bool
     return body, replay, False
 
 
-__all__ = ["ConfigError", "QuotaMiddleware", "Runtime"]
+__all__ = ["QuotaMiddleware", "Runtime"]

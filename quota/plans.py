@@ -1,13 +1,11 @@
 """Who is on which plan: an in-process snapshot of app -> account -> plan, refreshed on change.
 
-Requests read the snapshot only; the store is asked for the accounts' version in the background
-(once a second), never on the request path.
+Requests read the snapshot only; the middleware asks the store for the accounts' version in the
+background (once a second), never on the request path, and calls refresh() when it moved.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 from dataclasses import dataclass
 from datetime import date
@@ -112,10 +110,3 @@ class Directory:
             return
         await self.store.save_account(account.name, account.to_json())
         await self.refresh()
-
-    async def watch(self, every_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            with contextlib.suppress(Exception):
-                if self.store is not None and await self.store.accounts_version() != self.version:
-                    await self.refresh()

@@ -1,14 +1,13 @@
 """The admin HTTP API, mounted by the middleware under settings.admin_prefix (default /_quota).
 
-Every endpoint needs `Authorization: Bearer <token>` (settings.admin_token or QUOTA_ADMIN_TOKEN),
-compared in constant time. Without a configured token the API answers 404: it is off.
+Every endpoint needs `Authorization: Bearer <token>` of a scope that covers it (quota/tokens.py):
+the read token sees metrics, entitlements, usage, bills and accounts; the admin token also changes
+things. Without any configured token the API answers 404: it is off.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,6 +25,7 @@ from quota.entitlements import entitlements
 from quota.errors import ConfigError, StorageError, UnknownAppError
 from quota.metering import usage_report
 from quota.privacy import forget_user
+from quota.tokens import Scope, Tokens, bearer
 
 if TYPE_CHECKING:
     from quota.middleware import QuotaMiddleware
@@ -39,7 +39,9 @@ def _month(text: str | None) -> tuple[int, int]:
     today = date.today()
     if not text:
         return today.year, today.month
-    year, month = text.split("-")
+    year, _, month = text.partition("-")
+    if not (len(year) == 4 and year.isdigit() and len(month) == 2 and month.isdigit() and 1 <= int(month) <= 12):
+        raise ValueError(f"month must be YYYY-MM, found {text[:20]!r}")
     return int(year), int(month)
 
 
@@ -47,17 +49,16 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     def runtime() -> Any:
         return middleware.runtime
 
-    def token() -> str | None:
-        return os.environ.get("QUOTA_ADMIN_TOKEN") or runtime().settings.admin_token
-
-    def guarded(handler: Callable[..., Any]) -> Callable[[Request], Any]:
+    def guarded(handler: Callable[..., Any], scope: Scope = "read") -> Callable[[Request], Any]:
         async def run(request: Request) -> Response:
-            expected = token()
-            if not expected:
+            tokens: Tokens = runtime().tokens
+            if not tokens.enabled:
                 return _error(404, "service_resource_not_found", "the admin API is off: no admin token configured")
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            given = bearer(request.headers.get("authorization", ""))
+            if tokens.scope_of(given) is None:
                 return _error(401, "unauthorized", "missing or wrong admin token")
+            if not tokens.grants(given, scope):
+                return _error(403, "forbidden", f"this token may read only; {request.url.path} needs the admin token")
             try:
                 response: Response = await handler(request, runtime())
                 return response
@@ -107,8 +108,18 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             raise ValueError("body must be JSON") from exc
         if not isinstance(payload, dict):
             raise ValueError("body must be a JSON object")
-        day = date.fromisoformat(payload["date"]) if payload.get("date") else date.today()
-        plan = payload.get("plan")
+        unknown = set(payload) - {"date", "plan"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected date, plan")
+        raw_day, plan = payload.get("date"), payload.get("plan")
+        if raw_day is not None and not isinstance(raw_day, str):
+            raise ValueError(f"date must be a string YYYY-MM-DD, found {type(raw_day).__name__}")
+        try:
+            day = date.fromisoformat(raw_day) if raw_day else date.today()
+        except ValueError as exc:
+            raise ValueError(f"date must be YYYY-MM-DD, found {raw_day[:20]!r}") from exc
+        if plan is not None and not isinstance(plan, str):
+            raise ValueError(f"plan must be a string, found {type(plan).__name__}")
         if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:
             raise ValueError(f"plan must be one of {', '.join(rt.config.matrix.plans)}")
         updated = apply_change(account, action, plan, day)
@@ -163,14 +174,14 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     return Starlette(
         routes=[
             Route("/metrics", guarded(metrics)),
-            Route("/reload", guarded(reload), methods=["POST"]),
-            Route("/forget/{org}/{app}/{user}", guarded(forget), methods=["POST"]),
+            Route("/reload", guarded(reload, "admin"), methods=["POST"]),
+            Route("/forget/{org}/{app}/{user}", guarded(forget, "admin"), methods=["POST"]),
             Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
             Route("/usage/{org}/{app}", guarded(show_usage)),
             Route("/bills/{account}", guarded(show_bill)),
             Route("/accounts/{account}", guarded(show_account)),
-            Route("/accounts/{account}/allowlist", guarded(set_allowlist), methods=["PUT"]),
-            Route("/accounts/{account}/{action}", guarded(change), methods=["POST"]),
+            Route("/accounts/{account}/allowlist", guarded(set_allowlist, "admin"), methods=["PUT"]),
+            Route("/accounts/{account}/{action}", guarded(change, "admin"), methods=["POST"]),
         ]
     )
 

@@ -24,6 +24,7 @@ from quota.accounts import Account, Subscription
 from quota.errors import ConfigError, Problem
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
 from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
+from quota.tokens import MIN_LENGTH
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
@@ -34,6 +35,8 @@ METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
 class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     admin_token: str | None = None
+    # Read-only scope: metrics, entitlements, usage, bills, the dashboard (see quota/tokens.py).
+    read_token: str | None = None
     admin_prefix: str = "/_quota"
     max_body_bytes: int = 1 << 20
     # What a request meets when the store does not answer: rates fail open, counter writes closed.
@@ -480,6 +483,7 @@ class _Settings(_Checker):
             optional=(
                 "trusted_proxies",
                 "admin_token",
+                "read_token",
                 "admin_prefix",
                 "max_body_bytes",
                 "outage",
@@ -500,13 +504,15 @@ class _Settings(_Checker):
         for part in ("rates", "counters"):
             if part in outage and outage[part] not in ("open", "closed"):
                 self.fail(f"outage.{part}", "open or closed", outage[part])
-        token = node.get("admin_token")
-        if token is not None and (not isinstance(token, str) or len(token) < 16):
-            self.fail("admin_token", "a string of at least 16 characters", _Said("a shorter value"))
+        token, read_token = node.get("admin_token"), node.get("read_token")
+        for name, value in (("admin_token", token), ("read_token", read_token)):
+            if value is not None and (not isinstance(value, str) or len(value) < MIN_LENGTH):
+                self.fail(name, f"a string of at least {MIN_LENGTH} characters", _Said("a shorter value"))
         fallback = self.rate(node["fallback_rate"], "fallback_rate") if "fallback_rate" in node else base.fallback_rate
         return Settings(
             trusted_proxies=tuple(proxies),
             admin_token=token,
+            read_token=read_token,
             admin_prefix=str(node.get("admin_prefix", base.admin_prefix)),
             max_body_bytes=self.whole(node.get("max_body_bytes", base.max_body_bytes), "max_body_bytes", 1) or 1,
             outage_rates=outage.get("rates", base.outage_rates),

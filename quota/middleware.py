@@ -45,6 +45,7 @@ from quota.routes import Match, RouteRule
 from quota.store import Store
 from quota.store.memory import MemoryStore
 from quota.store.program import AddOp, Outcome, Program, RateOp, ReleaseOp
+from quota.tokens import resolve
 
 FALLBACK_PREFIX = "q:{_}:"
 RESPONSE_CAPTURE_LIMIT = 1 << 16
@@ -62,6 +63,8 @@ class Runtime:
         self.store = store
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.trusted = config.settings.trusted_proxies
+        # Resolved once per config: a short token (in quota.yaml or the environment) stops the start.
+        self.tokens = resolve(config.settings.admin_token, config.settings.read_token)
         # Per runtime: a reload may change the limits the cached refusals were computed from.
         self.denials = DenyCache()
 

@@ -366,3 +366,51 @@ async def test_apps_never_see_each_other(admin: httpx.AsyncClient) -> None:
     # An app name built to look like another app's key prefix does not reach its keys.
     r = await admin.get("/_quota/entitlements/demo/pro}:s:contacts:o:a?user=a", headers=AUTH)
     assert r.status_code == 404
+
+
+class TestScopes:
+    """Scoped tokens: the read token sees, only the admin token changes; short tokens never start."""
+
+    async def test_read_token_reads_but_cannot_change(
+        self, store: Any, monkeypatch: pytest.MonkeyPatch, clock: Clock
+    ) -> None:
+        """Catches a read token that may freeze accounts or reload (scope not checked)."""
+        read = "read-only-token-0123456789"
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+        monkeypatch.setenv("QUOTA_READ_TOKEN", read)
+        app = build_app(load_config(), store=store)
+        app.clock = clock
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            ro = {"authorization": f"Bearer {read}"}
+            assert (await c.get("/_quota/metrics", headers=ro)).status_code == 200
+            assert (await c.get("/_quota/entitlements/demo/free", headers=ro)).status_code == 200
+            r = await c.post("/_quota/accounts/demo-free/freeze", headers=ro)
+            assert r.status_code == 403 and "admin token" in r.json()["error_description"]
+            assert (await c.post("/_quota/reload", headers=ro)).status_code == 403
+            # The account is untouched: requests still pass.
+            assert (await c.get("/demo/free/users")).status_code == 200
+            assert (await c.post("/_quota/accounts/demo-free/freeze", headers=AUTH)).status_code == 200
+
+    @pytest.mark.parametrize("name", ["QUOTA_ADMIN_TOKEN", "QUOTA_READ_TOKEN"])
+    def test_short_token_in_environment_refuses_to_start(self, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Catches a short environment token being accepted (only quota.yaml's was checked)."""
+        from quota.errors import ConfigError
+
+        monkeypatch.setenv(name, "short")
+        with pytest.raises(ConfigError, match=name):
+            build_app(load_config())
+
+    @pytest.mark.parametrize(
+        "body",
+        [{"date": 20261130}, {"date": "yesterday"}, {"plan": ["pro"]}, [1, 2], {"plan": "pro", "extra": 1}, "x"],
+    )
+    async def test_bad_admin_bodies_are_400(self, admin: httpx.AsyncClient, body: Any) -> None:
+        """Catches a 500 with a Python message on a body of the wrong JSON types."""
+        r = await admin.post("/_quota/accounts/demo-free/change-plan", json=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "illegal_argument" and "Traceback" not in r.text
+
+    async def test_bad_month_is_400(self, admin: httpx.AsyncClient) -> None:
+        for month in ("2026-13", "abc", "2026-1-1"):
+            r = await admin.get(f"/_quota/usage/demo/free?month={month}", headers=AUTH)
+            assert r.status_code == 400 and "YYYY-MM" in r.text

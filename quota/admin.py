@@ -117,7 +117,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         try:
             day = date.fromisoformat(raw_day) if raw_day else date.today()
         except ValueError as exc:
-            raise ValueError(f"date must be YYYY-MM-DD, found {raw_day[:20]!r}") from exc
+            raise ValueError(f"date must be YYYY-MM-DD, found {str(raw_day)[:20]!r}") from exc
         if plan is not None and not isinstance(plan, str):
             raise ValueError(f"plan must be a string, found {type(plan).__name__}")
         if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:

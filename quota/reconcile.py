@@ -13,6 +13,7 @@ that change counters while it runs may be lost from the rebuilt sets.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,18 @@ ROOMS = (("app_groups", "group_members", "groups"), ("app_chatrooms", "chatroom_
 
 
 def read_source(source: str) -> dict[str, Any]:
+    """The gateway's truth from a file or a URL. Behind quota the state route is operators-only:
+    the request carries QUOTA_ADMIN_TOKEN when it is set."""
     if source.startswith(("http://", "https://")):
-        response = httpx.get(source, timeout=30)
-        response.raise_for_status()
+        token = os.environ.get("QUOTA_ADMIN_TOKEN")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        try:
+            response = httpx.get(source, timeout=30, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+        if response.status_code != 200:
+            hint = " (behind quota, set QUOTA_ADMIN_TOKEN)" if response.status_code == 404 and not token else ""
+            raise ValueError(f"{source}: HTTP {response.status_code}{hint}")
         data = response.json()
     else:
         data = json.loads(Path(source).read_text(encoding="utf-8"))

@@ -42,7 +42,8 @@ def serve(config: str | Path | None, *, redis_url: str | None, host: str, port: 
     log = logging.getLogger("quota")
 
     async def main() -> None:
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+        # quota's trusted_proxies is the one authority on client addresses: uvicorn must not rewrite them.
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=False))
 
         async def reload() -> None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 from datetime import date, timedelta
 
 from quota.accounts import month_days
@@ -37,7 +38,11 @@ async def usage_report(directory: object, store: Store, appkey: str, year: int, 
     from quota.keys import app_prefix
 
     prefix = app_prefix(appkey)
-    ent = await entitlements(directory, store, appkey, date(year, month, 1))  # type: ignore[arg-type]
+    # The plan as the month ends (or today, for this month): an app subscribed mid-month had no
+    # plan on the 1st, and its month still has usage to report.
+    last = date(year, month, calendar.monthrange(year, month)[1])
+    day = max(date(year, month, 1), min(date.today(), last))
+    ent = await entitlements(directory, store, appkey, day)  # type: ignore[arg-type]
     daily = await daily_active(store, prefix, year, month)
     return {
         "app": appkey,

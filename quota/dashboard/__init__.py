@@ -43,7 +43,9 @@ HEADERS = {
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: under it Chromium sends `Origin: null` with our own forms, which the
+    # same-origin check below must refuse.
+    "referrer-policy": "same-origin",
 }
 STYLE = files("quota.dashboard").joinpath("style.css").read_text(encoding="utf-8")
 

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from quota.accounts import Account, first_of_next_month
 from quota.billing import AppPeak, Bill, bill_account, billing_plan, compute_bill
+from quota.display import day
 from quota.entitlements import ENTITY_COUNTERS, entitlements
 from quota.keys import app_prefix, side_prefix
 from quota.metering import daily_active, monthly_active, peak_online
@@ -158,16 +159,14 @@ def plan_notes(account: Account, year: int, month: int) -> list[str]:
     notes = []
     billed, started = billing_plan(account, year, month)
     if started is not None:
-        notes.append(f"subscribed to {billed} on {started.isoformat()}: the fee is prorated")
+        notes.append(f"subscribed to {billed} on {day(started)}: the fee is prorated")
     for sub in account.subscriptions:
         if sub.start == following:
-            notes.append(f"changes to {sub.plan} on {sub.start.isoformat()}; this month stays on {billed}")
+            notes.append(f"changes to {sub.plan} on {day(sub.start)}; this month stays on {billed}")
         if sub.end == following and not any(s.start == following for s in account.subscriptions):
-            notes.append(f"cancelled: the subscription ends on {following.isoformat()}")
+            notes.append(f"cancelled: the subscription ends on {day(following)}")
     if account.frozen_on is not None and account.purge_after is not None:
-        notes.append(
-            f"frozen since {account.frozen_on.isoformat()}; data may be purged after {account.purge_after.isoformat()}"
-        )
+        notes.append(f"frozen since {day(account.frozen_on)}; data may be purged after {day(account.purge_after)}")
     return notes
 
 

@@ -1,0 +1,182 @@
+"""The dashboard without a browser: its login, cookie and CSRF rules, escaping, refusals per app,
+and the forecast, driven over HTTP through the middleware (httpx ASGITransport)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quota.config import load_config
+from quota.dashboard import sessions
+from quota.dashboard.html import el
+from quota.dashboard.reports import forecast_peak
+from quota.metrics import REFUSAL_KEYS_PER_MINUTE, RefusalLog
+from quota.serve import build_app
+from quota.store.memory import MemoryStore
+from quota.tokens import Tokens
+from tests.activity import config_with
+
+READ = "dashboard-read-token-0123456789"
+ADMIN = "dashboard-admin-token-0123456789"
+HOSTILE = '"><img src=x onerror=alert(1)>'
+BASE = "/_quota/dashboard"
+
+
+@pytest.fixture
+async def gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
+    cfg = config_with(tmp_path / "config", f"  '{HOSTILE}':\n    plan: basic\n    apps: ['evil#app']\n")
+    app = build_app(load_config(cfg), store=MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        yield client
+
+
+async def _login(client: httpx.AsyncClient, token: str = READ) -> httpx.Response:
+    return await client.post(f"{BASE}/login", data={"token": token}, headers={"origin": "http://gw"})
+
+
+def _csrf(page: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+async def test_off_without_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no token configured the dashboard answers 404, like the admin API. Catches: a dashboard
+    (and its login form) served when the operator never turned the admin surface on."""
+    monkeypatch.delenv("QUOTA_READ_TOKEN", raising=False)
+    monkeypatch.delenv("QUOTA_ADMIN_TOKEN", raising=False)
+    app = build_app(load_config(), store=MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        assert (await c.get(f"{BASE}/login")).status_code == 404
+        assert (await c.get(f"{BASE}/")).status_code == 404
+        assert (await c.post(f"{BASE}/login", data={"token": READ})).status_code == 404
+
+
+async def test_login_gives_a_cookie_not_a_url(gateway: httpx.AsyncClient) -> None:
+    """The token buys an HttpOnly, SameSite=Strict cookie scoped to the dashboard that does not
+    contain it; redirects carry no token; a token in the query string logs nobody in.
+    Catches: a token leaking into a URL or the cookie, a script-readable or cross-site cookie."""
+    assert (await gateway.get(f"{BASE}/?token={READ}")).status_code == 303
+    r = await _login(gateway, "not-the-token-at-all-000")
+    assert r.status_code == 401 and "not valid" in r.text and "set-cookie" not in r.headers
+    r = await _login(gateway)
+    assert r.status_code == 303 and READ not in r.headers["location"]
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and f"Path={BASE}" in cookie
+    assert READ not in cookie
+    page = await gateway.get(f"{BASE}/")
+    assert page.status_code == 200 and "All apps" in page.text
+
+
+async def test_forged_expired_and_rotated_cookies_refused(gateway: httpx.AsyncClient) -> None:
+    """A cookie whose scope was edited, one past its expiry, and one signed with another token all
+    send the browser back to the login. Catches: an unsigned or unchecked cookie, no expiry."""
+    tokens = Tokens(admin=ADMIN, read=READ)
+    good = sessions.issue(tokens, READ)
+    assert good is not None
+    forged = "admin." + good.cookie.partition(".")[2]
+    expired = sessions.issue(tokens, READ, now=time.time() - sessions.LIFETIME_S - 1)
+    rotated = sessions.issue(Tokens(read="an-older-read-token-0000"), "an-older-read-token-0000")
+    assert expired is not None and rotated is not None
+    for cookie in (forged, expired.cookie, rotated.cookie, "read.9999999999.", ""):
+        gateway.cookies.set(sessions.COOKIE, cookie)
+        r = await gateway.get(f"{BASE}/")
+        assert r.status_code == 303 and r.headers["location"].endswith("/login"), cookie
+    gateway.cookies.set(sessions.COOKIE, good.cookie)
+    assert (await gateway.get(f"{BASE}/")).status_code == 200
+
+
+async def test_logout_needs_the_pages_csrf_field(gateway: httpx.AsyncClient) -> None:
+    """Logout is a POST carrying the session's CSRF field from this origin; without it, or from
+    another origin, nothing happens. Catches: a logout (or any form) another site can trigger."""
+    await _login(gateway)
+    page = (await gateway.get(f"{BASE}/")).text
+    csrf = _csrf(page)
+    assert (await gateway.post(f"{BASE}/logout", data={}, headers={"origin": "http://gw"})).status_code == 403
+    evil = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://evil.example"})
+    assert evil.status_code == 403
+    assert (await gateway.get(f"{BASE}/")).status_code == 200
+    r = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
+    assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
+    assert (await gateway.get(f"{BASE}/")).status_code == 303
+
+
+async def test_cross_site_login_refused(gateway: httpx.AsyncClient) -> None:
+    """A login form posted from another site is refused (login CSRF). Catches: a foreign page
+    logging the operator's browser into a session of the attacker's choosing."""
+    r = await gateway.post(f"{BASE}/login", data={"token": READ}, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+
+
+async def test_values_are_escaped_and_headers_strict(gateway: httpx.AsyncClient) -> None:
+    """An account named like markup is shown as text on every page that names it; pages forbid
+    script and framing and are not cached. Catches: an unescaped value, a missing CSP."""
+    await _login(gateway)
+    for path in (f"{BASE}/", f"{BASE}/accounts/{HOSTILE}"):
+        r = await gateway.get(path)
+        assert r.status_code == 200, path
+        assert "<img src=x" not in r.text and "&lt;img src=x onerror=alert(1)&gt;" in r.text
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["cache-control"] == "no-store"
+    assert el("a", "x", href='"><b') == '<a href="&quot;&gt;&lt;b">x</a>'
+
+
+async def test_app_page_shows_its_own_refusals_only(gateway: httpx.AsyncClient) -> None:
+    """Refusals recorded for an app appear on its page by route and limit, and never on another
+    app's page. Catches: refusals shown unattributed, or one app's traffic on another's page."""
+    await _login(gateway)
+    metrics = gateway._transport.app.metrics  # type: ignore[attr-defined]
+    for _ in range(3):
+        metrics.decision("messages_translate", "translation", "free", "refused", app="demo#free")
+    metrics.decision("users_create", "registered_users", "pro", "refused", app="demo#pro")
+    free = (await gateway.get(f"{BASE}/apps/demo/free")).text
+    assert 'data-refusals="3"' in free and "messages_translate" in free and "users_create" not in free
+    pro = (await gateway.get(f"{BASE}/apps/demo/pro")).text
+    assert "users_create" in pro and "messages_translate" not in pro
+
+
+@pytest.mark.xfail(reason="middleware.py does not pass app= to Metrics.decision yet (lead's call sites)", strict=True)
+async def test_refused_request_reaches_the_app_page(gateway: httpx.AsyncClient) -> None:
+    """A request the middleware refuses shows on its app's page within the hour. Catches: the
+    middleware's decision call sites not naming the app. Expected to fail until they do."""
+    r = await gateway.post("/demo/free/messages/translate", json={})
+    assert r.status_code == 403
+    await _login(gateway)
+    page = (await gateway.get(f"{BASE}/apps/demo/free")).text
+    refusals = page.split("Refusals over")[1].split("Features of")[0]
+    assert "translation" in refusals
+
+
+def test_refusal_log_keeps_one_hour_and_is_bounded() -> None:
+    """The log answers per minute for the last 60 minutes, forgets older minutes, and holds at
+    most REFUSAL_KEYS_PER_MINUTE keys a minute. Catches: a log that grows forever or leaks old data."""
+    log = RefusalLog()
+    now = 1_800_000_000.0
+    log.add("a#b", "r", "l", "refused", now - 61 * 60)
+    log.add("a#b", "r", "l", "refused", now - 59 * 60)
+    log.add("a#b", "r", "l", "refused", now)
+    log.add("a#b", "r", "l", "refused", now)
+    series = log.last_hour("a#b", now)[("r", "l", "refused")]
+    assert len(series) == 60 and series[-1] == 2 and series[0] == 1 and sum(series) == 3
+    for i in range(REFUSAL_KEYS_PER_MINUTE + 50):
+        log.add(f"app{i}#x", "r", "l", "refused", now + 60)
+    assert log.last_hour(f"app{REFUSAL_KEYS_PER_MINUTE + 10}#x", now + 60) == {}
+    assert log.last_hour("a#b", now + 3600 + 60) == {}
+
+
+def test_forecast_follows_the_trend_and_never_drops_below_the_peak() -> None:
+    """A rising month forecasts a higher peak at its end; a falling one keeps the peak reached.
+    Catches: a forecast below what is already billed, or one that ignores the trend."""
+    rising = {date(2026, 11, d): 100 * d for d in range(1, 31)}
+    assert forecast_peak(rising, date(2026, 11, 15)) == 3000
+    falling = {date(2026, 11, d): (3000 - 100 * d if d <= 15 else 0) for d in range(1, 31)}
+    assert forecast_peak(falling, date(2026, 11, 15)) == 2900

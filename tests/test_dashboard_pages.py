@@ -3,6 +3,8 @@ and the forecast, driven over HTTP through the middleware (httpx ASGITransport).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -26,13 +28,19 @@ READ = "dashboard-read-token-0123456789"
 ADMIN = "dashboard-admin-token-0123456789"
 HOSTILE = '"><img src=x onerror=alert(1)>'
 BASE = "/_quota/dashboard"
+CUSTOMER = "acme-dashboard-token-0123456789"
+CUSTOMER_SHA = hashlib.sha256(CUSTOMER.encode()).hexdigest()
 
 
 @pytest.fixture
 async def gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
-    cfg = config_with(tmp_path / "config", f"  '{HOSTILE}':\n    plan: basic\n    apps: ['evil#app']\n")
+    cfg = config_with(
+        tmp_path / "config",
+        f"  '{HOSTILE}':\n    plan: basic\n    apps: ['evil#app']\n"
+        f"  acme:\n    plan: pro\n    apps: ['acme#chat', 'acme#game']\n    dashboard_token_sha256: {CUSTOMER_SHA}\n",
+    )
     app = build_app(load_config(cfg), store=MemoryStore())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         yield client
@@ -80,18 +88,44 @@ async def test_forged_expired_and_rotated_cookies_refused(gateway: httpx.AsyncCl
     """A cookie whose scope was edited, one past its expiry, and one signed with another token all
     send the browser back to the login. Catches: an unsigned or unchecked cookie, no expiry."""
     tokens = Tokens(admin=ADMIN, read=READ)
-    good = sessions.issue(tokens, READ)
-    assert good is not None
+    accounts = gateway._transport.app.runtime.directory.accounts  # type: ignore[attr-defined]
+    good = sessions.issue(tokens, READ, accounts)
+    customer = sessions.issue(tokens, CUSTOMER, accounts)
+    assert good is not None and customer is not None and customer.account == "acme"
     forged = "admin." + good.cookie.partition(".")[2]
-    expired = sessions.issue(tokens, READ, now=time.time() - sessions.LIFETIME_S - 1)
-    rotated = sessions.issue(Tokens(read="an-older-read-token-0000"), "an-older-read-token-0000")
+    # A customer's cookie relabelled for another account, or promoted to an operator's.
+    label, _, rest = customer.cookie.partition(".")
+    other = "acct-" + base64.urlsafe_b64encode(b"demo-pro").decode().rstrip("=") + "." + rest
+    promoted = "read." + rest
+    expired = sessions.issue(tokens, READ, accounts, now=time.time() - sessions.LIFETIME_S - 1)
+    rotated = sessions.issue(Tokens(read="an-older-read-token-0000"), "an-older-read-token-0000", accounts)
     assert expired is not None and rotated is not None
-    for cookie in (forged, expired.cookie, rotated.cookie, "read.9999999999.", ""):
+    for cookie in (forged, other, promoted, expired.cookie, rotated.cookie, "read.9999999999.", "acct-!!.1.2", ""):
         gateway.cookies.set(sessions.COOKIE, cookie)
         r = await gateway.get(f"{BASE}/")
         assert r.status_code == 303 and r.headers["location"].endswith("/login"), cookie
     gateway.cookies.set(sessions.COOKIE, good.cookie)
     assert (await gateway.get(f"{BASE}/")).status_code == 200
+
+
+async def test_customer_sees_its_own_account_only(gateway: httpx.AsyncClient) -> None:
+    """An account's dashboard token shows that account and its apps; every other account and app
+    answers 404, as if it did not exist, and the all-apps page lists none of them. The operators'
+    read token sees every account. Catches: one customer reading another's usage or bill."""
+    r = await _login(gateway, CUSTOMER)
+    assert r.status_code == 303 and CUSTOMER not in r.headers["set-cookie"]
+    overview = (await gateway.get(f"{BASE}/")).text
+    assert 'data-account="acme"' in overview and 'data-app="acme#game"' in overview
+    assert "demo-pro" not in overview and "demo#free" not in overview and "evil#app" not in overview
+    assert (await gateway.get(f"{BASE}/apps/acme/chat")).status_code == 200
+    assert (await gateway.get(f"{BASE}/accounts/acme")).status_code == 200
+    for path in ("/apps/demo/pro", "/apps/demo/free", "/accounts/demo-pro", "/accounts/nobody"):
+        assert (await gateway.get(BASE + path)).status_code == 404, path
+    gateway.cookies.clear()
+    await _login(gateway, READ)
+    overview = (await gateway.get(f"{BASE}/")).text
+    assert 'data-account="acme"' in overview and 'data-account="demo-pro"' in overview
+    assert (await gateway.get(f"{BASE}/apps/demo/pro")).status_code == 200
 
 
 async def test_logout_needs_the_pages_csrf_field(gateway: httpx.AsyncClient) -> None:
@@ -180,3 +214,24 @@ def test_forecast_follows_the_trend_and_never_drops_below_the_peak() -> None:
     assert forecast_peak(rising, date(2026, 11, 15)) == 3000
     falling = {date(2026, 11, d): (3000 - 100 * d if d <= 15 else 0) for d in range(1, 31)}
     assert forecast_peak(falling, date(2026, 11, 15)) == 2900
+
+
+async def test_customer_token_survives_account_changes(gateway: httpx.AsyncClient) -> None:
+    """An account changed at run time (stored, then reloaded from the store) keeps its dashboard
+    token hash. Catches: the hash dropped by Account.to_json/from_json, locking the customer out."""
+    r = await gateway.post("/_quota/accounts/acme/freeze", json={}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.json()["dashboard_token_sha256"] == CUSTOMER_SHA
+    assert (await _login(gateway, CUSTOMER)).status_code == 303
+
+
+def test_config_refuses_a_malformed_token_hash(tmp_path: Path) -> None:
+    """dashboard_token_sha256 must be a SHA-256 in hex; a token pasted there instead is refused
+    with the file and key named. Catches: a plain token kept in the config, silently unusable."""
+    from quota.errors import ConfigError
+
+    cfg = config_with(
+        tmp_path / "config", "  acme:\n    plan: pro\n    apps: ['acme#x']\n    dashboard_token_sha256: my-token\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert "accounts.acme.dashboard_token_sha256" in str(info.value)

@@ -7,8 +7,10 @@
     GET  /accounts/{account}     one account's bill, line by line
     ?month=YYYY-MM               any page, a past month (default this month)
 
-Mounted by the admin API (quota/admin.py); the middleware never imports this package. Off (404)
-when no token is configured, like the admin API.
+Operators (the read or admin token) see every account; a customer signing in with its account's
+dashboard token sees that account and its apps only, and gets 404 for any other, as if it did not
+exist. Mounted by the admin API (quota/admin.py); the middleware never imports this package. Off
+(404) when no operator token is configured, like the admin API.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from quota.accounts import Account
 from quota.dashboard import pages, sessions
 from quota.dashboard.reports import account_month, app_month, month_today
 from quota.errors import StorageError, UnknownAppError
@@ -92,6 +95,15 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
     def tokens() -> Tokens:
         return middleware.runtime.tokens
 
+    def accounts() -> dict[str, Account]:
+        return middleware.runtime.directory.accounts
+
+    def session_of(request: Request) -> sessions.Session | None:
+        return sessions.verify(tokens(), request.cookies.get(sessions.COOKIE, ""), accounts())
+
+    def csrf(session: sessions.Session) -> str:
+        return session.csrf(tokens(), accounts())
+
     def cookie_path(request: Request) -> str:
         return base(request) or "/"
 
@@ -99,7 +111,7 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         async def run(request: Request) -> Response:
             if not tokens().enabled:
                 return _html("the dashboard is off: no token configured", 404)
-            session = sessions.verify(tokens(), request.cookies.get(sessions.COOKIE, ""))
+            session = session_of(request)
             if session is None:
                 return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
             try:
@@ -127,7 +139,7 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
             form = await _form(request)
         except ValueError:
             return _html(pages.login(base(request), "The form was too large."), 400)
-        session = sessions.issue(tokens(), form.get("token", "").strip())
+        session = sessions.issue(tokens(), form.get("token", "").strip(), accounts())
         if session is None:
             return _html(pages.login(base(request), "That token is not valid."), 401)
         response = RedirectResponse(f"{base(request)}/", status_code=303, headers=HEADERS)
@@ -143,11 +155,11 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         return response
 
     async def logout(request: Request) -> Response:
-        session = sessions.verify(tokens(), request.cookies.get(sessions.COOKIE, ""))
+        session = session_of(request)
         if session is None:
             return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         form = await _form(request) if _same_origin(request) else {}
-        if not sessions.csrf_ok(tokens(), session, form.get("csrf", "")):
+        if not sessions.csrf_ok(tokens(), accounts(), session, form.get("csrf", "")):
             return _html("logout refused: the form did not come from this dashboard", 403)
         response = RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         response.delete_cookie(sessions.COOKIE, path=cookie_path(request), httponly=True, samesite="strict")
@@ -159,31 +171,33 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
     async def overview(request: Request, rt: Any, session: sessions.Session) -> Response:
         year, month = _month(request)
         today = month_today(year, month, date.today())
-        accounts = []
+        shown = []
         for name in sorted(rt.directory.accounts):
-            account = rt.directory.accounts[name]
-            accounts.append(await account_month(rt.directory, rt.store, account, year, month, today))
-        return _html(pages.overview(accounts, year, month, base=base(request), csrf=session.csrf(tokens())))
+            if session.sees(name):
+                account = rt.directory.accounts[name]
+                shown.append(await account_month(rt.directory, rt.store, account, year, month, today))
+        return _html(pages.overview(shown, year, month, base=base(request), csrf=csrf(session)))
 
     async def one_app(request: Request, rt: Any, session: sessions.Session) -> Response:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
         year, month = _month(request)
         today = month_today(year, month, date.today())
-        if rt.directory.account_of(appkey) is None:
+        owner = rt.directory.account_of(appkey)
+        if owner is None or not session.sees(owner.name):
             raise UnknownAppError(appkey)
         app = await app_month(rt.directory, rt.store, appkey, year, month, today)
         refusals = middleware.metrics.refusals.last_hour(appkey, time.time())
-        return _html(pages.app_page(app, refusals, year, month, base=base(request), csrf=session.csrf(tokens())))
+        return _html(pages.app_page(app, refusals, year, month, base=base(request), csrf=csrf(session)))
 
     async def one_account(request: Request, rt: Any, session: sessions.Session) -> Response:
         name = request.path_params["account"]
         account = rt.directory.accounts.get(name)
-        if account is None:
+        if account is None or not session.sees(name):
             raise KeyError(f"unknown account {name!r}")
         year, month = _month(request)
         today = month_today(year, month, date.today())
         acc = await account_month(rt.directory, rt.store, account, year, month, today)
-        return _html(pages.account_page(acc, year, month, base=base(request), csrf=session.csrf(tokens())))
+        return _html(pages.account_page(acc, year, month, base=base(request), csrf=csrf(session)))
 
     return Starlette(
         routes=[

@@ -235,3 +235,18 @@ def test_config_refuses_a_malformed_token_hash(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     assert "accounts.acme.dashboard_token_sha256" in str(info.value)
+
+
+def test_request_path_imports_no_dashboard_or_terminal_code() -> None:
+    """Importing the middleware loads neither the dashboard, the CLI's output module nor rich.
+    Catches: people-facing code (and its import time) creeping onto the request path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, quota.middleware; "
+        "print(sorted(m for m in sys.modules if m.startswith(('quota.dashboard', 'quota.cli', 'rich'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

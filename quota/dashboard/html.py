@@ -26,8 +26,10 @@ def _children(children: Iterable[object]) -> str:
             continue
         if isinstance(child, str | int):
             out.append(text(child))
+        elif isinstance(child, Iterable):
+            out.append(_children(child))
         else:
-            out.append(_children(child))  # type: ignore[arg-type]
+            out.append(text(child))
     return "".join(out)
 
 
@@ -42,16 +44,14 @@ def attrs(values: dict[str, object]) -> str:
     return "".join(parts)
 
 
-VOID = frozenset({"input", "meta", "link", "br", "hr", "img", "rect", "line", "circle", "path", "polyline"})
+SVG_VOID = frozenset({"rect", "line", "circle", "path", "polyline"})
+VOID = frozenset({"input", "meta", "link", "br", "hr", "img"}) | SVG_VOID
 
 
 def el(tag: str, *children: object, **attributes: object) -> Safe:
     if tag in VOID and not children:
         return Safe(f"<{tag}{attrs(attributes)}/>" if tag in SVG_VOID else f"<{tag}{attrs(attributes)}>")
     return Safe(f"<{tag}{attrs(attributes)}>{_children(children)}</{tag}>")
-
-
-SVG_VOID = frozenset({"rect", "line", "circle", "path", "polyline"})
 
 
 def join(parts: Iterable[object]) -> Safe:

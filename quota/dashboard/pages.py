@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from urllib.parse import quote
 
 from quota.billing import Bill
 from quota.dashboard.charts import daily_chart, minute_spark, usage_bar
@@ -64,8 +65,6 @@ def _hot_cap(cap: Cap) -> str:
 
 def _app_link(base: str, appkey: str) -> Safe:
     org, _, app = appkey.partition("#")
-    from urllib.parse import quote
-
     return el("a", appkey, href=f"{base}/apps/{quote(org, safe='')}/{quote(app, safe='')}")
 
 
@@ -94,7 +93,7 @@ def overview(accounts: list[AccountMonth], year: int, month: int, *, base: str, 
         rows.append(
             el(
                 "tr",
-                el("td", el("a", acc.account.name, href=f"{base}/accounts/{acc.account.name}{q}")),
+                el("td", el("a", acc.account.name, href=f"{base}/accounts/{quote(acc.account.name, safe='')}{q}")),
                 el("td", acc.plan or "none"),
                 el("td"),
                 el("td"),
@@ -282,7 +281,7 @@ def account_page(acc: AccountMonth, year: int, month: int, *, base: str, csrf: s
     if bill is None:
         parts.append(el("p", "No subscription in this month: nothing to bill."))
     else:
-        lines: list[tuple[str, str, str, object]] = []
+        lines: list[tuple[str, str, str, Decimal | int]] = []
         fee_note = ""
         if bill.prorated_days:
             used, days = bill.prorated_days
@@ -301,7 +300,7 @@ def account_page(acc: AccountMonth, year: int, month: int, *, base: str, csrf: s
         lines.append(("overage", "Overage", price, bill.overage))
         rows = []
         for key, label, note, value in lines:
-            shown = money(value) if isinstance(value, Decimal) else grouped(int(value))  # type: ignore[call-overload]
+            shown = money(value) if isinstance(value, Decimal) else grouped(value)
             rows.append(
                 el(
                     "tr",

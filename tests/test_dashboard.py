@@ -73,7 +73,7 @@ def month_of_activity(redis_server: RedisServer, tmp_path: Path) -> Iterator[dic
             sets={
                 ("app_groups", "o", "demo#free"): 85,
                 ("contacts", "o", "alice"): 92,
-                ("contacts", "o", HOSTILE): 3,
+                ("group_members", "o", HOSTILE): 40,
                 ("group_members", "o", "g1"): 30,
             },
         ),
@@ -195,7 +195,9 @@ def test_dashboard_in_chromium(
             assert page.locator("svg.daily line.included").count() == 1
             tile = page.locator("[data-tile=mau]").inner_text().replace(",", "")
             assert int(tile) == usage["acme#chat"]["mau"]
-            assert int(page.locator("[data-tile=peak_online]").inner_text().replace(",", "")) == 640
+            peak_online, online_cap = page.locator("[data-tile=peak_online]").inner_text().split(" / ")
+            assert int(peak_online) == usage["acme#chat"]["peak_online"] == 640
+            assert int(online_cap.replace(",", "")) == usage["acme#chat"]["limits"]["online_users"]["limit"]
             shots.append(tmp_path / "dashboard-app-acme-chat.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
 
@@ -207,7 +209,16 @@ def test_dashboard_in_chromium(
             friends = page.locator("tr[data-cap='friends_per_user']")
             assert "user:alice" in friends.inner_text() and "hot" in (friends.get_attribute("class") or "")
             assert page.locator("svg.bar-chart rect.fill.hot").count() >= 3
+            assert f"group:{HOSTILE}" in page.locator("tr[data-cap='members_per_group']").inner_text()
+            assert page.locator("#caps img").count() == 0
             assert "✖ translation" in page.inner_text("ul.features")
+            # This month, the default: a bar for each of its days, today's DAU read from today.
+            page.goto(f"{base}/apps/demo/free")
+            assert (
+                page.locator("svg.daily rect.bar").count()
+                == calendar.monthrange(date.today().year, date.today().month)[1]
+            )
+            page.goto(f"{base}/apps/demo/free?month={month}")
             shots.append(tmp_path / "dashboard-app-demo-free.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
 

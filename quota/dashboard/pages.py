@@ -163,7 +163,8 @@ def _tile(label: str, value: object, name: str, hot: bool = False) -> Safe:
 def app_page(
     app: AppMonth, refusals: dict[tuple[str, str, str], list[int]], year: int, month: int, *, base: str, csrf: str
 ) -> Safe:
-    online_hot = app.online_cap is not None and app.online_now >= 0.8 * app.online_cap
+    cap = app.online_cap
+    cap_text = grouped(cap) if cap is not None else "no limit"
     tiles = el(
         "div",
         _tile("Plan", app.plan, "plan"),
@@ -171,12 +172,14 @@ def app_page(
         _tile("Peak DAU", grouped(app.peak_dau), "peak_dau"),
         _tile("MAU", grouped(app.mau), "mau"),
         _tile(
-            "Online now / cap",
-            f"{grouped(app.online_now)} / {grouped(app.online_cap) if app.online_cap is not None else 'no limit'}",
-            "online",
-            online_hot,
+            "Online now / cap", f"{grouped(app.online_now)} / {cap_text}", "online", Cap("", app.online_now, cap).hot
         ),
-        _tile("Peak online this month", grouped(app.peak_online), "peak_online"),
+        _tile(
+            "Peak online this month / cap",
+            f"{grouped(app.peak_online)} / {cap_text}",
+            "peak_online",
+            Cap("", app.peak_online, cap).hot,
+        ),
         class_="tiles",
     )
     cap_rows = [

@@ -82,6 +82,13 @@ async def test_login_gives_a_cookie_not_a_url(gateway: httpx.AsyncClient) -> Non
     assert READ not in cookie
     page = await gateway.get(f"{BASE}/")
     assert page.status_code == 200 and "All apps" in page.text
+    # Behind a TLS-terminating proxy quota sees http; the browser's https origin still gets Secure.
+    behind_tls = await gateway.post(f"{BASE}/login", data={"token": READ}, headers={"origin": "https://gw"})
+    assert behind_tls.status_code == 303 and "Secure" in behind_tls.headers["set-cookie"]
+    stuffed = await gateway.post(
+        f"{BASE}/login", data={f"f{i}": "x" for i in range(20)}, headers={"origin": "http://gw"}
+    )
+    assert stuffed.status_code == 400
 
 
 async def test_forged_expired_and_rotated_cookies_refused(gateway: httpx.AsyncClient) -> None:
@@ -137,6 +144,10 @@ async def test_logout_needs_the_pages_csrf_field(gateway: httpx.AsyncClient) -> 
     assert (await gateway.post(f"{BASE}/logout", data={}, headers={"origin": "http://gw"})).status_code == 403
     evil = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://evil.example"})
     assert evil.status_code == 403
+    stuffed = await gateway.post(
+        f"{BASE}/logout", data={f"f{i}": "x" for i in range(20)}, headers={"origin": "http://gw"}
+    )
+    assert stuffed.status_code == 403
     assert (await gateway.get(f"{BASE}/")).status_code == 200
     r = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
     assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -60,22 +60,25 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
 
 
 def _month(request: Request) -> tuple[int, int]:
-    text = request.query_params.get("month")
-    if not text:
-        today = date.today()
-        return today.year, today.month
-    year, _, month = text.partition("-")
-    if not (len(year) == 4 and year.isdigit() and len(month) == 2 and month.isdigit() and 1 <= int(month) <= 12):
-        raise ValueError("month must be YYYY-MM")
-    return int(year), int(month)
+    # The admin API's parser (imported here: admin.py mounts this package, so not at the top).
+    from quota.admin import _month as parse
+
+    return parse(request.query_params.get("month"))
 
 
 def _same_origin(request: Request) -> bool:
-    """A form post from a page of this host (or a client that sends no Origin, such as curl)."""
+    """A form post from a page of this host (or a client that sends no Origin, such as curl).
+
+    Hosts are compared, not schemes: behind a TLS-terminating proxy the page is https while the
+    request reaching quota is http, and another site differs in its host anyway."""
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return urlsplit(origin).netloc == request.headers.get("host", "") != ""
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https" or request.headers.get("origin", "").startswith("https://")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -150,7 +153,7 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
             path=cookie_path(request),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=_secure(request),
         )
         return response
 
@@ -158,7 +161,10 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         session = session_of(request)
         if session is None:
             return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
-        form = await _form(request) if _same_origin(request) else {}
+        try:
+            form = await _form(request) if _same_origin(request) else {}
+        except ValueError:
+            form = {}
         if not sessions.csrf_ok(tokens(), accounts(), session, form.get("csrf", "")):
             return _html("logout refused: the form did not come from this dashboard", 403)
         response = RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)

@@ -282,6 +282,7 @@ NONE_WORDS = {
     "purge_after": "not frozen",
     "end": "open-ended",
     "day": "no activity",
+    "dashboard_token_sha256": "not set",
 }
 
 

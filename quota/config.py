@@ -29,6 +29,7 @@ from quota.tokens import MIN_LENGTH
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
 
 
@@ -510,7 +511,7 @@ class _Accounts(_Checker):
                 node,
                 key,
                 required=("plan", "apps"),
-                optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist"),
+                optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist", "dashboard_token_sha256"),
             )
             plan_name = node.get("plan")
             plan = self.matrix.plans.get(plan_name) if isinstance(plan_name, str) else None
@@ -553,6 +554,13 @@ class _Accounts(_Checker):
                     ipaddress.ip_network(str(net), strict=False)
                 except ValueError:
                     self.fail(f"{key}.ip_allowlist[{i}]", "an IP address or network (10.0.0.0/8)", net)
+            # The customer's own dashboard login: only its SHA-256 lives in the config and the store.
+            token_hash = node.get("dashboard_token_sha256")
+            if token_hash is not None and not (isinstance(token_hash, str) and _SHA256.fullmatch(token_hash)):
+                self.fail(
+                    f"{key}.dashboard_token_sha256", "64 lowercase hex digits (sha256sum of the token)", token_hash
+                )
+                token_hash = None
             accounts[str(name)] = Account(
                 name=str(name),
                 apps=tuple(a for a in apps if isinstance(a, str)),
@@ -560,6 +568,7 @@ class _Accounts(_Checker):
                 overrides=overrides,
                 frozen_on=frozen,
                 ip_allowlist=tuple(str(n) for n in allow),
+                dashboard_token_sha256=token_hash,
             )
         return accounts
 

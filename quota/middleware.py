@@ -209,12 +209,12 @@ class QuotaMiddleware:
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or settings.shadow):
                 # Shadow: report the refusal, count nothing, let the request through and say so.
-                self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow")
+                self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow", app=app.appkey, now=started)
                 note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
                 bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
                 await bounded.forward(self.app, scope, _with_header(send, SHADOW_HEADER, note), started)
                 return
-            self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused")
+            self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
             await send_denial(denial, send, started)
             return
         plan, outcome = verdict.plan, verdict.outcome

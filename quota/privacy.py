@@ -10,6 +10,7 @@ rate windows keyed by a user expire within two windows.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from quota.decisions import drop
@@ -23,15 +24,35 @@ FORGOTTEN = "~forgotten:"
 
 
 async def forget_user(
-    store: Store, routes: RouteMap, appkey: str, user: str, now_ms: int, ids: IdPolicy | None = None
+    store: Store,
+    routes: RouteMap,
+    appkey: str,
+    user: str,
+    now_ms: int,
+    progress: Callable[[int, int], None] | None = None,
+    ids: IdPolicy | None = None,
 ) -> dict[str, Any]:
-    """Raises ValueError (InvalidId) for a user id the policy refuses: nothing could hold it."""
+    """Forget `user` in `appkey`; `progress(done, total)` is told after each relation and activity set.
+    Raises ValueError (InvalidId) for a user id the policy refuses: nothing could hold it."""
     user = (ids or IdPolicy()).canonical("user", user)
     prefix = app_prefix(appkey)
+    activity_keys: list[tuple[str, str]] = []
+    for kind, part in (("days", "dau:"), ("months", "mau:")):
+        activity_keys += [(kind, key) for key in await store.scan_prefix(prefix + part)]
+    total = len(routes.relations) + len(activity_keys)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     removed: dict[str, int] = {}
     program = Program()
     drains: list[DrainOp] = []
     for rel in routes.relations.values():
+        step()
         app_set = set_key(prefix, rel.name, "o", appkey)
         if user in await store.members(app_set):
             removed[rel.name] = removed.get(rel.name, 0) + 1
@@ -58,8 +79,8 @@ async def forget_user(
         while (await store.run(Program([drain]), now_ms)).remaining:
             pass
     activity: dict[str, int] = {"days": 0, "months": 0}
-    for kind, part in (("days", "dau:"), ("months", "mau:")):
-        for key in await store.scan_prefix(prefix + part):
-            if await store.swap_member(key, user, FORGOTTEN + uuid.uuid4().hex):
-                activity[kind] += 1
+    for kind, key in activity_keys:
+        if await store.swap_member(key, user, FORGOTTEN + uuid.uuid4().hex):
+            activity[kind] += 1
+        step()
     return {"app": appkey, "user": user, "memberships_removed": removed, "activity_anonymised": activity}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ def read_source(source: str) -> dict[str, Any]:
     return data
 
 
-async def reconcile(store: Store, appkey: str, truth: dict[str, Any]) -> dict[str, int]:
+async def reconcile(
+    store: Store, appkey: str, truth: dict[str, Any], progress: Callable[[int, int], None] | None = None
+) -> dict[str, int]:
+    """Rebuild the app's sets; `progress(done, total)` is told after each set written."""
     prefix = app_prefix(appkey)
     stale = await store.scan_prefix(prefix + "s:")
     await store.delete(stale)
@@ -62,8 +66,10 @@ async def reconcile(store: Store, appkey: str, truth: dict[str, Any]) -> dict[st
             sets[set_key(prefix, members_relation, "o", str(room))] = [str(m) for m in members]
             for member in members:
                 sets.setdefault(set_key(prefix, members_relation, "m", str(member)), []).append(str(room))
-    for key, members in sets.items():
+    for done, (key, members) in enumerate(sets.items(), 1):
         await store.add_members(key, members)
+        if progress is not None:
+            progress(done, len(sets))
     return {
         "keys_deleted": len(stale),
         "sets_written": sum(1 for m in sets.values() if m),

@@ -84,7 +84,7 @@ class SocketHandler:
                     added = result.added
         if denial is not None or plan is None:
             denial = denial or Denial(400, "illegal_argument", "cannot plan this connection")
-            mw.metrics.decision(rule.name, denial.limit, app.plan.name, "refused")
+            mw.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
             await _refuse(denial, receive, send)
             return
         mw.metrics.decision(rule.name, None, app.plan.name, "allowed")

@@ -266,6 +266,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_routes(args: argparse.Namespace) -> int:
+    from quota.coverage import load_upstream, served_routes, uncovered
+
+    cfg = _config(args.config)
+    upstream = load_upstream(args.upstream)
+    gaps = uncovered(upstream, cfg.routes)
+    total = sum(1 for _ in served_routes(upstream))
+    if args.json:
+        print(json.dumps({"served": total, "uncovered": [{"method": m, "path": p} for m, p in gaps]}, indent=2))
+    elif gaps:
+        policy = "refused (404)" if cfg.routes.unmatched.refuse else "held to the general per-IP rate only"
+        print(f"{len(gaps)} of {total} routes of {args.upstream} are not in the route map; they are {policy}:")
+        for method, path in gaps:
+            print(f"  {method:9s} {path}")
+    else:
+        print(f"all {total} routes of {args.upstream} are in the route map")
+    return 1 if gaps else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="quota", description="Hold IM apps to their plans.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -336,6 +355,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="a JSON file, or an http(s) URL such as the gateway's /_state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("check-routes", help="list the routes an ASGI upstream serves that the route map does not name")
+    common(p)
+    p.add_argument(
+        "--upstream", default="quota.gateway:create_gateway", help="module:attribute of a Starlette app or its factory"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_routes)
 
     p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware (SIGHUP reloads)")
     common(p, store=True)

@@ -40,6 +40,10 @@ def serve(config: str | Path | None, *, redis_url: str | None, host: str, port: 
 
     app = build_app(config, redis_url=redis_url)
     log = logging.getLogger("quota")
+    from quota.coverage import uncovered
+
+    for method, path in uncovered(app.app, app.runtime.routes):
+        log.warning("route %s %s of the gateway is not in the route map: it is refused", method, path)
 
     async def main() -> None:
         # quota's trusted_proxies is the one authority on client addresses: uvicorn must not rewrite them.

@@ -6,7 +6,20 @@ from quota.errors import ConfigError, QuotaError, StorageError, UnknownAppError
 from quota.middleware import QuotaMiddleware
 from quota.store import store_from_url
 
+# The application-code API (quota/api.py) loads on first use: importing the middleware does not pull it in.
+_API = ("Quota", "Usage", "Decision", "PlanInfo", "Explanation", "UsageReport", "RateCheck", "CounterCheck")
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from quota import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'quota' has no attribute {name!r}")
+
+
 __all__ = [
+    *_API,
     "Config",
     "ConfigError",
     "QuotaError",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from quota import accounts as subs
+from quota.api import Quota
 from quota.billing import bill_account
+from quota.clients import parse_hop
 from quota.dashboard import create_dashboard
-from quota.entitlements import entitlements
 from quota.errors import ConfigError, StorageError, UnknownAppError
 from quota.metering import usage_report
 from quota.privacy import forget_user
@@ -77,7 +78,21 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     async def show_entitlements(request: Request, rt: Any) -> JSONResponse:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
         entities = {k: v for k in ("user", "group", "chatroom") if (v := request.query_params.get(k))}
-        return JSONResponse(await entitlements(rt.directory, rt.store, appkey, entities=entities))
+        return JSONResponse(await Quota.of(middleware).entitlements(appkey, entities))
+
+    async def explain(request: Request, rt: Any) -> JSONResponse:
+        q = request.query_params
+        method, path = q.get("method", "GET"), q.get("path", "")
+        if not path.startswith("/") or len(path) > rt.settings.max_url_bytes:
+            raise ValueError("path must be a request path starting with / (?method=POST&path=/org/app/...)")
+        body = q.get("body")
+        if body is not None and len(body) > rt.settings.max_body_bytes:
+            raise ValueError("body is over max_body_bytes")
+        ip = q.get("ip", "203.0.113.1")
+        if parse_hop(ip) is None:
+            raise ValueError(f"ip must be an IP address, found {ip[:45]!r}")
+        found = await Quota.of(middleware).explain(method, path, body=body, ip=ip)
+        return JSONResponse(asdict(found))
 
     async def show_usage(request: Request, rt: Any) -> JSONResponse:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
@@ -178,6 +193,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             Route("/reload", guarded(reload, "admin"), methods=["POST"]),
             Route("/forget/{org}/{app}/{user}", guarded(forget, "admin"), methods=["POST"]),
             Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
+            Route("/explain", guarded(explain)),
             Route("/usage/{org}/{app}", guarded(show_usage)),
             Route("/bills/{account}", guarded(show_bill)),
             Route("/accounts/{account}", guarded(show_account)),

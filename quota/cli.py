@@ -106,15 +106,32 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_entitlements(args: argparse.Namespace) -> int:
-    from quota.entitlements import entitlements
+    from quota.api import Quota
 
     entities = {k: v for k in ("user", "group", "chatroom") if (v := getattr(args, k))}
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
-        return await entitlements(directory, store, args.app, usage=True, entities=entities)
+        return await Quota(cfg, store).entitlements(args.app, entities)
 
     _print(asyncio.run(_with_store(args, work)), args.json)
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Exit 0 when quota would allow the request, 1 when it would refuse it."""
+    from dataclasses import asdict
+
+    from quota.api import Quota
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        return await Quota(cfg, store).explain(args.method, args.path, body=args.body, ip=args.ip)
+
+    found = asyncio.run(_with_store(args, work))
+    if args.json:
+        _dump(asdict(found))
+    else:
+        print(out.explanation(found))
+    return 0 if found.decision.allowed else 1
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -311,6 +328,15 @@ def parser() -> argparse.ArgumentParser:
     for kind in ("user", "group", "chatroom"):
         p.add_argument(f"--{kind}", help=f"also show one {kind}'s counters")
     p.set_defaults(func=cmd_entitlements)
+
+    p = sub.add_parser("explain", help="what quota would decide for a request, and why, consuming nothing")
+    common(p, store=True)
+    p.add_argument("method", help="GET, POST, PUT, DELETE, HEAD or WEBSOCKET")
+    p.add_argument("path", help="the request path, /org/app/...")
+    p.add_argument("--body", help="the request body (JSON)")
+    p.add_argument("--ip", default="203.0.113.1", help="the client's address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("usage", help="an app's DAU per day, MAU, peak online and limits in a month")
     common(p, store=True)

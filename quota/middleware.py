@@ -29,10 +29,10 @@ from quota.decisions import (
     BadInput,
     Denial,
     RequestPlan,
+    admit,
     after_ops,
-    canonical_params,
     denial_for,
-    gate,
+    parse_body,
     plan_request,
     renew_program,
     undo_ops,
@@ -231,17 +231,11 @@ class QuotaMiddleware:
     ) -> _Verdict:
         rule = match.rule
         verdict = _Verdict(receive, match.params)
-        if not app.allows(address):
-            verdict.denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
+        admitted = admit(rule, app, match.params, address, started, rt.ids)
+        if isinstance(admitted, Denial):
+            verdict.denial = admitted
             return verdict
-        try:
-            verdict.params = canonical_params(rule, match.params, rt.ids)
-        except BadInput as exc:
-            verdict.denial = Denial(400, "illegal_argument", str(exc))
-            return verdict
-        verdict.denial = gate(rule, app, verdict.params, started)
-        if verdict.denial:
-            return verdict
+        verdict.params = admitted
         if rule.needs_body or rule.holds:
             # Read before anything is reserved: a slow body never outlives a reservation.
             raw, verdict.receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
@@ -251,9 +245,9 @@ class QuotaMiddleware:
                 return verdict
             if rule.needs_body:
                 try:
-                    verdict.body = json.loads(raw) if raw else None
-                except (ValueError, UnicodeDecodeError, RecursionError):
-                    verdict.denial = Denial(400, "illegal_argument", "request body is not valid JSON")
+                    verdict.body = parse_body(raw)
+                except BadInput as exc:
+                    verdict.denial = Denial(400, "illegal_argument", str(exc))
                     return verdict
         now_ms = int(started * 1000)
         settings = rt.settings

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.decisions import BadInput, Denial, canonical_params, denial_for, gate, lease_op, plan_request, undo_ops
+from quota.decisions import BadInput, Denial, admit, denial_for, lease_op, plan_request, undo_ops
 from quota.plans import AppPlan
 from quota.responses import close_websocket
 from quota.store.program import Program, ReleaseOp
@@ -48,14 +48,12 @@ class SocketHandler:
         denial: Denial | None = None
         plan = None
         added: tuple[tuple[str, ...], ...] = ()
-        if not app.allows(address):
-            denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
-        try:
-            params = canonical_params(rule, match.params, rt.ids)
-        except BadInput as exc:
-            denial = denial or Denial(400, "illegal_argument", str(exc))
+        admitted = admit(rule, app, match.params, address, started, rt.ids)
+        if isinstance(admitted, Denial):
+            denial = admitted
             params = match.params
-        denial = denial or gate(rule, app, params, started)
+        else:
+            params = admitted
         if denial is None:
             try:
                 plan = plan_request(

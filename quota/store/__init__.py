@@ -13,8 +13,9 @@ from quota.store.program import Outcome, Program
 
 
 class Store(Protocol):
-    async def run(self, program: Program, now_ms: int) -> Outcome:
-        """Check every op of `program`, then apply all of them or none, in one atomic step."""
+    async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
+        """Check every op of `program`, then apply all of them or none, in one atomic step. With
+        `dry`, only check: the outcome is what applying would give, and nothing changes."""
 
     async def cardinalities(self, keys: list[str]) -> list[int]:
         """The size of each set (one round trip)."""

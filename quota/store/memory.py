@@ -102,15 +102,21 @@ class MemoryStore:
         self.accounts: dict[str, dict[str, Any]] = {}
         self.version = 0
 
-    async def run(self, program: Program, now_ms: int) -> Outcome:
+    async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
         ops = program.ops
-        if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact:
+        if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact and not dry:
             return self._rate_only(ops[0], now_ms)
         rates: list[RateState] = []
         for index, op in enumerate(ops):
             refusal = self._check(index, op, now_ms, rates)
             if refusal:
                 return Outcome(refusal=refusal)
+        if dry:
+            return Outcome(
+                rates=tuple(rates),
+                added=tuple(a for a, _ in self._would_add(ops)),
+                sizes=tuple(n for _, n in self._would_add(ops)),
+            )
         added: list[tuple[str, ...]] = []
         sizes: list[int] = []
         online = remaining = 0
@@ -263,6 +269,15 @@ class MemoryStore:
         elif isinstance(op, ReleaseOp):
             self._zset(op.online_key).pop(op.conn)
         return ()
+
+    def _would_add(self, ops: list[Op]) -> list[tuple[tuple[str, ...], int]]:
+        out = []
+        for op in ops:
+            if isinstance(op, AddOp):
+                owner = self.sets.get(op.owner_key, set())
+                new = tuple(m for m in op.members if m not in owner)
+                out.append((new, len(owner) + len(new)))
+        return out
 
     def _zset(self, key: str, create: bool = False) -> Deadlines:
         found = self.zsets.get(key)

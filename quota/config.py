@@ -55,6 +55,8 @@ class Settings:
     # Path plus query string: longer ones are refused (414) before anything is read.
     max_url_bytes: int = 8192
     identifiers: IdPolicy = field(default_factory=IdPolicy)
+    # RateLimit-Limit/Remaining/Reset on allowed responses too (refusals always carry them).
+    ratelimit_headers: bool = True
 
 
 @dataclass(frozen=True)
@@ -602,6 +604,7 @@ class _Settings(_Checker):
                 "ipv6_prefix",
                 "max_url_bytes",
                 "identifiers",
+                "ratelimit_headers",
             ),
         )
         base = Settings()
@@ -640,6 +643,7 @@ class _Settings(_Checker):
             ipv6_prefix=self._prefix(node.get("ipv6_prefix", base.ipv6_prefix)),
             max_url_bytes=self.whole(node.get("max_url_bytes", base.max_url_bytes), "max_url_bytes", 256) or 256,
             identifiers=self._identifiers(node.get("identifiers") or {}),
+            ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", True), "ratelimit_headers")),
         )
 
     def _prefix(self, node: Any) -> int:

@@ -48,7 +48,7 @@ from quota.routes import Match, RouteRule
 from quota.sockets import SocketHandler
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import Outcome, Program, RateOp
+from quota.store.program import Outcome, Program, RateOp, RateState
 from quota.tokens import bearer, resolve
 
 FALLBACK_PREFIX = "q:{_}:"
@@ -220,6 +220,8 @@ class QuotaMiddleware:
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
         self._report(rule, app, plan, outcome)
+        if settings.ratelimit_headers and outcome.rates:
+            send = _with_ratelimit(send, outcome.rates)
         bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
         if not plan.settles or outcome.unchecked:
             await bounded.forward(self.app, scope, send, started)
@@ -459,6 +461,23 @@ def _authorization(scope: Scope) -> str:
         if name == b"authorization":
             return bearer(value.decode("latin-1"))
     return ""
+
+
+def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
+    # The rate nearest its limit speaks for the request (what a client must pace itself by).
+    state = min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
+    headers = [
+        (b"ratelimit-limit", str(state.limit).encode()),
+        (b"ratelimit-remaining", str(max(0, state.remaining)).encode()),
+        (b"ratelimit-reset", str(max(1, -(-state.reset_ms // 1000))).encode()),
+    ]
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return wrapped
 
 
 def _with_header(send: Send, name: bytes, value: bytes) -> Send:

@@ -1,5 +1,12 @@
 """quota: hold every app of an IM service to its plan."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("quota")
+except PackageNotFoundError:  # pragma: no cover - a checkout used without installing
+    __version__ = "0+unknown"
+
 from quota.config import Config, load_config
 from quota.entitlements import entitlements
 from quota.errors import ConfigError, QuotaError, StorageError, UnknownAppError

@@ -532,22 +532,7 @@ class _Accounts(_Checker):
                     )
                 else:
                     owner[app] = str(name)
-            overrides: dict[str, int | None] = {}
-            for lname, value in self.mapping(node.get("overrides") or {}, f"{key}.overrides").items():
-                okey = f"{key}.overrides.{lname}"
-                if lname not in LIMIT_NAMES:
-                    self.fail(
-                        okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}")
-                    )
-                elif plan is not None and lname not in plan.custom:
-                    custom = ", ".join(sorted(plan.custom)) or "none"
-                    self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
-                elif value == "unlimited":
-                    overrides[lname] = None
-                else:
-                    checked = self.whole(value, okey)
-                    if checked is not None:
-                        overrides[lname] = checked
+            overrides = self.overrides(node.get("overrides") or {}, f"{key}.overrides", plan)
             start = self._date(node.get("subscribed_on", date(2000, 1, 1)), f"{key}.subscribed_on")
             frozen = self._date(node["frozen_on"], f"{key}.frozen_on") if node.get("frozen_on") else None
             allow = node.get("ip_allowlist") or []
@@ -573,6 +558,24 @@ class _Accounts(_Checker):
                 dashboard_token_sha256=token_hash,
             )
         return accounts
+
+    def overrides(self, node: Any, key: str, plan: Plan | None) -> dict[str, int | None]:
+        """An account's overrides: only limits its plan marks custom, each a whole number or unlimited."""
+        overrides: dict[str, int | None] = {}
+        for lname, value in self.mapping(node, key).items():
+            okey = f"{key}.{lname}"
+            if lname not in LIMIT_NAMES:
+                self.fail(okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}"))
+            elif plan is not None and lname not in plan.custom:
+                custom = ", ".join(sorted(plan.custom)) or "none"
+                self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
+            elif value == "unlimited":
+                overrides[lname] = None
+            else:
+                checked = self.whole(value, okey)
+                if checked is not None:
+                    overrides[lname] = checked
+        return overrides
 
     def _date(self, node: Any, key: str) -> date | None:
         if isinstance(node, date):
@@ -674,3 +677,32 @@ class _Settings(_Checker):
             fold = self.boolean(spec.get("fold_case", False), f"{key}.fold_case")
             rules[kind] = IdRule(str(pattern), bool(fold))  # type: ignore[index]
         return IdPolicy(rules)
+
+
+# Changes made at run time (admin API, CLI) pass the same checks, with the same messages, as accounts.yaml.
+def validate_account(matrix: Matrix, name: str, node: Any, source: str = "request body") -> Account:
+    """One account in accounts.yaml's shape; raises ConfigError naming every fault."""
+    problems: list[Problem] = []
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        problems.append(Problem(source, "name", "1-64 characters of A-Z a-z 0-9 _ . -", _show(name)))
+        raise ConfigError(problems)
+    accounts = _Accounts(Path(source), problems, matrix).build({"accounts": {name: node}})
+    if problems:
+        raise ConfigError(problems)
+    return accounts[name]
+
+
+def validate_overrides(
+    matrix: Matrix, plan: str | None, node: Any, source: str = "request body"
+) -> dict[str, int | None]:
+    problems: list[Problem] = []
+    found = _Accounts(Path(source), problems, matrix).overrides(node, "overrides", matrix.plans.get(plan or ""))
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def validate_appkey(appkey: Any, source: str = "request body") -> str:
+    if not isinstance(appkey, str) or not APPKEY.match(appkey) or len(appkey) > 129:
+        raise ConfigError([Problem(source, "app", "an appkey org#app", _show(appkey))])
+    return appkey

@@ -36,6 +36,9 @@ class Store(Protocol):
 
     async def accounts_version(self) -> int: ...
 
+    async def delete_account(self, name: str) -> int:
+        """Drop one stored account record (the overlay on accounts.yaml) and bump the version."""
+
     async def scan_prefix(self, prefix: str) -> list[str]:
         """Every key starting with `prefix` (admin and reconcile only, never on the request path)."""
 

@@ -379,6 +379,11 @@ class MemoryStore:
     async def accounts_version(self) -> int:
         return self.version
 
+    async def delete_account(self, name: str) -> int:
+        self.accounts.pop(name, None)
+        self.version += 1
+        return self.version
+
     async def scan_prefix(self, prefix: str) -> list[str]:
         return [k for k in self.sets if k.startswith(prefix)]
 

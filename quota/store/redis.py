@@ -269,6 +269,13 @@ class RedisStore:
         _, version = await self._call(pipe.execute())
         return int(version)
 
+    async def delete_account(self, name: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hdel(ACCOUNTS_KEY, name)
+        pipe.incr(ACCOUNTS_VERSION_KEY)
+        _, version = await self._call(pipe.execute())
+        return int(version)
+
     async def accounts_version(self) -> int:
         return int(await self._call(self.client.get(ACCOUNTS_VERSION_KEY)) or 0)
 

@@ -117,6 +117,41 @@ def cmd_entitlements(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """`quota accounts diff [NAME]`: what stored changes alter; `quota accounts reset NAME`: drop them."""
+    if not args.redis:
+        print("quota: accounts diff/reset read the stored changes: pass --redis URL", file=sys.stderr)
+        return 2
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        if args.action == "reset":
+            if not args.name:
+                raise ValueError("accounts reset needs an account name")
+            if not await directory.reset(args.name):
+                raise KeyError(f"account {args.name!r} has no stored changes")
+            return {"account": args.name, "reset": True}
+        names = [args.name] if args.name else sorted(directory.stored)
+        return {name: directory.diff(name) for name in names}
+
+    found = asyncio.run(_with_store(args, work))
+    if args.json or args.action == "reset":
+        _dump(found)
+    elif not found:
+        print("no stored changes: accounts.yaml is in force as written")
+    else:
+        for name, diff in found.items():
+            if not diff:
+                print(f"{name}: no stored changes")
+            elif "created" in diff:
+                print(f"{name}: created {diff['created']}")
+            else:
+                warn = "  (hides a later edit of accounts.yaml)" if diff["hides_a_yaml_edit"] else ""
+                print(f"{name}:{warn}")
+                for field, change in diff["fields"].items():
+                    print(f"  {field}: accounts.yaml {change['accounts.yaml']!r} -> stored {change['stored']!r}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when quota would allow the request, 1 when it would refuse it."""
     from dataclasses import asdict
@@ -328,6 +363,13 @@ def parser() -> argparse.ArgumentParser:
     for kind in ("user", "group", "chatroom"):
         p.add_argument(f"--{kind}", help=f"also show one {kind}'s counters")
     p.set_defaults(func=cmd_entitlements)
+
+    p = sub.add_parser("accounts", help="stored changes to accounts: diff [NAME] shows them, reset NAME drops them")
+    common(p, store=True)
+    p.add_argument("action", choices=["diff", "reset"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_accounts)
 
     p = sub.add_parser("explain", help="what quota would decide for a request, and why, consuming nothing")
     common(p, store=True)

@@ -10,6 +10,7 @@ Files in a config directory:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -31,6 +32,18 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    """Usage-threshold webhooks (quota/webhooks.py): off when `urls` is empty."""
+
+    urls: tuple[str, ...] = ()
+    secret: str = ""
+    thresholds: tuple[int, ...] = (80, 100)
+    attempts: int = 5
+    retry_base_ms: int = 500
+    timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class Settings:
     identifiers: IdPolicy = field(default_factory=IdPolicy)
     # RateLimit-Limit/Remaining/Reset on allowed responses too (refusals always carry them).
     ratelimit_headers: bool = True
+    webhooks: Webhooks = field(default_factory=Webhooks)
 
 
 @dataclass(frozen=True)
@@ -608,6 +622,7 @@ class _Settings(_Checker):
                 "max_url_bytes",
                 "identifiers",
                 "ratelimit_headers",
+                "webhooks",
             ),
         )
         base = Settings()
@@ -647,7 +662,38 @@ class _Settings(_Checker):
             max_url_bytes=self.whole(node.get("max_url_bytes", base.max_url_bytes), "max_url_bytes", 256) or 256,
             identifiers=self._identifiers(node.get("identifiers") or {}),
             ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", True), "ratelimit_headers")),
+            webhooks=self._webhooks(node.get("webhooks")),
         )
+
+    def _webhooks(self, node: Any) -> Webhooks:
+        if node is None:
+            return Webhooks()
+        node = self.mapping(
+            node, "webhooks", required=("urls",), optional=("secret_env", "thresholds", "attempts", "retry_base_ms")
+        )
+        urls = node.get("urls")
+        if not isinstance(urls, list) or not all(isinstance(u, str) and re.match(r"https?://[^\s]+$", u) for u in urls):
+            self.fail("webhooks.urls", "a list of http(s) URLs", urls)
+            urls = []
+        thresholds = node.get("thresholds", [80, 100])
+        if (
+            not isinstance(thresholds, list)
+            or not thresholds
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 100 for t in thresholds)
+        ):
+            self.fail("webhooks.thresholds", "a list of percentages from 1 to 100", thresholds)
+            thresholds = [80, 100]
+        env = node.get("secret_env", "QUOTA_WEBHOOK_SECRET")
+        secret = os.environ.get(env, "") if isinstance(env, str) else ""
+        if urls and len(secret) < MIN_LENGTH:
+            self.fail(
+                "webhooks.secret_env",
+                f"the name of an environment variable holding a signing secret of {MIN_LENGTH}+ characters",
+                _Said(f"{env!r}, which holds {len(secret)} characters"),
+            )
+        attempts = self.whole(node.get("attempts", 5), "webhooks.attempts", 1) or 5
+        base = self.whole(node.get("retry_base_ms", 500), "webhooks.retry_base_ms", 1) or 500
+        return Webhooks(tuple(urls), secret, tuple(sorted(set(thresholds))), attempts, base)
 
     def _prefix(self, node: Any) -> int:
         value = self.whole(node, "ipv6_prefix", 1)

@@ -219,7 +219,7 @@ class QuotaMiddleware:
             return
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
-        self._report(rule, app, plan, outcome)
+        self._report(rule, app, plan, outcome, started)
         if settings.ratelimit_headers and outcome.rates:
             send = _with_ratelimit(send, outcome.rates)
         bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
@@ -280,7 +280,7 @@ class QuotaMiddleware:
             verdict.outcome = result
         return verdict
 
-    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome) -> None:
+    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float) -> None:
         metrics, plan_name = self.metrics, app.plan.name
         metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
         for state in outcome.rates:
@@ -289,8 +289,13 @@ class QuotaMiddleware:
         for index, size in zip(plan.adds, outcome.sizes, strict=False):
             op = plan.before.ops[index]
             limit, cap = getattr(op, "limit", ""), getattr(op, "cap", -1)
+            if limit == "included_dau" and cap < 0:
+                # Plans that bill overage have no DAU cap, but their included DAU is still the mark.
+                cap = app.plan.price.included_dau
             if limit and cap > 0:
                 metrics.near(rule.name, limit, plan_name, size, cap)
+                for listener in metrics.listeners:
+                    listener(app.appkey, app.account.name, plan_name, limit, size, cap, now)
 
     async def _forward_settled(
         self,

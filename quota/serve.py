@@ -25,6 +25,12 @@ def build_app(
         store = store_from_url(redis_url or "memory://", timeout_ms=cfg.settings.storage_timeout_ms)
     middleware = QuotaMiddleware(upstream or create_gateway(), config=cfg, store=store)
     middleware.admin = create_admin(middleware)
+    if cfg.settings.webhooks.urls:
+        from quota.webhooks import ThresholdNotifier
+
+        notifier = ThresholdNotifier(cfg.settings.webhooks, store)
+        middleware.metrics.listeners.append(notifier.observe)
+        middleware.notifier = notifier  # type: ignore[attr-defined]
     return middleware
 
 

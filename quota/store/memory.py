@@ -9,6 +9,7 @@ window is the one case where a client could get a fresh budget early; README's t
 from __future__ import annotations
 
 import copy
+import time
 from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
 from typing import Any
@@ -101,6 +102,8 @@ class MemoryStore:
         self.peak: dict[str, dict[str, int]] = {}
         self.accounts: dict[str, dict[str, Any]] = {}
         self.version = 0
+        # claim_once markers: key -> expiry (s).
+        self.markers: dict[str, int] = {}
 
     async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
         ops = program.ops
@@ -378,6 +381,15 @@ class MemoryStore:
 
     async def accounts_version(self) -> int:
         return self.version
+
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        now = int(time.time())
+        if self.markers.get(key, 0) > now:
+            return False
+        if len(self.markers) >= MAX_RATE_KEYS:
+            self.markers = {k: t for k, t in self.markers.items() if t > now}
+        self.markers[key] = now + ttl_s
+        return True
 
     async def delete_account(self, name: str) -> int:
         self.accounts.pop(name, None)

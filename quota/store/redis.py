@@ -269,6 +269,9 @@ class RedisStore:
         _, version = await self._call(pipe.execute())
         return int(version)
 
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        return bool(await self._call(self.client.set(key, b"1", nx=True, ex=ttl_s)))
+
     async def delete_account(self, name: str) -> int:
         pipe = self.client.pipeline(transaction=False)
         pipe.hdel(ACCOUNTS_KEY, name)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from quota.config import DEFAULT_DIR
@@ -279,7 +279,7 @@ class TestPassThrough:
             ws.send(b"\x01\x02\x03")
             assert ws.recv(timeout=5) == b"\x03\x02\x01"
             ws.send("close-4001")
-            with pytest.raises(Exception):
+            with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=5)
             assert ws.close_code == 4001
         with pytest.raises(InvalidStatus):

@@ -1,6 +1,7 @@
 """quota: hold every app of an IM service to its plan."""
 
 from quota.config import Config, load_config
+from quota.embed import install
 from quota.entitlements import entitlements
 from quota.errors import ConfigError, QuotaError, StorageError, UnknownAppError
 from quota.middleware import QuotaMiddleware
@@ -14,6 +15,7 @@ __all__ = [
     "StorageError",
     "UnknownAppError",
     "entitlements",
+    "install",
     "load_config",
     "store_from_url",
 ]

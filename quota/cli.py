@@ -141,8 +141,8 @@ def _month(text: str | None) -> tuple[int, int]:
     return year, month
 
 
-async def _with_store(args: argparse.Namespace, work: Any) -> Any:
-    url = _store_url(args)
+async def _with_store(args: argparse.Namespace, work: Any, *, optional: bool = False) -> Any:
+    url = "memory://" if optional else _store_url(args)
     cfg = _config(args.config)
     store = store_from_url(url, timeout_ms=cfg.settings.storage_timeout_ms)
     directory = Directory(cfg.matrix, cfg.accounts, store)
@@ -175,11 +175,15 @@ def cmd_entitlements(args: argparse.Namespace) -> int:
     from quota.entitlements import entitlements
 
     entities = {k: v for k in ("user", "group", "chatroom") if (v := getattr(args, k))}
+    # Without a store, the plan as configured (limits, features, rates); usage is stored state.
+    stored = bool(entities) or bool(args.redis or os.environ.get(REDIS_ENV))
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
-        return await entitlements(directory, store, args.app, usage=True, entities=entities)
+        return await entitlements(directory, store, args.app, usage=stored, entities=entities)
 
-    _print(asyncio.run(_with_store(args, work)), args.json)
+    _print(asyncio.run(_with_store(args, work, optional=not stored)), args.json)
+    if not stored:
+        print(f"quota: the plan as configured, without usage (give --redis or {REDIS_ENV} for usage)", file=sys.stderr)
     return 0
 
 
@@ -277,6 +281,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from quota.errors import UnknownAppError
     from quota.reconcile import read_source, reconcile
 
+    _store_url(args)  # before reading the source: without a store there is nothing to reconcile
     truth = read_source(args.source)
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:

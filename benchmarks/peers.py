@@ -1,7 +1,8 @@
 """Two-process variants: the reference gateway in one process, a proxy in front of it.
 
-proxy-off        `quota proxy` with quota's checks off: the cost of proxying alone (aiohttp client)
-proxy-off-httpx  the same proxy with httpx as its client, to compare clients
+proxy-off          `quota proxy` with quota's checks off: the cost of proxying alone (its own pool)
+proxy-off-aiohttp  the same proxy with aiohttp as its client, to compare clients
+proxy-off-httpx    the same proxy with httpx as its client
 proxy-on         `quota proxy` with its checks, on Redis: the cost of quota as a proxy
 nginx            nginx (Debian's package) with limit_req at the same rate: a rate-limiting proxy peer
 
@@ -24,7 +25,7 @@ import httpx
 
 from benchmarks.variants import limit_of
 
-PROXY_VARIANTS = ("proxy-off", "proxy-off-httpx", "proxy-on", "nginx")
+PROXY_VARIANTS = ("proxy-off", "proxy-off-aiohttp", "proxy-off-httpx", "proxy-on", "nginx")
 NGINX_PACKAGES = ("nginx-light", "nginx")
 
 

@@ -33,6 +33,10 @@ def proxy_app(variant: str, scenario: str, upstream: str, redis_url: str) -> Any
         from benchmarks.clients import HttpxProxyApp
 
         return HttpxProxyApp(Upstream(upstream))
+    if variant == "proxy-off-aiohttp":
+        from benchmarks.clients import AiohttpProxyApp
+
+        return AiohttpProxyApp(Upstream(upstream))
     if variant == "proxy-off":
         return ProxyApp(Upstream(upstream))
     options = Options(config=str(config_dir(scenario)), redis_url=redis_url, upstream=upstream)

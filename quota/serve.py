@@ -213,8 +213,18 @@ def run(options: Options) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         await server.serve()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
     return 0
+
+
+def _loop_factory() -> Any:
+    # uvicorn.run picks uvloop when installed; serving through uvicorn.Server here must too.
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def serve(config: str | Path | None, *, redis_url: str | None, host: str, port: int) -> None:

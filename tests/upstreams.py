@@ -51,6 +51,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             "headers": headers,
             "length": len(body),
             "sha256": hashlib.sha256(body).hexdigest(),
+            "peer_port": scope["client"][1],
         }
         # A hop-by-hop header named in Connection, which must not reach the client.
         await _json(send, payload, extra=[(b"x-hop", b"1"), (b"connection", b"x-hop"), (b"x-kept", b"1")])

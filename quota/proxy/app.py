@@ -1,21 +1,20 @@
 """ProxyApp: an ASGI app that forwards HTTP and WebSocket to one upstream gateway over a pool of
-keep-alive connections, streaming bodies both ways. Wrapped in QuotaMiddleware by `quota proxy`."""
+keep-alive connections (quota/proxy/pool.py), streaming bodies both ways. Wrapped in QuotaMiddleware
+by `quota proxy`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-import aiohttp
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
 from quota.proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, TOO_LARGE, UpstreamBroken, send_error
-from quota.proxy.headers import Networks, client_response_headers, upstream_request_headers
+from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
+from quota.proxy.pool import Pool
 
 log = logging.getLogger("quota.proxy")
 CHUNK = 1 << 16
@@ -32,16 +31,35 @@ class Upstream:
     connections: int = 256
     keepalive: float = 4.0
     max_body_bytes: int = 1 << 20
+    # Derived from url in __post_init__.
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+    tls: bool = field(init=False, default=False)
+    prefix: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        parsed = URL(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"--upstream must be an http(s)://host[:port][/prefix] URL, found {self.url!r}")
-        if parsed.query_string or parsed.fragment:
+        expected = f"--upstream must be an http(s)://host[:port][/prefix] URL, found {self.url!r}"
+        try:
+            parsed = urlsplit(self.url)
+            port = parsed.port
+        except ValueError:
+            raise ValueError(expected) from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username is not None:
+            raise ValueError(expected)
+        if parsed.query or parsed.fragment:
             raise ValueError(f"--upstream takes no query or fragment, found {self.url!r}")
+        tls = parsed.scheme == "https"
+        object.__setattr__(self, "host", parsed.hostname)
+        object.__setattr__(self, "port", port or (443 if tls else 80))
+        object.__setattr__(self, "tls", tls)
+        object.__setattr__(self, "prefix", parsed.path.rstrip("/"))
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
     pass
 
 
@@ -51,28 +69,18 @@ class ProxyApp:
     def __init__(self, upstream: Upstream, *, trusted: Networks = ()) -> None:
         self.upstream = upstream
         self.trusted = trusted
-        base = URL(upstream.url)
-        self._base = str(base.with_path(base.path.rstrip("/"))).rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            up = self.upstream
-            connector = aiohttp.TCPConnector(limit=up.connections, keepalive_timeout=up.keepalive)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout, sock_read=up.read_timeout),
-                # Bodies pass through as the upstream encoded them, and only the client's headers go.
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.prefix = upstream.prefix.encode()
+        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+        self.ws_base = f"{'wss' if upstream.tls else 'ws'}://{host}:{upstream.port}"
+        self.pool = Pool(
+            upstream.host,
+            upstream.port,
+            tls=upstream.tls,
+            limit=upstream.connections,
+            keepalive=upstream.keepalive,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -89,25 +97,26 @@ class ProxyApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.close()
+                self.pool.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def target(self, scope: Scope) -> URL:
-        path = scope.get("raw_path") or scope["path"].encode()
-        query = scope.get("query_string", b"")
-        text = self._base + path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-        return URL(text, encoded=True)
+    def target(self, scope: Scope) -> bytes:
+        """The request target upstream: its prefix, then the path and query exactly as received."""
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        return self.prefix + path + (b"?" + query if query else b"")
 
-    def headers_for(self, scope: Scope, websocket: bool = False) -> aiohttp.typedefs.LooseHeaders:
+    def headers_for(self, scope: Scope, websocket: bool = False) -> Headers:
         client = scope.get("client")
+        scheme: str = scope.get("scheme", "http")
         return upstream_request_headers(
             scope["headers"],
             peer=client[0] if client else "",
-            scheme=scope.get("scheme", "http"),
+            # A WebSocket's scope says ws/wss; X-Forwarded-Proto names the HTTP scheme it came over.
+            scheme={"ws": "http", "wss": "https"}.get(scheme, scheme),
             trusted=self.trusted,
             websocket=websocket,
         )
@@ -119,42 +128,41 @@ class ProxyApp:
         if declared is not None and declared > limit:
             await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
             return
-        method = scope["method"]
-        has_body = declared is not None or any(n == b"transfer-encoding" for n, _ in scope["headers"])
-        body = _stream(receive, limit) if has_body else None
+        method: str = scope["method"]
+        chunked = declared is None and any(n == b"transfer-encoding" for n, _ in scope["headers"])
+        body = _stream(receive, limit) if declared is not None or chunked else None
         try:
-            response = await self.session().request(
-                method, self.target(scope), headers=self.headers_for(scope), data=body, allow_redirects=False
-            )
+            response = await self.pool.request(method, self.target(scope), self.headers_for(scope), body, declared)
         except _TooLarge:
             await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
             return
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except _ClientGone:
+            return
+        except TimeoutError:
             log.warning("upstream timed out: %s %s", method, scope["path"])
             await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer in time", send, started)
             return
-        except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc.__cause__, _TooLarge) or isinstance(exc.__context__, _TooLarge):
-                await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
-                return
+        except OSError as exc:
             log.warning("upstream unreachable: %s %s: %s", method, scope["path"], exc.__class__.__name__)
             await send_error(BAD_GATEWAY, "the upstream gateway could not be reached", send, started)
             return
-        async with response:
+        try:
             await send(
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": client_response_headers(response.raw_headers),
+                    "headers": client_response_headers(response.headers),
                 }
             )
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in response.body():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.warning("upstream broke off its response: %s %s: %s", method, scope["path"], exc.__class__.__name__)
                 raise UpstreamBroken(str(exc)) from None
             await send({"type": "http.response.body", "body": b""})
+        finally:
+            response.release()
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -171,7 +179,7 @@ async def _stream(receive: Receive, limit: int) -> AsyncIterator[bytes]:
         message: Message = await receive()
         if message["type"] != "http.request":
             # The client went away: stop the upstream request too.
-            raise aiohttp.ClientConnectionError("client disconnected")
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -180,9 +188,3 @@ async def _stream(receive: Receive, limit: int) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-async def cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

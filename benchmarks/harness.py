@@ -269,7 +269,8 @@ def proxy_section(rows: list[dict[str, Any]], args: argparse.Namespace, command:
             "",
             "The gateway in its own process, a proxy in front of it, both pinned to core 0 (where the bare "
             "gateway runs alone), wrk and Redis on core 1. `proxy-off`: quota proxy with quota's checks off "
-            "(the cost of proxying, aiohttp client); `proxy-off-httpx`: the same with httpx as the client; "
+            "(the cost of proxying, with its own connection pool); `proxy-off-aiohttp` and `proxy-off-httpx`: "
+            "the same with aiohttp or httpx as the upstream client (benchmarks/clients.py); "
             "`proxy-on`: quota proxy with its checks on Redis; `nginx`: nginx with `limit_req` at the same "
             f"rate. wrk: 1 thread, {args.connections} connections, {args.seconds:g} s per run after a 1 s "
             f"warm-up; {args.rounds} round(s), variants rotated each round; ratios are to bare in the same round.",

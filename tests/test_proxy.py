@@ -175,7 +175,10 @@ class TestEnforcement:
 
 @pytest.fixture(scope="module")
 def odd_upstream() -> Iterator[Running]:
-    proc = Running([sys.executable, "-m", "uvicorn", "tests.upstreams:app", "--port", "{port}"], ready="/echo")
+    proc = Running(
+        [sys.executable, "-m", "uvicorn", "tests.upstreams:app", "--no-proxy-headers", "--port", "{port}"],
+        ready="/echo",
+    )
     yield proc
     proc.stop()
 
@@ -213,6 +216,37 @@ class TestUpstreamFailures:
         r = httpx.get(odd_proxy.base + "/slow", timeout=10)
         assert r.status_code == 504
         assert r.json()["error"] == "gateway_timeout" and set(r.json()) >= {"exception", "timestamp", "duration"}
+
+    def test_upstream_closes_idle_connections(self, small_config: Path) -> None:
+        """An upstream that drops idle connections sooner than the pool keeps them (1 s against 60 s):
+        the next requests still get through, on fresh connections."""
+        upstream = Running(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.upstreams:app",
+                "--no-proxy-headers",
+                "--port",
+                "{port}",
+                "--timeout-keep-alive",
+                "1",
+            ],
+            ready="/echo",
+        )
+        argv = quota("proxy", "--upstream", upstream.base, "--config", str(small_config), "--keepalive", "60")
+        proc = Running([*argv, "--port", "{port}"], ready="/_quota/health")
+        try:
+            with httpx.Client(base_url=proc.base, timeout=10) as c:
+                first = c.get("/echo").json()["peer_port"]
+                time.sleep(1.5)
+                for _ in range(3):
+                    r = c.get("/echo")
+                    assert r.status_code == 200, r.text
+                assert r.json()["peer_port"] != first
+        finally:
+            proc.stop()
+            upstream.stop()
 
     def test_unreachable_is_502(self, small_config: Path) -> None:
         """Nothing listening upstream: 502 bad_gateway with an IM-shaped body and no traceback."""

@@ -10,6 +10,7 @@ would answer 404. install() builds the middleware itself and adds it through a f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from quota.config import Config, load_config
 from quota.middleware import QuotaMiddleware
 from quota.probes import Probes
-from quota.serve import build_app, outage_policy
+from quota.serve import METRICS_DIR_ENV, build_app, outage_policy
 from quota.served_metrics import ServedMetrics
 from quota.store import Store
 
@@ -40,14 +41,21 @@ def install(
     config: Config | str | Path | None = None,
     store: Store | None = None,
     redis_url: str | None = None,
+    metrics_dir: str | Path | None = None,
 ) -> QuotaMiddleware:
     """Add QuotaMiddleware (outermost of the app's own middleware) with its admin API under
     `admin_prefix`, /health and /ready probes, and storage failures logged. Returns the middleware,
-    for reload() and its metrics. The store: `store`, else `redis_url`, else memory (one process)."""
+    for reload() and its metrics. The store: `store`, else `redis_url`, else memory (one process).
+
+    Under `uvicorn app --workers N`, give every worker the same empty `metrics_dir` (or set
+    QUOTA_METRICS_DIR) so that each scrape adds up all workers' counters (quota/served_metrics.py)."""
     cfg = config if isinstance(config, Config) else load_config(config)
     inner = _Inner()
     middleware = build_app(cfg, store=store, redis_url=redis_url, upstream=inner)
-    middleware.metrics = ServedMetrics(outage=lambda: outage_policy(middleware.runtime.config))
+    shared = metrics_dir or os.environ.get(METRICS_DIR_ENV)
+    middleware.metrics = ServedMetrics(
+        outage=lambda: outage_policy(middleware.runtime.config), shared_dir=Path(shared) if shared else None
+    )
     probes = Probes(middleware, middleware)
 
     def factory(stack: ASGIApp) -> ASGIApp:

@@ -161,6 +161,12 @@ def run(options: Options) -> int:
     _configure_logging()
     cfg = load_config(options.config)
     log.info("%s", describe(options, cfg))
+    if options.workers > 1 and not options.redis_url:
+        log.warning(
+            "%d workers on the in-memory store: each worker counts alone, so caps and rates hold per "
+            "worker, not in total; give --redis to share them",
+            options.workers,
+        )
     if options.redis_url:
         problem = asyncio.run(check_store(options.redis_url, cfg.settings.storage_timeout_ms))
         if problem is not None:

@@ -280,6 +280,12 @@ class TestPassThrough:
         assert seen["headers"]["x-forwarded-host"] == [odd_proxy.base.removeprefix("http://")]
         assert "x-hop" not in r.headers and r.headers["x-kept"] == "1"
 
+    def test_head(self, odd_proxy: Running) -> None:
+        """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after."""
+        for _ in range(2):
+            r = httpx.head(odd_proxy.base + "/echo", timeout=3)
+            assert r.status_code == 200 and int(r.headers["content-length"]) > 0 and r.content == b""
+
     def test_keep_alive_pool(self, odd_proxy: Running) -> None:
         """Sequential requests reuse one upstream connection (the pool keeps it alive), even when
         each comes from a new client connection."""

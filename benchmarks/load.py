@@ -20,7 +20,7 @@ WRK_SCRIPTS = {
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format("POST", "/demo/pro/chatgroups/bench/users/u" .. (counter % 200))
+  return wrk.format("POST", "/demo/pro/chatgroups/777/users/u" .. (counter % 200))
 end
 """,
     "login": """

@@ -31,6 +31,8 @@ class Account:
     overrides: dict[str, int | None] = field(default_factory=dict)
     frozen_on: date | None = None
     ip_allowlist: tuple[str, ...] = ()
+    # SHA-256 (hex) of the token the customer signs in to the dashboard with; the token is never kept.
+    dashboard_token_sha256: str | None = None
 
     def subscription_on(self, day: date) -> Subscription | None:
         for sub in self.subscriptions:
@@ -58,6 +60,7 @@ class Account:
             "frozen_on": self.frozen_on.isoformat() if self.frozen_on else None,
             "purge_after": self.purge_after.isoformat() if self.purge_after else None,
             "ip_allowlist": list(self.ip_allowlist),
+            "dashboard_token_sha256": self.dashboard_token_sha256,
         }
 
     @classmethod
@@ -74,6 +77,7 @@ class Account:
             ),
             frozen_on=date.fromisoformat(data["frozen_on"]) if data.get("frozen_on") else None,
             ip_allowlist=tuple(data.get("ip_allowlist") or ()),
+            dashboard_token_sha256=data.get("dashboard_token_sha256"),
         )
 
 

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from quota import accounts as subs
 from quota.billing import bill_account
+from quota.dashboard import create_dashboard
 from quota.entitlements import entitlements
 from quota.errors import ConfigError, StorageError, UnknownAppError
 from quota.metering import usage_report
@@ -182,6 +183,8 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             Route("/accounts/{account}", guarded(show_account)),
             Route("/accounts/{account}/allowlist", guarded(set_allowlist, "admin"), methods=["PUT"]),
             Route("/accounts/{account}/{action}", guarded(change, "admin"), methods=["POST"]),
+            # Its own login (a cookie, not a bearer header): a browser cannot send the header.
+            Mount("/dashboard", app=create_dashboard(middleware)),
         ]
     )
 

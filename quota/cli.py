@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -18,10 +19,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from quota import cli_output as out
 from quota.billing import AppPeak, bill_account, compute_bill
 from quota.config import DEFAULT_DIR, Config, load_config
 from quota.errors import ConfigError, QuotaError, StorageError
-from quota.matrix import Matrix, MauShare, limit_to_json
+from quota.matrix import Matrix, limit_to_json
 from quota.plans import Directory
 from quota.store import store_from_url
 
@@ -29,6 +31,8 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_STORAGE = 4
+# What a process killed by SIGPIPE reports (128 + 13), as `cat` does when `head` stops reading.
+EXIT_CLOSED_PIPE = 141
 CONFIG_ENV = "QUOTA_CONFIG"
 REDIS_ENV = "QUOTA_REDIS_URL"
 
@@ -72,61 +76,16 @@ def plans_json(matrix: Matrix) -> dict[str, Any]:
     }
 
 
-def _cell(value: Any, custom: bool = False) -> str:
-    if value is None:
-        text = "unlimited"
-    elif isinstance(value, bool):
-        text = "✓" if value else "✖"
-    elif isinstance(value, MauShare):
-        text = value.describe()
-    elif isinstance(value, int):
-        text = f"{value:,}"
-    else:
-        text = str(value)
-    return f"custom (default {text})" if custom else text
-
-
-def plans_table(matrix: Matrix) -> str:
-    names = list(matrix.plans)
-    rows: list[tuple[str, list[str]]] = []
-    plans = [matrix.plans[n] for n in names]
-    rows.append(("[price]", [""] * len(names)))
-    for key in ("monthly_fee", "included_dau", "overage_per_10k_dau"):
-        vals = [getattr(p.price, key) for p in plans]
-        rows.append((key, ["n/a (upgrade)" if v is None else _cell(v) for v in vals]))
-    rows.append(("[limits]", [""] * len(names)))
-    for key in plans[0].limits:
-        rows.append((key, [_cell(p.limits[key], key in p.custom) for p in plans]))
-    rows.append(("[rates]", [""] * len(names)))
-    for key in plans[0].rates:
-        rows.append((key, [p.rates[key].text for p in plans]))
-    for section, features in plans[0].feature_sections.items():
-        rows.append((f"[{section}]", [""] * len(names)))
-        for f in features:
-            rows.append((f, [_cell(p.features[f]) for p in plans]))
-    width = max(len(r[0]) for r in rows)
-    cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
-    lines = ["  ".join([" " * width, *(n.ljust(c) for n, c in zip(names, cols, strict=True))]).rstrip()]
-    for label, cells in rows:
-        lines.append("  ".join([label.ljust(width), *(v.ljust(c) for v, c in zip(cells, cols, strict=True))]).rstrip())
-    return "\n".join(lines)
+def _dump(data: Any) -> None:
+    # Escaped to ASCII only when the terminal cannot carry the characters: scripts get valid JSON either way.
+    print(json.dumps(data, indent=2, ensure_ascii=out.symbols() is out.ASCII))
 
 
 def _print(data: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-        return
-
-    def walk(node: Any, indent: int) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                print(" " * indent + f"{key}:")
-                walk(value, indent + 2)
-            else:
-                shown = "unlimited" if value is None else value
-                print(" " * indent + f"{key}: {shown}")
-
-    walk(data, 0)
+        _dump(data)
+    else:
+        print(out.record_text(data, out.symbols()))
 
 
 def _month(text: str | None) -> tuple[int, int]:
@@ -156,9 +115,9 @@ async def _with_store(args: argparse.Namespace, work: Any, *, optional: bool = F
 def cmd_plans(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     if args.json:
-        print(json.dumps(plans_json(cfg.matrix), indent=2, ensure_ascii=False))
+        _dump(plans_json(cfg.matrix))
     else:
-        print(plans_table(cfg.matrix))
+        print(out.plans_table(cfg.matrix, show_all=args.all, sym=out.symbols()))
     return 0
 
 
@@ -199,12 +158,18 @@ def cmd_usage(args: argparse.Namespace) -> int:
             raise UnknownAppError(args.app)
         return await usage_report(directory, store, args.app, year, month)
 
-    _print(asyncio.run(_with_store(args, work)), args.json)
+    report = asyncio.run(_with_store(args, work))
+    if args.json:
+        _dump(report)
+    else:
+        print(out.usage_text(report, out.symbols()))
     return 0
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
     year, month = _month(args.month)
+    if args.all:
+        return _bill_all(args, year, month)
     if args.plan:
         cfg = _config(args.config)
         plan = cfg.matrix.plans.get(args.plan)
@@ -219,27 +184,50 @@ def cmd_bill(args: argparse.Namespace) -> int:
         bill = compute_bill(plan, peaks, year, month, subscribed_on=since)
     else:
         if not args.account:
-            raise SystemExit("quota: bill needs ACCOUNT, or --plan with --peak-dau")
+            raise SystemExit("quota: bill needs ACCOUNT, --all, or --plan with --peak-dau")
 
         async def work(cfg: Config, directory: Directory, store: Any) -> Any:
             return await bill_account(directory, store, args.account, year, month)
 
         bill = asyncio.run(_with_store(args, work))
     if args.json:
-        print(json.dumps(bill.to_json(), indent=2, ensure_ascii=False))
-        return 0
-    print(f"account {bill.account}  month {bill.month}  plan {bill.plan}")
-    for a in bill.apps:
-        print(f"  {a.app}: peak DAU {a.peak_dau:,}" + (f" on {a.day}" if a.day else ""))
-    print(f"usage (sum of peaks)  {bill.usage:,}")
-    print(f"included DAU          {bill.included:,}")
-    print(f"excess                {bill.excess:,}")
-    proration = f"  ({bill.prorated_days[0]}/{bill.prorated_days[1]} days)" if bill.prorated_days else ""
-    print(f"plan fee              {bill.plan_fee}{proration}")
-    print(f"overage               {bill.overage}")
-    print(f"total                 {bill.total} 元")
-    for note in bill.notes:
-        print(f"note: {note}")
+        _dump(bill.to_json())
+    elif args.csv:
+        print(out.bills_csv([bill]), end="")
+    else:
+        print(out.bill_text(bill, out.symbols()))
+    return 0
+
+
+def _bill_all(args: argparse.Namespace, year: int, month: int) -> int:
+    """Every account's bill for the month; accounts with no subscription in it are listed apart."""
+    if args.account or args.plan:
+        raise SystemExit("quota: bill --all takes no ACCOUNT and no --plan")
+    from quota.billing import billing_plan
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        bills, skipped = [], []
+        names = sorted(directory.accounts)
+        progress = out.Progress("billing", len(names))
+        try:
+            for done, name in enumerate(names, 1):
+                if billing_plan(directory.accounts[name], year, month)[0] is None:
+                    skipped.append(name)
+                else:
+                    bills.append(await bill_account(directory, store, name, year, month))
+                progress(done)
+        finally:
+            progress.close()
+        return bills, skipped
+
+    bills, skipped = asyncio.run(_with_store(args, work))
+    label = f"{year:04d}-{month:02d}"
+    if args.json:
+        _dump({"month": label, "bills": [b.to_json() for b in bills], "not_billed": skipped})
+    elif args.csv:
+        print(out.bills_csv(bills), end="")
+    else:
+        print(out.bills_text(bills, skipped, label, out.symbols()))
     return 0
 
 
@@ -271,7 +259,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
         if directory.account_of(args.app) is None:
             raise UnknownAppError(args.app)
-        return await forget_user(store, cfg.routes, args.app, args.user, int(time.time() * 1000))
+        progress = out.Progress(f"forgetting {args.user}")
+        try:
+            return await forget_user(store, cfg.routes, args.app, args.user, int(time.time() * 1000), progress)
+        finally:
+            progress.close()
 
     _print(asyncio.run(_with_store(args, work)), args.json)
     return 0
@@ -287,7 +279,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
         if directory.account_of(args.app) is None:
             raise UnknownAppError(args.app)
-        return {"app": args.app, **await reconcile(store, args.app, truth)}
+        progress = out.Progress(f"reconciling {args.app}")
+        try:
+            return {"app": args.app, **await reconcile(store, args.app, truth, progress)}
+        finally:
+            progress.close()
 
     _print(asyncio.run(_with_store(args, work)), args.json)
     return 0
@@ -346,6 +342,25 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def cmd_check_routes(args: argparse.Namespace) -> int:
+    from quota.coverage import load_upstream, served_routes, uncovered
+
+    cfg = _config(args.config)
+    upstream = load_upstream(args.upstream)
+    gaps = uncovered(upstream, cfg.routes)
+    total = sum(1 for _ in served_routes(upstream))
+    if args.json:
+        print(json.dumps({"served": total, "uncovered": [{"method": m, "path": p} for m, p in gaps]}, indent=2))
+    elif gaps:
+        policy = "refused (404)" if cfg.routes.unmatched.refuse else "held to the general per-IP rate only"
+        print(f"{len(gaps)} of {total} routes of {args.upstream} are not in the route map; they are {policy}:")
+        for method, path in gaps:
+            print(f"  {method:9s} {path}")
+    else:
+        print(f"all {total} routes of {args.upstream} are in the route map")
+    return 1 if gaps else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="quota", description="Hold IM apps to their plans.")
     top.add_argument("--version", action="version", version=f"quota {_version()}")
@@ -361,6 +376,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plans", help="print the limit matrix, plans as columns")
     common(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="every feature, not only those that differ between plans")
     p.set_defaults(func=cmd_plans)
 
     p = sub.add_parser("check-config", help="validate a config directory")
@@ -387,14 +403,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_usage)
 
-    p = sub.add_parser("bill", help="an account's bill for a month, or a what-if bill")
+    p = sub.add_parser("bill", help="an account's bill for a month, every account's (--all), or a what-if bill")
     common(p, store=True)
     p.add_argument("account", nargs="?")
+    p.add_argument("--all", action="store_true", help="every account's bill for --month, in one run")
     p.add_argument("--month", help="YYYY-MM (default this month)")
     p.add_argument("--plan", help="what-if: bill this plan for the given peaks")
     p.add_argument("--peak-dau", type=int, action="append", help="what-if: one app's peak DAU (repeat per app)")
     p.add_argument("--subscribed-on", help="what-if: YYYY-MM-DD the subscription started (prorates the fee)")
-    p.add_argument("--json", action="store_true")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true", help="one row per account, for spreadsheets")
     p.set_defaults(func=cmd_bill)
 
     for action in ("subscribe", "change-plan", "cancel", "freeze", "unfreeze"):
@@ -432,6 +451,14 @@ def parser() -> argparse.ArgumentParser:
             help="refuse to start when the store does not answer (default: warn, and the outage policy applies)",
         )
 
+    p = sub.add_parser("check-routes", help="list the routes an ASGI upstream serves that the route map does not name")
+    common(p)
+    p.add_argument(
+        "--upstream", default="quota.gateway:create_gateway", help="module:attribute of a Starlette app or its factory"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_routes)
+
     p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware (SIGHUP reloads)")
     served(p)
     p.set_defaults(func=cmd_serve)
@@ -465,8 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not hasattr(args, "plan"):
         args.plan = None
+    _tolerant_output()
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        # Flushed here, not at exit, so a reader that went away is met by the handler below.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except NeedsStore as exc:
         print(f"quota: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -480,6 +513,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"quota: {message}", file=sys.stderr)
         return EXIT_NOT_FOUND
+
+
+def _tolerant_output() -> None:
+    # A character the terminal cannot encode prints as '?' instead of ending the command with a
+    # traceback; the deliberate symbols already fall back to ASCII (cli_output.symbols).
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+def _closed_pipe() -> int:
+    """The reader closed the pipe (`quota plans | head`): stop quietly. Later writes, the
+    interpreter's own flush at exit included, go to /dev/null instead of raising again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_CLOSED_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -22,14 +22,16 @@ from limits import parse as parse_rate
 
 from quota.accounts import Account, Subscription
 from quota.errors import ConfigError, Problem
+from quota.identifiers import DEFAULT_RULES, KINDS, IdPolicy, IdRule, Kind
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
-from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
+from quota.routes import Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.tokens import MIN_LENGTH
 
 # quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
 # the files it points to into the package, so an installed quota finds its default config there.
 DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
 
 
@@ -48,6 +50,13 @@ class Settings:
     lease_ttl_s: int = 60
     fallback_rate: Rate = Rate(100, 1, "100/second")
     shadow: bool = False
+    # How long a create's slot or a free plan's login waits for the upstream; renewed while it works.
+    reservation_ttl_s: int = 60
+    # IPv6 clients are keyed by their network of this length: one host holds a whole /64.
+    ipv6_prefix: int = 64
+    # Path plus query string: longer ones are refused (414) before anything is read.
+    max_url_bytes: int = 8192
+    identifiers: IdPolicy = field(default_factory=IdPolicy)
 
 
 @dataclass(frozen=True)
@@ -269,19 +278,36 @@ class _Routes(_Checker):
         super().__init__(path, problems)
         self.matrix = matrix
         self.features = set(matrix.feature_names)
+        self.ids: dict[str, Param] = {}
 
     def build(self, doc: Any) -> RouteMap:
-        top = self.mapping(doc, "(top)", required=("relations", "default_rates", "routes"))
+        top = self.mapping(
+            doc, "(top)", required=("relations", "default_rates", "routes"), optional=("ids", "unmatched")
+        )
         relations = {}
         for name, node in self.mapping(top.get("relations", {}), "relations").items():
             key = f"relations.{name}"
-            node = self.mapping(node, key, optional=("owner_limit", "member_limit", "symmetric"))
+            node = self.mapping(node, key, optional=("owner_limit", "member_limit", "symmetric", "owners", "members"))
             for side in ("owner_limit", "member_limit"):
                 if node.get(side) is not None and node[side] not in LIMIT_NAMES:
                     self.fail(f"{key}.{side}", f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", node[side])
+            owners, members = node.get("owners", "user"), node.get("members", "user")
+            if owners not in (*KINDS, "app"):
+                self.fail(f"{key}.owners", "app, user or room", owners)
+            if members not in KINDS:
+                self.fail(f"{key}.members", "user or room", members)
             relations[str(name)] = Relation(
-                str(name), node.get("owner_limit"), node.get("member_limit"), bool(node.get("symmetric", False))
+                str(name),
+                node.get("owner_limit"),
+                node.get("member_limit"),
+                bool(node.get("symmetric", False)),
+                None if owners == "app" else owners,
+                members if members in KINDS else "user",
             )
+        self.ids = self._ids(top.get("ids") or {})
+        unmatched = top.get("unmatched", "refuse")
+        if unmatched not in ("refuse", "rate-only"):
+            self.fail("unmatched", "refuse or rate-only", unmatched)
         defaults = self._rates(top.get("default_rates"), "default_rates")
         rules: list[RouteRule] = []
         names: set[str] = set()
@@ -289,15 +315,39 @@ class _Routes(_Checker):
         if not isinstance(routes_node, list):
             self.fail("routes", "a list of routes", routes_node)
             routes_node = []
+        shapes: dict[tuple[str, str, bool], str] = {}
         for i, node in enumerate(routes_node):
             rule = self._route(node, f"routes[{i}]", relations, defaults)
             if rule:
                 if rule.name in names:
                     self.fail(f"routes[{i}].name", "a name used once", rule.name)
+                # Two routes on one method and path shape: the second could never match.
+                shape = (rule.method, re.sub(r"\{[a-z_]+\}", "{}", rule.template), rule.prefix)
+                if shape in shapes:
+                    self.fail(
+                        f"routes[{i}].path",
+                        f"a path no other {rule.method} route has",
+                        _Said(f"{rule.template} (same as {shapes[shape]})"),
+                    )
+                shapes[shape] = rule.name
                 names.add(rule.name)
                 rules.append(rule)
         fallback = RouteRule("other", "*", "*", defaults)
-        return RouteMap(relations, tuple(rules), fallback)
+        refuse = unmatched != "rate-only"
+        rest = RouteRule("unmatched", "*", "/{org}/{app}/...", defaults, refuse=refuse)
+        return RouteMap(relations, tuple(rules), fallback, rest)
+
+    def _ids(self, node: Any) -> dict[str, Param]:
+        """Path parameters that name ids: `user`, `room`, or a comma list `users`/`rooms` (batch routes)."""
+        out: dict[str, Param] = {}
+        for name, kind in self.mapping(node, "ids").items():
+            many = isinstance(kind, str) and kind.endswith("s") and kind[:-1] in KINDS
+            base = kind[:-1] if many else kind
+            if base not in KINDS:
+                self.fail(f"ids.{name}", "user, room, users or rooms", kind)
+                continue
+            out[str(name)] = Param(base, many)
+        return out
 
     def _rates(self, node: Any, key: str) -> tuple[RateUse, ...]:
         if not isinstance(node, list):
@@ -305,17 +355,24 @@ class _Routes(_Checker):
             return ()
         out = []
         for i, item in enumerate(node):
-            item = self.mapping(item, f"{key}[{i}]", required=("rate", "by"))
+            item = self.mapping(item, f"{key}[{i}]", required=("rate", "by"), optional=("algorithm",))
             rate, by = item.get("rate"), item.get("by")
+            algorithm = item.get("algorithm", "sliding")
             if by not in ("ip", "app", "user"):
                 self.fail(f"{key}[{i}].by", "one of ip, app, user", by)
                 continue
+            if algorithm not in ("sliding", "exact"):
+                self.fail(
+                    f"{key}[{i}].algorithm", "sliding (a weighted two-window counter) or exact (a log)", algorithm
+                )
+                continue
             if rate in RATE_NAMES:
-                out.append(RateUse(rate, None, None, by))
+                out.append(RateUse(rate, None, None, by, algorithm))
             else:
                 parsed = self.rate(rate, f"{key}[{i}].rate")
                 if parsed:
-                    out.append(RateUse(f"{parsed.amount}/{parsed.window_s}s", parsed.amount, parsed.window_s, by))
+                    name = f"{parsed.amount}/{parsed.window_s}s"
+                    out.append(RateUse(name, parsed.amount, parsed.window_s, by, algorithm))
         return tuple(out)
 
     def _selector(self, node: Any, key: str, sources: tuple[str, ...], params: set[str]) -> Selector | None:
@@ -338,7 +395,19 @@ class _Routes(_Checker):
             node,
             key,
             required=("name", "method", "path"),
-            optional=("rates", "feature", "changes", "login", "connection", "retention", "user", "outage", "shadow"),
+            optional=(
+                "rates",
+                "feature",
+                "changes",
+                "login",
+                "connection",
+                "retention",
+                "user",
+                "outage",
+                "shadow",
+                "prefix",
+                "admin",
+            ),
         )
         method, template = node.get("method"), node.get("path")
         if method not in METHODS:
@@ -368,13 +437,28 @@ class _Routes(_Checker):
             if ch["op"] not in ("drop", "drop_member") or "members" in ch:
                 members = self._selector(ch.get("members"), f"{ck}.members", ("path", "body", "response"), params)
             max_batch = self.whole(ch["max_batch"], f"{ck}.max_batch", 1) if "max_batch" in ch else None
+            rel = relations[ch["relation"]]
+            # drop_member's owner is the member being deleted (a user leaving every room).
+            owner_kind = rel.member_kind if ch["op"] == "drop_member" else rel.owner_kind
+            owner = self._kind(owner, owner_kind, f"{ck}.owner")
+            members = self._kind(members, rel.member_kind, f"{ck}.members")
             if owner:
                 changes.append(Change(ch["relation"], ch["op"], owner, members, max_batch))
         retention = user = None
         if "retention" in node:
             retention = self._selector(node["retention"], f"{key}.retention", ("path",), params)
         if "user" in node:
-            user = self._selector(node["user"], f"{key}.user", ("path", "body"), params)
+            user = self._kind(
+                self._selector(node["user"], f"{key}.user", ("path", "body"), params), "user", f"{key}.user"
+            )
+        most = {
+            c.members.path[0]: c.max_batch for c in changes if c.members and c.members.source == "path" and c.max_batch
+        }
+        route_params = tuple(
+            (name, replace(self.ids.get(name, Param(None)), most=most.get(name)))
+            for name in re.findall(r"\{([a-z_]+)\}", template)
+            if name not in ("org", "app")
+        )
         login = bool(self.boolean(node.get("login", False), f"{key}.login"))
         connection = bool(self.boolean(node.get("connection", False), f"{key}.connection"))
         if (login or connection) and user is None:
@@ -396,7 +480,22 @@ class _Routes(_Checker):
             user=user,
             outage=outage,
             shadow=shadow,
+            prefix=bool(self.boolean(node.get("prefix", False), f"{key}.prefix")),
+            admin=bool(self.boolean(node.get("admin", False), f"{key}.admin")),
+            params=route_params,
         )
+
+    def _kind(self, selector: Selector | None, kind: Kind | None, key: str) -> Selector | None:
+        """The id policy a selector's values pass: the relation's side, or the path parameter's kind."""
+        if selector is None or selector.source == "app":
+            return selector
+        if selector.source == "path":
+            param = self.ids.get(selector.path[0])
+            if kind is not None and (param is None or param.kind != kind):
+                self.fail(key, f"a path parameter declared a {kind} id under ids:", selector.path[0])
+                return None
+            return replace(selector, kind=kind, many=bool(param and param.many))
+        return replace(selector, kind=kind, many=True)
 
 
 class _Accounts(_Checker):
@@ -414,7 +513,7 @@ class _Accounts(_Checker):
                 node,
                 key,
                 required=("plan", "apps"),
-                optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist"),
+                optional=("overrides", "subscribed_on", "frozen_on", "ip_allowlist", "dashboard_token_sha256"),
             )
             plan_name = node.get("plan")
             plan = self.matrix.plans.get(plan_name) if isinstance(plan_name, str) else None
@@ -457,6 +556,13 @@ class _Accounts(_Checker):
                     ipaddress.ip_network(str(net), strict=False)
                 except ValueError:
                     self.fail(f"{key}.ip_allowlist[{i}]", "an IP address or network (10.0.0.0/8)", net)
+            # The customer's own dashboard login: only its SHA-256 lives in the config and the store.
+            token_hash = node.get("dashboard_token_sha256")
+            if token_hash is not None and not (isinstance(token_hash, str) and _SHA256.fullmatch(token_hash)):
+                self.fail(
+                    f"{key}.dashboard_token_sha256", "64 lowercase hex digits (sha256sum of the token)", token_hash
+                )
+                token_hash = None
             accounts[str(name)] = Account(
                 name=str(name),
                 apps=tuple(a for a in apps if isinstance(a, str)),
@@ -464,6 +570,7 @@ class _Accounts(_Checker):
                 overrides=overrides,
                 frozen_on=frozen,
                 ip_allowlist=tuple(str(n) for n in allow),
+                dashboard_token_sha256=token_hash,
             )
         return accounts
 
@@ -493,6 +600,10 @@ class _Settings(_Checker):
                 "lease_ttl_s",
                 "fallback_rate",
                 "shadow",
+                "reservation_ttl_s",
+                "ipv6_prefix",
+                "max_url_bytes",
+                "identifiers",
             ),
         )
         base = Settings()
@@ -526,4 +637,38 @@ class _Settings(_Checker):
             lease_ttl_s=self.whole(node.get("lease_ttl_s", base.lease_ttl_s), "lease_ttl_s", 1) or 1,
             fallback_rate=fallback or base.fallback_rate,
             shadow=bool(self.boolean(node.get("shadow", False), "shadow")),
+            reservation_ttl_s=self.whole(node.get("reservation_ttl_s", base.reservation_ttl_s), "reservation_ttl_s", 1)
+            or 1,
+            ipv6_prefix=self._prefix(node.get("ipv6_prefix", base.ipv6_prefix)),
+            max_url_bytes=self.whole(node.get("max_url_bytes", base.max_url_bytes), "max_url_bytes", 256) or 256,
+            identifiers=self._identifiers(node.get("identifiers") or {}),
         )
+
+    def _prefix(self, node: Any) -> int:
+        value = self.whole(node, "ipv6_prefix", 1)
+        if value is None or value > 128:
+            self.fail("ipv6_prefix", "a prefix length from 1 to 128", node)
+            return 64
+        return value
+
+    def _identifiers(self, node: Any) -> IdPolicy:
+        rules = dict(DEFAULT_RULES)
+        for kind, spec in self.mapping(node, "identifiers", optional=KINDS).items():
+            key = f"identifiers.{kind}"
+            spec = self.mapping(spec, key, required=("pattern",), optional=("fold_case",))
+            pattern = spec.get("pattern")
+            try:
+                compiled = re.compile(pattern) if isinstance(pattern, str) else None
+            except re.error as exc:
+                self.fail(f"{key}.pattern", "a regular expression", _Said(f"{pattern!r}: {exc}"))
+                continue
+            if compiled is None:
+                self.fail(f"{key}.pattern", "a regular expression", pattern)
+                continue
+            # Ids end up in storage keys and in Lua: a policy must bound their length and exclude ','.
+            if compiled.fullmatch("a" * 257) or compiled.fullmatch("a,b"):
+                self.fail(f"{key}.pattern", "a pattern that bounds length (<= 256) and excludes ','", pattern)
+                continue
+            fold = self.boolean(spec.get("fold_case", False), f"{key}.fold_case")
+            rules[kind] = IdRule(str(pattern), bool(fold))  # type: ignore[index]
+        return IdPolicy(rules)

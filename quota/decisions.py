@@ -1,5 +1,6 @@
 """Pure decisions: from a matched route, the app's plan and the request's facts, either a denial
-(feature gate, retention, bad input: no I/O) or the program of ops the store must run.
+(feature gate, retention, bad input: no I/O) or the program of ops the store must run, and the
+programs that settle it once the upstream answered.
 """
 
 from __future__ import annotations
@@ -9,7 +10,20 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from quota.keys import dau_key, mau_key, online_key, peak_key, rate_key, set_key, side_prefix
+from quota.identifiers import MAX_PARAM, IdPolicy, InvalidId
+from quota.keys import (
+    dau_key,
+    escape,
+    inflight_key,
+    mau_key,
+    online_key,
+    pair_field,
+    peak_key,
+    rate_key,
+    set_key,
+    side_prefix,
+    trash_key,
+)
 from quota.matrix import MauShare
 from quota.plans import AppPlan
 from quota.routes import Change, Relation, RouteMap, RouteRule, Selector
@@ -17,19 +31,21 @@ from quota.store.program import (
     UNLIMITED,
     AddOp,
     BindOp,
+    DrainOp,
     DropOp,
     LeaseOp,
-    LoginOp,
     Op,
     Program,
     RateOp,
     Refusal,
     RemoveOp,
+    RenewOp,
+    UndoOp,
 )
 
-# How long a create's reservation waits for the upstream's answer before it is freed.
-PENDING_TTL_MS = 60_000
 PLACEHOLDER = "~pending:"
+# Activity sets (DAU per day, MAU per month) are kept this long: bills are computed from them.
+KEEP_ACTIVITY_S = 400 * 86400
 
 
 @dataclass(frozen=True)
@@ -50,13 +66,40 @@ class BadInput(Exception):
 @dataclass
 class RequestPlan:
     """What one request asks of the store: `before` runs before the upstream is called; the rest
-    is decided once the upstream answered."""
+    is decided once the upstream answered (kept on 2xx, undone otherwise)."""
 
     before: Program = field(default_factory=Program)
     adds: list[int] = field(default_factory=list)  # indexes of AddOps in `before`
     binds: list[tuple[int, Change]] = field(default_factory=list)
     after: list[Change] = field(default_factory=list)
-    login_user: str | None = None
+    # Reservations and claims to keep alive while the upstream works: (sorted set, member).
+    held: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def settles(self) -> bool:
+        return bool(self.adds or self.after)
+
+
+def canonical_params(rule: RouteRule, params: dict[str, str], ids: IdPolicy) -> dict[str, str]:
+    """Every path value bounded, every id canonical (a comma list only where the route map says so)."""
+    out = dict(params)
+    for name in ("org", "app"):
+        if len(out.get(name, "")) > MAX_PARAM:
+            raise BadInput(f"{name} is over {MAX_PARAM} characters")
+    for name, param in rule.params:
+        raw = params.get(name, "")
+        if len(raw) > MAX_PARAM * (param.most or 1):
+            raise BadInput(f"path parameter {name} is too long")
+        try:
+            if param.kind is None:
+                continue
+            if param.many:
+                out[name] = ",".join(ids.canonical_list(param.kind, raw, param.most))
+            else:
+                out[name] = ids.canonical(param.kind, raw)
+        except InvalidId as exc:
+            raise BadInput(str(exc)) from exc
+    return out
 
 
 def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) -> Denial | None:
@@ -90,12 +133,13 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) ->
     return None
 
 
-def select(selector: Selector, params: dict[str, str], body: Any, response: Any = None) -> list[str]:
-    """The values a selector names, as strings; BadInput when they are missing or not strings."""
+def select(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy, response: Any = None) -> list[str]:
+    """The values a selector names, canonical; BadInput when they are missing, not strings or not ids."""
     if selector.source == "path":
         raw = params.get(selector.path[0], "")
-        values = [v for v in raw.split(",") if v]
-        if not values:
+        # Path values are canonical already (canonical_params); only declared lists hold commas.
+        values = raw.split(",") if selector.many else [raw]
+        if not all(values):
             raise BadInput(f"{selector} is empty")
         return values
     root = body if selector.source == "body" else response
@@ -115,8 +159,13 @@ def select(selector: Selector, params: dict[str, str], body: Any, response: Any 
     if not flat or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in flat):
         raise BadInput(f"{selector} must be a string or a list of strings")
     values = [str(v) for v in flat]
-    if any(not v or len(v) > 256 for v in values):
-        raise BadInput(f"{selector} must be 1 to 256 characters")
+    if selector.kind is not None:
+        try:
+            values = [ids.canonical(selector.kind, v) for v in values]
+        except InvalidId as exc:
+            raise BadInput(f"{selector}: {exc}") from exc
+    elif any(not v or len(v) > MAX_PARAM for v in values):
+        raise BadInput(f"{selector} must be 1 to {MAX_PARAM} characters")
     return list(dict.fromkeys(values))
 
 
@@ -134,10 +183,12 @@ def _sides(routes: RouteMap, app: AppPlan, change: Change, owner: str) -> tuple[
     return rel, set_key(app.prefix, rel.name, "o", owner), member_side if (rel.member_limit or rel.symmetric) else ""
 
 
-def _owner(change: Change, app: AppPlan, params: dict[str, str], body: Any, response: Any = None) -> list[str]:
+def _owner(
+    change: Change, app: AppPlan, params: dict[str, str], body: Any, ids: IdPolicy, response: Any = None
+) -> list[str]:
     if change.owner.source == "app":
         return [app.appkey]
-    return select(change.owner, params, body, response)
+    return select(change.owner, params, body, ids, response)
 
 
 def plan_request(
@@ -146,42 +197,49 @@ def plan_request(
     app: AppPlan,
     params: dict[str, str],
     body: Any,
-    client_ip: str,
+    client: str,
     now_ms: int,
     *,
+    ids: IdPolicy,
     lease_ttl_ms: int,
+    reservation_ttl_ms: int,
     conn_id: str = "",
     today: date | None = None,
 ) -> RequestPlan:
-    """Build the ops of one request; raises BadInput when the body lacks what a counted route needs."""
+    """Build the ops of one request; raises BadInput when the body lacks what a counted route needs.
+    `client` is the client's rate key (its address, or its IPv6 network)."""
     plan = RequestPlan()
     ops: list[Op] = plan.before.ops
     user: str | None = None
     if rule.user is not None:
-        user = select(rule.user, params, body)[0]
+        user = select(rule.user, params, body, ids)[0]
     for use in rule.rates:
         rate = app.plan.rates.get(use.name)
         amount, window_s = (rate.amount, rate.window_s) if rate else (use.amount or 0, use.window_s or 1)
-        who = client_ip if use.by == "ip" else (user or "") if use.by == "user" else "app"
-        ops.append(RateOp(rate_key(app.prefix, rule.name, use.name, who), amount, window_s * 1000, 1, use.name))
+        who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
+        key = rate_key(app.prefix, rule.name, use.name, who)
+        ops.append(RateOp(key, amount, window_s * 1000, 1, use.name, use.algorithm == "exact"))
     for change in rule.changes:
         if change.op != "add":
             plan.after.append(change)
             continue
-        owners = _owner(change, app, params, body)
+        owners = _owner(change, app, params, body, ids)
         if len(owners) != 1:
             raise BadInput(f"{change.owner} must name one {change.relation} owner")
         rel, owner_key, reverse_prefix = _sides(routes, app, change, owners[0])
+        inflight, fields = "", tuple[str, ...]()
         if change.binds_later:
             members: list[str] = [PLACEHOLDER + uuid.uuid4().hex]
             plan.binds.append((len(ops), change))
         else:
             assert change.members is not None
-            members = select(change.members, params, body)
+            members = select(change.members, params, body, ids)
+            inflight = inflight_key(app.prefix, rel.name)
+            fields = tuple(pair_field(owners[0], m, rel.symmetric) for m in members)
         if change.max_batch and len(members) > change.max_batch:
             raise BadInput(f"{change.members} holds {len(members)} ids; at most {change.max_batch} per call")
-        plan.adds.append(len(ops))
-        ops.append(
+        _add(
+            plan,
             AddOp(
                 limit=rel.owner_limit or "",
                 owner_key=owner_key,
@@ -191,16 +249,39 @@ def plan_request(
                 reverse_prefix=reverse_prefix,
                 reverse_cap=_cap(app, rel.member_limit),
                 reverse_value=owners[0],
-                pending_ttl_ms=PENDING_TTL_MS if change.binds_later else 0,
-            )
+                pending_ttl_ms=reservation_ttl_ms if change.binds_later else 0,
+                inflight_key=inflight,
+                fields=fields,
+                claim_ttl_ms=reservation_ttl_ms,
+            ),
         )
     if today is None:
         today = datetime.fromtimestamp(now_ms / 1000, UTC).date()
     if rule.login and user is not None:
-        plan.login_user = user
+        # A login is counted as it happens and undone if the upstream refuses it, like any add:
+        # a user's id in today's and this month's activity, claimed while the upstream answers.
+        # A plan that cannot bill overage refuses new users past its included DAU.
         no_overage = app.plan.price.overage_per_10k_dau is None
-        cap = app.plan.price.included_dau if no_overage else UNLIMITED
-        ops.append(LoginOp(dau_key(app.prefix, today), mau_key(app.prefix, today.year, today.month), user, cap))
+        dau_cap = app.plan.price.included_dau if no_overage else UNLIMITED
+        activity = inflight_key(app.prefix, "activity")
+        for key, limit, cap in (
+            (dau_key(app.prefix, today), "included_dau", dau_cap),
+            (mau_key(app.prefix, today.year, today.month), "", UNLIMITED),
+        ):
+            field = key[len(app.prefix) :] + "|" + escape(user)
+            _add(
+                plan,
+                AddOp(
+                    limit,
+                    key,
+                    cap,
+                    (user,),
+                    inflight_key=activity,
+                    fields=(field,),
+                    claim_ttl_ms=reservation_ttl_ms,
+                    expire_s=KEEP_ACTIVITY_S,
+                ),
+            )
     if rule.connection:
         ops.append(lease_op(app, today, conn_id, lease_ttl_ms))
     return plan
@@ -228,16 +309,54 @@ def lease_op(app: AppPlan, today: date, conn_id: str, ttl_ms: int) -> LeaseOp:
     )
 
 
+def _add(plan: RequestPlan, op: AddOp) -> None:
+    plan.adds.append(len(plan.before.ops))
+    plan.before.ops.append(op)
+    if op.pending_ttl_ms:
+        plan.held.append((op.owner_key + ":pending", op.members[0]))
+    if op.inflight_key:
+        plan.held.extend((op.inflight_key + ":due", f) for f in op.fields)
+
+
+def renew_program(plan: RequestPlan, ttl_ms: int) -> Program:
+    keys: dict[str, list[str]] = {}
+    for key, member in plan.held:
+        keys.setdefault(key, []).append(member)
+    return Program([RenewOp(k, tuple(m), ttl_ms) for k, m in keys.items()])
+
+
 def undo_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> Program:
-    """Remove exactly what this request added: concurrent requests' members stay."""
+    """The upstream failed or the client went away: drop this request's claims and holds. A member
+    another unsettled request also added stays until that one settles too."""
     program = Program()
     adds = [plan.before.ops[i] for i in plan.adds]
     # A fail-open outcome added nothing and reports nothing: zip stops at the shorter.
     for op, members in zip(adds, added, strict=False):
         assert isinstance(op, AddOp)
         if members:
-            program.ops.append(RemoveOp(op.owner_key, members, op.reverse_prefix, op.reverse_value))
+            program.ops.append(
+                UndoOp(
+                    op.owner_key, members, _fields(op, members), op.reverse_prefix, op.reverse_value, op.inflight_key
+                )
+            )
     return program
+
+
+def _fields(op: AddOp, members: tuple[str, ...]) -> tuple[str, ...]:
+    if not op.inflight_key:
+        return ()
+    by_member = dict(zip(op.members, op.fields, strict=True))
+    return tuple(by_member[m] for m in members)
+
+
+@dataclass
+class Settlement:
+    """What a 2xx answer changes: one atomic program, then dropped sets drained in slices."""
+
+    program: Program
+    drains: list[DrainOp] = field(default_factory=list)
+    # Creates whose answer named no id we could read: their slot stays taken (counted, unnamed).
+    unbound: int = 0
 
 
 def after_ops(
@@ -248,22 +367,25 @@ def after_ops(
     body: Any,
     response: Any,
     added: tuple[tuple[str, ...], ...],
-) -> Program:
-    """The upstream answered 2xx: bind reservations to the ids it returned, apply removals."""
-    program = Program()
+    ids: IdPolicy,
+) -> Settlement:
+    """The upstream answered 2xx: bind reservations to the ids it returned, apply removals. Claims
+    of this request's adds need nothing: they lapse, and the members stay."""
+    done = Settlement(Program())
+    ops = done.program.ops
     for index, change in plan.binds:
         op = plan.before.ops[index]
         assert isinstance(op, AddOp) and change.members is not None
         try:
-            real = select(change.members, params, body, response)[0]
+            real = select(change.members, params, body, ids, response)[0]
         except BadInput:
-            # No id in the answer: nothing was created that we can name, so free the slot.
-            program.ops.append(RemoveOp(op.owner_key, op.members))
-            continue
-        program.ops.append(BindOp(op.owner_key, op.members[0], real))
+            # Something was created (2xx) that we cannot name: it keeps its slot rather than go uncounted.
+            real = op.members[0]
+            done.unbound += 1
+        ops.append(BindOp(op.owner_key, op.members[0], real))
     for change in plan.after:
         try:
-            owners = _owner(change, app, params, body, response)
+            owners = _owner(change, app, params, body, ids, response)
         except BadInput:
             continue
         for owner in owners:
@@ -271,13 +393,21 @@ def after_ops(
             if change.op == "remove":
                 assert change.members is not None
                 try:
-                    members = tuple(select(change.members, params, body, response))
+                    members = tuple(select(change.members, params, body, ids, response))
                 except BadInput:
                     continue
-                program.ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
+                ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
             else:
-                program.ops.append(DropOp(owner_key, reverse_prefix, owner))
-    return program
+                dropped, drain = drop(owner_key, reverse_prefix, owner)
+                ops.append(dropped)
+                done.drains.append(drain)
+    return done
+
+
+def drop(owner_key: str, reverse_prefix: str, value: str) -> tuple[DropOp, DrainOp]:
+    """Delete a set at once and empty it in slices afterwards (run the DrainOp until none remain)."""
+    trash = trash_key(owner_key, uuid.uuid4().hex)
+    return DropOp(owner_key, reverse_prefix, value, trash), DrainOp(trash, reverse_prefix, value)
 
 
 def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
@@ -294,6 +424,14 @@ def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
             op.limit,
             refusal.reset_ms,
         )
+    if isinstance(op, AddOp) and op.limit == "included_dau":
+        return Denial(
+            403,
+            "forbidden_op",
+            f"plan {pname} allows {refusal.cap} daily active users and today has "
+            f"{refusal.used}; upgrade to let new users in",
+            "included_dau",
+        )
     if isinstance(op, AddOp):
         friends = op.limit == "friends_per_user"
         error = "exceed_limit" if friends else "forbidden_op"
@@ -309,14 +447,6 @@ def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
             error,
             f"{op.reverse_limit} is {refusal.cap} on plan {pname}: user {refusal.who} already has {refusal.used}",
             op.reverse_limit,
-        )
-    if isinstance(op, LoginOp):
-        return Denial(
-            403,
-            "forbidden_op",
-            f"plan {pname} allows {refusal.cap} daily active users and today has "
-            f"{refusal.used}; upgrade to let new users in",
-            "included_dau",
         )
     return Denial(
         403,

@@ -20,7 +20,7 @@ from quota.config import Config, load_config
 from quota.middleware import QuotaMiddleware
 from quota.probes import Probes
 from quota.serve import METRICS_DIR_ENV, build_app, outage_policy
-from quota.served_metrics import ServedMetrics
+from quota.served_metrics import ServedMetrics, attach
 from quota.store import Store
 
 
@@ -53,9 +53,10 @@ def install(
     inner = _Inner()
     middleware = build_app(cfg, store=store, redis_url=redis_url, upstream=inner)
     shared = metrics_dir or os.environ.get(METRICS_DIR_ENV)
-    middleware.metrics = ServedMetrics(
+    metrics = ServedMetrics(
         outage=lambda: outage_policy(middleware.runtime.config), shared_dir=Path(shared) if shared else None
     )
+    attach(middleware, metrics)
     probes = Probes(middleware, middleware)
 
     def factory(stack: ASGIApp) -> ASGIApp:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import calendar
 from datetime import date, timedelta
+from typing import TYPE_CHECKING
 
 from quota.accounts import month_days
 from quota.keys import dau_key, mau_key, peak_key
 from quota.store import Store
+
+if TYPE_CHECKING:
+    from quota.plans import Directory
 
 
 async def mau_pair(store: Store, prefix: str, today: date) -> tuple[int, int]:
@@ -31,13 +36,19 @@ async def peak_online(store: Store, prefix: str, year: int, month: int) -> int:
     return (await store.peaks(peak_key(prefix))).get(f"{year:04d}{month:02d}", 0)
 
 
-async def usage_report(directory: object, store: Store, appkey: str, year: int, month: int) -> dict[str, object]:
+async def usage_report(directory: Directory, store: Store, appkey: str, year: int, month: int) -> dict[str, object]:
     """DAU per day, MAU, peak online, and each counted limit against its cap."""
     from quota.entitlements import entitlements
     from quota.keys import app_prefix
 
     prefix = app_prefix(appkey)
-    ent = await entitlements(directory, store, appkey, date(year, month, 1))  # type: ignore[arg-type]
+    # The plan as the month ends (or today, for this month): an app subscribed mid-month had no
+    # plan on the 1st, and its month still has usage to report.
+    last = date(year, month, calendar.monthrange(year, month)[1])
+    day = max(date(year, month, 1), min(date.today(), last))
+    ent = await entitlements(directory, store, appkey, day)
+    app = directory.lookup(appkey, day)
+    assert app is not None  # entitlements() raised UnknownAppError otherwise
     daily = await daily_active(store, prefix, year, month)
     return {
         "app": appkey,
@@ -45,6 +56,7 @@ async def usage_report(directory: object, store: Store, appkey: str, year: int, 
         "plan": ent["plan"],
         "dau": {d.isoformat(): n for d, n in daily.items()},
         "peak_dau": max(daily.values()),
+        "included_dau": app.plan.price.included_dau,
         "mau": await monthly_active(store, prefix, year, month),
         "peak_online": await peak_online(store, prefix, year, month),
         "limits": ent["usage"],

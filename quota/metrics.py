@@ -6,6 +6,9 @@
     quota_errors_total{kind}                              storage_timeout | storage_unavailable | breaker_open
     quota_local_refusals_total                            rate refusals served by the deny cache, no store call
 
+Beside them, `refusals` keeps the last hour of refusals per minute by app, route and limit, for the
+dashboard's "refusals over the last hour"; it is in-process, so each worker shows its own.
+
 The request path only adds to plain dicts and lists (one event loop, so no locks); a collector turns
 them into metric families when Prometheus scrapes. prometheus_client's own Counter and Histogram
 take a lock per update, which cost more than the rest of a read route's checks.
@@ -13,6 +16,7 @@ take a lock per update, which cost more than the rest of a read route's checks.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -20,6 +24,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 NEAR_LIMIT_RATIO = 0.8
+REFUSAL_MINUTES = 60
+# Apps, routes and limits all come from the config, so keys are bounded already; this bounds a
+# minute anyway, should a config hold thousands of apps all refusing at once.
+REFUSAL_KEYS_PER_MINUTE = 4096
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -31,12 +39,19 @@ class Metrics:
         self.local_refusals = 0
         self.storage_buckets = [0] * (len(BUCKETS) + 1)
         self.storage_sum = 0.0
+        self.refusals = RefusalLog()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
-    def decision(self, route: str, limit: str | None, plan: str, outcome: str) -> None:
+    def decision(
+        self, route: str, limit: str | None, plan: str, outcome: str, app: str | None = None, now: float | None = None
+    ) -> None:
+        """Count one decision; a refusal (or a shadow one) of a named `app` also goes into the
+        per-minute log. `now` saves a clock read when the caller has the request's start time."""
         key = (route, limit or "", plan, outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+        if app is not None and outcome in ("refused", "shadow"):
+            self.refusals.add(app, route, limit or "", outcome, time.time() if now is None else now)
 
     def near(self, route: str, limit: str, plan: str, used: int, cap: int) -> None:
         if cap > 0 and used >= NEAR_LIMIT_RATIO * cap:
@@ -52,6 +67,45 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RefusalLog:
+    """Refusals per minute for the last REFUSAL_MINUTES minutes: a ring of dicts, one per minute.
+
+    A slot is reused when its minute comes round again, so memory stays one hour of keys whatever
+    the traffic, and an idle hour costs nothing to expire.
+    """
+
+    def __init__(self) -> None:
+        self._minutes = [-1] * REFUSAL_MINUTES
+        self._counts: list[dict[tuple[str, str, str, str], int]] = [{} for _ in range(REFUSAL_MINUTES)]
+
+    def add(self, app: str, route: str, limit: str, outcome: str, now: float) -> None:
+        minute = int(now // 60)
+        slot = minute % REFUSAL_MINUTES
+        counts = self._counts[slot]
+        if self._minutes[slot] != minute:
+            self._minutes[slot] = minute
+            counts.clear()
+        key = (app, route, limit, outcome)
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < REFUSAL_KEYS_PER_MINUTE:
+            counts[key] = 1
+
+    def last_hour(self, app: str, now: float) -> dict[tuple[str, str, str], list[int]]:
+        """(route, limit, outcome) -> counts per minute, oldest first, the last entry this minute."""
+        current = int(now // 60)
+        out: dict[tuple[str, str, str], list[int]] = {}
+        for slot, minute in enumerate(self._minutes):
+            age = current - minute
+            if not 0 <= age < REFUSAL_MINUTES:
+                continue
+            for (who, route, limit, outcome), count in self._counts[slot].items():
+                if who == app:
+                    series = out.setdefault((route, limit, outcome), [0] * REFUSAL_MINUTES)
+                    series[REFUSAL_MINUTES - 1 - age] += count
+        return out
 
 
 class _Collector:

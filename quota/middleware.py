@@ -2,18 +2,19 @@
 
     app.add_middleware(QuotaMiddleware, config="config/", store=store_from_url("redis://..."))
 
-Per request: match the route, read the app's plan from the in-process snapshot, gate features
-(no I/O), then one store round trip for the route's rates and counter changes. Allowed requests
-pass through untouched; counter changes are kept only if the upstream answers 2xx.
+Per request, top-down in `_http`: bound the URL, match the route, find the app and its plan, refuse
+what needs no I/O (unknown app, unnamed path, allowlist, frozen account, feature, retention, bad
+ids), read the body where a counted route needs it, then one store round trip for the route's rates
+and reservations. Allowed requests pass through untouched, their bodies bounded as they stream;
+reservations are kept only if the upstream answers 2xx and undone otherwise (`_forward_settled`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import time
-import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -22,35 +23,38 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quota.breaker import CircuitBreaker
+from quota.clients import ClientAddress
 from quota.config import Config, Settings, load_config
 from quota.decisions import (
     BadInput,
     Denial,
     RequestPlan,
     after_ops,
+    canonical_params,
     denial_for,
     gate,
-    lease_op,
     plan_request,
+    renew_program,
     undo_ops,
 )
 from quota.denials import DenyCache
 from quota.errors import StorageError
+from quota.guard import StoreGuard
 from quota.keys import rate_key
 from quota.metrics import Metrics
 from quota.plans import AppPlan, Directory
-from quota.responses import close_websocket, send_denial
+from quota.responses import send_denial
 from quota.routes import Match, RouteRule
+from quota.sockets import SocketHandler
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import AddOp, Outcome, Program, RateOp, ReleaseOp
-from quota.tokens import resolve
+from quota.store.program import Outcome, Program, RateOp
+from quota.tokens import bearer, resolve
 
 FALLBACK_PREFIX = "q:{_}:"
 RESPONSE_CAPTURE_LIMIT = 1 << 16
 SHADOW_HEADER = b"x-quota-shadow"
-UNAVAILABLE = Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
+NOT_FOUND = "service_resource_not_found"
 
 
 class Runtime:
@@ -62,7 +66,8 @@ class Runtime:
         self.routes = config.routes
         self.store = store
         self.directory = directory or Directory(config.matrix, config.accounts, store)
-        self.trusted = config.settings.trusted_proxies
+        self.clients = ClientAddress(config.settings.trusted_proxies, config.settings.ipv6_prefix)
+        self.ids = config.settings.identifiers
         # Resolved once per config: a short token (in quota.yaml or the environment) stops the start.
         self.tokens = resolve(config.settings.admin_token, config.settings.read_token)
         # Per runtime: a reload may change the limits the cached refusals were computed from.
@@ -73,12 +78,13 @@ class Runtime:
 class _Verdict:
     """What quota decided for one request, before the upstream is called."""
 
-    app: AppPlan
     receive: Receive
+    params: dict[str, str]
     denial: Denial | None = None
     plan: RequestPlan | None = None
     outcome: Outcome | None = None
     body: Any = None
+    body_read: bool = False
 
 
 class QuotaMiddleware:
@@ -97,9 +103,14 @@ class QuotaMiddleware:
         self.clock = clock
         self.admin = admin
         self.metrics = Metrics()
-        self.breaker = CircuitBreaker()
+        self.guard = StoreGuard(self.metrics)
+        self.sockets = SocketHandler(self)
         self._watcher: asyncio.Task[None] | None = None
         self._day, self._date = -1, date(1970, 1, 1)
+
+    @property
+    def breaker(self) -> Any:
+        return self.guard.breaker
 
     def reload(self, directory: str | Path | None = None) -> Config:
         """Load the config again and apply it to the next request; raises ConfigError and keeps the
@@ -133,14 +144,12 @@ class QuotaMiddleware:
             await self.admin({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
             return
         started = self.clock()
-        method = "WEBSOCKET" if kind == "websocket" else scope["method"]
-        match = rt.routes.match(method, path)
         if kind == "websocket":
-            await self._websocket(rt, match, scope, receive, send, started)
+            await self.sockets(rt, scope, receive, send, started)
         else:
-            await self._http(rt, match, scope, receive, send, started)
+            await self._http(rt, scope, receive, send, started)
 
-    def _today(self, now_s: float) -> date:
+    def today(self, now_s: float) -> date:
         # The UTC date changes once a day: build it once a day, not once a request.
         day = int(now_s // 86400)
         if day != self._day:
@@ -158,108 +167,115 @@ class QuotaMiddleware:
             except Exception:  # noqa: BLE001 - a background poll must outlive any storage fault
                 self.metrics.error("storage_unavailable")
 
-    def client_ip(self, rt: Runtime, scope: Scope) -> str:
-        client = scope.get("client")
-        peer = client[0] if client else ""
-        if not rt.trusted or not peer or not _within(peer, rt.trusted):
-            return peer
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                # Walk from the right: the first hop that is not a trusted proxy is the client.
-                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
-                for hop in reversed(hops):
-                    try:
-                        ipaddress.ip_address(hop)
-                    except ValueError:
-                        return peer
-                    if not _within(hop, rt.trusted):
-                        return str(hop)
-                return str(hops[0]) if hops else peer
-        return peer
-
-    def _app_of(self, rt: Runtime, match: Match, today: Any) -> AppPlan | Denial | None:
+    def app_of(self, rt: Runtime, match: Match, today: date) -> AppPlan | Denial | None:
+        """The app a path is under (None: under no app), or the refusal of an unknown one."""
         org, app = match.params.get("org"), match.params.get("app")
         if not org or not app:
             return None
         found = rt.directory.lookup(f"{org}#{app}", today)
         if found is None:
-            if match.rule.name == "other":
-                return None
-            return Denial(404, "service_resource_not_found", f"app {org}#{app} has no plan here")
+            return Denial(404, NOT_FOUND, f"app {org[:64]}#{app[:64]} has no plan here")
         return found
 
-    async def _run(
-        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
-    ) -> Outcome | Denial:
-        """The one way quota calls its store: deny cache, breaker, timing, and the outage policy."""
-        cached = rt.denials.check(program, now_ms)
-        if cached is not None:
-            self.metrics.local_refusals += 1
-            return Outcome(cached)
-        if self.breaker.allow():
-            started = time.perf_counter()
-            try:
-                outcome = await rt.store.run(program, now_ms)
-            except (TimeoutError, StorageError, OSError) as exc:
-                self.breaker.failure()
-                timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
-                self.metrics.error("storage_timeout" if timed_out else "storage_unavailable")
-            else:
-                self.breaker.success()
-                self.metrics.storage(time.perf_counter() - started)
-                if outcome.refusal is not None:
-                    rt.denials.remember(program, outcome.refusal, now_ms)
-                return outcome
-        else:
-            self.metrics.error("breaker_open")
-        outage = rule.outage if rule is not None else None
-        policy = outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
-        return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
-
-    async def _settle(self, rt: Runtime, program: Program, now_ms: int) -> None:
-        # Settling never fails the client's request: a lost settle is drift, which reconcile repairs.
-        if program:
-            await self._run(rt, program, now_ms, True, None)
+    async def _http(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        settings = rt.settings
+        if len(scope["path"]) + len(scope.get("query_string", b"")) > settings.max_url_bytes:
+            await send_denial(
+                Denial(414, "illegal_argument", f"URL over {settings.max_url_bytes} bytes"), send, started
+            )
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > settings.max_body_bytes:
+            await send_denial(_too_large(settings), send, started)
+            return
+        match = rt.routes.match(scope["method"], scope["path"])
+        rule = match.rule
+        app = self.app_of(rt, match, self.today(started))
+        if isinstance(app, Denial):
+            await send_denial(app, send, started)
+            return
+        address = rt.clients.address(scope)
+        if app is None:
+            await self._fallback(rt, scope, receive, send, started, rt.clients.key(address))
+            return
+        if rule.refuse or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
+            await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
+            return
+        if rule.admin:
+            await self.app(scope, receive, send)
+            return
+        verdict = await self._decide(rt, match, app, address, receive, started)
+        denial = verdict.denial
+        if denial is not None:
+            if denial.status in (403, 429) and (rule.shadow or settings.shadow):
+                # Shadow: report the refusal, count nothing, let the request through and say so.
+                self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow", app=app.appkey, now=started)
+                note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
+                bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
+                await bounded.forward(self.app, scope, _with_header(send, SHADOW_HEADER, note), started)
+                return
+            self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
+            await send_denial(denial, send, started)
+            return
+        plan, outcome = verdict.plan, verdict.outcome
+        assert plan is not None and outcome is not None
+        self._report(rule, app, plan, outcome)
+        bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
+        if not plan.settles or outcome.unchecked:
+            await bounded.forward(self.app, scope, send, started)
+            return
+        await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, started)
 
     async def _decide(
-        self, rt: Runtime, match: Match, app: AppPlan, ip: str, receive: Receive, started: float, today: date
+        self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float
     ) -> _Verdict:
         rule = match.rule
-        verdict = _Verdict(app, receive)
-        if not app.allows(ip):
-            verdict.denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
+        verdict = _Verdict(receive, match.params)
+        if not app.allows(address):
+            verdict.denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
             return verdict
-        verdict.denial = gate(rule, app, match.params, started)
+        try:
+            verdict.params = canonical_params(rule, match.params, rt.ids)
+        except BadInput as exc:
+            verdict.denial = Denial(400, "illegal_argument", str(exc))
+            return verdict
+        verdict.denial = gate(rule, app, verdict.params, started)
         if verdict.denial:
             return verdict
-        if rule.needs_body:
+        if rule.needs_body or rule.holds:
+            # Read before anything is reserved: a slow body never outlives a reservation.
             raw, verdict.receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
+            verdict.body_read = True
             if too_big:
-                limit = rt.settings.max_body_bytes
-                verdict.denial = Denial(413, "request_too_large", f"request body over {limit} bytes")
+                verdict.denial = _too_large(rt.settings)
                 return verdict
-            try:
-                verdict.body = json.loads(raw) if raw else None
-            except (ValueError, UnicodeDecodeError):
-                verdict.denial = Denial(400, "illegal_argument", "request body is not valid JSON")
-                return verdict
+            if rule.needs_body:
+                try:
+                    verdict.body = json.loads(raw) if raw else None
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    verdict.denial = Denial(400, "illegal_argument", "request body is not valid JSON")
+                    return verdict
         now_ms = int(started * 1000)
+        settings = rt.settings
         try:
             verdict.plan = plan_request(
                 rt.routes,
                 rule,
                 app,
-                match.params,
+                verdict.params,
                 verdict.body,
-                ip,
+                rt.clients.key(address),
                 now_ms,
-                lease_ttl_ms=rt.settings.lease_ttl_s * 1000,
+                ids=rt.ids,
+                lease_ttl_ms=settings.lease_ttl_s * 1000,
+                reservation_ttl_ms=settings.reservation_ttl_s * 1000,
+                today=self.today(started),
             )
         except BadInput as exc:
             verdict.denial = Denial(400, "illegal_argument", str(exc))
             return verdict
-        counted = bool(verdict.plan.adds or verdict.plan.login_user)
-        result = await self._run(rt, verdict.plan.before, now_ms, counted, rule)
+        counted = bool(verdict.plan.adds)
+        result = await self.guard.run(rt, verdict.plan.before, now_ms, counted, rule)
         if isinstance(result, Denial):
             verdict.denial = result
         elif result.refusal is not None:
@@ -276,93 +292,62 @@ class QuotaMiddleware:
                 metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
         for index, size in zip(plan.adds, outcome.sizes, strict=False):
             op = plan.before.ops[index]
-            if isinstance(op, AddOp) and op.limit and op.cap > 0:
-                metrics.near(rule.name, op.limit, plan_name, size, op.cap)
+            limit, cap = getattr(op, "limit", ""), getattr(op, "cap", -1)
+            if limit and cap > 0:
+                metrics.near(rule.name, limit, plan_name, size, cap)
 
-    async def _http(
-        self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> None:
-        today = self._today(started)
-        rule = match.rule
-        app = self._app_of(rt, match, today)
-        if isinstance(app, Denial):
-            await send_denial(app, send, started)
-            return
-        ip = self.client_ip(rt, scope)
-        if app is None:
-            await self._fallback(rt, scope, receive, send, started, ip)
-            return
-        verdict = await self._decide(rt, match, app, ip, receive, started, today)
-        denial = verdict.denial
-        if denial is not None:
-            if denial.status in (403, 429) and (rule.shadow or rt.settings.shadow):
-                # Shadow: report the refusal, count nothing, let the request through and say so.
-                self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow")
-                note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
-                await self.app(scope, verdict.receive, _with_header(send, SHADOW_HEADER, note))
-                return
-            self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused")
-            await send_denial(denial, send, started)
-            return
-        plan, outcome = verdict.plan, verdict.outcome
-        assert plan is not None and outcome is not None
-        self._report(rule, app, plan, outcome)
-        if not (plan.adds or plan.after) or outcome.unchecked:
-            await self.app(scope, verdict.receive, send)
-            return
-        await self._forward_counted(rt, match, app, plan, outcome, verdict, scope, send, started)
-
-    async def _forward_counted(
+    async def _forward_settled(
         self,
         rt: Runtime,
-        match: Match,
+        rule: RouteRule,
         app: AppPlan,
         plan: RequestPlan,
         outcome: Outcome,
         verdict: _Verdict,
+        bounded: _Bounded,
         scope: Scope,
         send: Send,
         started: float,
     ) -> None:
         now_ms = int(started * 1000)
-        status = 0
-        captured: list[bytes] = []
-        capture = match.rule.reads_response
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif capture and message["type"] == "http.response.body" and 200 <= status < 300:
-                if sum(map(len, captured)) < RESPONSE_CAPTURE_LIMIT:
-                    captured.append(message.get("body", b""))
-            await send(message)
-
+        capture = _Capture(rule.reads_response)
+        if rule.reads_response:
+            # The answer must be readable: ask the upstream not to compress it.
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
+        keeper = asyncio.ensure_future(self._keep(rt, plan)) if plan.held else None
         try:
-            await self.app(scope, verdict.receive, send_wrapper)
+            await bounded.forward(self.app, scope, capture.wrap(send), started)
         except BaseException:
-            await self._settle(rt, undo_ops(plan, outcome.added), now_ms)
+            await asyncio.shield(self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms))
             raise
-        if not 200 <= status < 300:
-            await self._settle(rt, undo_ops(plan, outcome.added), now_ms)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+        if not 200 <= capture.status < 300 or bounded.cut:
+            await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
-        if not (plan.binds or plan.after):
-            return
-        response: Any = None
-        if capture:
-            try:
-                response = json.loads(b"".join(captured))
-            except ValueError:
-                response = None
-        program = after_ops(rt.routes, plan, app, match.params, verdict.body, response, outcome.added)
-        await self._settle(rt, program, now_ms)
+        done = after_ops(rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids)
+        if done.unbound:
+            self.metrics.error("unbound_create")
+        await self.guard.settle(rt, done.program, now_ms)
+        await self.guard.drain(rt, done.drains, now_ms)
 
-    async def _fallback(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, ip: str) -> None:
+    async def _keep(self, rt: Runtime, plan: RequestPlan) -> None:
+        # Reservations live as long as their request: renewed while the upstream works.
+        ttl_ms = rt.settings.reservation_ttl_s * 1000
+        program = renew_program(plan, ttl_ms)
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            await self.guard.settle(rt, program, int(self.clock() * 1000))
+
+    async def _fallback(
+        self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, who: str
+    ) -> None:
         rate = rt.settings.fallback_rate
         op = RateOp(
-            rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", ip), rate.amount, rate.window_ms, 1, "rest_per_ip"
+            rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", who), rate.amount, rate.window_ms, 1, "rest_per_ip"
         )
-        result = await self._run(rt, Program([op]), int(started * 1000), False, rt.routes.fallback)
+        result = await self.guard.run(rt, Program([op]), int(started * 1000), False, rt.routes.fallback)
         if isinstance(result, Outcome) and result.refusal is not None:
             r = result.refusal
             description = "This request has reached api limit (rest_per_ip)"
@@ -370,77 +355,116 @@ class QuotaMiddleware:
         if isinstance(result, Denial):
             await send_denial(result, send, started)
             return
-        await self.app(scope, receive, send)
+        await _Bounded(receive, rt.settings.max_body_bytes, False).forward(self.app, scope, send, started)
 
-    async def _websocket(
-        self, rt: Runtime, match: Match, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> None:
-        today = self._today(started)
-        app = self._app_of(rt, match, today)
-        if not isinstance(app, AppPlan):
-            if app is None and match.rule.name == "other":
-                await self.app(scope, receive, send)
+
+class _Bounded:
+    """Counts request body bytes as they stream to the upstream; past the limit the upstream sees the
+    client go away and the client gets 413 (if no answer has started)."""
+
+    def __init__(self, receive: Receive, limit: int, checked: bool) -> None:
+        self.receive, self.limit, self.checked = receive, limit, checked
+        self.size = 0
+        self.cut = False
+
+    async def _receive(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.limit:
+                self.cut = True
+                return {"type": "http.disconnect"}
+        return message
+
+    async def forward(self, app: ASGIApp, scope: Scope, send: Send, started: float) -> None:
+        if self.checked:
+            await app(scope, self.receive, send)
+            return
+        started_response = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started_response
+            if self.cut:
                 return
-            await _refuse_websocket(app or Denial(404, "service_resource_not_found", "unknown app"), receive, send)
-            return
-        ip = self.client_ip(rt, scope)
-        conn = uuid.uuid4().hex
-        ttl_ms = rt.settings.lease_ttl_s * 1000
-        denial = gate(match.rule, app, match.params, started)
-        if denial is None and not app.allows(ip):
-            denial = Denial(403, "forbidden_op", f"client address {ip} is not in the app's IP allowlist")
-        if denial is None:
-            try:
-                plan = plan_request(
-                    rt.routes,
-                    match.rule,
-                    app,
-                    match.params,
-                    None,
-                    ip,
-                    int(started * 1000),
-                    lease_ttl_ms=ttl_ms,
-                    conn_id=conn,
-                )
-            except BadInput as exc:
-                denial = Denial(400, "illegal_argument", str(exc))
-            else:
-                result = await self._run(rt, plan.before, int(started * 1000), True, match.rule)
-                if isinstance(result, Denial):
-                    denial = result
-                elif result.refusal is not None:
-                    denial = denial_for(result.refusal, plan, app)
-        if denial is not None:
-            self.metrics.decision(match.rule.name, denial.limit, app.plan.name, "refused")
-            await _refuse_websocket(denial, receive, send)
-            return
-        self.metrics.decision(match.rule.name, None, app.plan.name, "allowed")
-        if not match.rule.connection:
-            await self.app(scope, receive, send)
-            return
-        renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms))
+            if message["type"] == "http.response.start":
+                started_response = True
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
-        finally:
-            renew.cancel()
-            release = Program([ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn)])
-            await self._settle(rt, release, int(self.clock() * 1000))
-
-    async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int) -> None:
-        # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
-        while True:
-            await asyncio.sleep(ttl_ms / 3000)
-            now = self.clock()
-            op = lease_op(app, self._today(now), conn, ttl_ms)
-            await self._settle(rt, Program([op]), int(now * 1000))
+            await app(scope, self._receive, guarded_send)
+        except Exception:
+            if not self.cut:
+                raise
+        if self.cut and not started_response:
+            await send_denial(Denial(413, "request_too_large", f"request body over {self.limit} bytes"), send, started)
 
 
-def _within(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
+class _Capture:
+    """Watches the answer's status and, where the route reads it, keeps a bounded copy of its body."""
+
+    def __init__(self, reads: bool) -> None:
+        self.reads = reads
+        self.status = 0
+        self.encoding = b""
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflow = False
+
+    def wrap(self, send: Send) -> Send:
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"content-encoding":
+                        self.encoding = value.strip().lower()
+            elif self.reads and message["type"] == "http.response.body" and 200 <= self.status < 300:
+                chunk = message.get("body", b"")
+                self.size += len(chunk)
+                if self.size <= RESPONSE_CAPTURE_LIMIT:
+                    self.chunks.append(chunk)
+                else:
+                    self.overflow = True
+            await send(message)
+
+        return capture
+
+    def json(self) -> Any:
+        """The answer as JSON, or None when it cannot be read (too big, compressed unknowably, not JSON)."""
+        if not self.reads or self.overflow:
+            return None
+        raw = b"".join(self.chunks)
+        if self.encoding in (b"gzip", b"deflate", b"x-gzip"):
+            inflater = zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
+            try:
+                raw = inflater.decompress(raw, RESPONSE_CAPTURE_LIMIT)
+            except zlib.error:
+                return None
+            if inflater.unconsumed_tail:
+                return None
+        elif self.encoding not in (b"", b"identity"):
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+
+
+def _too_large(settings: Settings) -> Denial:
+    return Denial(413, "request_too_large", f"request body over {settings.max_body_bytes} bytes")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _authorization(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bearer(value.decode("latin-1"))
+    return ""
 
 
 def _with_header(send: Send, name: bytes, value: bytes) -> Send:
@@ -450,12 +474,6 @@ def _with_header(send: Send, name: bytes, value: bytes) -> Send:
         await send(message)
 
     return wrapped
-
-
-async def _refuse_websocket(denial: Denial, receive: Receive, send: Send) -> None:
-    message = await receive()
-    if message["type"] == "websocket.connect":
-        await close_websocket(denial, send)
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive, bool]:

@@ -10,41 +10,77 @@ rate windows keyed by a user expire within two windows.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from quota.keys import app_prefix, set_key, side_prefix
+from quota.decisions import drop
+from quota.identifiers import IdPolicy
+from quota.keys import app_prefix, inflight_key, set_key, side_prefix
 from quota.routes import RouteMap
 from quota.store import Store
-from quota.store.program import DropOp, Program, RemoveOp
+from quota.store.program import DrainOp, Program, RemoveOp
 
 FORGOTTEN = "~forgotten:"
 
 
-async def forget_user(store: Store, routes: RouteMap, appkey: str, user: str, now_ms: int) -> dict[str, Any]:
+async def forget_user(
+    store: Store,
+    routes: RouteMap,
+    appkey: str,
+    user: str,
+    now_ms: int,
+    progress: Callable[[int, int], None] | None = None,
+    ids: IdPolicy | None = None,
+) -> dict[str, Any]:
+    """Forget `user` in `appkey`; `progress(done, total)` is told after each relation and activity set.
+    Raises ValueError (InvalidId) for a user id the policy refuses: nothing could hold it."""
+    user = (ids or IdPolicy()).canonical("user", user)
     prefix = app_prefix(appkey)
+    activity_keys: list[tuple[str, str]] = []
+    for kind, part in (("days", "dau:"), ("months", "mau:")):
+        activity_keys += [(kind, key) for key in await store.scan_prefix(prefix + part)]
+    total = len(routes.relations) + len(activity_keys)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     removed: dict[str, int] = {}
     program = Program()
+    drains: list[DrainOp] = []
     for rel in routes.relations.values():
+        step()
         app_set = set_key(prefix, rel.name, "o", appkey)
         if user in await store.members(app_set):
             removed[rel.name] = removed.get(rel.name, 0) + 1
             program.ops.append(RemoveOp(app_set, (user,)))
         if rel.symmetric:
             own = set_key(prefix, rel.name, "o", user)
-            program.ops.append(DropOp(own, side_prefix(prefix, rel.name, "o"), user))
         elif rel.member_limit:
             own = set_key(prefix, rel.name, "m", user)
-            program.ops.append(DropOp(own, side_prefix(prefix, rel.name, "o"), user))
         else:
             continue
         held = len(await store.members(own))
         if held:
             removed[rel.name] = removed.get(rel.name, 0) + held
+            dropped, drain = drop(own, side_prefix(prefix, rel.name, "o"), user)
+            program.ops.append(dropped)
+            drains.append(drain)
+    # Claims of requests in flight name users in their pairs: dropped whole (a request in flight
+    # that then fails keeps its member, which is drift on the safe side, not a leak of the id).
+    claims = [inflight_key(prefix, rel.name) for rel in routes.relations.values()] + [inflight_key(prefix, "activity")]
+    await store.delete([k for key in claims for k in (key, key + ":due")])
     if program:
         await store.run(program, now_ms)
+    for drain in drains:
+        while (await store.run(Program([drain]), now_ms)).remaining:
+            pass
     activity: dict[str, int] = {"days": 0, "months": 0}
-    for kind, part in (("days", "dau:"), ("months", "mau:")):
-        for key in await store.scan_prefix(prefix + part):
-            if await store.swap_member(key, user, FORGOTTEN + uuid.uuid4().hex):
-                activity[kind] += 1
+    for kind, key in activity_keys:
+        if await store.swap_member(key, user, FORGOTTEN + uuid.uuid4().hex):
+            activity[kind] += 1
+        step()
     return {"app": appkey, "user": user, "memberships_removed": removed, "activity_anonymised": activity}

@@ -13,6 +13,8 @@ that change counters while it runs may be lost from the rebuilt sets.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,18 @@ ROOMS = (("app_groups", "group_members", "groups"), ("app_chatrooms", "chatroom_
 
 
 def read_source(source: str) -> dict[str, Any]:
+    """The gateway's truth from a file or a URL. Behind quota the state route is operators-only:
+    the request carries QUOTA_ADMIN_TOKEN when it is set."""
     if source.startswith(("http://", "https://")):
-        response = httpx.get(source, timeout=30)
-        response.raise_for_status()
+        token = os.environ.get("QUOTA_ADMIN_TOKEN")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        try:
+            response = httpx.get(source, timeout=30, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+        if response.status_code != 200:
+            hint = " (behind quota, set QUOTA_ADMIN_TOKEN)" if response.status_code == 404 and not token else ""
+            raise ValueError(f"{source}: HTTP {response.status_code}{hint}")
         data = response.json()
     else:
         data = json.loads(Path(source).read_text(encoding="utf-8"))
@@ -37,7 +48,10 @@ def read_source(source: str) -> dict[str, Any]:
     return data
 
 
-async def reconcile(store: Store, appkey: str, truth: dict[str, Any]) -> dict[str, int]:
+async def reconcile(
+    store: Store, appkey: str, truth: dict[str, Any], progress: Callable[[int, int], None] | None = None
+) -> dict[str, int]:
+    """Rebuild the app's sets; `progress(done, total)` is told after each set written."""
     prefix = app_prefix(appkey)
     stale = await store.scan_prefix(prefix + "s:")
     await store.delete(stale)
@@ -52,8 +66,10 @@ async def reconcile(store: Store, appkey: str, truth: dict[str, Any]) -> dict[st
             sets[set_key(prefix, members_relation, "o", str(room))] = [str(m) for m in members]
             for member in members:
                 sets.setdefault(set_key(prefix, members_relation, "m", str(member)), []).append(str(room))
-    for key, members in sets.items():
+    for done, (key, members) in enumerate(sets.items(), 1):
         await store.add_members(key, members)
+        if progress is not None:
+            progress(done, len(sets))
     return {
         "keys_deleted": len(stale),
         "sets_written": sum(1 for m in sets.values() if m),

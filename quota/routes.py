@@ -1,16 +1,25 @@
-"""The route map: which REST route does what to which counter, compiled once for matching."""
+"""The route map: which REST route does what to which counter, compiled once into a segment trie.
+
+Matching is by method and path segments, literal segments before parameters, so `/moderation/text`
+wins over `/moderation/{kind}`. HEAD is matched as GET (servers answer HEAD on GET routes) and a
+trailing slash is ignored (upstreams that serve `/x/` like `/x` get the same checks). A path under
+an app that no route names gets the `unmatched` rule; a path under no app gets `other`.
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from quota.identifiers import Kind
+
 Source = Literal["app", "path", "body", "response"]
 RateKey = Literal["ip", "app", "user"]
+Algorithm = Literal["sliding", "exact"]
 # drop: the owner is deleted (a group); drop_member: the member is deleted (a user leaving every group).
 Op = Literal["add", "remove", "drop", "drop_member"]
+Unmatched = Literal["refuse", "rate-only"]
 
 
 @dataclass(frozen=True)
@@ -18,12 +27,15 @@ class Selector:
     """Where a value comes from: the app itself, a path parameter, or a dotted path in a JSON body.
 
     Lists are walked: `body.usernames` on `{"usernames": ["a", "b"]}` and `body.username` on
-    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`. Path values split on commas,
-    as the vendor's batch-delete routes do (`/users/u1,u2`).
+    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`. A path value is one id, or a
+    comma list only where the route map declares the parameter a list (batch routes). `kind` says
+    which id policy the values pass (None: not an id, only bounded).
     """
 
     source: Source
     path: tuple[str, ...] = ()
+    kind: Kind | None = None
+    many: bool = False
 
     def __str__(self) -> str:
         return ".".join((self.source, *self.path))
@@ -42,6 +54,8 @@ class Relation:
     owner_limit: str | None
     member_limit: str | None
     symmetric: bool = False
+    owner_kind: Kind | None = "user"
+    member_kind: Kind = "user"
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,16 @@ class RateUse:
     amount: int | None
     window_s: int | None
     by: RateKey
+    algorithm: Algorithm = "sliding"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A path parameter that names an id: canonicalized before any check (None kind: bounded only)."""
+
+    kind: Kind | None
+    many: bool = False
+    most: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,13 @@ class RouteRule:
     outage: Literal["open", "closed"] | None = None
     # Decide and report, but let refused requests through (rolling out a new plan sheet safely).
     shadow: bool = False
+    # The template also covers every deeper path (a feature gate over a whole prefix).
+    prefix: bool = False
+    # Operator-only routes (the gateway's state dump): the admin token is needed, not an app's.
+    admin: bool = False
+    params: tuple[tuple[str, Param], ...] = ()
+    # unmatched: the rule a path under an app gets when no route names it.
+    refuse: bool = False
 
     # Asked on every request: computed once per rule (a frozen dataclass keeps cached values).
     @cached_property
@@ -95,18 +126,10 @@ class RouteRule:
         """A create binds the id it answers; a batch delete may name what it removed."""
         return any(c.owner.source == "response" or (c.members and c.members.source == "response") for c in self.changes)
 
-
-_PARAM = re.compile(r"\{([a-z_]+)\}")
-
-
-def compile_template(template: str) -> re.Pattern[str]:
-    pattern = ""
-    last = 0
-    for m in _PARAM.finditer(template):
-        pattern += re.escape(template[last : m.start()]) + f"(?P<{m.group(1)}>[^/]+)"
-        last = m.end()
-    pattern += re.escape(template[last:])
-    return re.compile(pattern + "$")
+    @cached_property
+    def holds(self) -> bool:
+        """Something is reserved before the upstream answers (a counter add, a free plan's login)."""
+        return any(c.op == "add" for c in self.changes) or self.login
 
 
 @dataclass(frozen=True)
@@ -116,28 +139,70 @@ class Match:
 
 
 @dataclass
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    # Parameters are positional: routes may name the same position differently ({username}, {owner}).
+    param: _Node | None = None
+    rules: dict[str, tuple[RouteRule, tuple[str, ...]]] = field(default_factory=dict)
+    prefix_rules: dict[str, tuple[RouteRule, tuple[str, ...]]] = field(default_factory=dict)
+
+
+@dataclass
 class RouteMap:
     relations: dict[str, Relation]
     rules: tuple[RouteRule, ...]
     fallback: RouteRule
-    _index: dict[tuple[str, int], list[tuple[re.Pattern[str], RouteRule]]] = field(default_factory=dict)
+    unmatched: RouteRule
+    _root: _Node = field(default_factory=_Node)
 
     def __post_init__(self) -> None:
-        # Index by method and segment count so a request tries a handful of patterns, not all.
         for rule in self.rules:
-            key = (rule.method, rule.template.count("/"))
-            self._index.setdefault(key, []).append((compile_template(rule.template), rule))
+            node = self._root
+            names: list[str] = []
+            # Every template starts /{org}/{app}: those two segments are walked like any other.
+            for seg in rule.template.strip("/").split("/"):
+                if seg.startswith("{") and seg.endswith("}"):
+                    names.append(seg[1:-1])
+                    if node.param is None:
+                        node.param = _Node()
+                    node = node.param
+                else:
+                    node = node.literal.setdefault(seg, _Node())
+            (node.prefix_rules if rule.prefix else node.rules)[rule.method] = (rule, tuple(names))
 
     def match(self, method: str, path: str) -> Match:
-        for pattern, rule in self._index.get((method, path.count("/")), ()):
-            m = pattern.match(path)
-            if m:
-                return Match(rule, m.groupdict())
-        return Match(self.fallback, _app_params(path))
+        if method == "HEAD":
+            method = "GET"
+        trimmed = path.strip("/")
+        segments = trimmed.split("/") if trimmed else []
+        if len(segments) < 2 or not segments[0] or not segments[1] or not path.startswith("/"):
+            return Match(self.fallback, {})
+        values: list[str] = []
+        found = self._walk(self._root, segments, 0, method, values)
+        if found is not None:
+            return found
+        return Match(self.unmatched, {"org": segments[0], "app": segments[1]})
 
+    def _walk(self, node: _Node, segs: list[str], i: int, method: str, values: list[str]) -> Match | None:
+        if i == len(segs):
+            entry = node.rules.get(method) or node.prefix_rules.get(method)
+            return Match(entry[0], dict(zip(entry[1], values, strict=False))) if entry else None
+        seg = segs[i]
+        if not seg:
+            return None
+        child = node.literal.get(seg)
+        if child is not None:
+            found = self._walk(child, segs, i + 1, method, values)
+            if found is not None:
+                return found
+        if node.param is not None:
+            values.append(seg)
+            found = self._walk(node.param, segs, i + 1, method, values)
+            values.pop()
+            if found is not None:
+                return found
+        entry = node.prefix_rules.get(method)
+        return Match(entry[0], dict(zip(entry[1], values, strict=False))) if entry else None
 
-def _app_params(path: str) -> dict[str, str]:
-    parts = path.split("/")
-    if len(parts) >= 3 and parts[1] and parts[2]:
-        return {"org": parts[1], "app": parts[2]}
-    return {}
+    def templates(self) -> list[tuple[str, str]]:
+        return [(r.method, r.template + ("/..." if r.prefix else "")) for r in self.rules]

@@ -22,7 +22,7 @@ from quota.config import Config, Settings, load_config
 from quota.errors import ConfigError, StorageError
 from quota.middleware import QuotaMiddleware
 from quota.probes import Probes
-from quota.served_metrics import ServedMetrics
+from quota.served_metrics import ServedMetrics, attach
 from quota.store import Store, store_from_url
 
 log = logging.getLogger("quota")
@@ -79,7 +79,7 @@ def build_served(options: Options, metrics_dir: Path | None = None) -> tuple[ASG
         if not options.checks:
             return _aborting(proxy), None
     middleware = build_app(cfg, redis_url=options.redis_url, upstream=proxy)
-    middleware.metrics = ServedMetrics(outage=lambda: outage_policy(middleware.runtime.config), shared_dir=metrics_dir)
+    attach(middleware, ServedMetrics(outage=lambda: outage_policy(middleware.runtime.config), shared_dir=metrics_dir))
     app: ASGIApp = Probes(middleware, middleware)
     return (_aborting(app) if proxy is not None else app), middleware
 
@@ -161,6 +161,12 @@ def run(options: Options) -> int:
     _configure_logging()
     cfg = load_config(options.config)
     log.info("%s", describe(options, cfg))
+    if options.upstream is None:
+        from quota.coverage import uncovered
+        from quota.gateway import create_gateway
+
+        for method, path in uncovered(create_gateway(), cfg.routes):
+            log.warning("route %s %s of the gateway is not in the route map: it is refused", method, path)
     if options.workers > 1 and not options.redis_url:
         log.warning(
             "%d workers on the in-memory store: each worker counts alone, so caps and rates hold per "

@@ -126,3 +126,12 @@ class _Workers:
         yield GaugeMetricFamily(
             "quota_workers", "Worker processes whose counters this scrape adds up.", value=len(self.per_worker)
         )
+
+
+def attach(middleware: Any, metrics: Metrics) -> None:
+    """Make `metrics` the middleware's, everywhere it counts: its store guard holds its own
+    reference, taken when the middleware was built."""
+    middleware.metrics = metrics
+    guard = getattr(middleware, "guard", None)
+    if guard is not None:
+        guard.metrics = metrics

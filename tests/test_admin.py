@@ -274,7 +274,9 @@ class TestForget:
         assert report["memberships_removed"] == {"app_users": 1, "contacts": 1, "group_members": 1}
         assert report["activity_anonymised"] == {"days": 1, "months": 1}
         store = admin._transport.app.runtime.store  # type: ignore[attr-defined]
-        for key in await store.scan_prefix("q:{demo#free}:"):
+        keys = await store.scan_prefix("q:{demo#free}:")
+        assert not [k for k in keys if k.endswith((":inflight", ":inflight:due"))]
+        for key in keys:
             members = await store.members(key) if ":s:" in key or ":dau:" in key or ":mau:" in key else set()
             assert "gone" not in members and "gone" not in key, key
         usage_after = (await admin.get("/_quota/usage/demo/free", headers=AUTH)).json()
@@ -328,6 +330,7 @@ def test_reconcile_from_file_and_http(redis_server: RedisServer, tmp_path: Path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "quota", "serve", "--port", str(port)],
         cwd=ROOT,
+        env={**os.environ, "QUOTA_ADMIN_TOKEN": TOKEN},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -343,7 +346,14 @@ def test_reconcile_from_file_and_http(redis_server: RedisServer, tmp_path: Path)
                 time.sleep(0.1)
         gid = httpx.post(base + "/demo/pro/chatgroups", json={"owner": "u1"}).json()["data"]["groupid"]
         httpx.post(f"{base}/demo/pro/chatgroups/{gid}/users/u2")
-        out = run_cli("reconcile", "demo#pro", "--source", f"{base}/demo/pro/_state", "--redis", redis_server.url)
+        # The state route is for operators: without the admin token quota answers 404.
+        assert httpx.get(f"{base}/demo/pro/_state").status_code == 404
+        url = f"{base}/demo/pro/_state"
+        out = run_cli("reconcile", "demo#pro", "--source", url, "--redis", redis_server.url)
+        assert out.returncode != 0 and "QUOTA_ADMIN_TOKEN" in out.stderr and "Traceback" not in out.stderr
+        out = run_cli(
+            "reconcile", "demo#pro", "--source", url, "--redis", redis_server.url, env={"QUOTA_ADMIN_TOKEN": TOKEN}
+        )
         assert out.returncode == 0, out.stderr
         assert r.smembers(f"q:{{demo#pro}}:s:group_members:o:{gid}") == {b"u2"}
         assert r.smembers("q:{demo#pro}:s:app_groups:o:demo%23pro") == {gid.encode()}

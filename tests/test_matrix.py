@@ -173,4 +173,4 @@ def test_plans_table_has_plans_as_columns() -> None:
     assert result.returncode == 0
     header = result.stdout.splitlines()[0].split()
     assert header == list(PLANS)
-    assert "groups_per_app" in result.stdout and "100,000" in result.stdout
+    assert "groups per app" in result.stdout and "100,000" in result.stdout

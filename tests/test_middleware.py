@@ -15,6 +15,7 @@ import yaml
 from quota.config import load_config
 from quota.decisions import plan_request
 from quota.gateway import create_gateway
+from quota.identifiers import IdPolicy
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
 from tests.helpers import create_room, entitlements, gateway_state, register, room_id
@@ -266,12 +267,23 @@ def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
                 "app": plan,
                 "owner": "a",
                 "friend": "b",
-                "group_id": "g",
-                "chatroom_id": "c",
+                "group_id": "1",
+                "chatroom_id": "2",
                 "username": "u",
             }
             body = {"usernames": ["x"], "username": "x"}
-            built = plan_request(cfg.routes, rule, app, params, body, "1.2.3.4", 0, lease_ttl_ms=1000)
+            built = plan_request(
+                cfg.routes,
+                rule,
+                app,
+                params,
+                body,
+                "1.2.3.4",
+                0,
+                ids=IdPolicy(),
+                lease_ttl_ms=1000,
+                reservation_ttl_ms=1,
+            )
             for op in built.before.ops:
                 if isinstance(op, AddOp):
                     if op.limit:
@@ -348,7 +360,7 @@ GATED = [
     ("PUT", "/callbacks/pre_send", "pre_send_callbacks"),
     ("PUT", "/moderation/text", "text_moderation"),
     ("PUT", "/moderation/image", "image_moderation"),
-    ("POST", "/chatgroups/g1/read_receipts", "group_read_receipts"),
+    ("POST", "/chatgroups/1/read_receipts", "group_read_receipts"),
 ]
 
 
@@ -430,13 +442,20 @@ async def test_upstream_failures_are_undone(store: Any, clock: Clock) -> None:
             assert joined == (1 if u in truth else 0)
 
 
+def _any_ids_gateway() -> Any:
+    """The reference gateway under the same wider id policy as the test's quota."""
+    from quota.gateway import create_gateway
+
+    return create_gateway(user_id=r"[^,/]{1,64}")
+
+
 class TestInput:
     async def test_malformed_body(self, client: httpx.AsyncClient) -> None:
         """Invalid JSON, wrong types and oversize batches get a 400 and change nothing."""
         for content in (b"{not json", b'{"usernames": 5}', b'{"usernames": [1.5]}', b"[]"):
-            r = await client.post(f"/{PRO}/chatgroups/g/users", content=content)
+            r = await client.post(f"/{PRO}/chatgroups/1/users", content=content)
             assert_refused(r, 400, "illegal_argument")
-        r = await client.post(f"/{PRO}/chatgroups/g/users", json={"usernames": [f"x{i}" for i in range(61)]})
+        r = await client.post(f"/{PRO}/chatgroups/1/users", json={"usernames": [f"x{i}" for i in range(61)]})
         assert_refused(r, 400, "illegal_argument", "at most 60")
         r = await client.post(f"/{PRO}/users", content=b"\xff\xfe")
         assert_refused(r, 400, "illegal_argument")
@@ -449,15 +468,26 @@ class TestInput:
             r = await client.post(f"/{PRO}/users", json=[{"username": "x" * 100}])
             assert_refused(r, 413, "request_too_large")
 
-    async def test_ids_with_key_characters(self, client: httpx.AsyncClient) -> None:
-        """Ids with braces, colons and '#' are escaped: they count, and never reach another key."""
+    async def test_ids_outside_the_policy_are_refused(self, client: httpx.AsyncClient) -> None:
+        """Catches ids with key characters reaching the store: the vendor's policy refuses them (400)."""
+        for name in ("a{b}", "c:d", "e#f", "ü", "x" * 65, "a,b"):
+            r = await client.post(f"/{PRO}/users", json={"username": name})
+            assert_refused(r, 400, "illegal_argument")
+        assert (await entitlements(client, PRO))["usage"]["registered_users"]["used"] == 0
+
+    async def test_ids_with_key_characters(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Under a wider id policy, ids with braces, colons and '#' are escaped: they count, and never
+        reach another key."""
+        (config_dir / "quota.yaml").write_text('identifiers: {user: {pattern: "[^,/]{1,64}"}}\n')
         names = ["a{b}", "c:d", "e#f", "ü"]
-        await register(client, PRO, ["owner", *names])
-        rid = room_id(await create_room(client, PRO, "chatgroups", "owner"), "chatgroups")
-        assert (await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": names})).status_code == 200
-        ent = await entitlements(client, PRO, group=rid, user="a{b}")
-        assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 4
-        assert ent["entities"]["user:a{b}"]["groups_per_user"]["used"] == 1
+        async with make_client(store, clock, load_config(config_dir), upstream=_any_ids_gateway()) as client:
+            await register(client, PRO, ["owner", *names])
+            rid = room_id(await create_room(client, PRO, "chatgroups", "owner"), "chatgroups")
+            r = await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": names})
+            assert r.status_code == 200, r.text
+            ent = await entitlements(client, PRO, group=rid, user="a{b}")
+            assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 4
+            assert ent["entities"]["user:a{b}"]["groups_per_user"]["used"] == 1
 
     async def test_unknown_app(self, client: httpx.AsyncClient) -> None:
         """An app no account holds is refused, not let through unmetered."""

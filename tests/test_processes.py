@@ -155,3 +155,117 @@ def test_killed_worker_leaks_no_connections(
     with contextlib.suppress(Exception):
         stack.close()
     r.close()
+
+
+def race_server(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.race_server:app", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env={**os.environ, "QUOTA_TEST_REDIS": redis_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            httpx.get(base + "/demo/pro/users", timeout=1)
+            return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the race server did not start")
+
+
+async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None:
+    """Catches an undo in one process removing a member another process's request relies on: a
+    batch join [u1, ghost] held upstream in process A (then refused, 404) while process B joins u1
+    (200). u1 must stay counted."""
+    redis_server.flush()
+    servers = [race_server(redis_server.url) for _ in range(2)]
+    r = redis_sync.Redis(port=redis_server.port)
+    try:
+        (_, a), (_, b) = servers
+        key = "q:{demo#pro}:s:group_members:o:777"
+        async with httpx.AsyncClient(timeout=30) as c:
+            batch = asyncio.ensure_future(
+                c.post(
+                    f"{a}/demo/pro/chatgroups/777/users",
+                    json={"usernames": ["u1", "ghost"]},
+                    headers={"x-test-hold": "1.5"},
+                )
+            )
+            deadline = time.time() + 10
+            while not r.sismember(key, "u1"):
+                assert time.time() < deadline, "process A never reserved u1"
+                await asyncio.sleep(0.01)
+            assert not batch.done()
+            single = await c.post(f"{b}/demo/pro/chatgroups/777/users/u1")
+            assert single.status_code == 200
+            assert (await batch).status_code == 404
+        assert r.smembers(key) == {b"u1"}
+        assert r.smembers("q:{demo#pro}:s:group_members:m:u1") == {b"777"}
+    finally:
+        r.close()
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_websocket_refused_upstream_counts_nothing(
+    two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
+) -> None:
+    """Catches a WebSocket login counted when the gateway closed the connection: a user that does not
+    exist is no daily active user, and holds no online lease."""
+    (_, a), _ = two_gateways
+    r = redis_sync.Redis(port=redis_server.port)
+    url = a.replace("http", "ws")
+    with pytest.raises(Exception) as info, connect(f"{url}/{BASIC}/users/nobody/connection") as ws:
+        ws.recv(timeout=5)
+    assert "403" in str(info.value)  # a handshake closed before accept: uvicorn answers HTTP 403
+    day = time.strftime("%Y%m%d", time.gmtime())
+    deadline = time.time() + 5
+    while r.zcard("q:{demo#basic}:online") and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.scard(f"q:{{demo#basic}}:dau:{day}") == 0 and r.zcard("q:{demo#basic}:online") == 0
+    httpx.post(f"{a}/{BASIC}/users", json={"username": "real"})
+    with connect(f"{url}/{BASIC}/users/REAL/connection") as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "hi"
+        assert r.smembers(f"q:{{demo#basic}}:dau:{day}") == {b"real"}
+    r.close()
+
+
+def test_serve_ignores_uvicorn_proxy_headers(redis_server: RedisServer, config_dir: Path) -> None:
+    """Catches uvicorn rewriting the client address from X-Forwarded-For before quota's own
+    trusted_proxies applies (FORWARDED_ALLOW_IPS='*'): with no trusted proxy, forged hops must not
+    buy fresh per-IP budgets."""
+    (config_dir / "quota.yaml").write_text("trusted_proxies: []\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quota", "serve", "--config", str(config_dir), "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "FORWARDED_ALLOW_IPS": "*"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 20
+        while True:
+            try:
+                httpx.get(base + "/", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        with httpx.Client() as c:
+            codes = [
+                c.get(f"{base}/demo/pro/users", headers={"x-forwarded-for": f"5.5.{i // 200}.{i % 200}"}).status_code
+                for i in range(140)
+            ]
+        assert 429 in codes
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -317,7 +317,7 @@ class TestPassThrough:
         """Text and binary frames cross, the subprotocol is the upstream's choice, the upstream's
         close code reaches the client, and an upstream refusal refuses the client's handshake."""
         ws_base = odd_proxy.base.replace("http://", "ws://")
-        with connect(ws_base + "/ws/echo", subprotocols=["im.v1"]) as ws:  # type: ignore[list-item]
+        with connect(ws_base + "/ws-echo", subprotocols=["im.v1"]) as ws:  # type: ignore[list-item]
             assert ws.subprotocol == "im.v1"
             ws.send("text")
             assert ws.recv(timeout=5) == "text"
@@ -328,7 +328,7 @@ class TestPassThrough:
                 ws.recv(timeout=5)
             assert ws.close_code == 4001
         with pytest.raises(InvalidStatus):
-            connect(ws_base + "/ws/refuse", open_timeout=5)
+            connect(ws_base + "/ws-refuse", open_timeout=5)
 
 
 class TestHeaderRules:

@@ -50,8 +50,8 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
         check=True,
     ).stdout.strip()
     assert where.startswith(str(venv)) and where.endswith("quota/defaults")
-    plans = run("plans")
-    assert plans.returncode == 0 and "friends_per_user" in plans.stdout, plans.stderr
+    plans = run("plans", "--json")
+    assert plans.returncode == 0 and '"friends_per_user": 100' in plans.stdout, plans.stderr
     checked = run("check-config")
     assert checked.returncode == 0 and "ok (4 plans" in checked.stdout, checked.stderr
     port = free_port()

@@ -78,7 +78,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
 async def _websocket(scope: Scope, receive: Any, send: Any) -> None:
     message = await receive()
     assert message["type"] == "websocket.connect"
-    if scope["path"] == "/ws/refuse":
+    if scope["path"] == "/ws-refuse":
         await send({"type": "websocket.close", "code": 1008})
         return
     protocols = scope.get("subprotocols") or []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,9 @@ class ApiError(Exception):
         self.status, self.error, self.description, self.exception = status, error, description, exception
 
 
+USER_ID = r"[a-z0-9_.\-]{1,64}"
+
+
 def _not_found(what: str) -> ApiError:
     return ApiError(
         404, "service_resource_not_found", f"Service resource not found: {what}", "ServiceResourceNotFoundException"
@@ -47,8 +51,18 @@ def _not_found(what: str) -> ApiError:
 
 
 class Gateway:
-    def __init__(self) -> None:
+    def __init__(self, user_id: str = USER_ID) -> None:
         self.apps: dict[str, AppState] = {}
+        self.user_id = re.compile(user_id)
+
+    def uid(self, value: object) -> str:
+        """A user id the vendor's way: case-insensitive, 1-64 characters of a-z 0-9 _ - . once folded."""
+        if not isinstance(value, str):
+            raise ApiError(400, "illegal_argument", "username must be a string")
+        folded = value.lower() if value.isascii() else value
+        if not self.user_id.fullmatch(folded):
+            raise ApiError(400, "illegal_argument", f"username must match {self.user_id.pattern}")
+        return folded
 
     def state(self, request: Request) -> AppState:
         key = f"{request.path_params['org']}#{request.path_params['app']}"
@@ -77,9 +91,7 @@ class Gateway:
             raise ApiError(400, "illegal_argument", f"register 1 to {USER_BATCH} users per call")
         names = []
         for item in items:
-            name = item.get("username") if isinstance(item, dict) else None
-            if not isinstance(name, str) or not name:
-                raise ApiError(400, "illegal_argument", "username is required")
+            name = self.uid(item.get("username") if isinstance(item, dict) else None)
             if name in st.users or name in names:
                 raise ApiError(
                     400,
@@ -100,7 +112,7 @@ class Gateway:
         return self.ok(request, started, entities=[_user(u, st.users[u]) for u in users], count=len(users))
 
     async def get_user(self, request: Request, st: AppState, started: float) -> Response:
-        name = request.path_params["username"]
+        name = self.uid(request.path_params["username"])
         if name not in st.users:
             raise _not_found(f"user {name}")
         return self.ok(request, started, entities=[_user(name, st.users[name])])
@@ -114,7 +126,7 @@ class Gateway:
                 room["members"].discard(name)
 
     async def delete_user(self, request: Request, st: AppState, started: float) -> Response:
-        name = request.path_params["username"]
+        name = self.uid(request.path_params["username"])
         if name not in st.users:
             raise _not_found(f"user {name}")
         created = st.users[name]
@@ -131,8 +143,8 @@ class Gateway:
 
     async def token(self, request: Request, st: AppState, started: float) -> Response:
         payload = await _json(request)
-        name = payload.get("username") if isinstance(payload, dict) else None
-        if not isinstance(name, str) or name not in st.users:
+        name = self.uid(payload.get("username") if isinstance(payload, dict) else None)
+        if name not in st.users:
             raise ApiError(404, "service_resource_not_found", "user not found", "UserNotFoundException")
         return JSONResponse(
             {"access_token": "YWMt" + uuid.uuid4().hex, "expires_in": 86400, "user": _user(name, st.users[name])}
@@ -140,7 +152,7 @@ class Gateway:
 
     # Contacts
     async def add_contact(self, request: Request, st: AppState, started: float) -> Response:
-        owner, friend = request.path_params["owner"], request.path_params["friend"]
+        owner, friend = self.uid(request.path_params["owner"]), self.uid(request.path_params["friend"])
         for name in (owner, friend):
             if name not in st.users:
                 raise _not_found(f"user {name}")
@@ -151,7 +163,7 @@ class Gateway:
         return self.ok(request, started, entities=[_user(friend, st.users[friend])])
 
     async def remove_contact(self, request: Request, st: AppState, started: float) -> Response:
-        owner, friend = request.path_params["owner"], request.path_params["friend"]
+        owner, friend = self.uid(request.path_params["owner"]), self.uid(request.path_params["friend"])
         if friend not in st.contacts.get(owner, set()):
             raise _not_found(f"contact {friend}")
         st.contacts[owner].discard(friend)
@@ -159,7 +171,7 @@ class Gateway:
         return self.ok(request, started, entities=[_user(friend, st.users.get(friend, 0))])
 
     async def list_contacts(self, request: Request, st: AppState, started: float) -> Response:
-        owner = request.path_params["owner"]
+        owner = self.uid(request.path_params["owner"])
         if owner not in st.users:
             raise _not_found(f"user {owner}")
         friends = sorted(st.contacts.get(owner, set()))
@@ -178,14 +190,15 @@ class Gateway:
 
     async def create_room(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         payload = await _json(request)
-        if not isinstance(payload, dict) or not isinstance(payload.get("owner"), str):
+        if not isinstance(payload, dict):
             raise ApiError(400, "illegal_argument", "owner is required")
-        if payload["owner"] not in st.users:
-            raise _not_found(f"user {payload['owner']}")
+        owner = self.uid(payload.get("owner"))
+        if owner not in st.users:
+            raise _not_found(f"user {owner}")
         rid = str(uuid.uuid4().int)[:15]
         self._rooms(st, kind)[rid] = {
             "name": str(payload.get("groupname") or payload.get("name") or rid),
-            "owner": payload["owner"],
+            "owner": owner,
             "members": set(),
         }
         return self.ok(request, started, data={"groupid": rid} if kind == "chatgroups" else {"id": rid})
@@ -218,7 +231,7 @@ class Gateway:
 
     async def add_room_member(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         room = self._room(request, st, kind)
-        name = request.path_params["username"]
+        name = self.uid(request.path_params["username"])
         self._join(st, room, [name])
         return self.ok(request, started, data={"result": True, "user": name})
 
@@ -226,20 +239,21 @@ class Gateway:
         room = self._room(request, st, kind)
         payload = await _json(request)
         names = payload.get("usernames") if isinstance(payload, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) > 60:
+        if not isinstance(names, list) or len(names) > 60:
             raise ApiError(400, "illegal_argument", "usernames must be a list of at most 60 user ids")
+        names = [self.uid(n) for n in names]
         self._join(st, room, names)
         return self.ok(request, started, data={"newmembers": names})
 
     async def remove_room_members(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         room = self._room(request, st, kind)
-        names = [n for n in request.path_params["usernames"].split(",") if n]
+        names = [self.uid(n) for n in request.path_params["usernames"].split(",")]
         removed = [n for n in names if n in room["members"]]
         room["members"].difference_update(names)
         return self.ok(request, started, data=[{"result": n in removed, "user": n} for n in names])
 
     async def joined(self, request: Request, st: AppState, started: float, kind: str) -> Response:
-        name = request.path_params["username"]
+        name = self.uid(request.path_params["username"])
         rooms = [rid for rid, r in self._rooms(st, kind).items() if name in r["members"]]
         return self.ok(request, started, data=[{"groupid" if kind == "chatgroups" else "id": r} for r in rooms])
 
@@ -304,8 +318,9 @@ def _user(name: str, created: float) -> dict[str, Any]:
 Handler = Callable[..., Awaitable[Response]]
 
 
-def create_gateway() -> Starlette:
-    gw = Gateway()
+def create_gateway(user_id: str = USER_ID) -> Starlette:
+    """The reference gateway; `user_id` is the pattern its user ids must match once folded."""
+    gw = Gateway(user_id)
 
     def endpoint(handler: Handler, **kw: str) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
@@ -328,7 +343,9 @@ def create_gateway() -> Starlette:
 
     async def connection(ws: WebSocket) -> None:
         st = gw.apps.setdefault(f"{ws.path_params['org']}#{ws.path_params['app']}", AppState())
-        if ws.path_params["username"] not in st.users:
+        name = ws.path_params["username"]
+        folded = name.lower() if name.isascii() else name
+        if folded not in st.users:
             await ws.close(code=1008, reason="user not found")
             return
         await ws.accept()

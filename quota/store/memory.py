@@ -1,11 +1,16 @@
 """The in-process store: the embedded default, with the same semantics as the Redis script.
 
-Atomicity comes from asyncio: `run` never awaits between its checks and its writes.
+Atomicity comes from asyncio: `run` never awaits between its checks and its writes. Rate state is
+bounded: windows and logs that can no longer count are swept as keys accumulate, and past
+MAX_RATE_KEYS the oldest keys are dropped (a flood of more distinct clients than that within one
+window is the one case where a client could get a fresh budget early; README's threat model).
 """
 
 from __future__ import annotations
 
 import copy
+from bisect import bisect_left, insort
+from heapq import heapify, heappop, heappush
 from typing import Any
 
 from quota.keys import escape
@@ -13,9 +18,10 @@ from quota.store.program import (
     UNLIMITED,
     AddOp,
     BindOp,
+    DrainOp,
     DropOp,
     LeaseOp,
-    LoginOp,
+    Op,
     Outcome,
     Program,
     RateOp,
@@ -23,40 +29,103 @@ from quota.store.program import (
     Refusal,
     ReleaseOp,
     RemoveOp,
+    RenewOp,
+    UndoOp,
+    log_retry_ms,
     retry_after_ms,
     sliding_window,
 )
 
+MAX_RATE_KEYS = 1 << 18
+SWEEP_EVERY = 1 << 12
+# Expired reservations and leases purged per check, as the Lua script does (bounded work per call).
+PURGE_BATCH = 256
+
+
+class Deadlines:
+    """A sorted set of deadlines (member -> time), as Redis keeps leases, reservations and claims:
+    a dict for lookups and a heap for expiry in deadline order (stale heap entries are skipped)."""
+
+    def __init__(self) -> None:
+        self.due: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def __contains__(self, member: str) -> bool:
+        return member in self.due
+
+    def __len__(self) -> int:
+        return len(self.due)
+
+    def get(self, member: str) -> int | None:
+        return self.due.get(member)
+
+    def set(self, member: str, deadline: int) -> None:
+        self.due[member] = deadline
+        heappush(self._heap, (deadline, member))
+
+    def pop(self, member: str) -> None:
+        self.due.pop(member, None)
+
+    def expire(self, now_ms: int, most: int = PURGE_BATCH) -> list[str]:
+        """Remove and return up to `most` members whose deadline has passed, earliest first."""
+        gone: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms and len(gone) < most:
+            deadline, member = heappop(heap)
+            if self.due.get(member) == deadline:
+                del self.due[member]
+                gone.append(member)
+        if len(heap) > 4 * len(self.due) + 64:
+            self._heap = [(d, m) for m, d in self.due.items()]
+            heapify(self._heap)
+        return gone
+
+    def live(self, now_ms: int) -> int:
+        self.expire(now_ms, 1 << 62)
+        return len(self.due)
+
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, max_rate_keys: int = MAX_RATE_KEYS) -> None:
         self.sets: dict[str, set[str]] = {}
+        # Rate state: key -> (window index -> count) for sliding windows, key -> hit times for logs.
         self.windows: dict[str, dict[int, int]] = {}
-        self.leases: dict[str, dict[str, int]] = {}
-        self.pending: dict[str, dict[str, int]] = {}
+        self.logs: dict[str, list[int]] = {}
+        self._expiry: dict[str, int] = {}
+        self.max_rate_keys = max_rate_keys
+        self._writes = 0
+        # Claims on members added by requests in flight: key -> pair -> claims (deadlines in key:due).
+        self.inflight: dict[str, dict[str, int]] = {}
+        # Sorted sets of deadlines: leases, reservations (owner:pending), claims (inflight:due).
+        self.zsets: dict[str, Deadlines] = {}
         self.peak: dict[str, dict[str, int]] = {}
         self.accounts: dict[str, dict[str, Any]] = {}
         self.version = 0
 
     async def run(self, program: Program, now_ms: int) -> Outcome:
-        if len(program.ops) == 1 and isinstance(program.ops[0], RateOp):
-            return self._rate_only(program.ops[0], now_ms)
+        ops = program.ops
+        if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact:
+            return self._rate_only(ops[0], now_ms)
         rates: list[RateState] = []
-        for index, op in enumerate(program.ops):
+        for index, op in enumerate(ops):
             refusal = self._check(index, op, now_ms, rates)
             if refusal:
                 return Outcome(refusal=refusal)
         added: list[tuple[str, ...]] = []
         sizes: list[int] = []
-        online = 0
-        for op in program.ops:
+        online = remaining = 0
+        for op in ops:
             result = self._apply(op, now_ms)
             if isinstance(op, AddOp):
                 added.append(result)
                 sizes.append(len(self.sets.get(op.owner_key, ())))
             elif isinstance(op, LeaseOp):
-                online = len(self.leases[op.online_key])
-        return Outcome(rates=tuple(rates), added=tuple(added), sizes=tuple(sizes), online=online)
+                online = self._live(op.online_key, now_ms)
+            elif isinstance(op, DrainOp):
+                remaining = len(self.sets.get(op.trash_key, ()))
+        return Outcome(rates=tuple(rates), added=tuple(added), sizes=tuple(sizes), online=online, remaining=remaining)
+
+    # Rates
 
     def _rate_only(self, op: RateOp, now_ms: int) -> Outcome:
         # The commonest program (a read route): one window, checked and counted in one pass.
@@ -73,6 +142,7 @@ class MemoryStore:
         if len(slots) > 2:
             for old in [i for i in slots if i < index - 1]:
                 del slots[old]
+        self._counted(op.key, (index + 2) * op.window_ms, now_ms)
         return Outcome(rates=(RateState(op.name, op.limit, op.limit - used - op.cost, op.window_ms - elapsed),))
 
     def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int, int]:
@@ -80,8 +150,41 @@ class MemoryStore:
         slots = self.windows.get(op.key, {})
         return index, elapsed, slots.get(index - 1, 0), slots.get(index, 0)
 
-    def _check(self, index: int, op: Any, now_ms: int, rates: list[RateState]) -> Refusal | None:
+    def _hits(self, op: RateOp, now_ms: int) -> list[int]:
+        hits = self.logs.get(op.key, [])
+        # A hit at t counts while now <= t + window: drop those before now - window.
+        first = bisect_left(hits, now_ms - op.window_ms)
+        if first:
+            del hits[:first]
+        return hits
+
+    def _counted(self, key: str, expires_ms: int, now_ms: int) -> None:
+        """Remember when a rate key stops mattering; sweep and bound the rate state now and then."""
+        self._expiry[key] = expires_ms
+        self._writes += 1
+        if self._writes % SWEEP_EVERY == 0 or len(self._expiry) > self.max_rate_keys:
+            for dead in [k for k, t in self._expiry.items() if t <= now_ms]:
+                self._forget_rate(dead)
+            while len(self._expiry) > self.max_rate_keys:
+                self._forget_rate(next(iter(self._expiry)))
+
+    def _forget_rate(self, key: str) -> None:
+        self._expiry.pop(key, None)
+        self.windows.pop(key, None)
+        self.logs.pop(key, None)
+
+    # Programs
+
+    def _check(self, index: int, op: Op, now_ms: int, rates: list[RateState]) -> Refusal | None:
         if isinstance(op, RateOp):
+            if op.exact:
+                hits = self._hits(op, now_ms)
+                if len(hits) + op.cost > op.limit:
+                    retry = log_retry_ms(hits, now_ms, op.window_ms, op.limit, op.cost)
+                    return Refusal(index, "rate", len(hits), op.limit, retry_after_ms=retry, reset_ms=retry)
+                reset = (hits[0] if hits else now_ms) + op.window_ms + 1 - now_ms
+                rates.append(RateState(op.name, op.limit, op.limit - len(hits) - op.cost, reset))
+                return None
             _, elapsed, prev, cur = self._window(op, now_ms)
             used = sliding_window(prev, cur, elapsed, op.window_ms)
             if used + op.cost > op.limit:
@@ -91,6 +194,8 @@ class MemoryStore:
         elif isinstance(op, AddOp):
             if op.pending_ttl_ms:
                 self._purge_pending(op.owner_key, now_ms)
+            if op.inflight_key:
+                self._purge_claims(op.inflight_key, now_ms)
             owner = self.sets.get(op.owner_key, set())
             new = [m for m in op.members if m not in owner]
             if op.cap != UNLIMITED and len(owner) + len(new) > op.cap:
@@ -101,58 +206,118 @@ class MemoryStore:
                     theirs = self.sets.get(op.reverse_prefix + escape(member), set())
                     if op.reverse_value not in theirs and len(theirs) + 1 > op.reverse_cap:
                         return Refusal(index, "member", len(theirs), op.reverse_cap, who=member)
-        elif isinstance(op, LoginOp):
-            today = self.sets.get(op.dau_key, set())
-            if op.dau_cap != UNLIMITED and op.user not in today and len(today) >= op.dau_cap:
-                return Refusal(index, "dau", len(today), op.dau_cap)
         elif isinstance(op, LeaseOp):
-            leases = self._live_leases(op.online_key, now_ms)
+            live = self._live(op.online_key, now_ms)
             cap = self._lease_cap(op)
-            if op.conn not in leases and cap != UNLIMITED and len(leases) >= cap:
-                return Refusal(index, "online", len(leases), cap)
+            if op.conn not in self._zset(op.online_key) and cap != UNLIMITED and live >= cap:
+                return Refusal(index, "online", live, cap)
         return None
 
-    def _apply(self, op: Any, now_ms: int) -> tuple[str, ...]:
+    def _apply(self, op: Op, now_ms: int) -> tuple[str, ...]:
         if isinstance(op, RateOp):
+            if op.exact:
+                hits = self.logs.setdefault(op.key, [])
+                for _ in range(op.cost):
+                    insort(hits, now_ms)
+                self._counted(op.key, now_ms + op.window_ms + 1, now_ms)
+                return ()
             index, _, _, _ = self._window(op, now_ms)
             slots = self.windows.setdefault(op.key, {})
             slots[index] = slots.get(index, 0) + op.cost
             for old in [i for i in slots if i < index - 1]:
                 del slots[old]
+            self._counted(op.key, (index + 2) * op.window_ms, now_ms)
         elif isinstance(op, AddOp):
-            owner = self.sets.setdefault(op.owner_key, set())
-            new = tuple(m for m in op.members if m not in owner)
-            owner.update(new)
-            if op.reverse_prefix:
-                for member in new:
-                    self.sets.setdefault(op.reverse_prefix + escape(member), set()).add(op.reverse_value)
-            if op.pending_ttl_ms:
-                for member in new:
-                    self.pending.setdefault(op.owner_key, {})[member] = now_ms + op.pending_ttl_ms
-            return new
+            return self._add(op, now_ms)
+        elif isinstance(op, UndoOp):
+            self._undo(op)
         elif isinstance(op, RemoveOp):
             self._srem(op.owner_key, op.members)
             if op.reverse_prefix:
                 for member in op.members:
                     self._srem(op.reverse_prefix + escape(member), (op.reverse_value,))
         elif isinstance(op, DropOp):
-            for member in self.sets.pop(op.owner_key, set()):
-                self._srem(op.reverse_prefix + escape(member), (op.value,))
+            members = self.sets.pop(op.owner_key, None)
+            if members:
+                self.sets[op.trash_key] = members
+        elif isinstance(op, DrainOp):
+            trash = self.sets.get(op.trash_key, set())
+            for _ in range(min(op.batch, len(trash))):
+                self._srem(op.reverse_prefix + escape(trash.pop()), (op.value,))
+            if not trash:
+                self.sets.pop(op.trash_key, None)
         elif isinstance(op, BindOp):
-            if self.pending.get(op.owner_key, {}).pop(op.placeholder, None) is not None:
+            self._zset(op.owner_key + ":pending").pop(op.placeholder)
+            if op.member != op.placeholder:
                 self._srem(op.owner_key, (op.placeholder,))
                 self.sets.setdefault(op.owner_key, set()).add(op.member)
-        elif isinstance(op, LoginOp):
-            self.sets.setdefault(op.dau_key, set()).add(op.user)
-            self.sets.setdefault(op.mau_key, set()).add(op.user)
+        elif isinstance(op, RenewOp):
+            held = self._zset(op.key)
+            for member in op.members:
+                if (held.get(member) or 0) > now_ms:
+                    held.set(member, now_ms + op.ttl_ms)
         elif isinstance(op, LeaseOp):
-            leases = self._live_leases(op.online_key, now_ms)
-            leases[op.conn] = now_ms + op.ttl_ms
+            self._zset(op.online_key, True).set(op.conn, now_ms + op.ttl_ms)
             peaks = self.peak.setdefault(op.peak_key, {})
-            peaks[op.month] = max(peaks.get(op.month, 0), len(leases))
+            peaks[op.month] = max(peaks.get(op.month, 0), self._live(op.online_key, now_ms))
         elif isinstance(op, ReleaseOp):
-            self.leases.get(op.online_key, {}).pop(op.conn, None)
+            self._zset(op.online_key).pop(op.conn)
         return ()
+
+    def _zset(self, key: str, create: bool = False) -> Deadlines:
+        found = self.zsets.get(key)
+        if found is None:
+            found = Deadlines()
+            if create:
+                self.zsets[key] = found
+        return found
+
+    def _add(self, op: AddOp, now_ms: int) -> tuple[str, ...]:
+        owner = self.sets.setdefault(op.owner_key, set())
+        claims = self.inflight.setdefault(op.inflight_key, {}) if op.inflight_key else None
+        due = self._zset(op.inflight_key + ":due", True) if op.inflight_key else None
+        claimed: list[str] = []
+        for i, member in enumerate(op.members):
+            if member not in owner:
+                owner.add(member)
+                if op.reverse_prefix:
+                    self.sets.setdefault(op.reverse_prefix + escape(member), set()).add(op.reverse_value)
+                if op.pending_ttl_ms:
+                    self._zset(op.owner_key + ":pending", True).set(member, now_ms + op.pending_ttl_ms)
+                if claims is not None and due is not None:
+                    claims[op.fields[i]] = 1
+                    due.set(op.fields[i], now_ms + op.claim_ttl_ms)
+                claimed.append(member)
+            elif claims is not None and due is not None and (due.get(op.fields[i]) or 0) > now_ms:
+                # Added by a request still in flight: this one relies on it too.
+                claims[op.fields[i]] = claims.get(op.fields[i], 0) + 1
+                claimed.append(member)
+        return tuple(claimed)
+
+    def _undo(self, op: UndoOp) -> None:
+        claims = self.inflight.get(op.inflight_key, {}) if op.inflight_key else None
+        due = self._zset(op.inflight_key + ":due")
+        for i, member in enumerate(op.members):
+            if claims is not None:
+                field = op.fields[i]
+                if field not in due:
+                    continue  # the claim lapsed: the member may be real, it stays
+                claims[field] = claims.get(field, 0) - 1
+                if claims[field] > 0:
+                    continue
+                del claims[field]
+                due.pop(field)
+            else:
+                self._zset(op.owner_key + ":pending").pop(member)
+            self._srem(op.owner_key, (member,))
+            if op.reverse_prefix:
+                self._srem(op.reverse_prefix + escape(member), (op.reverse_value,))
+
+    def _purge_claims(self, key: str, now_ms: int) -> None:
+        claims = self.inflight.get(key)
+        for field in self._zset(key + ":due").expire(now_ms):
+            if claims is not None:
+                claims.pop(field, None)
 
     def _srem(self, key: str, members: tuple[str, ...]) -> None:
         current = self.sets.get(key)
@@ -162,22 +327,19 @@ class MemoryStore:
                 del self.sets[key]
 
     def _purge_pending(self, owner_key: str, now_ms: int) -> None:
-        pending = self.pending.get(owner_key, {})
-        for placeholder in [p for p, deadline in pending.items() if deadline <= now_ms]:
-            del pending[placeholder]
+        for placeholder in self._zset(owner_key + ":pending").expire(now_ms):
             self._srem(owner_key, (placeholder,))
 
-    def _live_leases(self, key: str, now_ms: int) -> dict[str, int]:
-        leases = self.leases.setdefault(key, {})
-        for conn in [c for c, expiry in leases.items() if expiry <= now_ms]:
-            del leases[conn]
-        return leases
+    def _live(self, key: str, now_ms: int) -> int:
+        return self._zset(key).live(now_ms)
 
     def _lease_cap(self, op: LeaseOp) -> int:
         if not op.share_bp:
             return op.cap
         mau = max(len(self.sets.get(op.mau_last_key, ())), len(self.sets.get(op.mau_this_key, ())))
         return max(op.cap, op.share_bp * mau // 10000)
+
+    # Reads and admin (never on the request path)
 
     async def cardinalities(self, keys: list[str]) -> list[int]:
         return [len(self.sets.get(k, ())) for k in keys]
@@ -186,7 +348,7 @@ class MemoryStore:
         return set(self.sets.get(key, ()))
 
     async def online(self, key: str, now_ms: int) -> int:
-        return len(self._live_leases(key, now_ms))
+        return self._live(key, now_ms)
 
     async def peaks(self, key: str) -> dict[str, int]:
         return dict(self.peak.get(key, {}))
@@ -208,6 +370,8 @@ class MemoryStore:
     async def delete(self, keys: list[str]) -> None:
         for key in keys:
             self.sets.pop(key, None)
+            self.zsets.pop(key, None)
+            self.inflight.pop(key, None)
 
     async def add_members(self, key: str, members: list[str]) -> None:
         if members:

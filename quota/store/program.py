@@ -13,13 +13,15 @@ UNLIMITED = -1
 
 @dataclass(frozen=True)
 class RateOp:
-    """A sliding-window counter: floor(previous x weight) + current + cost must stay <= limit."""
+    """A rate. sliding: floor(previous x weight) + current + cost must stay <= limit (two windows).
+    exact: a log of hits; at most `limit` in any window [now - window_ms, now]."""
 
     key: str
     limit: int
     window_ms: int
     cost: int
     name: str
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class AddOp:
 
     The member side of member m is the set `reverse_prefix + escape(m)`, which gains `reverse_value`.
     With `pending_ttl_ms` the single member is a placeholder, reserved until bound or expired.
+    With `inflight_key`, each member this request adds is claimed for `claim_ttl_ms` under its pair
+    (`fields`, parallel to members): a request that finds the member already there but still claimed
+    (its adder has not been answered) claims it too. An undo drops one claim and removes the member
+    only when no claim is left (`UndoOp`); a request that succeeds just lets its claim lapse, so a
+    2xx costs no second round trip. With `expire_s` the owner set expires (activity sets).
     """
 
     limit: str
@@ -39,6 +46,24 @@ class AddOp:
     reverse_cap: int = UNLIMITED
     reverse_value: str = ""
     pending_ttl_ms: int = 0
+    inflight_key: str = ""
+    fields: tuple[str, ...] = ()
+    claim_ttl_ms: int = 0
+    expire_s: int = 0
+
+
+@dataclass(frozen=True)
+class UndoOp:
+    """The upstream failed: drop this request's claims; a member no claim holds any more is removed.
+    A claim that lapsed meanwhile keeps its member (it may be real; reconcile settles drift).
+    Without `inflight_key` (a create's placeholder) the members are removed outright."""
+
+    owner_key: str
+    members: tuple[str, ...]
+    fields: tuple[str, ...] = ()
+    reverse_prefix: str = ""
+    reverse_value: str = ""
+    inflight_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,29 +76,43 @@ class RemoveOp:
 
 @dataclass(frozen=True)
 class DropOp:
-    """Delete an owner's set, removing `value` from the other side's set of each member."""
+    """Delete an owner's set in O(1): it is moved to `trash_key`, which DrainOps then empty in slices
+    (removing `value` from each member's other-side set), so no script runs long on a huge room."""
 
     owner_key: str
     reverse_prefix: str
     value: str
+    trash_key: str
+
+
+@dataclass(frozen=True)
+class DrainOp:
+    """Take up to `batch` members out of a dropped set; the outcome's `remaining` says how many are left."""
+
+    trash_key: str
+    reverse_prefix: str
+    value: str
+    batch: int = 500
 
 
 @dataclass(frozen=True)
 class BindOp:
+    """Bind a create's placeholder to the id the upstream answered. The id is counted even if the
+    placeholder expired meanwhile: the upstream created it. With member == placeholder the
+    reservation just becomes permanent (a 2xx whose id could not be read still counts)."""
+
     owner_key: str
     placeholder: str
     member: str
 
 
 @dataclass(frozen=True)
-class LoginOp:
-    """Record a user active today and this month; with a cap, a new user past it is refused."""
+class RenewOp:
+    """Push the deadline of live reservations (sorted-set members) to now + ttl; expired ones stay gone."""
 
-    dau_key: str
-    mau_key: str
-    user: str
-    dau_cap: int
-    keep_days: int = 400
+    key: str
+    members: tuple[str, ...]
+    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -96,11 +135,13 @@ class LeaseOp:
 
 @dataclass(frozen=True)
 class ReleaseOp:
+    """Release a connection lease."""
+
     online_key: str
     conn: str
 
 
-Op = RateOp | AddOp | RemoveOp | DropOp | BindOp | LoginOp | LeaseOp | ReleaseOp
+Op = RateOp | AddOp | UndoOp | RemoveOp | DropOp | DrainOp | BindOp | RenewOp | LeaseOp | ReleaseOp
 
 
 @dataclass(frozen=True)
@@ -135,6 +176,8 @@ class Outcome:
     # For each AddOp, in order: the owner set's size once applied (for near-limit metrics).
     sizes: tuple[int, ...] = ()
     online: int = 0
+    # DrainOp: members still in the dropped set.
+    remaining: int = 0
     # The store did not answer and the outage policy let the request through unchecked.
     unchecked: bool = False
 
@@ -178,3 +221,14 @@ def retry_after_ms(prev: int, cur: int, elapsed_ms: int, window_ms: int, limit: 
         else:
             lo = mid + 1
     return max(1, lo)
+
+
+def log_retry_ms(hits: list[int], now_ms: int, window_ms: int, limit: int, cost: int) -> int:
+    """Exact log: how long until `cost` more fit. `hits` are the live timestamps, oldest first.
+    A hit at t counts while now <= t + window_ms (the window is closed at both ends)."""
+    if cost > limit:
+        return 2 * window_ms
+    over = len(hits) + cost - limit
+    if over <= 0:
+        return 0
+    return max(1, hits[over - 1] + window_ms + 1 - now_ms)

@@ -16,9 +16,9 @@ from quota.errors import StorageError
 from quota.store.program import (
     AddOp,
     BindOp,
+    DrainOp,
     DropOp,
     LeaseOp,
-    LoginOp,
     Op,
     Outcome,
     Program,
@@ -27,6 +27,8 @@ from quota.store.program import (
     Refusal,
     ReleaseOp,
     RemoveOp,
+    RenewOp,
+    UndoOp,
     retry_after_ms,
 )
 from quota.store.wire import ReplyError, Script, Wire
@@ -47,9 +49,14 @@ def encode(program: Program, now_ms: int) -> list[str | int]:
     return args
 
 
+def _pairs(members: tuple[str, ...], fields: tuple[str, ...]) -> list[str]:
+    fields = fields or ("",) * len(members)
+    return [x for pair in zip(members, fields, strict=True) for x in pair]
+
+
 def _encode_op(op: Op) -> list[str | int]:
     if isinstance(op, RateOp):
-        return ["R", op.key, op.limit, op.window_ms, op.cost]
+        return ["R", op.key, op.limit, op.window_ms, op.cost, int(op.exact)]
     if isinstance(op, AddOp):
         return [
             "A",
@@ -59,17 +66,32 @@ def _encode_op(op: Op) -> list[str | int]:
             op.reverse_prefix,
             op.reverse_cap,
             op.reverse_value,
+            op.inflight_key,
+            op.claim_ttl_ms,
+            op.expire_s,
             len(op.members),
-            *op.members,
+            *_pairs(op.members, op.fields),
+        ]
+    if isinstance(op, UndoOp):
+        return [
+            "U",
+            op.owner_key,
+            op.reverse_prefix,
+            op.reverse_value,
+            op.inflight_key,
+            len(op.members),
+            *_pairs(op.members, op.fields),
         ]
     if isinstance(op, RemoveOp):
         return ["X", op.owner_key, op.reverse_prefix, op.reverse_value, len(op.members), *op.members]
     if isinstance(op, DropOp):
-        return ["D", op.owner_key, op.reverse_prefix, op.value]
+        return ["D", op.owner_key, op.trash_key]
+    if isinstance(op, DrainOp):
+        return ["W", op.trash_key, op.reverse_prefix, op.value, op.batch]
     if isinstance(op, BindOp):
         return ["B", op.owner_key, op.placeholder, op.member]
-    if isinstance(op, LoginOp):
-        return ["L", op.dau_key, op.mau_key, op.user, op.dau_cap, op.keep_days * 86400]
+    if isinstance(op, RenewOp):
+        return ["N", op.key, op.ttl_ms, len(op.members), *op.members]
     if isinstance(op, LeaseOp):
         return [
             "O",
@@ -100,16 +122,18 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
             assert isinstance(op, RateOp)
             retry = retry_after_ms(a, b, c, op.window_ms, op.limit, op.cost)
             return Outcome(Refusal(index, kind, used, cap, retry_after_ms=retry, reset_ms=op.window_ms - c))
+        if kind == "rlog":
+            return Outcome(Refusal(index, "rate", used, cap, retry_after_ms=a, reset_ms=a))
         return Outcome(Refusal(index, kind, used, cap, room=a, who=who))
     # Integers arrive as ints and members as bytes (hiredis); decoded here, once, without layers.
-    online, n_rates = reply[1], reply[2]
+    online, remaining, n_rates = reply[1], reply[2], reply[3]
     rates: tuple[RateState, ...] = ()
     if n_rates:
         ops = [op for op in program.ops if isinstance(op, RateOp)]
         rates = tuple(
-            RateState(op.name, op.limit, reply[3 + 2 * j], reply[4 + 2 * j]) for j, op in enumerate(ops[:n_rates])
+            RateState(op.name, op.limit, reply[4 + 2 * j], reply[5 + 2 * j]) for j, op in enumerate(ops[:n_rates])
         )
-    pos = 3 + 2 * n_rates
+    pos = 4 + 2 * n_rates
     added: list[tuple[str, ...]] = []
     sizes: list[int] = []
     for _ in range(reply[pos]):
@@ -117,12 +141,12 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
         sizes.append(reply[pos + 2])
         added.append(tuple(m.decode() for m in reply[pos + 3 : pos + 3 + k]))
         pos += 2 + k
-    return Outcome(rates=rates, added=tuple(added), sizes=tuple(sizes), online=online)
+    return Outcome(rates=rates, added=tuple(added), sizes=tuple(sizes), online=online, remaining=remaining)
 
 
 def _route_key(program: Program) -> str:
     op = program.ops[0]
-    for attr in ("key", "owner_key", "dau_key", "online_key"):
+    for attr in ("key", "owner_key", "inflight_key", "trash_key", "dau_key", "online_key"):
         if hasattr(op, attr):
             return str(getattr(op, attr))
     raise TypeError(op)

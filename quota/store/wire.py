@@ -193,7 +193,9 @@ class Wire:
             reply = await self.call(command)
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted (or flushed its scripts): load the script and send the call again, once.
-            await self.call(("SCRIPT", "LOAD", script.source))
+            loaded = await self.call(("SCRIPT", "LOAD", script.source))
+            if isinstance(loaded, ReplyError):
+                raise loaded
             reply = await self.call(command)
         if isinstance(reply, ReplyError):
             raise reply

@@ -1,21 +1,29 @@
 -- Runs one program of quota ops atomically: every op is checked, then all are applied, or none.
 -- The semantics are those of quota/store/memory.py; tests run the same suite against both.
+-- Work per call is bounded: ids are length-checked before they get here, batches are capped, expired
+-- reservations, claims and leases are purged at most PURGE at a time, and a dropped set is moved
+-- aside in O(1) and emptied by later calls (W), a slice each.
 --
 -- KEYS[1]: any key of the app, for routing (every key below shares its {org#app} hash tag).
 -- ARGV[1]: now, in milliseconds. ARGV[2..]: ops, each an opcode then its fields:
---   R key limit window_ms cost                               sliding-window rate
---   A owner cap pending_ttl rev_prefix rev_cap rev_value n m1..mn   add members (capped)
---   X owner rev_prefix rev_value n m1..mn                       remove members
---   D owner rev_prefix value                                    drop an owner's set
---   B owner placeholder member                                  bind a reservation
---   L dau_key mau_key user dau_cap keep_s                       login (DAU/MAU)
+--   R key limit window_ms cost exact                              rate (sliding window, or exact log)
+--   A owner cap pending_ttl rev_prefix rev_cap rev_value inflight claim_ttl expire_s n (m f)*n
+--                                                                 add members (capped), claimed in flight
+--   U owner rev_prefix rev_value inflight n (m f)*n               undo claims (the upstream failed)
+--   X owner rev_prefix rev_value n m1..mn                         remove members
+--   D owner trash                                                 drop an owner's set (moved aside)
+--   W trash rev_prefix value batch                                drain a dropped set
+--   B owner placeholder member                                    bind a reservation
+--   N zkey ttl_ms n m*n                                           renew live reservations or claims
 --   O online peak month conn ttl_ms cap share_bp mau_last mau_this   hold a connection lease
---   Z online conn                                               release a lease
--- Returns {1, online, nrates, (remaining, reset_ms)*, nadds, (k, size, member*k)*} when applied, or
--- {0, op_index, kind, used, cap, a, b, c, who} when refused (rate: a,b,c = prev, cur, elapsed;
--- owner: a = room left; member: who).
+--   Z zkey member                                                 release a lease
+-- Claims: hash `inflight` (pair -> claims) and sorted set `inflight:due` (pair -> deadline).
+-- Returns {1, online, remaining, nrates, (remaining, reset_ms)*, nadds, (k, size, member*k)*} when
+-- applied, or {0, op_index, kind, used, cap, a, b, c, who} when refused (rate: a,b,c = prev, cur,
+-- elapsed; rlog: a = retry ms; owner: a = room left; member: who).
 
 local now = tonumber(ARGV[1])
+local PURGE = 256
 
 -- Same escaping as quota/keys.py: percent-encode every byte outside [A-Za-z0-9_.-].
 local function escape(s)
@@ -30,14 +38,28 @@ while i <= n_args do
   local op = {code = code}
   if code == "R" then
     op.key, op.limit, op.window, op.cost = ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
-    i = i + 5
+    op.exact = ARGV[i+5] == "1"
+    i = i + 6
   elseif code == "A" then
     op.owner, op.cap, op.pending = ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
-    op.rprefix, op.rcap, op.rvalue = ARGV[i+4], tonumber(ARGV[i+5]), ARGV[i+6]
-    local n = tonumber(ARGV[i+7])
-    op.members = {}
-    for j = 1, n do op.members[j] = ARGV[i+7+j] end
-    i = i + 8 + n
+    op.rprefix, op.rcap, op.rvalue, op.inflight = ARGV[i+4], tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7]
+    op.claim, op.expire = tonumber(ARGV[i+8]), tonumber(ARGV[i+9])
+    local n = tonumber(ARGV[i+10])
+    op.members, op.fields = {}, {}
+    for j = 1, n do
+      op.members[j] = ARGV[i+9+2*j]
+      op.fields[j] = ARGV[i+10+2*j]
+    end
+    i = i + 11 + 2 * n
+  elseif code == "U" then
+    op.owner, op.rprefix, op.rvalue, op.inflight = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+    local n = tonumber(ARGV[i+5])
+    op.members, op.fields = {}, {}
+    for j = 1, n do
+      op.members[j] = ARGV[i+4+2*j]
+      op.fields[j] = ARGV[i+5+2*j]
+    end
+    i = i + 6 + 2 * n
   elseif code == "X" then
     op.owner, op.rprefix, op.rvalue = ARGV[i+1], ARGV[i+2], ARGV[i+3]
     local n = tonumber(ARGV[i+4])
@@ -45,21 +67,27 @@ while i <= n_args do
     for j = 1, n do op.members[j] = ARGV[i+4+j] end
     i = i + 5 + n
   elseif code == "D" then
-    op.owner, op.rprefix, op.value = ARGV[i+1], ARGV[i+2], ARGV[i+3]
-    i = i + 4
+    op.owner, op.trash = ARGV[i+1], ARGV[i+2]
+    i = i + 3
+  elseif code == "W" then
+    op.trash, op.rprefix, op.value, op.batch = ARGV[i+1], ARGV[i+2], ARGV[i+3], tonumber(ARGV[i+4])
+    i = i + 5
   elseif code == "B" then
     op.owner, op.placeholder, op.member = ARGV[i+1], ARGV[i+2], ARGV[i+3]
     i = i + 4
-  elseif code == "L" then
-    op.dau, op.mau, op.user, op.cap, op.keep = ARGV[i+1], ARGV[i+2], ARGV[i+3], tonumber(ARGV[i+4]), tonumber(ARGV[i+5])
-    i = i + 6
+  elseif code == "N" then
+    op.key, op.ttl = ARGV[i+1], tonumber(ARGV[i+2])
+    local n = tonumber(ARGV[i+3])
+    op.members = {}
+    for j = 1, n do op.members[j] = ARGV[i+3+j] end
+    i = i + 4 + n
   elseif code == "O" then
     op.online, op.peak, op.month, op.conn = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
     op.ttl, op.cap, op.share = tonumber(ARGV[i+5]), tonumber(ARGV[i+6]), tonumber(ARGV[i+7])
     op.mau_last, op.mau_this = ARGV[i+8], ARGV[i+9]
     i = i + 10
   elseif code == "Z" then
-    op.online, op.conn = ARGV[i+1], ARGV[i+2]
+    op.key, op.member = ARGV[i+1], ARGV[i+2]
     i = i + 3
   else
     return redis.error_reply("quota: unknown opcode " .. tostring(code))
@@ -79,13 +107,16 @@ local function weighted(prev, cur, elapsed, w)
   return math.floor(prev * (w - elapsed) / w) + cur
 end
 
-local function purge_pending(owner)
-  local pkey = owner .. ":pending"
-  local expired = redis.call("ZRANGEBYSCORE", pkey, "-inf", now, "LIMIT", 0, 64)
-  for _, placeholder in ipairs(expired) do
-    redis.call("SREM", owner, placeholder)
-    redis.call("ZREM", pkey, placeholder)
-  end
+-- Expired members of a sorted set of deadlines, at most PURGE per call; returns them.
+local function purge(zkey)
+  local expired = redis.call("ZRANGEBYSCORE", zkey, "-inf", now, "LIMIT", 0, PURGE)
+  if #expired > 0 then redis.call("ZREM", zkey, unpack(expired)) end
+  return expired
+end
+
+local function live(zkey)
+  purge(zkey)
+  return redis.call("ZCOUNT", zkey, "(" .. now, "+inf")
 end
 
 local function lease_cap(op)
@@ -99,20 +130,47 @@ local rates = {}
 for index, op in ipairs(ops) do
   local code = op.code
   if code == "R" then
-    local _, elapsed, prev, cur = window(op)
-    local used = weighted(prev, cur, elapsed, op.window)
-    if used + op.cost > op.limit then
-      return {0, index - 1, "rate", used, op.limit, prev, cur, elapsed, ""}
+    if op.exact then
+      local log = op.key .. ":log"
+      -- A hit at t counts while now <= t + window.
+      redis.call("ZREMRANGEBYSCORE", log, "-inf", "(" .. (now - op.window))
+      local used = redis.call("ZCARD", log)
+      if used + op.cost > op.limit then
+        local retry = 2 * op.window
+        if op.cost <= op.limit then
+          local nth = used + op.cost - op.limit - 1
+          local hit = redis.call("ZRANGE", log, nth, nth, "WITHSCORES")
+          retry = math.max(1, tonumber(hit[2]) + op.window + 1 - now)
+        end
+        return {0, index - 1, "rlog", used, op.limit, retry, 0, 0, ""}
+      end
+      local oldest = redis.call("ZRANGE", log, 0, 0, "WITHSCORES")
+      local first = tonumber(oldest[2]) or now
+      rates[#rates + 1] = {op.limit - used - op.cost, first + op.window + 1 - now}
+      op.used = used
+    else
+      local _, elapsed, prev, cur = window(op)
+      local used = weighted(prev, cur, elapsed, op.window)
+      if used + op.cost > op.limit then
+        return {0, index - 1, "rate", used, op.limit, prev, cur, elapsed, ""}
+      end
+      rates[#rates + 1] = {op.limit - used - op.cost, op.window - elapsed}
     end
-    rates[#rates + 1] = {op.limit - used - op.cost, op.window - elapsed}
   elseif code == "A" then
-    if op.pending > 0 then purge_pending(op.owner) end
+    if op.pending > 0 then
+      for _, placeholder in ipairs(purge(op.owner .. ":pending")) do
+        redis.call("SREM", op.owner, placeholder)
+      end
+    end
+    if op.inflight ~= "" then
+      local lapsed = purge(op.inflight .. ":due")
+      if #lapsed > 0 then redis.call("HDEL", op.inflight, unpack(lapsed)) end
+    end
     local size = redis.call("SCARD", op.owner)
     local new = {}
     for _, m in ipairs(op.members) do
       if redis.call("SISMEMBER", op.owner, m) == 0 then new[#new + 1] = m end
     end
-    op.new = new
     if op.cap >= 0 and size + #new > op.cap then
       return {0, index - 1, "owner", size, op.cap, math.max(0, op.cap - size), 0, 0, ""}
     end
@@ -125,69 +183,110 @@ for index, op in ipairs(ops) do
         end
       end
     end
-  elseif code == "L" then
-    if op.cap >= 0 and redis.call("SISMEMBER", op.dau, op.user) == 0 then
-      local size = redis.call("SCARD", op.dau)
-      if size >= op.cap then return {0, index - 1, "dau", size, op.cap, 0, 0, 0, ""} end
-    end
   elseif code == "O" then
-    redis.call("ZREMRANGEBYSCORE", op.online, "-inf", now)
+    local online = live(op.online)
     local cap = lease_cap(op)
-    if cap >= 0 and not redis.call("ZSCORE", op.online, op.conn) then
-      local size = redis.call("ZCARD", op.online)
-      if size >= cap then return {0, index - 1, "online", size, cap, 0, 0, 0, ""} end
+    if cap >= 0 and not redis.call("ZSCORE", op.online, op.conn) and online >= cap then
+      return {0, index - 1, "online", online, cap, 0, 0, 0, ""}
     end
   end
 end
 
 -- Apply.
 local adds = {}
-local online = 0
+local online, remaining = 0, 0
 for _, op in ipairs(ops) do
   local code = op.code
   if code == "R" then
-    local index = math.floor(now / op.window)
-    local key = op.key .. ":" .. index
-    redis.call("INCRBY", key, op.cost)
-    redis.call("PEXPIRE", key, op.window * 2 + 1000)
-  elseif code == "A" then
-    for _, m in ipairs(op.new) do
-      redis.call("SADD", op.owner, m)
-      if op.rprefix ~= "" then redis.call("SADD", op.rprefix .. escape(m), op.rvalue) end
-      if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", now + op.pending, m) end
+    if op.exact then
+      local log = op.key .. ":log"
+      for j = 1, op.cost do redis.call("ZADD", log, now, now .. ":" .. (op.used + j)) end
+      redis.call("PEXPIRE", log, op.window + 1000)
+    else
+      local index = math.floor(now / op.window)
+      local key = op.key .. ":" .. index
+      redis.call("INCRBY", key, op.cost)
+      redis.call("PEXPIRE", key, op.window * 2 + 1000)
     end
-    adds[#adds + 1] = {op.new, redis.call("SCARD", op.owner)}
+  elseif code == "A" then
+    local claimed = {}
+    for j, m in ipairs(op.members) do
+      local f = op.fields[j]
+      if redis.call("SADD", op.owner, m) == 1 then
+        if op.rprefix ~= "" then redis.call("SADD", op.rprefix .. escape(m), op.rvalue) end
+        if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", now + op.pending, m) end
+        if op.inflight ~= "" then
+          redis.call("HSET", op.inflight, f, 1)
+          redis.call("ZADD", op.inflight .. ":due", now + op.claim, f)
+        end
+        claimed[#claimed + 1] = m
+      elseif op.inflight ~= "" then
+        local due = tonumber(redis.call("ZSCORE", op.inflight .. ":due", f))
+        if due and due > now then
+          -- Added by a request still in flight: this one relies on it too.
+          redis.call("HINCRBY", op.inflight, f, 1)
+          claimed[#claimed + 1] = m
+        end
+      end
+    end
+    if op.expire > 0 then redis.call("EXPIRE", op.owner, op.expire) end
+    adds[#adds + 1] = {claimed, redis.call("SCARD", op.owner)}
+  elseif code == "U" then
+    for j, m in ipairs(op.members) do
+      local gone = true
+      if op.inflight ~= "" then
+        gone = false
+        local f = op.fields[j]
+        if redis.call("ZSCORE", op.inflight .. ":due", f) then
+          if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+            redis.call("HDEL", op.inflight, f)
+            redis.call("ZREM", op.inflight .. ":due", f)
+            gone = true
+          end
+        end
+      else
+        redis.call("ZREM", op.owner .. ":pending", m)
+      end
+      if gone then
+        redis.call("SREM", op.owner, m)
+        if op.rprefix ~= "" then redis.call("SREM", op.rprefix .. escape(m), op.rvalue) end
+      end
+    end
   elseif code == "X" then
     for _, m in ipairs(op.members) do
       redis.call("SREM", op.owner, m)
       if op.rprefix ~= "" then redis.call("SREM", op.rprefix .. escape(m), op.rvalue) end
     end
   elseif code == "D" then
-    for _, m in ipairs(redis.call("SMEMBERS", op.owner)) do
+    if redis.call("EXISTS", op.owner) == 1 then redis.call("RENAME", op.owner, op.trash) end
+  elseif code == "W" then
+    local taken = redis.call("SPOP", op.trash, op.batch)
+    for _, m in ipairs(taken) do
       redis.call("SREM", op.rprefix .. escape(m), op.value)
     end
-    redis.call("DEL", op.owner)
+    remaining = redis.call("SCARD", op.trash)
   elseif code == "B" then
-    if redis.call("ZREM", op.owner .. ":pending", op.placeholder) == 1 then
+    redis.call("ZREM", op.owner .. ":pending", op.placeholder)
+    if op.member ~= op.placeholder then
       redis.call("SREM", op.owner, op.placeholder)
       redis.call("SADD", op.owner, op.member)
     end
-  elseif code == "L" then
-    redis.call("SADD", op.dau, op.user)
-    redis.call("SADD", op.mau, op.user)
-    redis.call("EXPIRE", op.dau, op.keep)
-    redis.call("EXPIRE", op.mau, op.keep)
+  elseif code == "N" then
+    for _, m in ipairs(op.members) do
+      local deadline = tonumber(redis.call("ZSCORE", op.key, m))
+      if deadline and deadline > now then redis.call("ZADD", op.key, "XX", now + op.ttl, m) end
+    end
   elseif code == "O" then
     redis.call("ZADD", op.online, now + op.ttl, op.conn)
-    online = redis.call("ZCARD", op.online)
+    online = redis.call("ZCOUNT", op.online, "(" .. now, "+inf")
     local peak = tonumber(redis.call("HGET", op.peak, op.month)) or 0
     if online > peak then redis.call("HSET", op.peak, op.month, online) end
   elseif code == "Z" then
-    redis.call("ZREM", op.online, op.conn)
+    redis.call("ZREM", op.key, op.member)
   end
 end
 
-local reply = {1, online, #rates}
+local reply = {1, online, remaining, #rates}
 for _, r in ipairs(rates) do
   reply[#reply + 1] = r[1]
   reply[#reply + 1] = r[2]

@@ -1,0 +1,62 @@
+"""Identifiers quota counts: canonicalized and validated before anything touches a counter.
+
+Every id a request names (a user, a group, a chatroom; from the path, the body or the upstream's
+answer) goes through `IdPolicy.canonical`. The default policy is the vendor's: user ids are
+case-insensitive, 1-64 characters of a-z 0-9 _ - . once folded to lowercase; room ids are what
+the gateway issues (digits). Whatever fails is refused with 400 before it is counted, so `Alice`
+and `alice` are one user, and `zz,victim` is no user at all (a comma never splits a single id).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["user", "room"]
+KINDS: tuple[Kind, ...] = ("user", "room")
+# Any path value quota reads but does not count (an hour, a kind) is still bounded.
+MAX_PARAM = 256
+
+
+class InvalidId(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class IdRule:
+    pattern: str
+    fold_case: bool = False
+    compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compiled", re.compile(self.pattern))
+
+
+DEFAULT_RULES: dict[Kind, IdRule] = {
+    "user": IdRule(r"[a-z0-9_.\-]{1,64}", fold_case=True),
+    "room": IdRule(r"[0-9]{1,32}"),
+}
+
+
+@dataclass(frozen=True)
+class IdPolicy:
+    rules: dict[Kind, IdRule] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def canonical(self, kind: Kind, value: str) -> str:
+        rule = self.rules[kind]
+        # Folding first: the vendor treats ALICE and alice as one id. Non-ASCII letters never fold
+        # into ASCII ones here (str.lower on ASCII only), so no Unicode trick lands on another id.
+        if rule.fold_case and value.isascii():
+            value = value.lower()
+        if not rule.compiled.fullmatch(value):
+            shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+            raise InvalidId(f"{kind} id {shown!r} is not valid: expected {rule.pattern}")
+        return value
+
+    def canonical_list(self, kind: Kind, raw: str, most: int | None) -> list[str]:
+        """A comma list of ids (batch routes only); each must pass on its own."""
+        values = raw.split(",")
+        if most is not None and len(values) > most:
+            raise InvalidId(f"{len(values)} ids in one call; at most {most}")
+        return list(dict.fromkeys(self.canonical(kind, v) for v in values))

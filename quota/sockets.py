@@ -1,0 +1,126 @@
+"""The long connection of a logged-in user, over WebSocket.
+
+Before the upstream sees the connection: the app, its allowlist and plan, the route's rates, a held
+DAU slot on a capped plan, and an online-user lease. The login is recorded only once the upstream
+accepts the connection; one it closes (or that fails) releases the slot and the lease. The lease is
+renewed while the connection lives and released when it ends: a worker killed with -9 stops
+renewing, and its leases lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING
+
+from starlette.types import Message, Receive, Scope, Send
+
+from quota.decisions import BadInput, Denial, canonical_params, denial_for, gate, lease_op, plan_request, undo_ops
+from quota.plans import AppPlan
+from quota.responses import close_websocket
+from quota.store.program import Program, ReleaseOp
+
+if TYPE_CHECKING:
+    from quota.middleware import QuotaMiddleware, Runtime
+
+
+class SocketHandler:
+    def __init__(self, middleware: QuotaMiddleware) -> None:
+        self.mw = middleware
+
+    async def __call__(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        mw = self.mw
+        match = rt.routes.match("WEBSOCKET", scope["path"])
+        today = mw.today(started)
+        app = mw.app_of(rt, match, today)
+        if app is None:
+            await mw.app(scope, receive, send)
+            return
+        if isinstance(app, Denial) or match.rule.refuse or match.rule.admin:
+            refusal = app if isinstance(app, Denial) else Denial(404, "service_resource_not_found", "no such API")
+            await _refuse(refusal, receive, send)
+            return
+        rule = match.rule
+        address = rt.clients.address(scope)
+        conn = uuid.uuid4().hex
+        ttl_ms = rt.settings.lease_ttl_s * 1000
+        now_ms = int(started * 1000)
+        denial: Denial | None = None
+        plan = None
+        added: tuple[tuple[str, ...], ...] = ()
+        if not app.allows(address):
+            denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
+        try:
+            params = canonical_params(rule, match.params, rt.ids)
+        except BadInput as exc:
+            denial = denial or Denial(400, "illegal_argument", str(exc))
+            params = match.params
+        denial = denial or gate(rule, app, params, started)
+        if denial is None:
+            try:
+                plan = plan_request(
+                    rt.routes,
+                    rule,
+                    app,
+                    params,
+                    None,
+                    rt.clients.key(address),
+                    now_ms,
+                    ids=rt.ids,
+                    lease_ttl_ms=ttl_ms,
+                    reservation_ttl_ms=rt.settings.reservation_ttl_s * 1000,
+                    conn_id=conn,
+                    today=today,
+                )
+            except BadInput as exc:
+                denial = Denial(400, "illegal_argument", str(exc))
+            else:
+                result = await mw.guard.run(rt, plan.before, now_ms, True, rule)
+                if isinstance(result, Denial):
+                    denial = result
+                elif result.refusal is not None:
+                    denial = denial_for(result.refusal, plan, app)
+                else:
+                    added = result.added
+        if denial is not None or plan is None:
+            denial = denial or Denial(400, "illegal_argument", "cannot plan this connection")
+            mw.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
+            await _refuse(denial, receive, send)
+            return
+        mw.metrics.decision(rule.name, None, app.plan.name, "allowed")
+        accepted = False
+
+        async def watch(message: Message) -> None:
+            nonlocal accepted
+            if message["type"] == "websocket.accept":
+                # The upstream took the connection: the login counted before stays counted.
+                accepted = True
+            await send(message)
+
+        renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms)) if rule.connection else None
+        try:
+            await mw.app(scope, receive, watch)
+        finally:
+            if renew is not None:
+                renew.cancel()
+            end = int(mw.clock() * 1000)
+            release = Program()
+            if not accepted:
+                release = undo_ops(plan, added)
+            if rule.connection:
+                release.ops.append(ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn))
+            await asyncio.shield(mw.guard.settle(rt, release, end))
+
+    async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int) -> None:
+        # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
+        mw = self.mw
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            now = mw.clock()
+            await mw.guard.settle(rt, Program([lease_op(app, mw.today(now), conn, ttl_ms)]), int(now * 1000))
+
+
+async def _refuse(denial: Denial, receive: Receive, send: Send) -> None:
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await close_websocket(denial, send)

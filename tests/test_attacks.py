@@ -1,0 +1,488 @@
+"""Hostile clients, as issue "Hold every limit against hostile clients" tried them: each test drives
+the attack over HTTP through the middleware (memory, a real redis-server and a real Redis Cluster,
+through the `store` fixture) and checks that the paid limit holds. Counter keys are spelled out here,
+not built with quota's key helpers, so a key-format bug common to reads and writes still shows."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from starlette.middleware.gzip import GZipMiddleware
+
+from quota.config import load_config
+from quota.gateway import create_gateway
+from tests.conftest import Clock, make_client
+from tests.helpers import create_room, gateway_state, register, room_id
+
+FREE, PRO = "demo/free", "demo/pro"
+TOKEN = "attack-admin-token-0123456789"
+
+
+def set_cap(config_dir: Path, plan: str, **caps: int) -> None:
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"][plan]["limits"].update(caps)
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+
+
+async def members(client: httpx.AsyncClient, key: str) -> set[str]:
+    store = client._transport.app.runtime.store  # type: ignore[attr-defined]
+    return set(await store.members(key))
+
+
+class TestCommas:
+    async def test_comma_in_a_single_id_is_refused(self, client: httpx.AsyncClient) -> None:
+        """Catches a path value split on commas on a non-batch route: `DELETE /users/zz,victim` freed
+        victim's friends while the gateway deleted nothing."""
+        await register(client, FREE, ["victim", "f1", "f2"])
+        for friend in ("f1", "f2"):
+            assert (await client.post(f"/{FREE}/users/victim/contacts/users/{friend}")).status_code == 200
+        r = await client.post(f"/{FREE}/users", json={"username": "zz,victim"})
+        assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
+        assert (await client.delete(f"/{FREE}/users/zz,victim")).status_code == 400
+        assert (await client.delete(f"/{FREE}/users/victim/contacts/users/x,f1")).status_code == 400
+        assert await members(client, "q:{demo#free}:s:contacts:o:victim") == {"f1", "f2"}
+
+    async def test_batch_routes_split_into_valid_ids_only(self, client: httpx.AsyncClient) -> None:
+        """Catches a batch remove that keeps counting members it removed, or accepts an invalid id in
+        its list."""
+        await register(client, PRO, ["own", "a", "b", "c"])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+        assert (await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["a", "b", "c"]})).is_success
+        assert (await client.delete(f"/{PRO}/chatgroups/{rid}/users/a,b,{{x}}")).status_code == 400
+        assert (await client.delete(f"/{PRO}/chatgroups/{rid}/users/A,b")).status_code == 200
+        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"c"}
+        assert gateway_state(client, PRO).groups[rid]["members"] == {"c"}
+
+
+class TestLogins:
+    async def test_refused_logins_use_no_dau(self, client: httpx.AsyncClient, clock: Clock) -> None:
+        """Catches logins counted before the upstream answered: 100 logins of users that do not exist
+        (404) used up the free plan's 100 DAU and locked real users out."""
+        await register(client, FREE, ["real"])
+        for i in range(100):
+            r = await client.post(f"/{FREE}/token", json={"username": f"ghost{i}"})
+            assert r.status_code == 404
+        assert (await client.post(f"/{FREE}/token", json={"username": "real"})).status_code == 200
+        day = f"{__import__('datetime').datetime.fromtimestamp(clock.now, __import__('datetime').UTC):%Y%m%d}"
+        assert await members(client, f"q:{{demo#free}}:dau:{day}") == {"real"}
+
+    async def test_free_ceiling_exact_under_concurrency(self, client: httpx.AsyncClient) -> None:
+        """Catches a DAU ceiling that concurrent logins walk past: 150 new users at once on free, 100 in."""
+        users = [f"c{i}" for i in range(150)]
+        await register(client, FREE, users)
+        answers = await asyncio.gather(*(client.post(f"/{FREE}/token", json={"username": u}) for u in users))
+        assert sorted({r.status_code for r in answers}) == [200, 403]
+        assert sum(r.status_code == 200 for r in answers) == 100
+
+    async def test_case_variants_are_one_user(self, client: httpx.AsyncClient, clock: Clock) -> None:
+        """Catches ids not folded: alice, Alice and ALICE logging in were three DAU."""
+        await register(client, FREE, ["alice"])
+        for name in ("alice", "Alice", "ALICE"):
+            assert (await client.post(f"/{FREE}/token", json={"username": name})).status_code == 200
+        day = f"{__import__('datetime').datetime.fromtimestamp(clock.now, __import__('datetime').UTC):%Y%m%d}"
+        assert await members(client, f"q:{{demo#free}}:dau:{day}") == {"alice"}
+
+
+async def test_case_variants_share_one_friend_cap(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches ids not folded: behind a gateway that folds case, Alice and ALICE each had their own
+    friend cap."""
+    set_cap(config_dir, "free", friends_per_user=2)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, FREE, ["alice", "b", "c", "d"])
+        assert (await client.post(f"/{FREE}/users/alice/contacts/users/b")).status_code == 200
+        assert (await client.post(f"/{FREE}/users/ALICE/contacts/users/c")).status_code == 200
+        r = await client.post(f"/{FREE}/users/Alice/contacts/users/d")
+        assert r.status_code == 403 and r.json()["error"] == "exceed_limit"
+        assert await members(client, "q:{demo#free}:s:contacts:o:alice") == {"b", "c"}
+
+
+class _Gate:
+    """An upstream that holds chosen requests until told, so a test can order a race exactly."""
+
+    def __init__(self, app: Any, holds: Any) -> None:
+        self.app, self.holds = app, holds
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.state = app.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.holds(scope):
+            self.entered.set()
+            await self.release.wait()
+        await self.app(scope, receive, send)
+
+
+async def test_undo_never_removes_what_another_request_relies_on(store: Any, clock: Clock) -> None:
+    """Catches an undo that removes a member a concurrent request also added: a batch join
+    [u, ghost] (refused upstream, 404) raced a single join of u (200); the batch's undo removed u and
+    the group went past its cap at the gateway."""
+    gateway = create_gateway()
+    gate = _Gate(gateway, lambda scope: scope["path"].endswith("/users") and scope["method"] == "POST")
+    async with make_client(store, clock, upstream=gate) as client:
+        gate.holds = lambda scope: False
+        await register(client, PRO, ["own", "u"])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+        gate.holds = lambda scope: scope["path"].endswith(f"/chatgroups/{rid}/users")
+        batch = asyncio.ensure_future(client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u", "ghost"]}))
+        await asyncio.wait_for(gate.entered.wait(), 10)
+        single = await client.post(f"/{PRO}/chatgroups/{rid}/users/u")
+        assert single.status_code == 200
+        gate.release.set()
+        assert (await batch).status_code == 404
+        key = f"q:{{demo#pro}}:s:group_members:o:{rid}"
+        assert await members(client, key) == {"u"} == gateway_state(client, PRO).groups[rid]["members"]
+        assert await members(client, "q:{demo#pro}:s:group_members:m:u") == {rid}
+
+
+async def test_undo_removes_a_member_nobody_else_added(store: Any, clock: Clock) -> None:
+    """Catches claims that keep a member after every claimant failed (both joins refused upstream)."""
+    gateway = create_gateway()
+    async with make_client(store, clock, upstream=gateway) as client:
+        await register(client, PRO, ["own", "u"])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+        r = await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u", "ghost"]})
+        assert r.status_code == 404
+        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == set()
+        assert await members(client, "q:{demo#pro}:s:group_members:m:u") == set()
+
+
+async def test_create_holds_its_slot_while_the_upstream_works(store: Any, config_dir: Path) -> None:
+    """Catches a reservation that expires while its request is still in flight: a create held past
+    the reservation's life let another create take the last slot, and both groups existed."""
+    set_cap(config_dir, "free", groups_per_app=1)
+    (config_dir / "quota.yaml").write_text("reservation_ttl_s: 1\n")
+    clock = Clock(tick=0.001)
+    gateway = create_gateway()
+    gate = _Gate(gateway, lambda scope: False)
+    async with make_client(store, clock, load_config(config_dir), upstream=gate) as client:
+        await register(client, FREE, ["own"])
+        gate.holds = lambda scope: scope["path"].endswith("/chatgroups")
+        first = asyncio.ensure_future(create_room(client, FREE, "chatgroups", "own"))
+        await asyncio.wait_for(gate.entered.wait(), 10)
+        clock.advance(0.5)
+        pending_key = "q:{demo#free}:s:app_groups:o:demo%23free:pending"
+        # The slot is renewed while the upstream works (every third of its life): wait until a
+        # renewal after a jump past its first deadline shows in the store.
+        mw = client._transport.app  # type: ignore[attr-defined]
+        store_ = mw.runtime.store
+        deadline = asyncio.get_running_loop().time() + 10
+        clock.advance(0.4)
+        start_ms = int(clock.now * 1000)
+        while True:
+            due = await _deadlines(store_, pending_key)
+            if due and min(due) > start_ms + 500:
+                break
+            assert asyncio.get_running_loop().time() < deadline, due
+            await asyncio.sleep(0.05)
+        clock.advance(0.9)  # past the first deadline, within the renewed one
+        gate.holds = lambda scope: False
+        second = await create_room(client, FREE, "chatgroups", "own")
+        assert second.status_code == 403 and second.json()["limit"] == "groups_per_app"
+        gate.release.set()
+        assert (await first).status_code == 200
+        assert len(gateway_state(client, FREE).groups) == 1
+        counted = await members(client, "q:{demo#free}:s:app_groups:o:demo%23free")
+        assert counted == set(gateway_state(client, FREE).groups)
+
+
+async def _deadlines(store: Any, key: str) -> list[int]:
+    if hasattr(store, "zsets"):
+        found = store.zsets.get(key)
+        return list(found.due.values()) if found else []
+    return [int(score) for _, score in await store.client.zrange(key, 0, -1, withscores=True)]
+
+
+async def test_slow_body_on_create_is_counted(store: Any, clock: Clock) -> None:
+    """Catches a create whose slot expired during a slow body: the gateway created the group and
+    quota never counted it. The body is read before anything is reserved."""
+    async with make_client(store, clock) as client:
+        await register(client, FREE, ["own"])
+        mw = client._transport.app  # type: ignore[attr-defined]
+        body = json.dumps({"owner": "own"}).encode()
+        parts = [body[:5], body[5:]]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            if parts:
+                chunk = parts.pop(0)
+                if not parts:
+                    clock.advance(120)  # the slow client: two minutes between its chunks
+                    # Meanwhile another create runs, which purges expired reservations.
+                    assert (await create_room(client, FREE, "chatgroups", "own")).status_code == 200
+                return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = _scope("POST", f"/{FREE}/chatgroups")
+        await mw(scope, receive, send)
+        assert sent[0]["status"] == 200
+        gid = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["data"]["groupid"]
+        counted = await members(client, "q:{demo#free}:s:app_groups:o:demo%23free")
+        assert gid in counted and counted == set(gateway_state(client, FREE).groups) and len(counted) == 2
+
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": ("10.1.2.3", 1234),
+        "server": ("gateway", 80),
+        "headers": headers or [],
+    }
+
+
+async def _everything_ok(scope: Any, receive: Any, send: Any) -> None:
+    """An upstream that answers 200 to every path: serves `/x/` like `/x`, HEAD like GET."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+class TestUnnamedPaths:
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/moderation/audio",
+            "/moderation/video",
+            "/moderation/labels",
+            "/moderation/anything/deeper",
+            "/callbacks/whatever",
+            "/callbacks/",
+        ],
+    )
+    async def test_every_kind_is_gated(self, store: Any, clock: Clock, path: str) -> None:
+        """Catches moderation and callback kinds the route map did not list passing on free."""
+        async with make_client(store, clock, upstream=_everything_ok) as client:
+            r = await client.put(f"/{FREE}{path}", json={})
+            assert r.status_code == 403 and r.json()["error"] == "forbidden_op", r.text
+
+    async def test_trailing_slash_does_not_skip_the_gate(self, store: Any, clock: Clock) -> None:
+        """Catches `POST /messages/translate/` passing the feature gate on an upstream that serves it."""
+        async with make_client(store, clock, upstream=_everything_ok) as client:
+            r = await client.post(f"/{FREE}/messages/translate/", json={})
+            assert r.status_code == 403 and r.json()["limit"] == "translation"
+
+    async def test_head_is_held_like_get(self, store: Any, clock: Clock) -> None:
+        """Catches HEAD skipping retention and the history export's once-a-minute rate."""
+        from datetime import UTC, datetime, timedelta
+
+        async with make_client(store, clock, upstream=_everything_ok) as client:
+            old = (datetime.fromtimestamp(clock.now, UTC) - timedelta(days=30)).strftime("%Y%m%d%H")
+            assert (await client.head(f"/{FREE}/chatmessages/{old}")).status_code == 403
+            fresh = datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d%H")
+            assert (await client.head(f"/{PRO}/chatmessages/{fresh}")).status_code == 200
+            assert (await client.head(f"/{PRO}/chatmessages/{fresh}")).status_code == 429
+
+    async def test_unnamed_path_under_an_app_is_refused(self, store: Any, clock: Clock) -> None:
+        """Catches paths the route map does not name getting only the general rate."""
+        async with make_client(store, clock, upstream=_everything_ok) as client:
+            r = await client.get(f"/{PRO}/anything/at/all")
+            assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
+            assert (await client.get("/nobody/none/anything")).status_code == 404
+            assert (await client.get("/nobody/none")).status_code == 404
+
+    async def test_rate_only_policy(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches `unmatched: rate-only` being ignored (configurable default deny)."""
+        routes = config_dir / "routes.yaml"
+        routes.write_text(routes.read_text().replace("unmatched: refuse", "unmatched: rate-only"))
+        async with make_client(store, clock, load_config(config_dir), upstream=_everything_ok) as client:
+            assert (await client.get(f"/{PRO}/anything")).status_code == 200
+
+    async def test_state_dump_is_for_operators(self, store: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Catches `GET /{org}/{app}/_state` showing any app's whole user graph to anyone."""
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+        async with make_client(store, clock) as client:
+            await register(client, PRO, ["secret"])
+            r = await client.get(f"/{PRO}/_state")
+            assert r.status_code == 404 and "secret" not in r.text
+            r = await client.get(f"/{PRO}/_state", headers={"authorization": "Bearer wrong-token-0123456789"})
+            assert r.status_code == 404
+            r = await client.get(f"/{PRO}/_state", headers={"authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200 and "secret" in r.text
+
+
+class TestForwardedFor:
+    async def _budget(self, client: httpx.AsyncClient, headers: list[dict[str, str]]) -> list[int]:
+        return [(await client.get(f"/{PRO}/users", headers=h)).status_code for h in headers]
+
+    async def test_every_line_is_read(self, store: Any, clock: Clock) -> None:
+        """Catches reading only the first X-Forwarded-For line: a client sent its own line before the
+        proxy's and got a fresh budget per request."""
+        clock.tick = 0
+        async with make_client(store, clock, client_ip="127.0.0.1") as proxy:
+            transport = proxy._transport  # type: ignore[attr-defined]
+            codes = []
+            for i in range(101):
+                request = proxy.build_request("GET", f"/{PRO}/users")
+                request.headers.update({"x-forwarded-for": f"7.7.{i // 250}.{i % 250}"})
+                raw = [(k, v) for k, v in request.headers.raw if k.lower() != b"x-forwarded-for"]
+                raw += [(b"x-forwarded-for", f"7.7.{i // 250}.{i % 250}".encode()), (b"x-forwarded-for", b"9.9.9.9")]
+                request = httpx.Request("GET", request.url, headers=raw)
+                codes.append((await transport.handle_async_request(request)).status_code)
+            assert codes[:100] == [200] * 100 and codes[100] == 429
+
+    async def test_ports_and_ipv6_networks(self, store: Any, clock: Clock) -> None:
+        """Catches an `ip:port` hop falling back to the proxy's address (every client in one bucket),
+        and IPv6 clients taking a fresh budget per address of their /64."""
+        clock.tick = 0
+        async with make_client(store, clock, client_ip="127.0.0.1") as proxy:
+            hops = [{"x-forwarded-for": "9.9.9.9:5555"}] * 50 + [{"x-forwarded-for": "9.9.9.9"}] * 50
+            assert set(await self._budget(proxy, hops)) == {200}
+            assert await self._budget(proxy, [{"x-forwarded-for": "9.9.9.9:1"}]) == [429]
+            assert await self._budget(proxy, [{"x-forwarded-for": "8.8.8.8:1"}]) == [200]
+            v6 = [{"x-forwarded-for": f"[2001:db8::{i:x}]:443"} for i in range(1, 101)]
+            assert set(await self._budget(proxy, v6)) == {200}
+            assert await self._budget(proxy, [{"x-forwarded-for": "2001:db8::ffff"}]) == [429]
+            assert await self._budget(proxy, [{"x-forwarded-for": "2001:db8:0:1::1"}]) == [200]
+
+    async def test_untrusted_peer_cannot_forward(self, store: Any, clock: Clock) -> None:
+        """Catches X-Forwarded-For honoured from a peer that is not a trusted proxy."""
+        clock.tick = 0
+        async with make_client(store, clock, client_ip="10.9.9.9") as direct:
+            spoofed = [{"x-forwarded-for": f"1.2.3.{i}"} for i in range(101)]
+            assert (await self._budget(direct, spoofed))[-1] == 429
+
+
+class TestBodies:
+    async def test_body_bound_on_a_route_quota_does_not_read(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches max_body_bytes applying only where quota reads the body: a big chunked upload to
+        POST /messages/users reached the upstream whole."""
+        (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
+        seen = {"bytes": 0}
+
+        async def counting(scope: Any, receive: Any, send: Any) -> None:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen["bytes"] += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            await _everything_ok(scope, receive, send)
+
+        async with make_client(store, clock, load_config(config_dir), upstream=counting) as client:
+
+            async def chunks() -> Any:
+                for _ in range(1000):
+                    yield b"x" * 1000
+
+            r = await client.post(f"/{PRO}/messages/users", content=chunks())
+            assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+            assert seen["bytes"] <= 2048
+            r = await client.post(f"/{PRO}/messages/users", content=b"y" * 5000)
+            assert r.status_code == 413
+
+    async def test_create_with_big_body_counts_nothing(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches creates with unbounded bodies (and a slot taken by a refused one)."""
+        (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            r = await client.post(f"/{PRO}/chatgroups", content=b'{"owner": "' + b"a" * 5000 + b'"}')
+            assert r.status_code == 413
+            assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()
+
+    async def test_long_ids_never_reach_the_store(self, client: httpx.AsyncClient) -> None:
+        """Catches 64 KB ids in a path going to the store (Redis busy escaping them in Lua)."""
+        mw = client._transport.app  # type: ignore[attr-defined]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await mw(_scope("POST", f"/{PRO}/users/{'a' * 65536}/contacts/users/b"), receive, send)
+        assert sent[0]["status"] == 414
+        r = await client.post(f"/{PRO}/users/{'a' * 300}/contacts/users/b")
+        assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
+
+
+class TestCompressedAnswers:
+    async def test_gzip_upstream_create_is_counted(self, store: Any, clock: Clock) -> None:
+        """Catches a create whose gzipped answer could not be read: the slot was freed, the group
+        uncounted."""
+        upstream = GZipMiddleware(create_gateway(), minimum_size=0)
+        upstream.state = upstream.app.state  # type: ignore[attr-defined]
+        async with make_client(store, clock, upstream=upstream) as client:
+            await register(client, PRO, ["own"])
+            r = await client.post(f"/{PRO}/chatgroups", json={"owner": "own"}, headers={"accept-encoding": "gzip"})
+            assert r.status_code == 200
+            gid = r.json()["data"]["groupid"]
+            assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == {gid}
+
+    async def test_upstream_that_always_compresses(self, store: Any, clock: Clock) -> None:
+        """Catches quota trusting the upstream to honour a dropped Accept-Encoding: the answer is
+        decoded before its id is read."""
+        gateway = create_gateway()
+
+        async def always_gzip(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or not scope["path"].endswith("/chatgroups"):
+                await gateway(scope, receive, send)
+                return
+            captured: list[Any] = []
+
+            async def keep(message: Any) -> None:
+                captured.append(message)
+
+            await gateway(scope, receive, keep)
+            body = gzip.compress(b"".join(m.get("body", b"") for m in captured[1:]))
+            headers = [(k, v) for k, v in captured[0]["headers"] if k != b"content-length"]
+            headers += [(b"content-encoding", b"gzip"), (b"content-length", str(len(body)).encode())]
+            await send({**captured[0], "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        always_gzip.state = gateway.state  # type: ignore[attr-defined]
+        async with make_client(store, clock, upstream=always_gzip) as client:
+            await register(client, PRO, ["own"])
+            r = await client.post(f"/{PRO}/chatgroups", json={"owner": "own"})
+            gid = r.json()["data"]["groupid"]
+            assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == {gid}
+
+
+async def test_invalid_unicode_is_a_400(client: httpx.AsyncClient) -> None:
+    """Catches a lone surrogate in a username giving a 500 (Redis's packer) or poisoning the
+    gateway's user list (memory)."""
+    r = await client.post(f"/{PRO}/users", content=b'{"username": "\\ud800"}')
+    assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
+    r = await client.post(f"/{PRO}/users", content=b'[{"username": "ok"}, {"username": "\\udfff"}]')
+    assert r.status_code == 400
+    assert (await client.get(f"/{PRO}/users")).status_code == 200
+
+
+async def test_exact_rate_from_routes_yaml(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches `algorithm: exact` being ignored: across a window edge the sliding window admits up
+    to about twice the rate; the exact log never more than the rate in any second."""
+    routes = config_dir / "routes.yaml"
+    doc = yaml.safe_load(routes.read_text())
+    doc["default_rates"] = [{"rate": "rest_per_ip", "by": "ip", "algorithm": "exact"}]
+    routes.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    clock.tick = 0
+    clock.now = float(int(clock.now)) + 0.9  # 0.9 s into a second: the worst place for a window edge
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        passed = 0
+        for _ in range(100):
+            passed += (await client.get(f"/{PRO}/users")).status_code == 200
+        clock.advance(0.2)  # a new clock-aligned second, 0.2 s after the 100 hits
+        for _ in range(100):
+            passed += (await client.get(f"/{PRO}/users")).status_code == 200
+        assert passed == 100
+        clock.advance(0.801)  # 1.001 s after the first hits: all of them have left the window
+        assert (await client.get(f"/{PRO}/users")).status_code == 200

@@ -34,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROXY_SCENARIOS = ("read", "write", "flood")
 PROXY_BEGIN, PROXY_END = "<!-- proxy: begin -->", "<!-- proxy: end -->"
 FAILURES: list[str] = []
+LOAD_AT_START = [0.0]
 HARNESS_COMMANDS = ("info", "config|resetstat", "flushall", "ping", "client|setinfo", "hello", "config|get")
 
 
@@ -263,7 +264,9 @@ def proxy_section(rows: list[dict[str, Any]], args: argparse.Namespace, command:
             PROXY_BEGIN,
             "## Proxy",
             "",
-            f"Run {when} on {os.cpu_count()} cores, command: `{command}`.",
+            f"Run {when} on {os.cpu_count()} cores, command: `{command}`. Load average (1 min) at the start "
+            f"{LOAD_AT_START[0]:.2f}, at the end {os.getloadavg()[0]:.2f}: the cores are shared, and above 2 "
+            "other processes take turns with the variants (two-process variants then get a larger share).",
             "",
             f"Versions: {versions()}.",
             "",
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             print(f"benchmarks: {tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 2
+    LOAD_AT_START[0] = os.getloadavg()[0]
     variants, scenarios = args.variants.split(","), args.scenarios.split(",")
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     redis = OwnRedis()

@@ -162,22 +162,22 @@ class _Connection(asyncio.Protocol):
 class Response:
     """One upstream response: status and raw headers at once, the body as it arrives."""
 
-    def __init__(self, pool: Pool, conn: _Connection, status: int, reusable: bool) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, status: int, *, head: bool) -> None:
         self.status = status
         self.headers = conn.headers
         self._pool = pool
         self._conn = conn
-        self._reusable = reusable
+        self._head = head
 
     async def body(self) -> AsyncIterator[bytes]:
-        if not self._reusable:
+        if self._head:
             return
         async for chunk in self._conn.body(self._pool.read_timeout):
             yield chunk
 
     def release(self) -> None:
         conn = self._conn
-        keep = self._reusable and conn.complete and conn.alive and conn.keep_alive
+        keep = not self._head and conn.complete and conn.alive and conn.keep_alive
         self._pool.put_back(conn, keep)
 
 
@@ -196,7 +196,8 @@ class Pool:
         read_timeout: float = 30.0,
     ) -> None:
         self.host, self.port = host, port
-        self.authority = host if port == (443 if tls else 80) else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host
+        self.authority = name if port == (443 if tls else 80) else f"{name}:{port}"
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
@@ -298,7 +299,7 @@ class Pool:
                 raise
             # HEAD answers carry no body whatever their Content-Length says: the parser would wait
             # for one, so such a connection is not reused.
-            return Response(self, conn, status, reusable=method != "HEAD")
+            return Response(self, conn, status, head=method == "HEAD")
         raise AssertionError("unreachable")
 
 

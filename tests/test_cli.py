@@ -73,3 +73,5 @@ def test_version_and_bad_upstream() -> None:
     assert out.returncode == 0 and out.stdout.startswith("quota 0.")
     out = run_cli("proxy", "--upstream", "gateway:8080")
     assert out.returncode != 0 and "http(s)://host[:port][/prefix]" in out.stderr
+    out = run_cli("proxy", "--upstream", "http://gateway:8080", "--read-timeout", "0")
+    assert out.returncode != 0 and "--read-timeout must be above 0" in out.stderr

@@ -17,7 +17,6 @@ from quota.proxy.headers import Headers, Networks, client_response_headers, upst
 from quota.proxy.pool import Pool
 
 log = logging.getLogger("quota.proxy")
-CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,11 @@ class Upstream:
             raise ValueError(expected)
         if parsed.query or parsed.fragment:
             raise ValueError(f"--upstream takes no query or fragment, found {self.url!r}")
+        for name in ("connect_timeout", "read_timeout", "connections"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be above 0, found {getattr(self, name)}")
+        if self.keepalive < 0:
+            raise ValueError(f"--keepalive must be 0 or more, found {self.keepalive}")
         tls = parsed.scheme == "https"
         object.__setattr__(self, "host", parsed.hostname)
         object.__setattr__(self, "port", port or (443 if tls else 80))

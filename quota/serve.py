@@ -79,6 +79,9 @@ def build_served(options: Options, metrics_dir: Path | None = None) -> tuple[ASG
         if not options.checks:
             return _aborting(proxy), None
     middleware = build_app(cfg, redis_url=options.redis_url, upstream=proxy)
+    if proxy is not None:
+        # Forwarding headers trust whom the checks trust, after a reload too.
+        proxy.trusted = lambda: middleware.runtime.config.settings.trusted_proxies
     attach(middleware, ServedMetrics(outage=lambda: outage_policy(middleware.runtime.config), shared_dir=metrics_dir))
     app: ASGIApp = Probes(middleware, middleware)
     return (_aborting(app) if proxy is not None else app), middleware

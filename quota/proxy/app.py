@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -70,8 +70,9 @@ class _ClientGone(Exception):
 class ProxyApp:
     """Forwards every request to `upstream.url` + the request's path and query, as they came."""
 
-    def __init__(self, upstream: Upstream, *, trusted: Networks = ()) -> None:
+    def __init__(self, upstream: Upstream, *, trusted: Networks | Callable[[], Networks] = ()) -> None:
         self.upstream = upstream
+        # A callable follows the middleware's config through reloads (serve.build_served passes one).
         self.trusted = trusted
         self.prefix = upstream.prefix.encode()
         host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
@@ -121,7 +122,7 @@ class ProxyApp:
             peer=client[0] if client else "",
             # A WebSocket's scope says ws/wss; X-Forwarded-Proto names the HTTP scheme it came over.
             scheme={"ws": "http", "wss": "https"}.get(scheme, scheme),
-            trusted=self.trusted,
+            trusted=self.trusted() if callable(self.trusted) else self.trusted,
             websocket=websocket,
         )
 

@@ -61,7 +61,8 @@ def test_targets_are_checked_against_the_run() -> None:
 
 def test_proxy_variants_run() -> None:
     """`--only proxy` serves the gateway in its own process behind quota proxy: with checks on, a
-    write costs one Redis call; with them off, none (the harness measures what it says it does)."""
+    write costs one Redis call; with them off, none (the harness measures what it says it does).
+    Catches: proxy variants that do not start, or measure a proxy without quota's checks."""
     out = subprocess.run(
         [
             sys.executable,

@@ -26,7 +26,8 @@ def test_stateful_commands_need_a_store(
     argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without --redis or QUOTA_REDIS_URL, a command on stored state exits 2 and says why, instead of
-    answering from (or saving into) an empty in-memory store."""
+    answering from (or saving into) an empty in-memory store.
+    Catches: success printed for work saved into a throwaway in-memory store."""
     monkeypatch.delenv("QUOTA_REDIS_URL", raising=False)
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -37,7 +38,8 @@ def test_stateful_commands_need_a_store(
 def test_redis_url_from_the_environment(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """QUOTA_REDIS_URL is the store when --redis is not given: a freeze is saved there."""
+    """QUOTA_REDIS_URL is the store when --redis is not given: a freeze is saved there.
+    Catches: QUOTA_REDIS_URL ignored."""
     redis_server.flush()
     monkeypatch.setenv("QUOTA_REDIS_URL", redis_server.url)
     assert main(["freeze", "demo-basic", "--date", "2026-11-02", "--json"]) == 0
@@ -51,7 +53,8 @@ def test_redis_url_from_the_environment(
 def test_config_from_the_environment_and_init(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`quota init DIR` writes an editable copy that validates; QUOTA_CONFIG makes quota read it."""
+    """`quota init DIR` writes an editable copy that validates; QUOTA_CONFIG makes quota read it.
+    Catches: QUOTA_CONFIG ignored, an init copy that does not validate, an init that overwrites."""
     target = tmp_path / "mine"
     assert main(["init", str(target)]) == 0
     assert sorted(p.name for p in target.iterdir()) == ["accounts.yaml", "plans.yaml", "quota.yaml", "routes.yaml"]
@@ -68,7 +71,8 @@ def test_config_from_the_environment_and_init(
 
 
 def test_version_and_bad_upstream() -> None:
-    """`quota --version` names the version; `quota proxy` with a malformed --upstream says what it expects."""
+    """`quota --version` names the version; `quota proxy` with a malformed --upstream says what it expects.
+    Catches: a missing --version, a malformed upstream failing late or vaguely."""
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.startswith("quota 0.")
     out = run_cli("proxy", "--upstream", "gateway:8080")

@@ -38,7 +38,8 @@ def example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleT
 
 def test_fastapi_example_enforces_and_serves_admin(example: ModuleType) -> None:
     """The FastAPI example refuses the 3rd friend (exceed_limit), and its admin API, metrics and
-    probes answer: the 404s that `add_middleware(QuotaMiddleware)` alone leaves are gone."""
+    probes answer: the 404s that `add_middleware(QuotaMiddleware)` alone leaves are gone.
+    Catches: install() leaving the admin API out of reach (404), or the example rotting."""
     with TestClient(example.app, client=("10.3.0.1", 5000)) as client:
         assert client.post("/demo/free/users", json=[{"username": u} for u in "abcd"]).status_code == 200
         codes = [client.post(f"/demo/free/users/a/contacts/users/{f}").status_code for f in "bcd"]

@@ -102,7 +102,8 @@ def unique(prefix: str) -> str:
 
 class TestEnforcement:
     def test_friend_cap(self, client: Client) -> None:
-        """free's friends_per_user (3 here) holds: the 4th and 5th adds are refused with exceed_limit."""
+        """free's friends_per_user (3 here) holds: the 4th and 5th adds are refused with exceed_limit.
+        Catches: a proxy that loses the middleware's refusal, or counts twice."""
         owner = unique("o")
         friends = [f"{owner}f{i}" for i in range(5)]
         client.register(FREE, owner, *friends)
@@ -113,7 +114,8 @@ class TestEnforcement:
         assert client.used(FREE, "friends_per_user", user=owner) == 3
 
     def test_rate(self, client: Client) -> None:
-        """The history export is once a minute per app: the second is 429 reach_limit with Retry-After."""
+        """The history export is once a minute per app: the second is 429 reach_limit with Retry-After.
+        Catches: rate windows not applied (or applied per connection) behind the proxy."""
         hour = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
         assert client.http.get(f"/{FREE}/chatmessages/{hour}").status_code == 200
         r = client.http.get(f"/{FREE}/chatmessages/{hour}")
@@ -121,7 +123,8 @@ class TestEnforcement:
         assert int(r.headers["retry-after"]) > 1 and r.headers["ratelimit-remaining"] == "0"
 
     def test_failed_upstream_is_undone(self, client: Client) -> None:
-        """A friend add the gateway refuses (404: no such user) leaves the counter as it was."""
+        """A friend add the gateway refuses (404: no such user) leaves the counter as it was.
+        Catches: an upstream error status that does not reach the middleware's undo."""
         owner = unique("u")
         client.register(FREE, owner)
         r = client.http.post(f"/{FREE}/users/{owner}/contacts/users/{owner}ghost")
@@ -129,7 +132,8 @@ class TestEnforcement:
         assert client.used(FREE, "friends_per_user", user=owner) == 0
 
     def test_create_binds_the_new_id(self, client: Client) -> None:
-        """Groups per app (2 here): two creates bind the gateway's ids, the third is refused, a delete frees one."""
+        """Groups per app (2 here): two creates bind the gateway's ids, the third is refused, a delete frees one.
+        Catches: a response body the middleware cannot read through the proxy (no bind, no free on delete)."""
         owner = unique("g")
         client.register(FREE, owner)
         ids = []
@@ -144,7 +148,8 @@ class TestEnforcement:
         assert client.http.post(f"/{FREE}/chatgroups", json={"owner": owner, "groupname": "g"}).status_code == 200
 
     def test_websocket_leases(self, client: Client) -> None:
-        """online_users (2 here): two connections echo, a third is refused, closing one lets another in."""
+        """online_users (2 here): two connections echo, a third is refused, closing one lets another in.
+        Catches: a relay that accepts before the upstream does, or never releases the lease."""
         names = [unique(f"w{i}") for i in range(3)]
         client.register(FREE, *names)
         url = f"{client.ws_base}/{FREE}/users/{{}}/connection"
@@ -195,7 +200,8 @@ def odd_proxy(odd_upstream: Running, redis_server: RedisServer, small_config: Pa
 class TestUpstreamFailures:
     def test_dies_mid_response(self, odd_proxy: Running, redis_server: RedisServer) -> None:
         """An upstream that drops the connection mid-body: the client's connection is dropped too (no
-        complete-looking response), the friend counter is undone, no traceback, and the proxy serves on."""
+        complete-looking response), the friend counter is undone, no traceback, and the proxy serves on.
+        Catches: a truncated body passed off as complete, a kept counter, a stack trace, a dead proxy."""
         redis_server.flush()
         with httpx.Client(base_url=odd_proxy.base, timeout=10) as c:
             with pytest.raises(httpx.RemoteProtocolError):
@@ -212,14 +218,16 @@ class TestUpstreamFailures:
         assert "Traceback" not in odd_proxy.log()
 
     def test_timeout_is_504(self, odd_proxy: Running) -> None:
-        """An upstream silent past --read-timeout: 504 gateway_timeout, an IM-shaped body."""
+        """An upstream silent past --read-timeout: 504 gateway_timeout, an IM-shaped body.
+        Catches: a hung upstream holding the client forever, or a bare 500."""
         r = httpx.get(odd_proxy.base + "/slow", timeout=10)
         assert r.status_code == 504
         assert r.json()["error"] == "gateway_timeout" and set(r.json()) >= {"exception", "timestamp", "duration"}
 
     def test_upstream_closes_idle_connections(self, small_config: Path) -> None:
         """An upstream that drops idle connections sooner than the pool keeps them (1 s against 60 s):
-        the next requests still get through, on fresh connections."""
+        the next requests still get through, on fresh connections.
+        Catches: a pool that hands out connections the upstream already closed (502s)."""
         upstream = Running(
             [
                 sys.executable,
@@ -249,7 +257,8 @@ class TestUpstreamFailures:
             upstream.stop()
 
     def test_unreachable_is_502(self, small_config: Path) -> None:
-        """Nothing listening upstream: 502 bad_gateway with an IM-shaped body and no traceback."""
+        """Nothing listening upstream: 502 bad_gateway with an IM-shaped body and no traceback.
+        Catches: a connection error surfacing as a 500 with a traceback."""
         from tests.conftest import free_port
 
         argv = quota("proxy", "--upstream", f"http://127.0.0.1:{free_port()}", "--config", str(small_config))
@@ -265,7 +274,8 @@ class TestUpstreamFailures:
 class TestPassThrough:
     def test_headers(self, odd_proxy: Running) -> None:
         """Hop-by-hop headers stop at the proxy both ways (RFC 9110 §7.6.1); X-Forwarded-* are set;
-        the path and query arrive byte for byte."""
+        the path and query arrive byte for byte.
+        Catches: hop-by-hop fields leaking, a lost client address, a re-encoded path or query."""
         r = httpx.get(
             odd_proxy.base + "/echo?a=1&b=%2F",
             headers={"connection": "x-secret", "x-secret": "1", "te": "trailers", "x-forwarded-for": "203.0.113.9"},
@@ -281,20 +291,23 @@ class TestPassThrough:
         assert "x-hop" not in r.headers and r.headers["x-kept"] == "1"
 
     def test_head(self, odd_proxy: Running) -> None:
-        """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after."""
+        """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after.
+        Catches: a pool waiting for the body a HEAD answer never has."""
         for _ in range(2):
             r = httpx.head(odd_proxy.base + "/echo", timeout=3)
             assert r.status_code == 200 and int(r.headers["content-length"]) > 0 and r.content == b""
 
     def test_keep_alive_pool(self, odd_proxy: Running) -> None:
         """Sequential requests reuse one upstream connection (the pool keeps it alive), even when
-        each comes from a new client connection."""
+        each comes from a new client connection.
+        Catches: a new upstream connection per request (keep-alive lost)."""
         ports = {httpx.get(odd_proxy.base + "/echo").json()["peer_port"] for _ in range(5)}
         assert len(ports) == 1
 
     def test_streams_both_ways(self, odd_proxy: Running) -> None:
         """A response's first chunk reaches the client before the upstream wrote its last; a 600 kB
-        chunked upload arrives whole; one past max_body_bytes is refused 413."""
+        chunked upload arrives whole; one past max_body_bytes is refused 413.
+        Catches: buffering whole responses, a corrupted or unbounded upload."""
         with httpx.stream("GET", odd_proxy.base + "/stream", timeout=10) as r:
             started = time.monotonic()
             first = next(r.iter_raw())
@@ -315,7 +328,8 @@ class TestPassThrough:
 
     def test_websocket_relay(self, odd_proxy: Running) -> None:
         """Text and binary frames cross, the subprotocol is the upstream's choice, the upstream's
-        close code reaches the client, and an upstream refusal refuses the client's handshake."""
+        close code reaches the client, and an upstream refusal refuses the client's handshake.
+        Catches: frames, subprotocol or close codes lost across the relay."""
         ws_base = odd_proxy.base.replace("http://", "ws://")
         with connect(ws_base + "/ws-echo", subprotocols=["im.v1"]) as ws:  # type: ignore[list-item]
             assert ws.subprotocol == "im.v1"
@@ -333,7 +347,8 @@ class TestPassThrough:
 
 class TestHeaderRules:
     def test_forged_forwarding_from_an_untrusted_peer_is_replaced(self) -> None:
-        """A client that is not a trusted proxy cannot choose the address or scheme the gateway sees."""
+        """A client that is not a trusted proxy cannot choose the address or scheme the gateway sees.
+        Catches: a client choosing the address the gateway sees."""
         raw: list[tuple[bytes, bytes]] = [
             (b"host", b"im.example"),
             (b"x-forwarded-for", b"1.2.3.4"),
@@ -351,6 +366,7 @@ class TestHeaderRules:
         }
 
     def test_response_hop_by_hop(self) -> None:
-        """Transfer-Encoding and fields named by Connection are dropped from responses; others kept."""
+        """Transfer-Encoding and fields named by Connection are dropped from responses; others kept.
+        Catches: connection-level fields of the upstream hop reaching the client."""
         raw = [(b"Transfer-Encoding", b"chunked"), (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"ETag", b"x")]
         assert client_response_headers(raw) == [(b"etag", b"x")]

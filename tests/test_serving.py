@@ -19,7 +19,8 @@ TOKEN = "serving-test-admin-token-0123456789"
 
 def test_start_against_unreachable_redis(config_dir: Path) -> None:
     """With Redis down: one line saying what runs, a warning naming the outage policy now in force,
-    /health 200 and /ready 503 without a token, and storage failures logged once, not per request."""
+    /health 200 and /ready 503 without a token, and storage failures logged once, not per request.
+    Catches: a silent start against a dead store, unprobed readiness, a log line per failed request."""
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proc = Running(
         quota("serve", "--config", str(config_dir), "--redis", dead, "--port", "{port}"), ready="/_quota/health"
@@ -46,7 +47,8 @@ def test_start_against_unreachable_redis(config_dir: Path) -> None:
 
 
 def test_require_store_refuses_to_start(config_dir: Path) -> None:
-    """--require-store: an unreachable store stops the start, exit 4, saying why."""
+    """--require-store: an unreachable store stops the start, exit 4, saying why.
+    Catches: a server that starts anyway when told to require its store."""
     dead = f"redis://127.0.0.1:{free_port()}/0"
     out = run_cli("serve", "--config", str(config_dir), "--redis", dead, "--require-store", "--port", str(free_port()))
     assert out.returncode == 4 and "unreachable at start" in out.stderr and "not starting" in out.stderr
@@ -54,7 +56,8 @@ def test_require_store_refuses_to_start(config_dir: Path) -> None:
 
 @pytest.mark.redis
 def test_two_workers_metrics_add_up(config_dir: Path, redis_server: RedisServer) -> None:
-    """Under --workers 2 every scrape counts the decisions of both workers, whichever one answers."""
+    """Under --workers 2 every scrape counts the decisions of both workers, whichever one answers.
+    Catches: a scrape that sees only the worker that answered it."""
     redis_server.flush()
     argv = quota(
         "serve", "--config", str(config_dir), "--redis", redis_server.url, "--workers", "2", "--port", "{port}"

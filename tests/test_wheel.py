@@ -16,7 +16,8 @@ from tests.conftest import ROOT, free_port
 
 def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     """The wheel holds the default config and the Lua program; installed elsewhere, `quota plans`,
-    `quota check-config` and `quota serve` work from a directory with no config/ in sight."""
+    `quota check-config` and `quota serve` work from a directory with no config/ in sight.
+    Catches: config/ or the Lua program missing from the wheel, commands that need the checkout."""
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],

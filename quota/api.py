@@ -252,11 +252,13 @@ class Quota:
             limits=limits,
         )
 
-    async def entitlements(self, appkey: str, entities: dict[str, str] | None = None) -> dict[str, Any]:
-        """The JSON the admin API and `quota entitlements` show."""
+    async def entitlements(
+        self, appkey: str, entities: dict[str, str] | None = None, *, usage: bool = True
+    ) -> dict[str, Any]:
+        """The JSON the admin API and `quota entitlements` show (`usage=False`: the plan only)."""
         rt = self.runtime
         canonical = {k: self._entity(k, v) for k, v in (entities or {}).items()}
-        return await entitlements(rt.directory, rt.store, appkey, self._today(), entities=canonical)
+        return await entitlements(rt.directory, rt.store, appkey, self._today(), usage=usage, entities=canonical)
 
     async def explain(
         self, method: str, path: str, *, body: bytes | str | None = None, ip: str = "203.0.113.1"

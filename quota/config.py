@@ -28,7 +28,9 @@ from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matri
 from quota.routes import Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.tokens import MIN_LENGTH
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
+# quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
+# the files it points to into the package, so an installed quota finds its default config there.
+DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")

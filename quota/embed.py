@@ -44,8 +44,10 @@ def install(
     metrics_dir: str | Path | None = None,
 ) -> QuotaMiddleware:
     """Add QuotaMiddleware (outermost of the app's own middleware) with its admin API under
-    `admin_prefix`, /health and /ready probes, and storage failures logged. Returns the middleware,
-    for reload() and its metrics. The store: `store`, else `redis_url`, else memory (one process).
+    `admin_prefix`, /health and /ready probes, and storage failures logged; set `app.state.quota`
+    (a quota.Quota on the live config) and the handler that renders quota.dependencies' refusals.
+    Returns the middleware, for reload() and its metrics. The store: `store`, else `redis_url`,
+    else memory (one process).
 
     Under `uvicorn app --workers N`, give every worker the same empty `metrics_dir` (or set
     QUOTA_METRICS_DIR) so that each scrape adds up all workers' counters (quota/served_metrics.py)."""
@@ -64,6 +66,12 @@ def install(
         return probes
 
     app.add_middleware(factory)
+    # For route-level checks (quota.dependencies): the live API, and refusals shaped as the middleware's.
+    from quota.api import Quota
+    from quota.dependencies import QuotaRefusal, refusal_handler
+
+    app.state.quota = Quota.of(middleware)
+    app.add_exception_handler(QuotaRefusal, refusal_handler)
     return middleware
 
 

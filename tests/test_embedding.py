@@ -58,3 +58,22 @@ def test_fastapi_example_enforces_and_serves_admin(example: ModuleType) -> None:
             ws.send_text("hi")
             assert ws.receive_text() == "hi"
     assert example.middleware.metrics.decisions
+
+
+def test_fastapi_example_uses_the_api_and_dependencies(example: ModuleType) -> None:
+    """The example's own routes ask quota.Quota and refuse through quota.dependencies. Catches:
+    install() not wiring app.state.quota or the refusal handler, a dependency letting a plan without
+    translation through, or within_limit not refusing a user at the cap."""
+    with TestClient(example.app, client=("10.3.0.2", 5000)) as client:
+        assert client.post("/demo/free/users", json=[{"username": u} for u in "abc"]).status_code == 200
+        assert client.post("/demo/free/users/a/contacts/users/b").status_code == 200
+        r = client.get("/limits", params={"app": "demo#free", "user": "A"})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"friends": {"used": 1, "limit": 2, "remaining": 1}, "plan": "free", "translation": False}
+        assert client.post("/demo/free/users/a/contacts/users/c").status_code == 200
+        r = client.get("/limits", params={"app": "demo#free", "user": "a"})
+        assert r.status_code == 403 and r.json()["error"] == "exceed_limit" and r.json()["limit"] == "friends_per_user"
+        r = client.post("/translate", params={"app": "demo#free", "text": "hi"})
+        assert r.status_code == 403 and r.json()["exception"] == "QuotaForbiddenOpException"
+        assert client.post("/translate", params={"app": "demo#pro", "text": "hi"}).json()["translated"] == "ih"
+        assert client.post("/translate", params={"app": "nobody#none", "text": "x"}).status_code == 404

@@ -719,8 +719,9 @@ class _Settings(_Checker):
                 self.fail(f"{key}.pattern", "a regular expression", pattern)
                 continue
             # Ids end up in storage keys and in Lua: a policy must bound their length and exclude ','.
-            if compiled.fullmatch("a" * 257) or compiled.fullmatch("a,b"):
-                self.fail(f"{key}.pattern", "a pattern that bounds length (<= 256) and excludes ','", pattern)
+            if any(compiled.fullmatch(bad) for bad in ("a" * 257, "a,b", ".", "..", "a/b")):
+                expected = "a pattern that bounds length (<= 256) and excludes ',', '/', '.' and '..'"
+                self.fail(f"{key}.pattern", expected, pattern)
                 continue
             fold = self.boolean(spec.get("fold_case", False), f"{key}.fold_case")
             rules[kind] = IdRule(str(pattern), bool(fold))  # type: ignore[index]

@@ -184,6 +184,10 @@ class QuotaMiddleware:
                 Denial(414, "illegal_argument", f"URL over {settings.max_url_bytes} bytes"), send, started
             )
             return
+        if _odd_path(scope):
+            odd = Denial(400, "illegal_argument", "dot segments and encoded slashes are not allowed in a path")
+            await send_denial(odd, send, started)
+            return
         declared = _content_length(scope)
         if declared is not None and declared > settings.max_body_bytes:
             await send_denial(_too_large(settings), send, started)
@@ -466,10 +470,23 @@ def _too_large(settings: Settings) -> Denial:
     return Denial(413, "request_too_large", f"request body over {settings.max_body_bytes} bytes")
 
 
+def _odd_path(scope: Scope) -> bool:
+    """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
+    normalisers such as nginx) or encoded slashes and backslashes (decoded by some, not others)."""
+    path: str = scope["path"]
+    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+        return True
+    raw: bytes = scope.get("raw_path") or b""
+    return b"%" in raw and any(code in raw.lower() for code in (b"%2f", b"%5c", b"%2e"))
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else None
+            if not value.isdigit():
+                return None
+            # Longer than any real size (and int() of 4,300+ digits raises): too large.
+            return int(value) if len(value) <= 18 else 1 << 62
     return None
 
 

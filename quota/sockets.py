@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
@@ -18,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from quota.decisions import BadInput, Denial, admit, denial_for, lease_op, plan_request, undo_ops
 from quota.plans import AppPlan
 from quota.responses import close_websocket
-from quota.store.program import Program, ReleaseOp
+from quota.store.program import UNLIMITED, Program, ReleaseOp
 
 if TYPE_CHECKING:
     from quota.middleware import QuotaMiddleware, Runtime
@@ -115,7 +116,10 @@ class SocketHandler:
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = mw.clock()
-            await mw.guard.settle(rt, Program([lease_op(app, mw.today(now), conn, ttl_ms)]), int(now * 1000))
+            # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
+            # that lapsed during a storage outage must count again (new connections are refused instead).
+            lease = replace(lease_op(app, mw.today(now), conn, ttl_ms), cap=UNLIMITED, share_bp=0)
+            await mw.guard.settle(rt, Program([lease]), int(now * 1000))
 
 
 async def _refuse(denial: Denial, receive: Receive, send: Send) -> None:

@@ -32,6 +32,7 @@ from quota.store.program import (
     UNLIMITED,
     AddOp,
     BindOp,
+    ClearOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -41,6 +42,7 @@ from quota.store.program import (
     Refusal,
     RemoveOp,
     RenewOp,
+    TombstoneOp,
     UndoOp,
 )
 
@@ -75,10 +77,17 @@ class RequestPlan:
     after: list[Change] = field(default_factory=list)
     # Reservations and claims to keep alive while the upstream works: (sorted set, member).
     held: list[tuple[str, str]] = field(default_factory=list)
+    # Removals in flight: their tombstones, cleared when the upstream answered (either way).
+    tombstones: list[TombstoneOp] = field(default_factory=list)
 
     @property
     def settles(self) -> bool:
         return bool(self.adds or self.after)
+
+    @property
+    def writes(self) -> bool:
+        """The store program holds counter writes (adds, tombstones): the counters' outage policy applies."""
+        return bool(self.adds or self.tombstones)
 
 
 def admit(
@@ -245,6 +254,8 @@ def plan_request(
     for change in rule.changes:
         if change.op != "add":
             plan.after.append(change)
+            if change.owner.source != "response" and not (change.members and change.members.source == "response"):
+                _tombstone(plan, routes, app, change, params, body, ids, reservation_ttl_ms)
             continue
         owners = _owner(change, app, params, body, ids)
         if len(owners) != 1:
@@ -276,6 +287,7 @@ def plan_request(
                 inflight_key=inflight,
                 fields=fields,
                 claim_ttl_ms=reservation_ttl_ms,
+                member_drop="xo" if rel.symmetric else "xm",
             ),
         )
     if today is None:
@@ -332,6 +344,34 @@ def lease_op(app: AppPlan, today: date, conn_id: str, ttl_ms: int) -> LeaseOp:
     )
 
 
+def _tombstone(
+    plan: RequestPlan,
+    routes: RouteMap,
+    app: AppPlan,
+    change: Change,
+    params: dict[str, str],
+    body: Any,
+    ids: IdPolicy,
+    ttl_ms: int,
+) -> None:
+    """Mark what a removal will remove, so no add of it passes until the upstream has answered."""
+    rel = routes.relations[change.relation]
+    fields: list[str] = []
+    for owner in _owner(change, app, params, body, ids):
+        if change.op == "remove":
+            assert change.members is not None
+            members = select(change.members, params, body, ids)
+            fields += ["rm:" + pair_field(owner, m, rel.symmetric) for m in members]
+        elif change.op == "drop":
+            fields.append("xo:" + escape(owner))
+        else:
+            fields.append(("xo:" if rel.symmetric else "xm:") + escape(owner))
+    op = TombstoneOp(inflight_key(app.prefix, rel.name), tuple(fields), ttl_ms)
+    plan.tombstones.append(op)
+    plan.before.ops.append(op)
+    plan.held.extend((op.inflight_key + ":due", f) for f in fields)
+
+
 def _add(plan: RequestPlan, op: AddOp) -> None:
     plan.adds.append(len(plan.before.ops))
     plan.before.ops.append(op)
@@ -362,6 +402,7 @@ def undo_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> Program:
                     op.owner_key, members, _fields(op, members), op.reverse_prefix, op.reverse_value, op.inflight_key
                 )
             )
+    program.ops.extend(ClearOp(t.inflight_key, t.fields) for t in plan.tombstones)
     return program
 
 
@@ -396,6 +437,7 @@ def after_ops(
     of this request's adds need nothing: they lapse, and the members stay."""
     done = Settlement(Program())
     ops = done.program.ops
+    ops.extend(ClearOp(t.inflight_key, t.fields) for t in plan.tombstones)
     for index, change in plan.binds:
         op = plan.before.ops[index]
         assert isinstance(op, AddOp) and change.members is not None
@@ -446,6 +488,14 @@ def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
             refusal.retry_after_ms,
             op.limit,
             refusal.reset_ms,
+        )
+    if refusal.kind == "busy":
+        return Denial(
+            409,
+            "conflict",
+            f"a removal of {refusal.who or 'this'} is in flight; retry when it has been answered",
+            None,
+            retry_after_ms=1000,
         )
     if isinstance(op, AddOp) and op.limit == "included_dau":
         return Denial(

@@ -7,6 +7,7 @@ line, so an outage shows up in the logs without a line per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -16,13 +17,15 @@ from quota.decisions import Denial
 from quota.errors import StorageError
 from quota.metrics import Metrics
 from quota.routes import RouteRule
-from quota.store.program import DrainOp, Outcome, Program
+from quota.store.program import BindOp, DrainOp, Outcome, Program
 
 if TYPE_CHECKING:
     from quota.middleware import Runtime
 
 UNAVAILABLE = Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
 LOG_EVERY_S = 10.0
+# Binds that the store did not take are retried this many times, from this delay, doubling.
+RETRIES, RETRY_FIRST_S = 6, 0.25
 log = logging.getLogger("quota")
 
 
@@ -32,6 +35,7 @@ class StoreGuard:
         self.breaker = breaker or CircuitBreaker()
         self._logged_at = 0.0
         self._unlogged = 0
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def run(
         self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
@@ -72,6 +76,31 @@ class StoreGuard:
             return None
         result = await self.run(rt, program, now_ms, True, None)
         return result if isinstance(result, Outcome) and not result.unchecked else None
+
+    async def settle_or_retry(self, rt: Runtime, program: Program, now_ms: int) -> Outcome | None:
+        """Settle; if the store did not answer, retry its binds in the background (they are
+        idempotent): a create the upstream made must not go uncounted because of one storage blip."""
+        outcome = await self.settle(rt, program, now_ms)
+        if outcome is None and program:
+            binds = Program([op for op in program.ops if isinstance(op, BindOp)])
+            if binds:
+                task = asyncio.ensure_future(self._retry(rt, binds, now_ms))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+        return outcome
+
+    async def _retry(self, rt: Runtime, program: Program, now_ms: int) -> None:
+        delay = RETRY_FIRST_S
+        for _ in range(RETRIES):
+            await asyncio.sleep(delay)
+            if await self.settle(rt, program, now_ms) is not None:
+                return
+            delay *= 2
+        log.warning(
+            "quota storage: %d binds lost after %d retries; `quota reconcile` repairs the count",
+            len(program.ops),
+            RETRIES,
+        )
 
     async def drain(self, rt: Runtime, drains: list[DrainOp], now_ms: int) -> None:
         # Slices of a dropped set, one short script each, so a 200,000-member room never stalls Redis.

@@ -274,7 +274,7 @@ class QuotaMiddleware:
         except BadInput as exc:
             verdict.denial = Denial(400, "illegal_argument", str(exc))
             return verdict
-        counted = bool(verdict.plan.adds)
+        counted = verdict.plan.writes
         result = await self.guard.run(rt, verdict.plan.before, now_ms, counted, rule)
         if isinstance(result, Denial):
             verdict.denial = result
@@ -334,7 +334,7 @@ class QuotaMiddleware:
         done = after_ops(rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids)
         if done.unbound:
             self.metrics.error("unbound_create")
-        await self.guard.settle(rt, done.program, now_ms)
+        await self.guard.settle_or_retry(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
 
     async def _fallback(

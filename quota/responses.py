@@ -20,6 +20,7 @@ _EXCEPTIONS = {
     "service_unavailable": "QuotaStorageUnavailableException",
     "unauthorized": "QuotaUnauthorizedException",
     "service_resource_not_found": "QuotaResourceNotFoundException",
+    "conflict": "QuotaConflictException",
 }
 
 
@@ -48,7 +49,7 @@ def headers_of(denial: Denial, body: bytes) -> list[tuple[bytes, bytes]]:
             (b"ratelimit-remaining", b"0"),
             (b"ratelimit-reset", reset),
         ]
-    if denial.status == 503:
+    if denial.status in (409, 503):
         headers.append((b"retry-after", b"1"))
     return headers
 

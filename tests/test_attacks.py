@@ -486,3 +486,176 @@ async def test_exact_rate_from_routes_yaml(store: Any, clock: Clock, config_dir:
         assert passed == 100
         clock.advance(0.801)  # 1.001 s after the first hits: all of them have left the window
         assert (await client.get(f"/{PRO}/users")).status_code == 200
+
+
+class TestAuditFindings:
+    """Attacks a hostile-client review found after the first hardening, each driven as the attacker did."""
+
+    async def test_remove_and_readd_race_keeps_the_cap(self, store: Any, clock: Clock) -> None:
+        """Catches a late removal erasing an add made after the upstream removed: unfriend and
+        re-friend at once left a real friendship uncounted, and the cap stopped holding."""
+        gateway = create_gateway()
+        gate = _Gate(gateway, lambda scope: False)
+        async with make_client(store, clock, upstream=gate) as client:
+            await register(client, FREE, ["alice", "bob"])
+            assert (await client.post(f"/{FREE}/users/alice/contacts/users/bob")).status_code == 200
+            gate.holds = lambda scope: scope["method"] == "DELETE"
+            unfriend = asyncio.ensure_future(client.delete(f"/{FREE}/users/alice/contacts/users/bob"))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            readd = await client.post(f"/{FREE}/users/BOB/contacts/users/alice")
+            assert readd.status_code == 409 and readd.json()["error"] == "conflict"
+            assert readd.headers["retry-after"] == "1"
+            gate.release.set()
+            assert (await unfriend).status_code == 200
+            gate.holds = lambda scope: False
+            assert (await client.post(f"/{FREE}/users/bob/contacts/users/alice")).status_code == 200
+            assert await members(client, "q:{demo#free}:s:contacts:o:alice") == {"bob"}
+            assert gateway_state(client, FREE).contacts["alice"] == {"bob"}
+
+    async def test_failed_removal_lifts_its_tombstone(self, store: Any, clock: Clock) -> None:
+        """Catches a removal refused upstream leaving its pair blocked (adds refused for ever)."""
+        async with make_client(store, clock) as client:
+            await register(client, FREE, ["alice", "bob"])
+            r = await client.delete(f"/{FREE}/users/alice/contacts/users/bob")  # not friends: 404
+            assert r.status_code == 404
+            assert (await client.post(f"/{FREE}/users/alice/contacts/users/bob")).status_code == 200
+
+    async def test_user_deletion_in_flight_blocks_joins(self, store: Any, clock: Clock) -> None:
+        """Catches a user's deletion (which drops every room they joined) racing a join of that user:
+        the late drop must not erase a join the gateway made after it."""
+        gateway = create_gateway()
+        gate = _Gate(gateway, lambda scope: False)
+        async with make_client(store, clock, upstream=gate) as client:
+            await register(client, PRO, ["own", "u"])
+            rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+            gate.holds = lambda scope: scope["method"] == "DELETE"
+            deletion = asyncio.ensure_future(client.delete(f"/{PRO}/users/u"))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            assert (await client.post(f"/{PRO}/chatgroups/{rid}/users/u")).status_code == 409
+            gate.release.set()
+            assert (await deletion).status_code == 200
+            assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == set()
+
+    @pytest.mark.parametrize(
+        "path",
+        ["/demo/free/chatgroups/1/users/.", "/demo/free/users/../users", "/demo/free/users/a%2Fb"],
+    )
+    async def test_dot_segments_and_encoded_slashes(self, client: httpx.AsyncClient, path: str) -> None:
+        """Catches paths an RFC 3986 normaliser routes elsewhere than quota matched (a batch join
+        counted as one member called '.')."""
+        mw = client._transport.app  # type: ignore[attr-defined]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b'{"usernames": ["a"]}'}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = _scope("POST", path.replace("%2F", "/"))
+        scope["raw_path"] = path.encode()
+        await mw(scope, receive, send)
+        assert sent[0]["status"] == 400
+
+    async def test_room_ids_have_one_spelling(self, client: httpx.AsyncClient) -> None:
+        """Catches 7, 07 and 0007 being three counters for one group of a gateway that parses numbers."""
+        await register(client, PRO, ["u"])
+        assert (await client.post(f"/{PRO}/chatgroups/07/users/u")).status_code == 400
+
+    async def test_huge_content_length_is_413(self, client: httpx.AsyncClient) -> None:
+        """Catches int() of a 4,400-digit Content-Length raising (a 500 and a traceback per request)."""
+        mw = client._transport.app  # type: ignore[attr-defined]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await mw(_scope("POST", f"/{PRO}/messages/users", [(b"content-length", b"9" * 4400)]), receive, send)
+        assert sent[0]["status"] == 413
+
+    async def test_ipv4_mapped_peer_meets_an_ipv4_allowlist(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches a dual-stack peer (::ffff:a.b.c.d) refused by an allowlist of its IPv4 network."""
+        accounts = config_dir / "accounts.yaml"
+        doc = yaml.safe_load(accounts.read_text())
+        doc["accounts"]["demo-pro"]["ip_allowlist"] = ["10.0.0.0/8"]
+        accounts.write_text(yaml.safe_dump(doc))
+        async with make_client(store, clock, load_config(config_dir), client_ip="::ffff:10.1.2.3") as client:
+            assert (await client.get(f"/{PRO}/users")).status_code == 200
+
+
+async def test_cancelled_probe_does_not_jam_the_breaker(clock: Clock) -> None:
+    """Catches a half-open probe whose task is cancelled mid-call leaving the breaker refusing every
+    store call for ever (rates skipped, counted routes 503) until a restart."""
+    from quota.errors import StorageError
+    from quota.store.memory import MemoryStore
+
+    class Faulty(MemoryStore):
+        """A real memory store behind a switch: down (raises) or stalled (never answers)."""
+
+        mode = "up"
+
+        async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+            if self.mode == "down":
+                raise StorageError("down")
+            if self.mode == "stalled":
+                await asyncio.Event().wait()
+            return await super().run(program, now_ms, dry)
+
+    store = Faulty()
+    breaker_now = [0.0]
+    async with make_client(store, clock) as client:
+        mw = client._transport.app  # type: ignore[attr-defined]
+        mw.guard.breaker.clock = lambda: breaker_now[0]
+        await register(client, PRO, ["a", "b"])
+        store.mode = "down"
+        for _ in range(3):
+            await client.post(f"/{PRO}/users/a/contacts/users/b")
+        assert mw.guard.breaker.state == "open"
+        breaker_now[0] += 1.0  # half-open: the next store call is the probe
+        store.mode = "stalled"
+        probe = asyncio.ensure_future(client.post(f"/{PRO}/users/a/contacts/users/b"))
+        await asyncio.sleep(0.05)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        store.mode = "up"
+        breaker_now[0] += 1.0
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        assert mw.guard.breaker.state == "closed"
+
+
+async def test_bind_lost_to_a_blip_is_retried(clock: Clock) -> None:
+    """Catches a create counted by nobody when the store missed its bind: the slot expired, the
+    group existed upstream, and the next create took its place."""
+    from quota.errors import StorageError
+    from quota.store.memory import MemoryStore
+
+    class Blipping(MemoryStore):
+        down = False
+
+        async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+            if self.down:
+                raise StorageError("blip")
+            return await super().run(program, now_ms, dry)
+
+    store = Blipping()
+    gateway = create_gateway()
+    gate = _Gate(gateway, lambda scope: False)
+    async with make_client(store, clock, upstream=gate) as client:
+        await register(client, PRO, ["own"])
+        gate.holds = lambda scope: scope["path"].endswith("/chatgroups")
+        create = asyncio.ensure_future(create_room(client, PRO, "chatgroups", "own"))
+        await asyncio.wait_for(gate.entered.wait(), 10)
+        store.down = True
+        gate.release.set()
+        answer = await create
+        assert answer.status_code == 200
+        gid = room_id(answer, "chatgroups")
+        store.down = False
+        deadline = asyncio.get_running_loop().time() + 10
+        while gid not in await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro"):
+            assert asyncio.get_running_loop().time() < deadline, "the bind was never retried"
+            await asyncio.sleep(0.05)

@@ -478,7 +478,7 @@ class TestInput:
     async def test_ids_with_key_characters(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Under a wider id policy, ids with braces, colons and '#' are escaped: they count, and never
         reach another key."""
-        (config_dir / "quota.yaml").write_text('identifiers: {user: {pattern: "[^,/]{1,64}"}}\n')
+        (config_dir / "quota.yaml").write_text('identifiers: {user: {pattern: "(?!\\\\.\\\\.?$)[^,/]{1,64}"}}\n')
         names = ["a{b}", "c:d", "e#f", "ü"]
         async with make_client(store, clock, load_config(config_dir), upstream=_any_ids_gateway()) as client:
             await register(client, PRO, ["owner", *names])

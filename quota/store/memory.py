@@ -19,6 +19,7 @@ from quota.store.program import (
     UNLIMITED,
     AddOp,
     BindOp,
+    ClearOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -31,6 +32,7 @@ from quota.store.program import (
     ReleaseOp,
     RemoveOp,
     RenewOp,
+    TombstoneOp,
     UndoOp,
     log_retry_ms,
     retry_after_ms,
@@ -205,6 +207,10 @@ class MemoryStore:
                 self._purge_pending(op.owner_key, now_ms)
             if op.inflight_key:
                 self._purge_claims(op.inflight_key, now_ms)
+            if op.inflight_key:
+                busy = self._busy(op)
+                if busy is not None:
+                    return Refusal(index, "busy", 0, 0, who=busy)
             owner = self.sets.get(op.owner_key, set())
             new = [m for m in op.members if m not in owner]
             if op.cap != UNLIMITED and len(owner) + len(new) > op.cap:
@@ -240,6 +246,22 @@ class MemoryStore:
             return self._add(op, now_ms)
         elif isinstance(op, UndoOp):
             self._undo(op)
+        elif isinstance(op, TombstoneOp):
+            marks = self.inflight.setdefault(op.inflight_key, {})
+            due = self._zset(op.inflight_key + ":due", True)
+            for field in op.fields:
+                marks[field] = marks.get(field, 0) + 1
+                due.set(field, now_ms + op.ttl_ms)
+        elif isinstance(op, ClearOp):
+            marks = self.inflight.get(op.inflight_key, {})
+            due = self._zset(op.inflight_key + ":due")
+            for field in op.fields:
+                left = marks.get(field, 0) - 1
+                if left > 0:
+                    marks[field] = left
+                else:
+                    marks.pop(field, None)
+                    due.pop(field)
         elif isinstance(op, RemoveOp):
             self._srem(op.owner_key, op.members)
             if op.reverse_prefix:
@@ -330,6 +352,17 @@ class MemoryStore:
             self._srem(op.owner_key, (member,))
             if op.reverse_prefix:
                 self._srem(op.reverse_prefix + escape(member), (op.reverse_value,))
+
+    def _busy(self, op: AddOp) -> str | None:
+        marks = self.inflight.get(op.inflight_key)
+        if not marks:
+            return None
+        if "xo:" + escape(op.reverse_value) in marks:
+            return op.members[0] if op.members else ""
+        for i, member in enumerate(op.members):
+            if "rm:" + op.fields[i] in marks or f"{op.member_drop}:{escape(member)}" in marks:
+                return member
+        return None
 
     def _purge_claims(self, key: str, now_ms: int) -> None:
         claims = self.inflight.get(key)

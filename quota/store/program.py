@@ -50,6 +50,28 @@ class AddOp:
     fields: tuple[str, ...] = ()
     claim_ttl_ms: int = 0
     expire_s: int = 0
+    # Tombstones of removals in flight refuse the add (kind "busy"): the pair's, the owner's set
+    # ("xo:<owner>"), and each member's own set ("<member_drop>:<member>", xo or xm by relation).
+    member_drop: str = "xm"
+
+
+@dataclass(frozen=True)
+class TombstoneOp:
+    """A removal is in flight: until it settles, adds of what it removes are refused, so a late
+    removal can never erase an add that happened after the upstream removed (fields in inflight_key,
+    counted, each with a deadline in inflight_key:due, renewed while the request lives)."""
+
+    inflight_key: str
+    fields: tuple[str, ...]
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class ClearOp:
+    """The removal settled (either way): its tombstones go."""
+
+    inflight_key: str
+    fields: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -141,7 +163,20 @@ class ReleaseOp:
     conn: str
 
 
-Op = RateOp | AddOp | UndoOp | RemoveOp | DropOp | DrainOp | BindOp | RenewOp | LeaseOp | ReleaseOp
+Op = (
+    RateOp
+    | AddOp
+    | UndoOp
+    | TombstoneOp
+    | ClearOp
+    | RemoveOp
+    | DropOp
+    | DrainOp
+    | BindOp
+    | RenewOp
+    | LeaseOp
+    | ReleaseOp
+)
 
 
 @dataclass(frozen=True)
@@ -154,7 +189,7 @@ class RateState:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a program was refused. kind: rate, owner, member, dau, online."""
+    """Why a program was refused. kind: rate, owner, member, busy, online."""
 
     op_index: int
     kind: str

@@ -16,6 +16,7 @@ from quota.errors import StorageError
 from quota.store.program import (
     AddOp,
     BindOp,
+    ClearOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -28,6 +29,7 @@ from quota.store.program import (
     ReleaseOp,
     RemoveOp,
     RenewOp,
+    TombstoneOp,
     UndoOp,
     retry_after_ms,
 )
@@ -69,6 +71,7 @@ def _encode_op(op: Op) -> list[str | int]:
             op.inflight_key,
             op.claim_ttl_ms,
             op.expire_s,
+            op.member_drop,
             len(op.members),
             *_pairs(op.members, op.fields),
         ]
@@ -82,6 +85,10 @@ def _encode_op(op: Op) -> list[str | int]:
             len(op.members),
             *_pairs(op.members, op.fields),
         ]
+    if isinstance(op, TombstoneOp):
+        return ["T", op.inflight_key, op.ttl_ms, len(op.fields), *op.fields]
+    if isinstance(op, ClearOp):
+        return ["C", op.inflight_key, len(op.fields), *op.fields]
     if isinstance(op, RemoveOp):
         return ["X", op.owner_key, op.reverse_prefix, op.reverse_value, len(op.members), *op.members]
     if isinstance(op, DropOp):

@@ -8,8 +8,11 @@
 -- ARGV[1]: now, in milliseconds. ARGV[2..]: ops, each an opcode then its fields (a first op "?"
 -- asks for a dry run: every check, nothing applied, the reply as if applied):
 --   R key limit window_ms cost exact                              rate (sliding window, or exact log)
---   A owner cap pending_ttl rev_prefix rev_cap rev_value inflight claim_ttl expire_s n (m f)*n
---                                                                 add members (capped), claimed in flight
+--   A owner cap pending_ttl rev_prefix rev_cap rev_value inflight claim_ttl expire_s mdrop n (m f)*n
+--                                                                 add members (capped), claimed in flight;
+--                                                                 refused ("busy") under a removal's tombstone
+--   T inflight ttl_ms n f*n                                       tombstones of a removal in flight
+--   C inflight n f*n                                              clear them (the removal settled)
 --   U owner rev_prefix rev_value inflight n (m f)*n               undo claims (the upstream failed)
 --   X owner rev_prefix rev_value n m1..mn                         remove members
 --   D owner trash                                                 drop an owner's set (moved aside)
@@ -46,14 +49,26 @@ while i <= n_args do
   elseif code == "A" then
     op.owner, op.cap, op.pending = ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
     op.rprefix, op.rcap, op.rvalue, op.inflight = ARGV[i+4], tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7]
-    op.claim, op.expire = tonumber(ARGV[i+8]), tonumber(ARGV[i+9])
-    local n = tonumber(ARGV[i+10])
+    op.claim, op.expire, op.mdrop = tonumber(ARGV[i+8]), tonumber(ARGV[i+9]), ARGV[i+10]
+    local n = tonumber(ARGV[i+11])
     op.members, op.fields = {}, {}
     for j = 1, n do
-      op.members[j] = ARGV[i+9+2*j]
-      op.fields[j] = ARGV[i+10+2*j]
+      op.members[j] = ARGV[i+10+2*j]
+      op.fields[j] = ARGV[i+11+2*j]
     end
-    i = i + 11 + 2 * n
+    i = i + 12 + 2 * n
+  elseif code == "T" then
+    op.inflight, op.ttl = ARGV[i+1], tonumber(ARGV[i+2])
+    local n = tonumber(ARGV[i+3])
+    op.fields = {}
+    for j = 1, n do op.fields[j] = ARGV[i+3+j] end
+    i = i + 4 + n
+  elseif code == "C" then
+    op.inflight = ARGV[i+1]
+    local n = tonumber(ARGV[i+2])
+    op.fields = {}
+    for j = 1, n do op.fields[j] = ARGV[i+2+j] end
+    i = i + 3 + n
   elseif code == "U" then
     op.owner, op.rprefix, op.rvalue, op.inflight = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
     local n = tonumber(ARGV[i+5])
@@ -168,6 +183,15 @@ for index, op in ipairs(ops) do
     if op.inflight ~= "" then
       local lapsed = purge(op.inflight .. ":due")
       if #lapsed > 0 then redis.call("HDEL", op.inflight, unpack(lapsed)) end
+      if redis.call("HEXISTS", op.inflight, "xo:" .. escape(op.rvalue)) == 1 then
+        return {0, index - 1, "busy", 0, 0, 0, 0, 0, op.members[1] or ""}
+      end
+      for j, m in ipairs(op.members) do
+        if redis.call("HEXISTS", op.inflight, "rm:" .. op.fields[j]) == 1
+          or redis.call("HEXISTS", op.inflight, op.mdrop .. ":" .. escape(m)) == 1 then
+          return {0, index - 1, "busy", 0, 0, 0, 0, 0, m}
+        end
+      end
     end
     local size = redis.call("SCARD", op.owner)
     local new = {}
@@ -261,6 +285,18 @@ for _, op in ipairs(ops) do
       if gone then
         redis.call("SREM", op.owner, m)
         if op.rprefix ~= "" then redis.call("SREM", op.rprefix .. escape(m), op.rvalue) end
+      end
+    end
+  elseif code == "T" then
+    for _, f in ipairs(op.fields) do
+      redis.call("HINCRBY", op.inflight, f, 1)
+      redis.call("ZADD", op.inflight .. ":due", now + op.ttl, f)
+    end
+  elseif code == "C" then
+    for _, f in ipairs(op.fields) do
+      if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+        redis.call("HDEL", op.inflight, f)
+        redis.call("ZREM", op.inflight .. ":due", f)
       end
     end
   elseif code == "X" then

@@ -29,8 +29,10 @@ from tests.conftest import Clock, RedisServer
 
 FLOOD = 100_000
 WARM = 8_000
-# Growth of the traced heap over FLOOD requests once the bounded caches are warm.
-MAX_GROWTH = 4 << 20
+# Net growth of the traced heap over FLOOD requests once the bounded caches are warm (measured: 0.4 MB;
+# the rate windows swept every SWEEP_EVERY writes make it a sawtooth of about 1 MB). 20 bytes
+# kept per request would exceed it.
+MAX_GROWTH = 2 << 20
 
 
 async def upstream(scope: Any, receive: Any, send: Any) -> None:
@@ -126,10 +128,12 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
                 for name, size in sizes().items():
                     peaks[name] = max(peaks.get(name, 0), size)
 
-    await flood(0, WARM)
-    gc.collect()
+    # Traced from the start: what the warm-up allocated and the flood frees (bounded caches turning
+    # over) counts against what the flood allocates.
     tracemalloc.start()
     try:
+        await flood(0, WARM)
+        gc.collect()
         before = tracemalloc.take_snapshot()
         await flood(WARM, FLOOD)
         gc.collect()
@@ -158,6 +162,7 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
 # Bounded work per script on Redis
 
 MEMBERS = 200_000
+MAX_PREEMPTED = 2
 APP = "q:{demo#enterprise}:"
 
 
@@ -178,7 +183,14 @@ def member_side(user: str) -> str:
 async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: RedisServer) -> None:
     """Catches a delete that empties a huge set inside one script (Redis stalls for every client
     while it runs): no EVALSHA may reach the 5 ms slowlog, and the room must still be fully drained:
-    its owner set gone, no dropped set left behind, and no member's side still naming the room."""
+    its owner set gone, no dropped set left behind, and no member's side still naming the room.
+
+    Found: drain slices of 500 members took 1.5 ms each (up to 3.5 ms) on an idle host and 5.2 ms
+    on a busy one; slices are 200 now (0.6 ms, at most 1.3 ms idle). The slowlog measures wall time,
+    so on a host with more runnable processes than cores a slice can be preempted past 5 ms however
+    small it is (a SPOP alone was seen at 8 ms there): up to MAX_PREEMPTED such entries, each under
+    50 ms, are tolerated. One script draining the room takes hundreds of milliseconds, and slices
+    doing too much work land in the slowlog by the dozen: both still fail."""
     raw = redis_sync.Redis(port=own_redis.port)
     raw.flushdb()
     rid = "424242424242"
@@ -213,7 +225,7 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
     finally:
         await store.close()
     slow = [entry for entry in raw.slowlog_get(128) if b"eval" in entry["command"].lower()[:8]]
-    assert slow == [], slow[:3]
+    assert len(slow) <= MAX_PREEMPTED and all(e["duration"] < 50_000 for e in slow), (len(slow), slow[:3])
     calls = raw.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before
     # The check, the settle (remove + drop), then one slice per DrainOp batch.
     assert calls >= MEMBERS // DrainOp("", "", "").batch, calls

@@ -1,11 +1,15 @@
 """Hostile traffic through the middleware (hypothesis stateful testing, raw ASGI scopes), on the
 memory store and on a real redis-server: odd ids (case variants, commas, braces, colons, lone
 surrogates, 65+ characters), HEAD, trailing slashes, forwarded-for lines, batches with duplicates,
-creates and deletes of users, groups and chatrooms.
+creates and deletes of users, groups and chatrooms, logins, unknown apps; one at a time and
+concurrently (the upstream held for a few event-loop turns, so requests interleave between quota's
+check and the gateway's answer).
 
-After every request: no 5xx; a refusal by quota changed no counter; no cap is exceeded; and
-quota's membership sets are exactly the reference gateway's own state (`AppState.snapshot()`),
-read from the store's raw data (on Redis, raw keys spelled out here, not quota's key helpers).
+After every request: no 5xx; a refusal by quota changed no counter; an unknown app is 404; no cap
+is exceeded; and quota's membership sets are exactly the reference gateway's own state
+(`AppState.snapshot()`), and today's DAU and this month's MAU exactly the users whose login the
+gateway accepted, read from the store's raw data (on Redis, raw keys spelled out here, not through
+quota's key helpers).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ CAPS = {
     "chatrooms_per_user": 2,
 }
 NAMES = ["alice", "bob", "carol", "dave", "eve"]
+UNKNOWN_APPS = ("/nobody/pro", "/demo/PRO", "/demo/pro%23x", "/de:mo/pro")
 HOSTILE = [
     "zz,alice",
     "{demo#pro}",
@@ -216,7 +221,8 @@ def requests(draw: st.DrawFn, groups: list[str], rooms: list[str], concurrent: b
     u, v = draw(USER), draw(USER)
     g, c = draw(room(groups)), draw(room(rooms))
     kind = draw(st.integers(0, 15).filter(lambda k: not concurrent or k not in RACY))
-    base = "/demo/pro"
+    # Now and then an app with no plan here (any path under it must be 404, named or not).
+    base = draw(st.sampled_from(["/demo/pro"] * 12 + list(UNKNOWN_APPS)))
     if kind == 0:
         users = draw(st.lists(st.one_of(st.sampled_from(NAMES).flatmap(case_variant), USER), min_size=1, max_size=4))
         req = Request("POST", f"{base}/users", [{"username": n} for n in users])
@@ -348,6 +354,8 @@ def fuzz(config: Config, backend: Backend, loop: asyncio.AbstractEventLoop, exam
             before = backend.sets()
             status, raw = loop.run_until_complete(call(self.app, req, peer))
             assert status < 500, (req, status, raw[:300])
+            if req.path.startswith(tuple(a + "/" for a in UNKNOWN_APPS)):
+                assert status == 404, (req, status, raw[:300])
             after = backend.sets()
             try:
                 payload = json.loads(raw)

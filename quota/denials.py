@@ -13,12 +13,16 @@ from __future__ import annotations
 from quota.store.program import Program, RateOp, Refusal
 
 MAX_ENTRIES = 1 << 16
+# Entries whose time has passed are dropped every SWEEP_EVERY refusals remembered, so the cache holds
+# about what is still refused rather than filling up to MAX_ENTRIES with stale entries.
+SWEEP_EVERY = 1 << 10
 
 
 class DenyCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self.until: dict[str, int] = {}
+        self._remembered = 0
 
     def check(self, program: Program, now_ms: int) -> Refusal | None:
         if not self.until:
@@ -38,7 +42,8 @@ class DenyCache:
             return
         op = program.ops[refusal.op_index]
         assert isinstance(op, RateOp)
-        if len(self.until) >= self.max_entries:
+        self._remembered += 1
+        if len(self.until) >= self.max_entries or self._remembered % SWEEP_EVERY == 0:
             self.until = {k: t for k, t in self.until.items() if t > now_ms}
             if len(self.until) >= self.max_entries:
                 self.until.clear()

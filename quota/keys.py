@@ -20,7 +20,9 @@ from functools import lru_cache
 _UNSAFE = re.compile(rb"[^A-Za-z0-9_.\-]")
 
 
-@lru_cache(maxsize=1 << 16)
+# Bounded small: its arguments include every client address a rate is keyed by (about 200 bytes an
+# entry with the cache's own links), so a flood of distinct clients must not hold megabytes here.
+@lru_cache(maxsize=1 << 12)
 def escape(value: str) -> str:
     """Percent-encode every byte outside [A-Za-z0-9_.-]: braces, colons and '#' can't leak into a key.
 

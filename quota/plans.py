@@ -100,7 +100,10 @@ class Directory:
             if plan is not None:
                 allow = tuple(ipaddress.ip_network(n, strict=False) for n in account.ip_allowlist)
                 found = AppPlan(appkey, app_prefix(appkey), account, plan, effective_limits(plan, account), allow)
-        self._cache[appkey] = found
+        # Only apps with a plan are cached: a miss costs two dict lookups, and caching misses let a
+        # client grow the cache without bound by naming a fresh unknown app on every request.
+        if found is not None:
+            self._cache[appkey] = found
         return found
 
     async def refresh(self) -> None:

@@ -1,0 +1,286 @@
+"""Bounds a hostile client cannot break: the memory a process holds under a flood of distinct apps
+and addresses, and the work one Redis script does however large the set it touches."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+import yaml
+
+from quota import clients, denials
+from quota.config import DEFAULT_DIR, load_config
+from quota.gateway.app import AppState
+from quota.keys import escape
+from quota.serve import build_app
+from quota.store import memory
+from quota.store.memory import MemoryStore
+from quota.store.program import DrainOp
+from quota.store.redis import RedisStore
+from tests.conftest import Clock, RedisServer
+
+FLOOD = 100_000
+WARM = 8_000
+# Net growth of the traced heap over FLOOD requests once the bounded caches are warm (measured: 0.4 MB;
+# the rate windows swept every SWEEP_EVERY writes make it a sawtooth of about 1 MB). 20 bytes
+# kept per request would exceed it.
+MAX_GROWTH = 2 << 20
+
+
+async def upstream(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def scope(path: str, peer: str, forwarded: str | None = None, method: str = "GET") -> dict[str, Any]:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": (peer, 40000),
+        "server": ("127.0.0.1", 8000),
+        "headers": headers,
+    }
+
+
+@pytest.fixture
+def flood_config(tmp_path: Path) -> Path:
+    """Trusted proxy 127.0.0.1; a 1/second general rate (so a second hit of a client is refused and
+    remembered by the deny cache); joined_chatgroups on an exact rate (so logs fill too)."""
+    target = tmp_path / "config"
+    shutil.copytree(DEFAULT_DIR, target)
+    (target / "quota.yaml").write_text("trusted_proxies: ['127.0.0.1/32']\nfallback_rate: 1/second\n")
+    doc = yaml.safe_load((target / "routes.yaml").read_text())
+    rule = next(r for r in doc["routes"] if r["name"] == "groups.joined")
+    rule["rates"] = [{"rate": "50/second", "by": "ip", "algorithm": "exact"}]
+    (target / "routes.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return target
+
+
+async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Path) -> None:
+    """Catches any per-request structure that grows with the number of distinct apps or clients:
+    the directory caching every unknown app it was asked about (found: it did, 25,000 entries for
+    25,000 names), rate windows and logs never swept, the deny cache filling with refusals long
+    past, the client-address and key-escaping caches, and anything else caught by the traced heap.
+
+    100,000 raw ASGI requests, one millisecond apart on a driven clock, in four kinds: an unknown
+    app (404), a path under no app (the general per-IP rate; each client twice, the second refused),
+    a known app's sliding-rate route and its exact-rate route, each client named by a trusted proxy's
+    X-Forwarded-For or by the ASGI `client` field."""
+    store = MemoryStore()
+    app = build_app(load_config(flood_config), store=store, upstream=upstream)
+    clock = Clock(start=1_790_000_000.0, tick=0.0)
+    app.clock = clock
+    statuses: dict[int, int] = {}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+
+    rt = app.runtime
+    peaks: dict[str, int] = {}
+
+    def sizes() -> dict[str, int]:
+        return {
+            "windows": len(store.windows),
+            "logs": len(store.logs),
+            "expiry": len(store._expiry),
+            "directory": len(rt.directory._cache),
+            "denials": len(rt.denials.until),
+            "peers": len(rt.clients._peers),
+            "client_keys": rt.clients._key.cache_info().currsize,
+            "escape": escape.cache_info().currsize,
+        }
+
+    async def flood(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            clock.advance(0.001)
+            ip = f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+            kind = i % 4
+            if kind == 0:
+                await app(scope(f"/org{i}/app{i}/users", ip), receive, send)
+            elif kind == 1:
+                await app(scope(f"/nowhere{i}", ip), receive, send)
+                await app(scope(f"/nowhere{i}", ip), receive, send)
+            elif kind == 2:
+                await app(scope("/demo/pro/users", "127.0.0.1", forwarded=f"{ip}, 127.0.0.1"), receive, send)
+            else:
+                await app(scope("/demo/pro/users/bob/joined_chatgroups", ip), receive, send)
+            if i % 1000 == 0:
+                for name, size in sizes().items():
+                    peaks[name] = max(peaks.get(name, 0), size)
+
+    # Traced from the start: what the warm-up allocated and the flood frees (bounded caches turning
+    # over) counts against what the flood allocates.
+    tracemalloc.start()
+    try:
+        await flood(0, WARM)
+        gc.collect()
+        before = tracemalloc.take_snapshot()
+        await flood(WARM, FLOOD)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    top = "\n".join(str(s) for s in after.compare_to(before, "lineno")[:8])
+
+    quarter = (WARM + FLOOD) // 4
+    assert statuses[404] == quarter, statuses
+    assert statuses[429] == quarter, statuses  # every client's second hit under no app
+    assert statuses[200] == 3 * quarter, statuses
+    # Fixed bounds, whatever FLOOD is: what can still count (a few seconds of traffic) plus one sweep.
+    assert peaks["windows"] <= 3 * memory.SWEEP_EVERY, peaks
+    assert peaks["logs"] <= 3 * memory.SWEEP_EVERY, peaks
+    assert peaks["expiry"] <= 3 * memory.SWEEP_EVERY, peaks
+    assert peaks["logs"] > 0 and peaks["denials"] > 0, peaks  # both were exercised
+    assert peaks["directory"] <= len(rt.directory._apps), peaks  # the apps that have a plan, no more
+    assert peaks["denials"] <= 2 * denials.SWEEP_EVERY, peaks
+    assert peaks["peers"] <= clients.PEER_CACHE and peaks["client_keys"] <= clients.PEER_CACHE, peaks
+    assert peaks["escape"] <= escape.cache_info().maxsize, peaks
+    assert growth < MAX_GROWTH, f"heap grew {growth / 1e6:.1f} MB over {FLOOD} requests:\n{top}"
+
+
+# Bounded work per script on Redis
+
+MEMBERS = 200_000
+MAX_PREEMPTED = 2
+APP = "q:{demo#enterprise}:"
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this module's own: its slowlog and command stats are ours alone."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def member_side(user: str) -> str:
+    return f"{APP}s:chatroom_members:m:{user}"
+
+
+async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: RedisServer) -> None:
+    """Catches a delete that empties a huge set inside one script (Redis stalls for every client
+    while it runs): no EVALSHA may reach the 5 ms slowlog, and the room must still be fully drained:
+    its owner set gone, no dropped set left behind, and no member's side still naming the room.
+
+    Found: drain slices of 500 members took 1.5 ms each (up to 3.5 ms) on an idle host and 5.2 ms
+    on a busy one; slices are 200 now (0.6 ms, at most 1.3 ms idle). The slowlog measures wall time,
+    so on a host with more runnable processes than cores a slice can be preempted past 5 ms however
+    small it is (a SPOP alone was seen at 8 ms there): up to MAX_PREEMPTED such entries, each under
+    50 ms, are tolerated. One script draining the room takes hundreds of milliseconds, and slices
+    doing too much work land in the slowlog by the dozen: both still fail."""
+    raw = redis_sync.Redis(port=own_redis.port)
+    raw.flushdb()
+    rid = "424242424242"
+    owner = f"{APP}s:chatroom_members:o:{rid}"
+    rooms = f"{APP}s:app_chatrooms:o:demo%23enterprise"
+    users = [f"u{i}" for i in range(MEMBERS)]
+    pipe = raw.pipeline(transaction=False)
+    for start in range(0, MEMBERS, 1000):
+        chunk = users[start : start + 1000]
+        pipe.sadd(owner, *chunk)
+        for user in chunk:
+            pipe.sadd(member_side(user), rid, "77")  # each user is also in another room, which stays
+        pipe.execute()
+    raw.sadd(rooms, rid, "77")
+    assert raw.scard(owner) == MEMBERS
+
+    store = RedisStore(own_redis.url, timeout_ms=5000)
+    app = build_app(load_config(), store=store)
+    gateway = app.app.state.gateway  # the reference gateway inside the middleware
+    gateway.apps["demo#enterprise"] = state = AppState()
+    state.chatrooms[rid] = {"name": "huge", "owner": "u0", "members": set(users)}
+    raw.config_set("slowlog-log-slower-than", 5000)
+    raw.slowlog_reset()
+    evalsha_before = raw.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    try:
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            started = time.monotonic()
+            r = await client.delete(f"/demo/enterprise/chatrooms/{rid}")
+            elapsed = time.monotonic() - started
+        assert r.status_code == 200, r.text
+    finally:
+        await store.close()
+    slow = [entry for entry in raw.slowlog_get(128) if b"eval" in entry["command"].lower()[:8]]
+    assert len(slow) <= MAX_PREEMPTED and all(e["duration"] < 50_000 for e in slow), (len(slow), slow[:3])
+    calls = raw.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before
+    # The check, the settle (remove + drop), then one slice per DrainOp batch.
+    assert calls >= MEMBERS // DrainOp("", "", "").batch, calls
+    assert not raw.exists(owner)
+    assert not list(raw.scan_iter(match=f"{APP}s:chatroom_members:o:{rid}:dropped:*"))
+    assert raw.smembers(rooms) == {b"77"}
+    pipe = raw.pipeline(transaction=False)
+    for user in users:
+        pipe.smembers(member_side(user))
+    sides = pipe.execute()
+    left = [u for u, side in zip(users, sides, strict=True) if side != {b"77"}]
+    assert left == [], (len(left), left[:5])
+    assert elapsed < 60
+    raw.config_set("slowlog-log-slower-than", 10000)
+    raw.close()
+
+
+@pytest.mark.parametrize(("max_url", "status"), [(None, 414), (200_000, 400)])
+async def test_64kb_id_never_reaches_redis(own_redis: RedisServer, tmp_path: Path, max_url: int, status: int) -> None:
+    """Catches an oversized id reaching a script (a 64 KB key built and sent on every request):
+    refused before any EVALSHA, by the URL bound (414) or, with a larger URL bound, by the id
+    check (400)."""
+    target = tmp_path / "config"
+    shutil.copytree(DEFAULT_DIR, target)
+    if max_url:
+        (target / "quota.yaml").write_text(f"max_url_bytes: {max_url}\n")
+    raw = redis_sync.Redis(port=own_redis.port)
+    store = RedisStore(own_redis.url, timeout_ms=2000)
+    app = build_app(load_config(target), store=store)
+    huge = "a" * 65536
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        # A first ordinary request: the script is loaded and counted, so the baseline is live.
+        await app(scope("/demo/pro/users", "10.1.2.3"), receive, send)
+        assert sent[0]["status"] == 200, sent
+        before = raw.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        for method, path in (
+            ("POST", f"/demo/pro/users/{huge}/contacts/users/bob"),
+            ("POST", f"/demo/pro/chatgroups/1/users/{huge}"),
+            ("DELETE", f"/demo/pro/chatrooms/1/users/{huge},b"),
+            ("GET", f"/demo/pro/users/{huge}"),
+        ):
+            sent.clear()
+            # Raw ASGI: httpx itself refuses URLs over 64 KB, a server may not.
+            await app(scope(path, "10.1.2.3", method=method), receive, send)
+            assert sent[0]["status"] == status, (method, path[:60], sent[0]["status"], sent[1:])
+        after = raw.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    finally:
+        await store.close()
+        raw.close()
+    assert after == before

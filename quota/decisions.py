@@ -33,6 +33,7 @@ from quota.store.program import (
     AddOp,
     BindOp,
     ClearOp,
+    ConfirmOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -366,7 +367,7 @@ def _tombstone(
             fields.append("xo:" + escape(owner))
         else:
             fields.append(("xo:" if rel.symmetric else "xm:") + escape(owner))
-    op = TombstoneOp(inflight_key(app.prefix, rel.name), tuple(fields), ttl_ms)
+    op = TombstoneOp(inflight_key(app.prefix, rel.name), tuple(fields), ttl_ms, rel.symmetric)
     plan.tombstones.append(op)
     plan.before.ops.append(op)
     plan.held.extend((op.inflight_key + ":due", f) for f in fields)
@@ -406,6 +407,17 @@ def undo_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> Program:
     return program
 
 
+def confirm_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> list[ConfirmOp]:
+    """Settle the claims of this request's adds: the members stand on their own from now on."""
+    out = []
+    for index, members in zip(plan.adds, added, strict=False):
+        op = plan.before.ops[index]
+        assert isinstance(op, AddOp)
+        if op.inflight_key and members:
+            out.append(ConfirmOp(op.inflight_key, _fields(op, members)))
+    return out
+
+
 def _fields(op: AddOp, members: tuple[str, ...]) -> tuple[str, ...]:
     if not op.inflight_key:
         return ()
@@ -433,10 +445,11 @@ def after_ops(
     added: tuple[tuple[str, ...], ...],
     ids: IdPolicy,
 ) -> Settlement:
-    """The upstream answered 2xx: bind reservations to the ids it returned, apply removals. Claims
-    of this request's adds need nothing: they lapse, and the members stay."""
+    """The upstream answered 2xx: confirm this request's claims, bind reservations to the ids it
+    returned, lift its tombstones and apply its removals."""
     done = Settlement(Program())
     ops = done.program.ops
+    ops.extend(confirm_ops(plan, added))
     ops.extend(ClearOp(t.inflight_key, t.fields) for t in plan.tombstones)
     for index, change in plan.binds:
         op = plan.before.ops[index]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.decisions import BadInput, Denial, admit, denial_for, lease_op, plan_request, undo_ops
+from quota.decisions import BadInput, Denial, admit, confirm_ops, denial_for, lease_op, plan_request, undo_ops
 from quota.plans import AppPlan
 from quota.responses import close_websocket
 from quota.store.program import UNLIMITED, Program, ReleaseOp
@@ -91,9 +91,10 @@ class SocketHandler:
 
         async def watch(message: Message) -> None:
             nonlocal accepted
-            if message["type"] == "websocket.accept":
-                # The upstream took the connection: the login counted before stays counted.
+            if message["type"] == "websocket.accept" and not accepted:
+                # The upstream took the connection: the login counted before is settled.
                 accepted = True
+                await mw.guard.settle(rt, Program(list(confirm_ops(plan, added))), int(mw.clock() * 1000))
             await send(message)
 
         renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms)) if rule.connection else None

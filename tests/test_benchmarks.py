@@ -39,8 +39,8 @@ def test_quick_json_lines() -> None:
     assert all(set(r) == keys for r in rows)
     by = {(r["scenario"], r["variant"]): r for r in rows}
     assert by[("write", "bare")]["redis_calls_per_req"] == 0
-    # A write through quota is one script call to Redis, whatever its speed.
-    assert 0.9 < by[("write", "quota-redis")]["redis_calls_per_req"] < 1.2
+    # A write through quota is two script calls to Redis (check and reserve; confirm), whatever its speed.
+    assert 1.8 < by[("write", "quota-redis")]["redis_calls_per_req"] < 2.3
     assert all(r["rps"] > 0 for r in rows)
 
 
@@ -85,4 +85,4 @@ def test_proxy_variants_run() -> None:
     rows = {r["variant"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
     assert set(rows) == {"bare", "proxy-off", "proxy-on"}
     assert rows["proxy-off"]["redis_calls_per_req"] == 0 and rows["proxy-off"]["rps"] > 0
-    assert 0.9 < rows["proxy-on"]["redis_calls_per_req"] < 1.2
+    assert 1.8 < rows["proxy-on"]["redis_calls_per_req"] < 2.3  # a write: check and reserve, then confirm

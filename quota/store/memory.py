@@ -20,6 +20,7 @@ from quota.store.program import (
     AddOp,
     BindOp,
     ClearOp,
+    ConfirmOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -221,6 +222,10 @@ class MemoryStore:
                     theirs = self.sets.get(op.reverse_prefix + escape(member), set())
                     if op.reverse_value not in theirs and len(theirs) + 1 > op.reverse_cap:
                         return Refusal(index, "member", len(theirs), op.reverse_cap, who=member)
+        elif isinstance(op, TombstoneOp):
+            busy = self._removal_busy(op)
+            if busy is not None:
+                return Refusal(index, "busy", 0, 0, who=busy)
         elif isinstance(op, LeaseOp):
             live = self._live(op.online_key, now_ms)
             cap = self._lease_cap(op)
@@ -246,6 +251,8 @@ class MemoryStore:
             return self._add(op, now_ms)
         elif isinstance(op, UndoOp):
             self._undo(op)
+        elif isinstance(op, ConfirmOp):
+            self._confirm(op)
         elif isinstance(op, TombstoneOp):
             marks = self.inflight.setdefault(op.inflight_key, {})
             due = self._zset(op.inflight_key + ":due", True)
@@ -326,11 +333,17 @@ class MemoryStore:
                     self._zset(op.owner_key + ":pending", True).set(member, now_ms + op.pending_ttl_ms)
                 if claims is not None and due is not None:
                     claims[op.fields[i]] = 1
+                    claims.pop("s:" + op.fields[i], None)
                     due.set(op.fields[i], now_ms + op.claim_ttl_ms)
                 claimed.append(member)
-            elif claims is not None and due is not None and (due.get(op.fields[i]) or 0) > now_ms:
-                # Added by a request still in flight: this one relies on it too.
-                claims[op.fields[i]] = claims.get(op.fields[i], 0) + 1
+            elif claims is not None and due is not None:
+                # Already there: claimed too (a removal must wait for this add), and standing on its
+                # own unless another add in flight brought it.
+                field = op.fields[i]
+                claims[field] = claims.get(field, 0) + 1
+                if claims[field] == 1:
+                    claims["s:" + field] = 1
+                due.set(field, now_ms + op.claim_ttl_ms)
                 claimed.append(member)
         return tuple(claimed)
 
@@ -340,18 +353,57 @@ class MemoryStore:
         for i, member in enumerate(op.members):
             if claims is not None:
                 field = op.fields[i]
-                if field not in due:
+                if field not in claims:
                     continue  # the claim lapsed: the member may be real, it stays
-                claims[field] = claims.get(field, 0) - 1
+                claims[field] -= 1
                 if claims[field] > 0:
                     continue
+                stands = claims.pop("s:" + field, None) is not None
                 del claims[field]
                 due.pop(field)
+                if stands:
+                    continue
             else:
                 self._zset(op.owner_key + ":pending").pop(member)
             self._srem(op.owner_key, (member,))
             if op.reverse_prefix:
                 self._srem(op.reverse_prefix + escape(member), (op.reverse_value,))
+
+    def _confirm(self, op: ConfirmOp) -> None:
+        claims = self.inflight.get(op.inflight_key, {})
+        due = self._zset(op.inflight_key + ":due")
+        for field in op.fields:
+            if field not in claims:
+                continue
+            claims[field] -= 1
+            if claims[field] > 0:
+                claims["s:" + field] = 1
+            else:
+                del claims[field]
+                claims.pop("s:" + field, None)
+                due.pop(field)
+
+    def _removal_busy(self, op: TombstoneOp) -> str | None:
+        claims = self.inflight.get(op.inflight_key)
+        if not claims:
+            return None
+        for field in op.fields:
+            kind, what = field[:2], field[3:]
+            if kind == "rm":
+                if what in claims:
+                    return what
+                continue
+            for pair in claims:
+                if ":" in pair:
+                    continue
+                left, _, right = pair.partition("|")
+                if (
+                    (kind == "xo" and left == what)
+                    or (kind == "xm" and right == what)
+                    or (op.symmetric and right == what)
+                ):
+                    return what
+        return None
 
     def _busy(self, op: AddOp) -> str | None:
         marks = self.inflight.get(op.inflight_key)
@@ -369,6 +421,7 @@ class MemoryStore:
         for field in self._zset(key + ":due").expire(now_ms):
             if claims is not None:
                 claims.pop(field, None)
+                claims.pop("s:" + field, None)
 
     def _srem(self, key: str, members: tuple[str, ...]) -> None:
         current = self.sets.get(key)

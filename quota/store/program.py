@@ -56,6 +56,14 @@ class AddOp:
 
 
 @dataclass(frozen=True)
+class ConfirmOp:
+    """The upstream answered 2xx: this request's claims are settled (the members stand on their own)."""
+
+    inflight_key: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TombstoneOp:
     """A removal is in flight: until it settles, adds of what it removes are refused, so a late
     removal can never erase an add that happened after the upstream removed (fields in inflight_key,
@@ -64,6 +72,7 @@ class TombstoneOp:
     inflight_key: str
     fields: tuple[str, ...]
     ttl_ms: int
+    symmetric: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,7 @@ Op = (
     RateOp
     | AddOp
     | UndoOp
+    | ConfirmOp
     | TombstoneOp
     | ClearOp
     | RemoveOp

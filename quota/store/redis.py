@@ -17,6 +17,7 @@ from quota.store.program import (
     AddOp,
     BindOp,
     ClearOp,
+    ConfirmOp,
     DrainOp,
     DropOp,
     LeaseOp,
@@ -86,7 +87,9 @@ def _encode_op(op: Op) -> list[str | int]:
             *_pairs(op.members, op.fields),
         ]
     if isinstance(op, TombstoneOp):
-        return ["T", op.inflight_key, op.ttl_ms, len(op.fields), *op.fields]
+        return ["T", op.inflight_key, op.ttl_ms, int(op.symmetric), len(op.fields), *op.fields]
+    if isinstance(op, ConfirmOp):
+        return ["F", op.inflight_key, len(op.fields), *op.fields]
     if isinstance(op, ClearOp):
         return ["C", op.inflight_key, len(op.fields), *op.fields]
     if isinstance(op, RemoveOp):

@@ -11,8 +11,10 @@
 --   A owner cap pending_ttl rev_prefix rev_cap rev_value inflight claim_ttl expire_s mdrop n (m f)*n
 --                                                                 add members (capped), claimed in flight;
 --                                                                 refused ("busy") under a removal's tombstone
---   T inflight ttl_ms n f*n                                       tombstones of a removal in flight
+--   T inflight ttl_ms symmetric n f*n                             tombstones of a removal in flight (refused,
+--                                                                 "busy", while an add of what it removes is)
 --   C inflight n f*n                                              clear them (the removal settled)
+--   F inflight n f*n                                              confirm claims (the upstream said 2xx)
 --   U owner rev_prefix rev_value inflight n (m f)*n               undo claims (the upstream failed)
 --   X owner rev_prefix rev_value n m1..mn                         remove members
 --   D owner trash                                                 drop an owner's set (moved aside)
@@ -21,7 +23,8 @@
 --   N zkey ttl_ms n m*n                                           renew live reservations or claims
 --   O online peak month conn ttl_ms cap share_bp mau_last mau_this   hold a connection lease
 --   Z zkey member                                                 release a lease
--- Claims: hash `inflight` (pair -> claims) and sorted set `inflight:due` (pair -> deadline).
+-- Claims: hash `inflight` (pair -> adds in flight; "s:"..pair when the member stands on its own:
+-- it was there before, or a claimant succeeded) and sorted set `inflight:due` (pair -> deadline).
 -- Returns {1, online, remaining, nrates, (remaining, reset_ms)*, nadds, (k, size, member*k)*} when
 -- applied, or {0, op_index, kind, used, cap, a, b, c, who} when refused (rate: a,b,c = prev, cur,
 -- elapsed; rlog: a = retry ms; owner: a = room left; member: who).
@@ -58,12 +61,12 @@ while i <= n_args do
     end
     i = i + 12 + 2 * n
   elseif code == "T" then
-    op.inflight, op.ttl = ARGV[i+1], tonumber(ARGV[i+2])
-    local n = tonumber(ARGV[i+3])
+    op.inflight, op.ttl, op.symmetric = ARGV[i+1], tonumber(ARGV[i+2]), ARGV[i+3] == "1"
+    local n = tonumber(ARGV[i+4])
     op.fields = {}
-    for j = 1, n do op.fields[j] = ARGV[i+3+j] end
-    i = i + 4 + n
-  elseif code == "C" then
+    for j = 1, n do op.fields[j] = ARGV[i+4+j] end
+    i = i + 5 + n
+  elseif code == "C" or code == "F" then
     op.inflight = ARGV[i+1]
     local n = tonumber(ARGV[i+2])
     op.fields = {}
@@ -182,7 +185,7 @@ for index, op in ipairs(ops) do
     end
     if op.inflight ~= "" then
       local lapsed = purge(op.inflight .. ":due")
-      if #lapsed > 0 then redis.call("HDEL", op.inflight, unpack(lapsed)) end
+      for _, f in ipairs(lapsed) do redis.call("HDEL", op.inflight, f, "s:" .. f) end
       if redis.call("HEXISTS", op.inflight, "xo:" .. escape(op.rvalue)) == 1 then
         return {0, index - 1, "busy", 0, 0, 0, 0, 0, op.members[1] or ""}
       end
@@ -208,6 +211,26 @@ for index, op in ipairs(ops) do
         local rsize = redis.call("SCARD", rkey)
         if redis.call("SISMEMBER", rkey, op.rvalue) == 0 and rsize + 1 > op.rcap then
           return {0, index - 1, "member", rsize, op.rcap, 0, 0, 0, m}
+        end
+      end
+    end
+  elseif code == "T" then
+    for _, f in ipairs(op.fields) do
+      local kind, what = string.sub(f, 1, 2), string.sub(f, 4)
+      if kind == "rm" then
+        if redis.call("HEXISTS", op.inflight, what) == 1 then
+          return {0, index - 1, "busy", 0, 0, 0, 0, 0, what}
+        end
+      else
+        -- A whole set is dropped: no add of a pair naming the entity may be in flight.
+        for _, g in ipairs(redis.call("HKEYS", op.inflight)) do
+          if not string.find(g, ":", 1, true) then
+            local bar = string.find(g, "|", 1, true)
+            local left, right = string.sub(g, 1, bar - 1), string.sub(g, bar + 1)
+            if (kind == "xo" and left == what) or (kind == "xm" and right == what) or (op.symmetric and right == what) then
+              return {0, index - 1, "busy", 0, 0, 0, 0, 0, what}
+            end
+          end
         end
       end
     end
@@ -252,16 +275,16 @@ for _, op in ipairs(ops) do
         if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", now + op.pending, m) end
         if op.inflight ~= "" then
           redis.call("HSET", op.inflight, f, 1)
+          redis.call("HDEL", op.inflight, "s:" .. f)
           redis.call("ZADD", op.inflight .. ":due", now + op.claim, f)
         end
         claimed[#claimed + 1] = m
       elseif op.inflight ~= "" then
-        local due = tonumber(redis.call("ZSCORE", op.inflight .. ":due", f))
-        if due and due > now then
-          -- Added by a request still in flight: this one relies on it too.
-          redis.call("HINCRBY", op.inflight, f, 1)
-          claimed[#claimed + 1] = m
-        end
+        -- Already there: claimed too (a removal must wait for this add), and standing on its own
+        -- unless another add in flight brought it.
+        if redis.call("HINCRBY", op.inflight, f, 1) == 1 then redis.call("HSET", op.inflight, "s:" .. f, 1) end
+        redis.call("ZADD", op.inflight .. ":due", now + op.claim, f)
+        claimed[#claimed + 1] = m
       end
     end
     if op.expire > 0 then redis.call("EXPIRE", op.owner, op.expire) end
@@ -272,12 +295,10 @@ for _, op in ipairs(ops) do
       if op.inflight ~= "" then
         gone = false
         local f = op.fields[j]
-        if redis.call("ZSCORE", op.inflight .. ":due", f) then
-          if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
-            redis.call("HDEL", op.inflight, f)
-            redis.call("ZREM", op.inflight .. ":due", f)
-            gone = true
-          end
+        if redis.call("HEXISTS", op.inflight, f) == 1 and redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+          gone = redis.call("HEXISTS", op.inflight, "s:" .. f) == 0
+          redis.call("HDEL", op.inflight, f, "s:" .. f)
+          redis.call("ZREM", op.inflight .. ":due", f)
         end
       else
         redis.call("ZREM", op.owner .. ":pending", m)
@@ -285,6 +306,17 @@ for _, op in ipairs(ops) do
       if gone then
         redis.call("SREM", op.owner, m)
         if op.rprefix ~= "" then redis.call("SREM", op.rprefix .. escape(m), op.rvalue) end
+      end
+    end
+  elseif code == "F" then
+    for _, f in ipairs(op.fields) do
+      if redis.call("HEXISTS", op.inflight, f) == 1 then
+        if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+          redis.call("HDEL", op.inflight, f, "s:" .. f)
+          redis.call("ZREM", op.inflight .. ":due", f)
+        else
+          redis.call("HSET", op.inflight, "s:" .. f, 1)
+        end
       end
     end
   elseif code == "T" then

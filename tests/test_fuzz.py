@@ -498,7 +498,8 @@ async def _redis_store(url: str) -> RedisStore:
 @pytest.mark.parametrize("scenario", ["group member", "user", "contact"])
 async def test_remove_racing_an_add_uncounts_the_member(fuzz_config: Config, scenario: str) -> None:
     """Catches a member the gateway holds but quota no longer counts (found by test_fuzz_*'s
-    concurrent rule; fixed: a removal is refused while an add of what it removes is in flight). Removals are applied once their upstream answered, adds before theirs; when
+    concurrent rule; fixed: a removal is refused while an add of what it removes is in flight).
+    Removals are applied once their upstream answered, adds before theirs; when
     the remove reaches the gateway first and the add second, the remove's settle still takes the
     member away:
     - group member: POST .../chatgroups/{g}/users/dave is checked (dave counted), DELETE

@@ -120,7 +120,8 @@ class TestEnforcement:
         assert client.http.get(f"/{FREE}/chatmessages/{hour}").status_code == 200
         r = client.http.get(f"/{FREE}/chatmessages/{hour}")
         assert r.status_code == 429 and r.json()["error"] == "reach_limit"
-        assert int(r.headers["retry-after"]) > 1 and r.headers["ratelimit-remaining"] == "0"
+        # Sliding window of a clock-aligned minute: near its end the next hit may fit within a second.
+        assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["ratelimit-remaining"] == "0"
 
     def test_failed_upstream_is_undone(self, client: Client) -> None:
         """A friend add the gateway refuses (404: no such user) leaves the counter as it was.

@@ -596,11 +596,13 @@ async def test_cancelled_probe_does_not_jam_the_breaker(clock: Clock) -> None:
         """A real memory store behind a switch: down (raises) or stalled (never answers)."""
 
         mode = "up"
+        stalled = asyncio.Event()
 
         async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
             if self.mode == "down":
                 raise StorageError("down")
             if self.mode == "stalled":
+                self.stalled.set()
                 await asyncio.Event().wait()
             return await super().run(program, now_ms, dry)
 
@@ -617,7 +619,7 @@ async def test_cancelled_probe_does_not_jam_the_breaker(clock: Clock) -> None:
         breaker_now[0] += 1.0  # half-open: the next store call is the probe
         store.mode = "stalled"
         probe = asyncio.ensure_future(client.post(f"/{PRO}/users/a/contacts/users/b"))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(store.stalled.wait(), 10)  # the probe is inside the store call
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe

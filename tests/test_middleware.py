@@ -375,19 +375,36 @@ async def test_feature_gates(client: httpx.AsyncClient, method: str, path: str, 
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize(
-    "app,days,kept",
-    [(FREE, 7, True), (FREE, 8, False), (BASIC, 89, True), (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)],
-)
-async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int, kept: bool) -> None:
-    """History older than the plan's message_retention_days is refused."""
+@pytest.mark.parametrize("app,days", [(FREE, 7), (BASIC, 90), (PRO, 180), (ENT, 180)])
+async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int) -> None:
+    """Catches retention off by one at its boundary, or missing on enterprise: with the clock on the
+    hour, the hour exactly 7, 90 or 180 days back (enterprise: its default 180) is kept and the hour
+    before it refused."""
+    clock.tick = 0
+    clock.now = float(int(clock.now) // 3600 * 3600)
     now = datetime.fromtimestamp(clock.now, UTC)
-    hour = (now - timedelta(days=days) + timedelta(hours=1)).strftime("%Y%m%d%H")
-    r = await client.get(f"/{app}/chatmessages/{hour}")
-    if kept:
-        assert r.status_code == 200, r.text
-    else:
-        assert_refused(r, 403, "forbidden_op", "message_retention_days")
+    r = await client.get(f"/{app}/chatmessages/{now - timedelta(days=days):%Y%m%d%H}")
+    assert r.status_code == 200, r.text
+    clock.advance(120)  # past the history export's once-a-minute rate
+    r = await client.get(f"/{app}/chatmessages/{now - timedelta(days=days, hours=1):%Y%m%d%H}")
+    assert_refused(r, 403, "forbidden_op", f"message_retention_days is {days} on plan")
+
+
+async def test_enterprise_retention_override(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches retention read from the plan instead of the account: an enterprise account whose
+    override is 30 days still served 180 days of history."""
+    path = config_dir / "accounts.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["accounts"]["demo-enterprise"]["overrides"] = {"message_retention_days": 30}
+    path.write_text(yaml.safe_dump(doc))
+    clock.tick = 0
+    clock.now = float(int(clock.now) // 3600 * 3600)
+    now = datetime.fromtimestamp(clock.now, UTC)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        assert (await client.get(f"/{ENT}/chatmessages/{now - timedelta(days=30):%Y%m%d%H}")).status_code == 200
+        clock.advance(120)
+        r = await client.get(f"/{ENT}/chatmessages/{now - timedelta(days=30, hours=1):%Y%m%d%H}")
+        assert_refused(r, 403, "forbidden_op", "message_retention_days is 30 on plan enterprise")
 
 
 async def test_concurrent_joins_exact(client: httpx.AsyncClient) -> None:

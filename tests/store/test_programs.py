@@ -1,0 +1,82 @@
+"""Programs of several ops on every store, at instants the test chooses: rates checked beside
+counters (the differential test of test_rates.py with a counter in the same program), and the
+expiry of a create's reservation. Keys are spelled out and read raw."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from quota.store.program import UNLIMITED, AddOp, Program, RateOp
+from tests.helpers import raw_deadlines, raw_members
+from tests.store.test_rates import schedule
+
+GROUPS = "q:{demo#pro}:s:app_groups:o:demo%23pro"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("limit", [1, 3, 5])
+async def test_rate_beside_a_counter_decides_like_limits(store: Any, seed: int, limit: int) -> None:
+    """Catches a rate checked differently when the program also holds a counter (the memory store
+    takes a shortcut for rate-only programs): every hit of a random schedule, a rate and an add to
+    an uncapped set in one program, is allowed exactly as limits' sliding window decides, and each
+    allowed hit adds its member."""
+    item = RateLimitItemPerSecond(limit, 1)
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    ours, theirs = [], []
+    for i, now_ms in enumerate(schedule(seed, 300)):
+        with mock.patch("time.time", return_value=now_ms / 1000):
+            theirs.append(await reference.hit(item, "k"))
+        rate = RateOp("q:{demo#pro}:r:users.register:rest_per_ip:k", limit, 1000, 1, "rest_per_ip")
+        add = AddOp("registered_users", "q:{demo#pro}:s:app_users:o:demo%23pro", UNLIMITED, (f"u{i}",))
+        outcome = await store.run(Program([rate, add]), now_ms)
+        ours.append(outcome.allowed)
+    assert ours == theirs
+    assert 0 < sum(ours) < len(ours)
+    counted = await raw_members(store, "q:{demo#pro}:s:app_users:o:demo%23pro")
+    assert counted == {f"u{i}" for i, ok in enumerate(ours) if ok}
+
+
+async def test_rate_then_capped_counter_refuses_without_counting(store: Any) -> None:
+    """Catches a program refused by its counter that still spends its rate budget (or the reverse):
+    a refused request counts nothing, not a rate hit, not a member."""
+    rate = RateOp("q:{demo#pro}:r:groups.add_member:rest_per_ip:k", 2, 1000, 1, "rest_per_ip")
+    now = 9_000_000_000_100
+    full = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:1", 1, ("a",))
+    assert (await store.run(Program([rate, full]), now)).allowed
+    over = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:1", 1, ("b",))
+    for _ in range(3):
+        refused = await store.run(Program([rate, over]), now)
+        assert refused.refusal is not None and refused.refusal.kind == "owner" and refused.refusal.op_index == 1
+    other = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:2", 1, ("b",))
+    assert (await store.run(Program([rate, other]), now)).allowed  # the second hit of 2
+    refused = await store.run(
+        Program([rate, AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:3", 1, ("c",))]), now
+    )
+    assert refused.refusal is not None and refused.refusal.kind == "rate"
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:1") == {"a"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:3") == set()
+
+
+async def test_create_reservation_expires_after_60_s(store: Any) -> None:
+    """Catches reservations that never expire (a create whose process died holding the app's last
+    group slot forever) or expire early: a slot reserved at t blocks the cap until t + 60 s - 1 ms
+    and is freed, and purged from the set, at t + 60 s."""
+    t = 9_100_000_000_000
+
+    def create(tag: str) -> AddOp:
+        return AddOp("groups_per_app", GROUPS, 1, (f"~pending:{tag}",), pending_ttl_ms=60_000)
+
+    assert (await store.run(Program([create("first")]), t)).allowed
+    assert await raw_members(store, GROUPS) == {"~pending:first"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:first": t + 60_000}
+    late = await store.run(Program([create("second")]), t + 59_999)
+    assert late.refusal is not None and late.refusal.kind == "owner"
+    assert (await store.run(Program([create("third")]), t + 60_000)).allowed
+    assert await raw_members(store, GROUPS) == {"~pending:third"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:third": t + 120_000}

@@ -58,16 +58,6 @@ def test_total_is_rounded_once_at_the_end() -> None:
     assert (bill.plan_fee, bill.overage) == (Decimal("30.621"), Decimal("0.003"))
 
 
-def test_free_never_bills_overage() -> None:
-    """Catches free billing an overage (it has no overage price: past 100 DAU logins are refused),
-    and the bill not saying why 50 over costs nothing."""
-    bill = compute_bill(load_config().matrix.plans["free"], [AppPeak("a", 150)], 2026, 3)
-    assert (bill.usage, bill.included, bill.excess) == (150, 100, 50)
-    assert bill.overage == Decimal("0.000") and bill.total == Decimal("0.000")
-    assert bill.overage_price is None
-    assert bill.notes == ("plan free has no overage: logins past 100 DAU are refused",)
-
-
 async def test_bill_account_and_plan_change_over_admin_api(
     store: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ from quota.gateway import create_gateway
 from quota.identifiers import IdPolicy
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, entitlements, gateway_state, register, room_id
+from tests.helpers import create_room, entitlements, gateway_state, raw_members, register, room_id
 
 FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
 IM_ERROR_KEYS = {"error", "exception", "timestamp", "duration", "error_description"}
@@ -407,17 +407,34 @@ async def test_enterprise_retention_override(store: Any, clock: Clock, config_di
         assert_refused(r, 403, "forbidden_op", "message_retention_days is 30 on plan enterprise")
 
 
-async def test_concurrent_joins_exact(client: httpx.AsyncClient) -> None:
-    """500 concurrent joins against a cap of 250 leave exactly 250 members."""
-    users = [f"c{i}" for i in range(500)]
-    await register(client, BASIC, ["owner", *users])
-    rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
-    results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
-    codes = [r.status_code for r in results]
-    assert codes.count(200) == 250 and codes.count(403) == 250
-    assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
-    ent = await entitlements(client, BASIC, group=rid)
-    assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 250
+async def test_concurrent_joins_exact(store: Any, clock: Clock) -> None:
+    """Catches a cap that concurrent joins walk past (a check and its add not atomic): 500 joins
+    against basic's 250 members per group, with every admitted join held at the upstream until 250
+    are in flight at once, so all the others are checked while those adds are unsettled. Exactly
+    250 pass, on the memory store too (which only races when a request awaits between its check
+    and its add)."""
+    gateway = create_gateway()
+    in_flight = {"n": 0}
+    full = asyncio.Event()
+
+    async def holding(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and "/chatgroups/" in scope["path"]:
+            in_flight["n"] += 1
+            if in_flight["n"] >= 250:
+                full.set()
+            await asyncio.wait_for(full.wait(), 30)
+        await gateway(scope, receive, send)
+
+    holding.state = gateway.state  # type: ignore[attr-defined]
+    async with make_client(store, clock, upstream=holding) as client:
+        users = [f"c{i}" for i in range(500)]
+        await register(client, BASIC, ["owner", *users])
+        rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
+        results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
+        codes = [r.status_code for r in results]
+        assert codes.count(200) == 250 and codes.count(403) == 250 and in_flight["n"] == 250
+        assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
+        assert len(await raw_members(store, f"q:{{demo#basic}}:s:group_members:o:{rid}")) == 250
 
 
 async def test_upstream_failures_are_undone(store: Any, clock: Clock) -> None:
@@ -510,11 +527,64 @@ class TestInput:
         """An app no account holds is refused, not let through unmetered."""
         assert_refused(await client.get("/nobody/nothing/users"), 404, "service_resource_not_found")
 
-    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient) -> None:
-        """Allowed responses keep the upstream's status, body and headers."""
-        r = await client.get(f"/{PRO}/users/missing")
-        assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
-        assert "ratelimit-limit" not in r.headers
+    @pytest.mark.parametrize(
+        "method,path",
+        [
+            ("GET", "/users/a"),  # a rate only
+            ("POST", "/users/a/contacts/users/b"),  # a counter, settled after the answer
+            ("POST", "/chatgroups"),  # a create: its answer is read for the id
+            ("POST", "/messages/chatgroups"),  # a feature and a route rate
+        ],
+    )
+    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient, method: str, path: str) -> None:
+        """Catches an allowed answer changed on its way back (a header added or dropped, the status,
+        the body) or no longer streamed (chunks joined, `more_body` lost): the client gets exactly
+        the messages the upstream sent, chunk by chunk."""
+        mw = client._transport.app  # type: ignore[attr-defined]
+        upstream_sent: list[Any] = []
+
+        async def streaming(scope: Any, receive: Any, send: Any) -> None:
+            async def keep(message: Any) -> None:
+                upstream_sent.append(message)
+                await send(message)
+
+            headers = [
+                (b"content-type", b"application/x-ndjson"),
+                (b"x-upstream", b"yes"),
+                (b"set-cookie", b"a=1"),
+                (b"set-cookie", b"b=2"),
+            ]
+            await keep({"type": "http.response.start", "status": 207, "headers": headers})
+            for chunk in (b'{"data": {"groupid": "5"}}', b"\n", b"second\n"):
+                await keep({"type": "http.response.body", "body": chunk, "more_body": True})
+            await keep({"type": "http.response.body", "body": b"", "more_body": False})
+
+        mw.app = streaming
+        got: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b'{"owner": "a", "to": ["g"]}', "more_body": False}
+
+        async def send(message: Any) -> None:
+            got.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": f"/{PRO}{path}",
+            "raw_path": f"/{PRO}{path}".encode(),
+            "root_path": "",
+            "query_string": b"",
+            "client": ("10.1.2.3", 1234),
+            "server": ("gateway", 80),
+            "headers": [(b"content-type", b"application/json"), (b"accept-encoding", b"gzip")],
+        }
+        await mw(scope, receive, send)
+        assert len(upstream_sent) == 5
+        assert got == upstream_sent
 
 
 class TestClientIp:

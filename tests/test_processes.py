@@ -210,7 +210,7 @@ async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None
                 c.post(
                     f"{a}/demo/pro/chatgroups/777/users",
                     json={"usernames": ["u1", "ghost"]},
-                    headers={"x-test-hold": "1.5"},
+                    headers={"x-test-hold": "test:release"},
                 )
             )
             deadline = time.time() + 10
@@ -220,6 +220,8 @@ async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None
             assert not batch.done()
             single = await c.post(f"{b}/demo/pro/chatgroups/777/users/u1")
             assert single.status_code == 200
+            assert not batch.done()  # A's batch is still held: B joined while A's add was unsettled
+            r.set("test:release", 1)
             assert (await batch).status_code == 404
         assert r.smembers(key) == {b"u1"}
         assert r.smembers("q:{demo#pro}:s:group_members:m:u1") == {b"777"}

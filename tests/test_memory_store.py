@@ -1,1 +1,101 @@
-"""Placeholder."""
+"""The memory store's own machinery: its rate-only shortcut against its general program path and
+against limits, field by field, and the bounds on its rate state (the sweep and MAX_RATE_KEYS)."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from quota.store.memory import SWEEP_EVERY, MemoryStore
+from quota.store.program import UNLIMITED, AddOp, Outcome, Program, RateOp
+from tests.store.test_rates import schedule
+
+KEY = "q:{demo#pro}:r:users.get:rest_per_ip:10.1.2.3"
+
+
+def _fields(outcome: Outcome) -> tuple[Any, ...]:
+    refusal = outcome.refusal
+    if refusal is not None:
+        return ("refused", refusal.kind, refusal.used, refusal.cap, refusal.retry_after_ms, refusal.reset_ms)
+    (state,) = outcome.rates
+    return ("allowed", state.name, state.limit, state.remaining, state.reset_ms)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("limit,window_ms", [(1, 1000), (3, 1000), (5, 1000), (2, 60_000)])
+async def test_rate_only_shortcut_equals_the_program_path(seed: int, limit: int, window_ms: int) -> None:
+    """Catches the rate-only shortcut (`_rate_only`, every read route) drifting from the general
+    program path or from limits: each hit of a random schedule gets the same decision, remaining
+    budget, reset, used count and Retry-After both ways, and the same decision as limits."""
+    shortcut, general = MemoryStore(), MemoryStore()
+    item = RateLimitItemPerSecond(limit, window_ms // 1000)
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    for i, now_ms in enumerate(schedule(seed, 300)):
+        op = RateOp(KEY, limit, window_ms, 1, "rest_per_ip")
+        fast = await shortcut.run(Program([op]), now_ms)
+        slow = await general.run(Program([op, AddOp("", "q:{demo#pro}:s:x:o:y", UNLIMITED, (f"m{i}",))]), now_ms)
+        assert _fields(fast) == _fields(slow), (i, now_ms)
+        if window_ms == 1000:
+            with mock.patch("time.time", return_value=now_ms / 1000):
+                assert fast.allowed == await reference.hit(item, "k"), (i, now_ms)
+        if fast.refusal is not None:
+            assert fast.refusal.op_index == 0 and fast.refusal.retry_after_ms >= 1
+
+
+async def test_refusal_fields_of_the_shortcut() -> None:
+    """Catches the shortcut's refusal losing its kind, its reset or its used count: 3/s, three hits
+    250 ms into a second, the fourth refused with used 3, reset 750 ms, retry 751 ms."""
+    store = MemoryStore()
+    op = RateOp(KEY, 3, 1000, 1, "rest_per_ip")
+    now = 5_000_250
+    states = [(await store.run(Program([op]), now)).rates[0] for _ in range(3)]
+    assert [(s.remaining, s.reset_ms) for s in states] == [(2, 750), (1, 750), (0, 750)]
+    refused = (await store.run(Program([op]), now)).refusal
+    assert refused is not None
+    assert (refused.kind, refused.used, refused.cap, refused.reset_ms, refused.retry_after_ms) == (
+        "rate",
+        3,
+        3,
+        750,
+        751,
+    )
+    # Next second, 400 ms in: the previous window weighs 3 x 0.6 = 1.8 -> 1; two more fit.
+    later = [(await store.run(Program([op]), now + 1150)).allowed for _ in range(3)]
+    assert later == [True, True, False]
+
+
+async def test_sweep_keeps_live_windows() -> None:
+    """Catches the periodic sweep (every SWEEP_EVERY counted hits) dropping windows that still
+    count: a client at its limit stays refused after thousands of other clients' hits."""
+    store = MemoryStore()
+    now = 7_000_000_100
+    busy = RateOp(KEY, 5, 1000, 1, "rest_per_ip")
+    for _ in range(5):
+        assert (await store.run(Program([busy]), now)).allowed
+    for i in range(SWEEP_EVERY):
+        other = RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:c{i}", 5, 1000, 1, "rest_per_ip")
+        assert (await store.run(Program([other]), now + 1)).allowed
+    assert not (await store.run(Program([busy]), now + 2)).allowed
+    # Windows that can no longer count are swept: two windows after, the old keys are gone.
+    for i in range(SWEEP_EVERY):
+        other = RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:d{i}", 5, 1000, 1, "rest_per_ip")
+        await store.run(Program([other]), now + 3000)
+    assert KEY not in store.windows and len(store.windows) <= SWEEP_EVERY + 1
+
+
+async def test_rate_state_is_bounded() -> None:
+    """Catches MAX_RATE_KEYS not enforced (memory grows with every client): past the bound the
+    oldest keys lose their windows, the newest keep theirs (README's threat model)."""
+    store = MemoryStore(max_rate_keys=3)
+    now = 8_000_000_100
+    ops = [RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:k{i}", 1, 1000, 1, "rest_per_ip") for i in range(5)]
+    for op in ops:
+        assert (await store.run(Program([op]), now)).allowed
+    assert len(store.windows) == 3 and set(store.windows) == {op.key for op in ops[2:]}
+    assert not (await store.run(Program([ops[4]]), now)).allowed
+    assert (await store.run(Program([ops[0]]), now)).allowed

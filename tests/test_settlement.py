@@ -194,6 +194,17 @@ async def test_create_2xx_without_an_id_keeps_its_slot(store: Any, config_dir: P
         assert placeholder in counted and len(counted) == 2
 
 
+@pytest.mark.parametrize("status", [409, 500])
+async def test_refused_create_frees_its_slot_at_once(store: Any, clock: Clock, status: int) -> None:
+    """Catches a create the upstream refused keeping its reservation until it expires (60 s of a
+    slot held for nothing), or an undo that cannot handle a reservation (no claim fields)."""
+    upstream = Answering(status, _posts_to("/chatgroups"))
+    async with make_client(store, clock, upstream=upstream) as client:
+        assert (await create_room(client, PRO, "chatgroups", "own")).status_code == status
+        assert await raw_members(store, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()
+        assert await raw_deadlines(store, "q:{demo#pro}:s:app_groups:o:demo%23pro:pending") == {}
+
+
 async def test_shadow_mode_lets_a_429_through(store: Any, clock: Clock, config_dir: Path) -> None:
     """Catches shadow mode applying to 403s only: past the rate, a shadowed route still answered
     429 instead of passing the request on with the refusal in `x-quota-shadow`."""

@@ -12,7 +12,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from quota.store.program import UNLIMITED, AddOp, Program, RateOp
+from quota.store.program import UNLIMITED, AddOp, Program, RateOp, RenewOp, UndoOp
 from tests.helpers import raw_deadlines, raw_members
 from tests.store.test_rates import schedule
 
@@ -80,3 +80,44 @@ async def test_create_reservation_expires_after_60_s(store: Any) -> None:
     assert (await store.run(Program([create("third")]), t + 60_000)).allowed
     assert await raw_members(store, GROUPS) == {"~pending:third"}
     assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:third": t + 120_000}
+
+
+async def test_undo_keeps_a_member_whose_claim_lapsed(store: Any) -> None:
+    """Catches an undo that stops at the first lapsed claim of a batch (or removes a member whose
+    claim lapsed and was purged): a batch join [a, b] whose claim on a lapsed while b's was renewed
+    keeps a and removes b, on both sides of the relation."""
+    t = 9_200_000_000_000
+    owner = "q:{demo#pro}:s:group_members:o:7"
+    inflight = "q:{demo#pro}:s:group_members:inflight"
+    add = AddOp(
+        "members_per_group",
+        owner,
+        10,
+        ("a", "b"),
+        reverse_prefix="q:{demo#pro}:s:group_members:m:",
+        reverse_value="7",
+        inflight_key=inflight,
+        fields=("7|a", "7|b"),
+        claim_ttl_ms=60_000,
+    )
+    outcome = await store.run(Program([add]), t)
+    assert outcome.added == (("a", "b"),)
+    assert await raw_deadlines(store, inflight + ":due") == {"7|a": t + 60_000, "7|b": t + 60_000}
+    await store.run(Program([RenewOp(inflight + ":due", ("7|b",), 60_000)]), t + 50_000)
+    # Another join of the relation purges the lapsed claim (claims are purged by adds, a slice at a time).
+    other = AddOp(
+        "members_per_group",
+        "q:{demo#pro}:s:group_members:o:8",
+        10,
+        ("c",),
+        inflight_key=inflight,
+        fields=("8|c",),
+        claim_ttl_ms=60_000,
+    )
+    assert (await store.run(Program([other]), t + 61_000)).allowed
+    undo = UndoOp(owner, ("a", "b"), ("7|a", "7|b"), "q:{demo#pro}:s:group_members:m:", "7", inflight)
+    await store.run(Program([undo]), t + 62_000)
+    assert await raw_members(store, owner) == {"a"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:m:a") == {"7"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:m:b") == set()
+    assert "7|b" not in await raw_deadlines(store, inflight + ":due")

@@ -34,9 +34,7 @@ def main() -> None:
         results = [asyncio.run(worst_case(exact, 1_800_000_000_000 + offset)) for offset in (0, 250, 500, 900)]
         most = max(r[0] for r in results)
         total = sum(r[1] for r in results) / len(results)
-        print(
-            f"{name:8s} most hits in any 1 s window: {most} (limit {LIMIT}); mean admitted in {SECONDS} s: {total:.0f}"
-        )
+        print(f"{name:8s} most hits in any 1 s window: {most} (limit {LIMIT}); admitted in {SECONDS} s: {total:.0f}")
 
 
 if __name__ == "__main__":

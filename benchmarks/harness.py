@@ -27,10 +27,14 @@ import redis as redis_sync
 
 from benchmarks.inprocess import drive
 from benchmarks.load import LOAD_CORE, Server, pinned, wrk
+from benchmarks.peers import PROXY_VARIANTS
 from benchmarks.variants import SCENARIOS, VARIANTS, build
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PROXY_SCENARIOS = ("read", "write", "flood")
+PROXY_BEGIN, PROXY_END = "<!-- proxy: begin -->", "<!-- proxy: end -->"
 FAILURES: list[str] = []
+LOAD_AT_START = [0.0]
 HARNESS_COMMANDS = ("info", "config|resetstat", "flushall", "ping", "client|setinfo", "hello", "config|get")
 
 
@@ -252,8 +256,60 @@ MISSED = (
 )
 
 
+def proxy_section(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, when: str) -> str:
+    """RESULTS.md's proxy section: its own run, its own command, ratios to the bare gateway of that run."""
+    failures = "".join(f"- {failure}\n" for failure in FAILURES)
+    return "\n".join(
+        [
+            PROXY_BEGIN,
+            "## Proxy",
+            "",
+            f"Run {when} on {os.cpu_count()} cores, command: `{command}`. Load average (1 min) at the start "
+            f"{LOAD_AT_START[0]:.2f}, at the end {os.getloadavg()[0]:.2f}: the cores are shared, and above 2 "
+            "other processes take turns with the variants (two-process variants then get a larger share).",
+            "",
+            f"Versions: {versions()}.",
+            "",
+            "The gateway in its own process, a proxy in front of it, both pinned to core 0 (where the bare "
+            "gateway runs alone), wrk and Redis on core 1. `proxy-off`: quota proxy with quota's checks off "
+            "(the cost of proxying, with its own connection pool); `proxy-off-aiohttp` and `proxy-off-httpx`: "
+            "the same with aiohttp or httpx as the upstream client (benchmarks/clients.py); "
+            "`proxy-on`: quota proxy with its checks on Redis; `nginx`: nginx with `limit_req` at the same "
+            f"rate. wrk: 1 thread, {args.connections} connections, {args.seconds:g} s per run after a 1 s "
+            f"warm-up; {args.rounds} round(s), variants rotated each round; ratios are to bare in the same round.",
+            "",
+            *(["Runs that failed:", "", failures] if failures else []),
+            table(rows, "Under load, through a proxy (HTTP, wrk)", True),
+            PROXY_END,
+        ]
+    )
+
+
+def write_section(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if PROXY_BEGIN in text and PROXY_END in text:
+        before, rest = text.split(PROXY_BEGIN, 1)
+        after = rest.split(PROXY_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
 def versions() -> str:
-    names = ("quota", "starlette", "uvicorn", "httptools", "uvloop", "redis", "hiredis", "limits", "slowapi")
+    names = (
+        "quota",
+        "starlette",
+        "uvicorn",
+        "httptools",
+        "uvloop",
+        "redis",
+        "hiredis",
+        "limits",
+        "slowapi",
+        "aiohttp",
+        "httpx",
+    )
     found = []
     for name in names:
         try:
@@ -263,6 +319,9 @@ def versions() -> str:
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
     extra = [wrk_version[0].split(" [")[0] if wrk_version else "wrk ?", " ".join(redis_version[:3])]
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if os.path.exists(nginx):
+        extra.append(subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip())
     return ", ".join(found + extra)
 
 
@@ -275,13 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=6400, help="requests per in-process run")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument(
+        "--only",
+        choices=["proxy"],
+        help="proxy: the bare gateway and the proxy variants (benchmarks/peers.py), under load only; "
+        "writes RESULTS.md's proxy section and leaves the rest",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.requests = 1, 1.0, 1280
+    if args.only == "proxy":
+        if args.variants == ",".join(VARIANTS):
+            args.variants = ",".join(("bare", *PROXY_VARIANTS))
+        if args.scenarios == ",".join(SCENARIOS):
+            args.scenarios = ",".join(PROXY_SCENARIOS)
     for tool in ("wrk", "redis-server"):
         if not shutil.which(tool):
             print(f"benchmarks: {tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 2
+    LOAD_AT_START[0] = os.getloadavg()[0]
     variants, scenarios = args.variants.split(","), args.scenarios.split(",")
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     redis = OwnRedis()
@@ -293,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             load_rounds.append(
                 {s: load_round(redis, s, order, args.seconds, args.connections, not args.quick) for s in scenarios}
             )
-            proc_rounds.append({s: inprocess_round(redis, s, order, args.requests) for s in scenarios})
+            if args.only != "proxy":
+                proc_rounds.append({s: inprocess_round(redis, s, order, args.requests) for s in scenarios})
             print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         redis.stop()
@@ -324,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: r[k] for k in keys}))
         return 0
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if args.only == "proxy":
+        section = proxy_section(load_rows, args, command, when)
+        write_section(section)
+        print(section)
+        return 0
     header = (
         f"# Benchmark results\n\nRun {when} on {os.cpu_count()} cores ({platform.machine()}, Python "
         f"{platform.python_version()}), command: `{command}`.\n\nVersions: {versions()}.\n\n"

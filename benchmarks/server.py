@@ -3,6 +3,7 @@ to a core. `GET /__bench/sent` answers how many Redis commands the process's cli
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -22,23 +23,63 @@ def with_counter(app: Any) -> Any:
     return wrapped
 
 
-def main() -> None:
+def proxy_app(variant: str, scenario: str, upstream: str, redis_url: str) -> Any:
+    """A proxy variant in front of the gateway at `upstream` (benchmarks/peers.py)."""
+    from benchmarks.variants import config_dir
+    from quota.proxy import ProxyApp, Upstream
+    from quota.serve import Options, build_served
+
+    if variant == "proxy-off-httpx":
+        from benchmarks.clients import HttpxProxyApp
+
+        return HttpxProxyApp(Upstream(upstream))
+    if variant == "proxy-off-aiohttp":
+        from benchmarks.clients import AiohttpProxyApp
+
+        return AiohttpProxyApp(Upstream(upstream))
+    if variant == "proxy-off":
+        return ProxyApp(Upstream(upstream))
+    options = Options(config=str(config_dir(scenario)), redis_url=redis_url, upstream=upstream)
+    app, _ = build_served(options)
+    return app
+
+
+def main() -> int:
     import uvicorn
 
+    from benchmarks.peers import PROXY_VARIANTS, run_nginx, start_gateway
+
     variant, scenario, port, redis_url = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    counting.install()
-    app = with_counter(build(variant, scenario, redis_url))
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        http="httptools",
-        loop="uvloop",
-        access_log=False,
-        log_level="warning",
-        lifespan="off",
-    )
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; exit through `finally` then,
+    # so the gateway this process started is stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    gateway = None
+    if variant in PROXY_VARIANTS:
+        gateway, upstream = start_gateway(scenario, redis_url)
+    try:
+        if variant == "nginx":
+            return run_nginx(scenario, port, upstream)
+        counting.install()
+        app = proxy_app(variant, scenario, upstream, redis_url) if gateway else build(variant, scenario, redis_url)
+        uvicorn.run(
+            with_counter(app),
+            host="127.0.0.1",
+            port=port,
+            http="httptools",
+            loop="uvloop",
+            access_log=False,
+            log_level="warning",
+            # The proxy opens its upstream pool at startup and closes it at shutdown.
+            lifespan="on" if gateway else "off",
+            server_header=gateway is None,
+            date_header=gateway is None,
+        )
+        return 0
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

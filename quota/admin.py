@@ -8,9 +8,11 @@ things. Without any configured token the API answers 404: it is off.
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from quota import __version__
 from quota import accounts as subs
+from quota.api import Quota
 from quota.billing import bill_account
+from quota.clients import parse_hop
+from quota.config import validate_account, validate_appkey, validate_overrides
 from quota.dashboard import create_dashboard
-from quota.entitlements import entitlements
 from quota.errors import ConfigError, StorageError, UnknownAppError
 from quota.metering import usage_report
 from quota.privacy import forget_user
@@ -44,6 +49,37 @@ def _month(text: str | None) -> tuple[int, int]:
     if not (len(year) == 4 and year.isdigit() and len(month) == 2 and month.isdigit() and 1 <= int(month) <= 12):
         raise ValueError(f"month must be YYYY-MM, found {text[:20]!r}")
     return int(year), int(month)
+
+
+MAX_ADMIN_BODY = 1 << 16
+
+
+async def _payload(request: Request, shape: str) -> dict[str, Any]:
+    """A bounded JSON object body; ValueError (a 400 that says what to send) otherwise."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_ADMIN_BODY:
+            raise ValueError(f"body is over {MAX_ADMIN_BODY} bytes")
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError as exc:
+        raise ValueError(f"body must be JSON: {shape}") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"body must be a JSON object: {shape}")
+    return payload
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One admin route, with what its OpenAPI description says about it."""
+
+    path: str
+    methods: tuple[str, ...]
+    handler: Callable[..., Any]
+    scope: Scope
+    summary: str
+    body: dict[str, Any] | None = None
 
 
 def create_admin(middleware: QuotaMiddleware) -> Starlette:
@@ -69,6 +105,15 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
                 return _error(404, "service_resource_not_found", str(exc.args[0]))
             except ValueError as exc:
                 return _error(400, "illegal_argument", str(exc))
+            except ConfigError as exc:
+                body = {
+                    "error": "illegal_argument",
+                    "error_description": "the change does not validate",
+                    "problems": [str(p) for p in exc.problems],
+                }
+                return JSONResponse(body, status_code=400)
+            except Conflict as exc:
+                return _error(409, "conflict", str(exc))
             except StorageError:
                 return _error(503, "service_unavailable", "quota storage is unavailable")
 
@@ -77,7 +122,21 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     async def show_entitlements(request: Request, rt: Any) -> JSONResponse:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
         entities = {k: v for k in ("user", "group", "chatroom") if (v := request.query_params.get(k))}
-        return JSONResponse(await entitlements(rt.directory, rt.store, appkey, entities=entities))
+        return JSONResponse(await Quota.of(middleware).entitlements(appkey, entities))
+
+    async def explain(request: Request, rt: Any) -> JSONResponse:
+        q = request.query_params
+        method, path = q.get("method", "GET"), q.get("path", "")
+        if not path.startswith("/") or len(path) > rt.settings.max_url_bytes:
+            raise ValueError("path must be a request path starting with / (?method=POST&path=/org/app/...)")
+        body = q.get("body")
+        if body is not None and len(body) > rt.settings.max_body_bytes:
+            raise ValueError("body is over max_body_bytes")
+        ip = q.get("ip", "203.0.113.1")
+        if parse_hop(ip) is None:
+            raise ValueError(f"ip must be an IP address, found {ip[:45]!r}")
+        found = await Quota.of(middleware).explain(method, path, body=body, ip=ip)
+        return JSONResponse(asdict(found))
 
     async def show_usage(request: Request, rt: Any) -> JSONResponse:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
@@ -103,12 +162,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         account = rt.directory.accounts.get(name)
         if account is None:
             raise KeyError(f"unknown account {name!r}")
-        try:
-            payload = await request.json() if await request.body() else {}
-        except ValueError as exc:
-            raise ValueError("body must be JSON") from exc
-        if not isinstance(payload, dict):
-            raise ValueError("body must be a JSON object")
+        payload = await _payload(request, '{"plan": "pro", "date": "YYYY-MM-DD"}')
         unknown = set(payload) - {"date", "plan"}
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected date, plan")
@@ -132,11 +186,8 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         account = rt.directory.accounts.get(name)
         if account is None:
             raise KeyError(f"unknown account {name!r}")
-        try:
-            payload = await request.json()
-        except ValueError as exc:
-            raise ValueError('body must be JSON: {"ip_allowlist": ["10.0.0.0/8", ...]}') from exc
-        nets = payload.get("ip_allowlist") if isinstance(payload, dict) else None
+        payload = await _payload(request, '{"ip_allowlist": ["10.0.0.0/8", ...]}')
+        nets = payload.get("ip_allowlist")
         if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
             raise ValueError("ip_allowlist must be a list of addresses or networks ([] removes the allowlist)")
         for net in nets:
@@ -169,24 +220,214 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         summary = {"plans": len(cfg.matrix.plans), "routes": len(cfg.routes.rules), "accounts": len(cfg.accounts)}
         return JSONResponse({"reloaded": str(cfg.directory), **summary})
 
+    def account_or_404(rt: Any, name: str) -> subs.Account:
+        account = rt.directory.accounts.get(name)
+        if account is None:
+            raise KeyError(f"unknown account {name!r}")
+        return account  # type: ignore[no-any-return]
+
+    async def list_plans(request: Request, rt: Any) -> JSONResponse:
+        plans = [
+            {
+                "name": plan.name,
+                "monthly_fee": str(plan.price.monthly_fee),
+                "included_dau": plan.price.included_dau,
+                "overage_per_10k_dau": None
+                if plan.price.overage_per_10k_dau is None
+                else str(plan.price.overage_per_10k_dau),
+                "custom": sorted(plan.custom),
+            }
+            for plan in rt.config.matrix.plans.values()
+        ]
+        return JSONResponse({"plans": plans})
+
+    async def list_accounts(request: Request, rt: Any) -> JSONResponse:
+        today = date.today()
+        hidden = set(rt.directory.hidden_edits())
+        accounts = [
+            {
+                "name": acc.name,
+                "plan": acc.plan_on(today),
+                "apps": list(acc.apps),
+                "frozen": acc.frozen_on is not None,
+                "source": ("stored" if name not in rt.directory.configured else "accounts.yaml + stored")
+                if name in rt.directory.stored
+                else "accounts.yaml",
+                "hides_yaml_edit": name in hidden,
+            }
+            for name, acc in sorted(rt.directory.accounts.items())
+        ]
+        return JSONResponse({"accounts": accounts})
+
+    async def list_apps(request: Request, rt: Any) -> JSONResponse:
+        today = date.today()
+        apps = [
+            {"app": app, "account": acc.name, "plan": acc.plan_on(today)}
+            for acc in rt.directory.accounts.values()
+            for app in acc.apps
+        ]
+        return JSONResponse({"apps": sorted(apps, key=lambda a: a["app"])})
+
+    async def create_account(request: Request, rt: Any) -> JSONResponse:
+        payload = await _payload(request, '{"name": "acme", "plan": "pro", "apps": ["acme#chat"]}')
+        name = payload.pop("name", None)
+        account = validate_account(rt.config.matrix, name, payload)
+        if name in rt.directory.accounts:
+            raise Conflict(f"account {name!r} exists")
+        _check_apps_free(rt, account.name, account.apps)
+        await rt.directory.save(account)
+        return JSONResponse(account.to_json(), status_code=201)
+
+    async def attach_app(request: Request, rt: Any) -> JSONResponse:
+        account = account_or_404(rt, request.path_params["account"])
+        appkey = validate_appkey(f"{request.path_params['org']}#{request.path_params['app']}")
+        _check_apps_free(rt, account.name, (appkey,))
+        updated = replace(account, apps=tuple(dict.fromkeys((*account.apps, appkey))))
+        await rt.directory.save(updated)
+        return JSONResponse(updated.to_json())
+
+    async def detach_app(request: Request, rt: Any) -> JSONResponse:
+        account = account_or_404(rt, request.path_params["account"])
+        appkey = f"{request.path_params['org']}#{request.path_params['app']}"
+        if appkey not in account.apps:
+            raise KeyError(f"account {account.name!r} has no app {appkey!r}")
+        updated = replace(account, apps=tuple(a for a in account.apps if a != appkey))
+        await rt.directory.save(updated)
+        return JSONResponse(updated.to_json())
+
+    async def set_overrides(request: Request, rt: Any) -> JSONResponse:
+        account = account_or_404(rt, request.path_params["account"])
+        payload = await _payload(request, '{"members_per_group": 8000, "online_users": "unlimited"}')
+        plan = account.plan_on(date.today()) or (account.subscriptions[-1].plan if account.subscriptions else None)
+        overrides = validate_overrides(rt.config.matrix, plan, payload)
+        updated = replace(account, overrides=overrides)
+        await rt.directory.save(updated)
+        return JSONResponse(updated.to_json())
+
+    async def show_overlay(request: Request, rt: Any) -> JSONResponse:
+        name = request.path_params["account"]
+        account_or_404(rt, name)
+        return JSONResponse({"account": name, "overlay": rt.directory.diff(name)})
+
+    async def reset_overlay(request: Request, rt: Any) -> JSONResponse:
+        name = request.path_params["account"]
+        account_or_404(rt, name)
+        if not await rt.directory.reset(name):
+            raise KeyError(f"account {name!r} has no stored changes")
+        return JSONResponse({"account": name, "reset": True})
+
     async def metrics(request: Request, rt: Any) -> Response:
         return Response(middleware.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    obj = {"type": "object"}
+    endpoints = [
+        Endpoint("/metrics", ("GET",), metrics, "read", "Prometheus metrics of this process"),
+        Endpoint("/reload", ("POST",), reload, "admin", "re-read config/; a config that does not validate is refused"),
+        Endpoint("/forget/{org}/{app}/{user}", ("POST",), forget, "admin", "personal data deletion of one user"),
+        Endpoint("/entitlements/{org}/{app}", ("GET",), show_entitlements, "read", "an app's plan and usage"),
+        Endpoint("/explain", ("GET",), explain, "read", "the decision quota would make (?method=&path=&body=&ip=)"),
+        Endpoint("/usage/{org}/{app}", ("GET",), show_usage, "read", "an app's month: DAU per day, MAU, peaks"),
+        Endpoint("/bills/{account}", ("GET",), show_bill, "read", "an account's bill for a month (?month=YYYY-MM)"),
+        Endpoint("/plans", ("GET",), list_plans, "read", "the plans of the matrix"),
+        Endpoint("/apps", ("GET",), list_apps, "read", "every app with its account and plan"),
+        Endpoint("/accounts", ("GET",), list_accounts, "read", "every account, and whether stored changes overlay it"),
+        Endpoint("/accounts", ("POST",), create_account, "admin", "create an account (accounts.yaml's shape)", obj),
+        Endpoint("/accounts/{account}", ("GET",), show_account, "read", "one account"),
+        Endpoint("/accounts/{account}/overlay", ("GET",), show_overlay, "read", "what stored changes alter"),
+        Endpoint("/accounts/{account}/overlay", ("DELETE",), reset_overlay, "admin", "drop stored changes"),
+        Endpoint("/accounts/{account}/overrides", ("PUT",), set_overrides, "admin", "set custom limits", obj),
+        Endpoint("/accounts/{account}/allowlist", ("PUT",), set_allowlist, "admin", "set the IP allowlist", obj),
+        Endpoint("/accounts/{account}/apps/{org}/{app}", ("PUT",), attach_app, "admin", "attach an app"),
+        Endpoint("/accounts/{account}/apps/{org}/{app}", ("DELETE",), detach_app, "admin", "detach an app"),
+        Endpoint(
+            "/accounts/{account}/{action}",
+            ("POST",),
+            change,
+            "admin",
+            "subscribe, change-plan, cancel, freeze or unfreeze",
+            obj,
+        ),
+    ]
+    spec = openapi(endpoints, middleware.runtime.settings.admin_prefix)
+
+    async def show_openapi(request: Request) -> JSONResponse:
+        return JSONResponse(spec)
+
     return Starlette(
         routes=[
-            Route("/metrics", guarded(metrics)),
-            Route("/reload", guarded(reload, "admin"), methods=["POST"]),
-            Route("/forget/{org}/{app}/{user}", guarded(forget, "admin"), methods=["POST"]),
-            Route("/entitlements/{org}/{app}", guarded(show_entitlements)),
-            Route("/usage/{org}/{app}", guarded(show_usage)),
-            Route("/bills/{account}", guarded(show_bill)),
-            Route("/accounts/{account}", guarded(show_account)),
-            Route("/accounts/{account}/allowlist", guarded(set_allowlist, "admin"), methods=["PUT"]),
-            Route("/accounts/{account}/{action}", guarded(change, "admin"), methods=["POST"]),
+            *(Route(e.path, guarded(e.handler, e.scope), methods=list(e.methods)) for e in endpoints),
+            # The description of the API is not data: it answers without a token.
+            Route("/openapi.json", show_openapi),
             # Its own login (a cookie, not a bearer header): a browser cannot send the header.
             Mount("/dashboard", app=create_dashboard(middleware)),
         ]
     )
+
+
+class Conflict(Exception):
+    pass
+
+
+def _money(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _check_apps_free(rt: Any, name: str, apps: tuple[str, ...]) -> None:
+    for app in apps:
+        holder = rt.directory.account_of(app)
+        if holder is not None and holder.name != name:
+            raise Conflict(f"app {app!r} is held by account {holder.name!r}; detach it there first")
+
+
+def openapi(endpoints: list[Endpoint], prefix: str) -> dict[str, Any]:
+    """OpenAPI 3.1 description of the admin API, made from the routes themselves so it cannot drift."""
+    error = {"$ref": "#/components/schemas/Error"}
+    paths: dict[str, Any] = {}
+    for e in endpoints:
+        for method in e.methods:
+            params = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in re.findall(r"\{([a-z_]+)\}", e.path)
+            ]
+            reply = {"application/json": {"schema": error}}
+            op: dict[str, Any] = {
+                "summary": e.summary,
+                "operationId": method.lower() + "_" + re.sub(r"[^a-z0-9]+", "_", e.path.lower()).strip("_"),
+                "security": [{e.scope: []}],
+                "parameters": params,
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "400": {"description": "bad input", "content": reply},
+                    "401": {"description": "no or wrong token", "content": reply},
+                    "403": {"description": "the token's scope is read", "content": reply},
+                    "404": {"description": "unknown", "content": reply},
+                },
+            }
+            if e.body is not None:
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": e.body}}}
+            paths.setdefault(prefix + e.path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "quota admin API", "version": __version__},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "read": {"type": "http", "scheme": "bearer", "description": "the read token (QUOTA_READ_TOKEN)"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "the admin token (QUOTA_ADMIN_TOKEN)"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "error_description"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "error_description": {"type": "string"},
+                        "problems": {"type": "array", "items": {"type": "string"}},
+                    },
+                }
+            },
+        },
+    }
 
 
 def apply_change(account: subs.Account, action: str, plan: str | None, day: date) -> subs.Account:

@@ -21,6 +21,7 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
+        self.probe_started = 0.0
 
     @property
     def state(self) -> State:
@@ -32,9 +33,12 @@ class CircuitBreaker:
         state = self.state
         if state == "closed":
             return True
-        if state == "half-open" and not self.probing:
-            # One request at a time tests the store; the others keep failing fast.
+        # One request at a time tests the store; the others keep failing fast. A probe that never
+        # reported (its task was cancelled) is abandoned after a cooldown, so the breaker cannot jam.
+        abandoned = self.probing and self.clock() - self.probe_started >= self.cooldown_s
+        if state == "half-open" and (not self.probing or abandoned):
             self.probing = True
+            self.probe_started = self.clock()
             return True
         return False
 

@@ -1,4 +1,9 @@
-"""The `quota` command: plans, config checks, entitlements, bills, usage, subscriptions, serve."""
+"""The `quota` command: plans, config checks, entitlements, bills, usage, subscriptions, serve, proxy.
+
+The config directory comes from --config, else QUOTA_CONFIG, else the one shipped in the package.
+The store comes from --redis, else QUOTA_REDIS_URL; commands that read or change stored state
+refuse to run without one (an empty in-memory store would answer, or save, nothing).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 from quota import cli_output as out
@@ -21,14 +28,31 @@ from quota.plans import Directory
 from quota.store import store_from_url
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_STORAGE = 4
 # What a process killed by SIGPIPE reports (128 + 13), as `cat` does when `head` stops reading.
 EXIT_CLOSED_PIPE = 141
+CONFIG_ENV = "QUOTA_CONFIG"
+REDIS_ENV = "QUOTA_REDIS_URL"
+
+
+class NeedsStore(Exception):
+    """A command that reads or changes stored state was given no store."""
 
 
 def _config(path: str | None) -> Config:
-    return load_config(path or DEFAULT_DIR)
+    return load_config(path or os.environ.get(CONFIG_ENV) or DEFAULT_DIR)
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    url: str | None = getattr(args, "redis", None) or os.environ.get(REDIS_ENV)
+    if not url:
+        raise NeedsStore(
+            f"{args.command} reads or changes stored state: give --redis URL or set {REDIS_ENV} "
+            "(the store quota serve or quota proxy writes to); an in-memory store here would be empty"
+        )
+    return url
 
 
 def plans_json(matrix: Matrix) -> dict[str, Any]:
@@ -76,9 +100,10 @@ def _month(text: str | None) -> tuple[int, int]:
     return year, month
 
 
-async def _with_store(args: argparse.Namespace, work: Any) -> Any:
+async def _with_store(args: argparse.Namespace, work: Any, *, optional: bool = False) -> Any:
+    url = "memory://" if optional else _store_url(args)
     cfg = _config(args.config)
-    store = store_from_url(args.redis or "memory://", timeout_ms=cfg.settings.storage_timeout_ms)
+    store = store_from_url(url, timeout_ms=cfg.settings.storage_timeout_ms)
     directory = Directory(cfg.matrix, cfg.accounts, store)
     try:
         await directory.refresh()
@@ -97,7 +122,7 @@ def cmd_plans(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.dir or DEFAULT_DIR)
+    cfg = _config(args.dir or args.config)
     print(
         f"{cfg.directory}: ok ({len(cfg.matrix.plans)} plans, {len(cfg.routes.rules)} routes, "
         f"{len(cfg.accounts)} accounts)"
@@ -106,15 +131,71 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_entitlements(args: argparse.Namespace) -> int:
-    from quota.entitlements import entitlements
+    from quota.api import Quota
 
     entities = {k: v for k in ("user", "group", "chatroom") if (v := getattr(args, k))}
+    # Without a store, the plan as configured (limits, features, rates); usage is stored state.
+    stored = bool(entities) or bool(args.redis or os.environ.get(REDIS_ENV))
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
-        return await entitlements(directory, store, args.app, usage=True, entities=entities)
+        return await Quota(cfg, store).entitlements(args.app, entities, usage=stored)
 
-    _print(asyncio.run(_with_store(args, work)), args.json)
+    _print(asyncio.run(_with_store(args, work, optional=not stored)), args.json)
+    if not stored:
+        print(f"quota: the plan as configured, without usage (give --redis or {REDIS_ENV} for usage)", file=sys.stderr)
     return 0
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """`quota accounts diff [NAME]`: what stored changes alter; `quota accounts reset NAME`: drop them."""
+    if not args.redis:
+        print("quota: accounts diff/reset read the stored changes: pass --redis URL", file=sys.stderr)
+        return 2
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        if args.action == "reset":
+            if not args.name:
+                raise ValueError("accounts reset needs an account name")
+            if not await directory.reset(args.name):
+                raise KeyError(f"account {args.name!r} has no stored changes")
+            return {"account": args.name, "reset": True}
+        names = [args.name] if args.name else sorted(directory.stored)
+        return {name: directory.diff(name) for name in names}
+
+    found = asyncio.run(_with_store(args, work))
+    if args.json or args.action == "reset":
+        _dump(found)
+    elif not found:
+        print("no stored changes: accounts.yaml is in force as written")
+    else:
+        for name, diff in found.items():
+            if not diff:
+                print(f"{name}: no stored changes")
+            elif "created" in diff:
+                print(f"{name}: created {diff['created']}")
+            else:
+                warn = "  (hides a later edit of accounts.yaml)" if diff["hides_a_yaml_edit"] else ""
+                print(f"{name}:{warn}")
+                for field, change in diff["fields"].items():
+                    print(f"  {field}: accounts.yaml {change['accounts.yaml']!r} -> stored {change['stored']!r}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Exit 0 when quota would allow the request, 1 when it would refuse it."""
+    from dataclasses import asdict
+
+    from quota.api import Quota
+
+    async def work(cfg: Config, directory: Directory, store: Any) -> Any:
+        return await Quota(cfg, store).explain(args.method, args.path, body=args.body, ip=args.ip)
+
+    found = asyncio.run(_with_store(args, work))
+    if args.json:
+        _dump(asdict(found))
+    else:
+        print(out.explanation(found))
+    return 0 if found.decision.allowed else 1
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -244,6 +325,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from quota.errors import UnknownAppError
     from quota.reconcile import read_source, reconcile
 
+    _store_url(args)  # before reading the source: without a store there is nothing to reconcile
     truth = read_source(args.source)
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
@@ -259,11 +341,57 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from quota.serve import serve
-
-    serve(args.config, redis_url=args.redis, host=args.host, port=args.port)
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.dir)
+    if target.exists() and any(target.iterdir()):
+        raise SystemExit(f"quota: {target} exists and is not empty; init writes only into a new or empty directory")
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sorted(DEFAULT_DIR.glob("*.yaml")):
+        shutil.copyfile(source, target / source.name)
+    print(f"wrote {', '.join(p.name for p in sorted(target.glob('*.yaml')))} to {target}")
+    print(f"use it with --config {target} or {CONFIG_ENV}={target}; check it with: quota check-config {target}")
     return 0
+
+
+def _serve_options(args: argparse.Namespace) -> Any:
+    from quota.serve import Options
+
+    if args.workers < 1:
+        raise SystemExit(f"quota: --workers must be 1 or more, found {args.workers}")
+    return Options(
+        config=args.config or os.environ.get(CONFIG_ENV),
+        redis_url=args.redis or os.environ.get(REDIS_ENV),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        require_store=args.require_store,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from quota.serve import run
+
+    return run(_serve_options(args))
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from quota.proxy import Upstream
+    from quota.serve import run
+
+    options = _serve_options(args)
+    options.upstream = args.upstream
+    options.upstream_options = {
+        "connect_timeout": args.connect_timeout,
+        "read_timeout": args.read_timeout,
+        "connections": args.connections,
+        "keepalive": args.keepalive,
+        "max_body_bytes": _config(options.config).settings.max_body_bytes,
+    }
+    try:
+        Upstream(options.upstream, **options.upstream_options)
+    except ValueError as exc:
+        raise SystemExit(f"quota: {exc}") from None
+    return run(options)
 
 
 def cmd_check_routes(args: argparse.Namespace) -> int:
@@ -287,12 +415,15 @@ def cmd_check_routes(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="quota", description="Hold IM apps to their plans.")
+    top.add_argument("--version", action="version", version=f"quota {_version()}")
     sub = top.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, store: bool = False) -> None:
-        p.add_argument("--config", help=f"config directory (default {DEFAULT_DIR})")
+        p.add_argument("--config", help=f"config directory (default ${CONFIG_ENV}, else the shipped {DEFAULT_DIR})")
         if store:
-            p.add_argument("--redis", help="redis://host:port/db (default: the in-memory store, empty)")
+            p.add_argument(
+                "--redis", help=f"the store: redis://host:port/db, redis+cluster://..., ... (default ${REDIS_ENV})"
+            )
 
     p = sub.add_parser("plans", help="print the limit matrix, plans as columns")
     common(p)
@@ -301,8 +432,13 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plans)
 
     p = sub.add_parser("check-config", help="validate a config directory")
+    common(p)
     p.add_argument("dir", nargs="?")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("init", help="write an editable copy of the shipped config to a new directory")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("entitlements", help="what an app's plan allows and how much is used")
     common(p, store=True)
@@ -311,6 +447,22 @@ def parser() -> argparse.ArgumentParser:
     for kind in ("user", "group", "chatroom"):
         p.add_argument(f"--{kind}", help=f"also show one {kind}'s counters")
     p.set_defaults(func=cmd_entitlements)
+
+    p = sub.add_parser("accounts", help="stored changes to accounts: diff [NAME] shows them, reset NAME drops them")
+    common(p, store=True)
+    p.add_argument("action", choices=["diff", "reset"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_accounts)
+
+    p = sub.add_parser("explain", help="what quota would decide for a request, and why, consuming nothing")
+    common(p, store=True)
+    p.add_argument("method", help="GET, POST, PUT, DELETE, HEAD or WEBSOCKET")
+    p.add_argument("path", help="the request path, /org/app/...")
+    p.add_argument("--body", help="the request body (JSON)")
+    p.add_argument("--ip", default="203.0.113.1", help="the client's address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("usage", help="an app's DAU per day, MAU, peak online and limits in a month")
     common(p, store=True)
@@ -356,6 +508,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reconcile)
 
+    def served(p: argparse.ArgumentParser) -> None:
+        common(p, store=True)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+        p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+        p.add_argument("--workers", type=int, default=1, help="worker processes (default %(default)s)")
+        p.add_argument(
+            "--require-store",
+            action="store_true",
+            help="refuse to start when the store does not answer (default: warn, and the outage policy applies)",
+        )
+
     p = sub.add_parser("check-routes", help="list the routes an ASGI upstream serves that the route map does not name")
     common(p)
     p.add_argument(
@@ -365,11 +528,32 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_routes)
 
     p = sub.add_parser("serve", help="serve the reference IM gateway wrapped in the middleware (SIGHUP reloads)")
-    common(p, store=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    served(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("proxy", help="hold the apps of any HTTP gateway to their plans, as a reverse proxy")
+    served(p)
+    p.add_argument("--upstream", required=True, help="the gateway's base URL, http(s)://host[:port][/prefix]")
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect upstream (502 past it)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds between upstream bytes (504 past it)")
+    p.add_argument("--connections", type=int, default=256, help="most upstream connections (default %(default)s)")
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=4.0,
+        help="seconds an idle upstream connection is kept; below the upstream's own idle timeout (default %(default)s)",
+    )
+    p.set_defaults(func=cmd_proxy)
     return top
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quota")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _closed_pipe()
+    except NeedsStore as exc:
+        print(f"quota: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         print(f"quota: configuration is not valid:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG

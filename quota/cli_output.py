@@ -399,3 +399,30 @@ class Progress:
             self._draw()
             self.stream.write("\n")
             self.stream.flush()
+
+
+def explanation(found: Any) -> str:
+    """`quota explain` for people: the route, what applies, the figures, then the verdict."""
+    d = found.decision
+    lines = [
+        f"{found.method} {found.path}",
+        f"  route     {found.route}" + (f"  (app {found.app})" if found.app else ""),
+    ]
+    if found.feature:
+        lines.append(f"  feature   {found.feature}")
+    if found.retention_days is not None:
+        lines.append(f"  retention {found.retention_days} days")
+    for r in found.rates:
+        left = "none left" if r.remaining is None else f"{r.remaining} left after this one"
+        kind = "exact" if r.exact else "sliding"
+        lines.append(f"  rate      {r.name}: {r.limit} per {r.window_s:g} s ({kind}), {left}")
+    for c in found.counters:
+        cap = "no cap" if c.cap is None else f"cap {c.cap}"
+        lines.append(f"  counter   {c.limit}: {c.used} used, {cap}, this request adds {c.adding}")
+    if d.allowed:
+        lines.append("  decision  allowed")
+    else:
+        retry = f", retry after {d.retry_after_s} s" if d.retry_after_s else ""
+        lines.append(f"  decision  refused: {d.status} {d.error} ({d.limit or '-'}){retry}")
+        lines.append(f"            {d.reason}")
+    return "\n".join(lines)

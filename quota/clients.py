@@ -48,6 +48,7 @@ class ClientAddress:
         self.trusted = trusted
         self.ipv6_prefix = ipv6_prefix
         self._peers: dict[str, bool] = {}
+        self._spelled: dict[str, str] = {}
         self._key = lru_cache(maxsize=PEER_CACHE)(self._rate_key)
 
     def _is_trusted(self, addr: Address) -> bool:
@@ -66,7 +67,7 @@ class ClientAddress:
     def address(self, scope: Scope) -> str:
         """The client's address as text (the peer's, unless a trusted proxy forwarded the request)."""
         client = scope.get("client")
-        peer = str(client[0]) if client else ""
+        peer = self._canonical(str(client[0])) if client else ""
         if not self.trusted or not peer or not self._peer_trusted(peer):
             return peer
         lines = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
@@ -82,6 +83,18 @@ class ClientAddress:
                 return str(addr)
         first = parse_hop(hops[0]) if hops else None
         return str(first) if first is not None else peer
+
+    def _canonical(self, peer: str) -> str:
+        # One spelling per address (an IPv4-mapped IPv6 peer is its IPv4 address), so allowlists,
+        # trust and rate keys agree on who it is.
+        known = self._spelled.get(peer)
+        if known is None:
+            addr = parse_hop(peer)
+            known = str(addr) if addr is not None else peer[:64]
+            if len(self._spelled) >= PEER_CACHE:
+                self._spelled.clear()
+            self._spelled[peer] = known
+        return known
 
     def key(self, address: str) -> str:
         """The rate key of an address: itself for IPv4, its network for IPv6."""

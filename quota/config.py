@@ -10,6 +10,7 @@ Files in a config directory:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -27,10 +28,24 @@ from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matri
 from quota.routes import Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.tokens import MIN_LENGTH
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "config"
+# quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
+# the files it points to into the package, so an installed quota finds its default config there.
+DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    """Usage-threshold webhooks (quota/webhooks.py): off when `urls` is empty."""
+
+    urls: tuple[str, ...] = ()
+    secret: str = ""
+    thresholds: tuple[int, ...] = (80, 100)
+    attempts: int = 5
+    retry_base_ms: int = 500
+    timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,9 @@ class Settings:
     # Path plus query string: longer ones are refused (414) before anything is read.
     max_url_bytes: int = 8192
     identifiers: IdPolicy = field(default_factory=IdPolicy)
+    # RateLimit-Limit/Remaining/Reset on allowed responses too (refusals always carry them).
+    ratelimit_headers: bool = True
+    webhooks: Webhooks = field(default_factory=Webhooks)
 
 
 @dataclass(frozen=True)
@@ -530,22 +548,7 @@ class _Accounts(_Checker):
                     )
                 else:
                     owner[app] = str(name)
-            overrides: dict[str, int | None] = {}
-            for lname, value in self.mapping(node.get("overrides") or {}, f"{key}.overrides").items():
-                okey = f"{key}.overrides.{lname}"
-                if lname not in LIMIT_NAMES:
-                    self.fail(
-                        okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}")
-                    )
-                elif plan is not None and lname not in plan.custom:
-                    custom = ", ".join(sorted(plan.custom)) or "none"
-                    self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
-                elif value == "unlimited":
-                    overrides[lname] = None
-                else:
-                    checked = self.whole(value, okey)
-                    if checked is not None:
-                        overrides[lname] = checked
+            overrides = self.overrides(node.get("overrides") or {}, f"{key}.overrides", plan)
             start = self._date(node.get("subscribed_on", date(2000, 1, 1)), f"{key}.subscribed_on")
             frozen = self._date(node["frozen_on"], f"{key}.frozen_on") if node.get("frozen_on") else None
             allow = node.get("ip_allowlist") or []
@@ -571,6 +574,24 @@ class _Accounts(_Checker):
                 dashboard_token_sha256=token_hash,
             )
         return accounts
+
+    def overrides(self, node: Any, key: str, plan: Plan | None) -> dict[str, int | None]:
+        """An account's overrides: only limits its plan marks custom, each a whole number or unlimited."""
+        overrides: dict[str, int | None] = {}
+        for lname, value in self.mapping(node, key).items():
+            okey = f"{key}.{lname}"
+            if lname not in LIMIT_NAMES:
+                self.fail(okey, f"a limit of the matrix ({', '.join(LIMIT_NAMES)})", _Said(f"unknown limit {lname!r}"))
+            elif plan is not None and lname not in plan.custom:
+                custom = ", ".join(sorted(plan.custom)) or "none"
+                self.fail(okey, f"a limit plan {plan.name} lets an account set (custom: {custom})", lname)
+            elif value == "unlimited":
+                overrides[lname] = None
+            else:
+                checked = self.whole(value, okey)
+                if checked is not None:
+                    overrides[lname] = checked
+        return overrides
 
     def _date(self, node: Any, key: str) -> date | None:
         if isinstance(node, date):
@@ -602,6 +623,8 @@ class _Settings(_Checker):
                 "ipv6_prefix",
                 "max_url_bytes",
                 "identifiers",
+                "ratelimit_headers",
+                "webhooks",
             ),
         )
         base = Settings()
@@ -640,7 +663,39 @@ class _Settings(_Checker):
             ipv6_prefix=self._prefix(node.get("ipv6_prefix", base.ipv6_prefix)),
             max_url_bytes=self.whole(node.get("max_url_bytes", base.max_url_bytes), "max_url_bytes", 256) or 256,
             identifiers=self._identifiers(node.get("identifiers") or {}),
+            ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", True), "ratelimit_headers")),
+            webhooks=self._webhooks(node.get("webhooks")),
         )
+
+    def _webhooks(self, node: Any) -> Webhooks:
+        if node is None:
+            return Webhooks()
+        node = self.mapping(
+            node, "webhooks", required=("urls",), optional=("secret_env", "thresholds", "attempts", "retry_base_ms")
+        )
+        urls = node.get("urls")
+        if not isinstance(urls, list) or not all(isinstance(u, str) and re.match(r"https?://[^\s]+$", u) for u in urls):
+            self.fail("webhooks.urls", "a list of http(s) URLs", urls)
+            urls = []
+        thresholds = node.get("thresholds", [80, 100])
+        if (
+            not isinstance(thresholds, list)
+            or not thresholds
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 100 for t in thresholds)
+        ):
+            self.fail("webhooks.thresholds", "a list of percentages from 1 to 100", thresholds)
+            thresholds = [80, 100]
+        env = node.get("secret_env", "QUOTA_WEBHOOK_SECRET")
+        secret = os.environ.get(env, "") if isinstance(env, str) else ""
+        if urls and len(secret) < MIN_LENGTH:
+            self.fail(
+                "webhooks.secret_env",
+                f"the name of an environment variable holding a signing secret of {MIN_LENGTH}+ characters",
+                _Said(f"{env!r}, which holds {len(secret)} characters"),
+            )
+        attempts = self.whole(node.get("attempts", 5), "webhooks.attempts", 1) or 5
+        base = self.whole(node.get("retry_base_ms", 500), "webhooks.retry_base_ms", 1) or 500
+        return Webhooks(tuple(urls), secret, tuple(sorted(set(thresholds))), attempts, base)
 
     def _prefix(self, node: Any) -> int:
         value = self.whole(node, "ipv6_prefix", 1)
@@ -664,9 +719,39 @@ class _Settings(_Checker):
                 self.fail(f"{key}.pattern", "a regular expression", pattern)
                 continue
             # Ids end up in storage keys and in Lua: a policy must bound their length and exclude ','.
-            if compiled.fullmatch("a" * 257) or compiled.fullmatch("a,b"):
-                self.fail(f"{key}.pattern", "a pattern that bounds length (<= 256) and excludes ','", pattern)
+            if any(compiled.fullmatch(bad) for bad in ("a" * 257, "a,b", ".", "..", "a/b")):
+                expected = "a pattern that bounds length (<= 256) and excludes ',', '/', '.' and '..'"
+                self.fail(f"{key}.pattern", expected, pattern)
                 continue
             fold = self.boolean(spec.get("fold_case", False), f"{key}.fold_case")
             rules[kind] = IdRule(str(pattern), bool(fold))  # type: ignore[index]
         return IdPolicy(rules)
+
+
+# Changes made at run time (admin API, CLI) pass the same checks, with the same messages, as accounts.yaml.
+def validate_account(matrix: Matrix, name: str, node: Any, source: str = "request body") -> Account:
+    """One account in accounts.yaml's shape; raises ConfigError naming every fault."""
+    problems: list[Problem] = []
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        problems.append(Problem(source, "name", "1-64 characters of A-Z a-z 0-9 _ . -", _show(name)))
+        raise ConfigError(problems)
+    accounts = _Accounts(Path(source), problems, matrix).build({"accounts": {name: node}})
+    if problems:
+        raise ConfigError(problems)
+    return accounts[name]
+
+
+def validate_overrides(
+    matrix: Matrix, plan: str | None, node: Any, source: str = "request body"
+) -> dict[str, int | None]:
+    problems: list[Problem] = []
+    found = _Accounts(Path(source), problems, matrix).overrides(node, "overrides", matrix.plans.get(plan or ""))
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def validate_appkey(appkey: Any, source: str = "request body") -> str:
+    if not isinstance(appkey, str) or not APPKEY.match(appkey) or len(appkey) > 129:
+        raise ConfigError([Problem(source, "app", "an appkey org#app", _show(appkey))])
+    return appkey

@@ -5,6 +5,7 @@ programs that settle it once the upstream answered.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -78,6 +79,28 @@ class RequestPlan:
     @property
     def settles(self) -> bool:
         return bool(self.adds or self.after)
+
+
+def admit(
+    rule: RouteRule, app: AppPlan, params: dict[str, str], address: str, now_s: float, ids: IdPolicy
+) -> dict[str, str] | Denial:
+    """The checks of a request that need no I/O and no body: the app's IP allowlist, its ids, the
+    account's state, the plan's features and retention. Returns the canonical params, or a Denial."""
+    if not app.allows(address):
+        return Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
+    try:
+        canonical = canonical_params(rule, params, ids)
+    except BadInput as exc:
+        return Denial(400, "illegal_argument", str(exc))
+    return gate(rule, app, canonical, now_s) or canonical
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON (None when empty); raises BadInput when it is not JSON."""
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadInput("request body is not valid JSON") from exc
 
 
 def canonical_params(rule: RouteRule, params: dict[str, str], ids: IdPolicy) -> dict[str, str]:

@@ -48,6 +48,11 @@ class StoreGuard:
                 self.breaker.failure()
                 timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
                 self._failed("storage_timeout" if timed_out else "storage_unavailable", exc)
+            except BaseException:
+                # Cancelled mid-call (a client gone, a renewal stopped): no verdict on the store, but a
+                # probe must not stay taken, or the breaker would never close again.
+                self.breaker.probing = False
+                raise
             else:
                 self.breaker.success()
                 self.metrics.storage(time.perf_counter() - started)

@@ -33,9 +33,11 @@ class IdRule:
         object.__setattr__(self, "compiled", re.compile(self.pattern))
 
 
+# `.` and `..` are no ids (an upstream that removes dot segments would route them elsewhere), and a
+# room id has one spelling (07 and 7 are one group to a gateway that parses numbers).
 DEFAULT_RULES: dict[Kind, IdRule] = {
-    "user": IdRule(r"[a-z0-9_.\-]{1,64}", fold_case=True),
-    "room": IdRule(r"[0-9]{1,32}"),
+    "user": IdRule(r"(?!\.\.?$)[a-z0-9_.\-]{1,64}", fold_case=True),
+    "room": IdRule(r"0|[1-9][0-9]{0,31}"),
 }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -40,6 +40,8 @@ class Metrics:
         self.storage_buckets = [0] * (len(BUCKETS) + 1)
         self.storage_sum = 0.0
         self.refusals = RefusalLog()
+        # Told of every cap's use after an allowed request: (app, account, plan, limit, used, cap, now).
+        self.listeners: list[Callable[[str, str, str, str, int, int, float], None]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 

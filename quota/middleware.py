@@ -29,10 +29,10 @@ from quota.decisions import (
     BadInput,
     Denial,
     RequestPlan,
+    admit,
     after_ops,
-    canonical_params,
     denial_for,
-    gate,
+    parse_body,
     plan_request,
     renew_program,
     undo_ops,
@@ -48,7 +48,7 @@ from quota.routes import Match, RouteRule
 from quota.sockets import SocketHandler
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import Outcome, Program, RateOp
+from quota.store.program import Outcome, Program, RateOp, RateState
 from quota.tokens import bearer, resolve
 
 FALLBACK_PREFIX = "q:{_}:"
@@ -184,6 +184,10 @@ class QuotaMiddleware:
                 Denial(414, "illegal_argument", f"URL over {settings.max_url_bytes} bytes"), send, started
             )
             return
+        if _odd_path(scope):
+            odd = Denial(400, "illegal_argument", "dot segments and encoded slashes are not allowed in a path")
+            await send_denial(odd, send, started)
+            return
         declared = _content_length(scope)
         if declared is not None and declared > settings.max_body_bytes:
             await send_denial(_too_large(settings), send, started)
@@ -219,7 +223,9 @@ class QuotaMiddleware:
             return
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
-        self._report(rule, app, plan, outcome)
+        self._report(rule, app, plan, outcome, started)
+        if settings.ratelimit_headers and outcome.rates:
+            send = _with_ratelimit(send, outcome.rates)
         bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
         if not plan.settles or outcome.unchecked:
             await bounded.forward(self.app, scope, send, started)
@@ -231,17 +237,11 @@ class QuotaMiddleware:
     ) -> _Verdict:
         rule = match.rule
         verdict = _Verdict(receive, match.params)
-        if not app.allows(address):
-            verdict.denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
+        admitted = admit(rule, app, match.params, address, started, rt.ids)
+        if isinstance(admitted, Denial):
+            verdict.denial = admitted
             return verdict
-        try:
-            verdict.params = canonical_params(rule, match.params, rt.ids)
-        except BadInput as exc:
-            verdict.denial = Denial(400, "illegal_argument", str(exc))
-            return verdict
-        verdict.denial = gate(rule, app, verdict.params, started)
-        if verdict.denial:
-            return verdict
+        verdict.params = admitted
         if rule.needs_body or rule.holds:
             # Read before anything is reserved: a slow body never outlives a reservation.
             raw, verdict.receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
@@ -251,9 +251,9 @@ class QuotaMiddleware:
                 return verdict
             if rule.needs_body:
                 try:
-                    verdict.body = json.loads(raw) if raw else None
-                except (ValueError, UnicodeDecodeError, RecursionError):
-                    verdict.denial = Denial(400, "illegal_argument", "request body is not valid JSON")
+                    verdict.body = parse_body(raw)
+                except BadInput as exc:
+                    verdict.denial = Denial(400, "illegal_argument", str(exc))
                     return verdict
         now_ms = int(started * 1000)
         settings = rt.settings
@@ -284,7 +284,7 @@ class QuotaMiddleware:
             verdict.outcome = result
         return verdict
 
-    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome) -> None:
+    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float) -> None:
         metrics, plan_name = self.metrics, app.plan.name
         metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
         for state in outcome.rates:
@@ -293,8 +293,13 @@ class QuotaMiddleware:
         for index, size in zip(plan.adds, outcome.sizes, strict=False):
             op = plan.before.ops[index]
             limit, cap = getattr(op, "limit", ""), getattr(op, "cap", -1)
+            if limit == "included_dau" and cap < 0:
+                # Plans that bill overage have no DAU cap, but their included DAU is still the mark.
+                cap = app.plan.price.included_dau
             if limit and cap > 0:
                 metrics.near(rule.name, limit, plan_name, size, cap)
+                for listener in metrics.listeners:
+                    listener(app.appkey, app.account.name, plan_name, limit, size, cap, now)
 
     async def _forward_settled(
         self,
@@ -314,7 +319,7 @@ class QuotaMiddleware:
         if rule.reads_response:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
-        keeper = asyncio.ensure_future(self._keep(rt, plan)) if plan.held else None
+        keeper = _Keeper(self, rt, plan) if plan.held else None
         try:
             await bounded.forward(self.app, scope, capture.wrap(send), started)
         except BaseException:
@@ -322,7 +327,7 @@ class QuotaMiddleware:
             raise
         finally:
             if keeper is not None:
-                keeper.cancel()
+                keeper.stop()
         if not 200 <= capture.status < 300 or bounded.cut:
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
@@ -331,14 +336,6 @@ class QuotaMiddleware:
             self.metrics.error("unbound_create")
         await self.guard.settle(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
-
-    async def _keep(self, rt: Runtime, plan: RequestPlan) -> None:
-        # Reservations live as long as their request: renewed while the upstream works.
-        ttl_ms = rt.settings.reservation_ttl_s * 1000
-        program = renew_program(plan, ttl_ms)
-        while True:
-            await asyncio.sleep(ttl_ms / 3000)
-            await self.guard.settle(rt, program, int(self.clock() * 1000))
 
     async def _fallback(
         self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, who: str
@@ -356,6 +353,26 @@ class QuotaMiddleware:
             await send_denial(result, send, started)
             return
         await _Bounded(receive, rt.settings.max_body_bytes, False).forward(self.app, scope, send, started)
+
+
+class _Keeper:
+    """Reservations and claims live as long as their request: renewed every third of their life
+    while the upstream works. A timer, not a task per request: most requests end long before it fires."""
+
+    def __init__(self, mw: QuotaMiddleware, rt: Runtime, plan: RequestPlan) -> None:
+        self.mw, self.rt, self.plan = mw, rt, plan
+        self.ttl_ms = rt.settings.reservation_ttl_s * 1000
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Future[Any] | None = None
+        self.handle = self.loop.call_later(self.ttl_ms / 3000, self._fire)
+
+    def _fire(self) -> None:
+        now_ms = int(self.mw.clock() * 1000)
+        self.task = asyncio.ensure_future(self.mw.guard.settle(self.rt, renew_program(self.plan, self.ttl_ms), now_ms))
+        self.handle = self.loop.call_later(self.ttl_ms / 3000, self._fire)
+
+    def stop(self) -> None:
+        self.handle.cancel()
 
 
 class _Bounded:
@@ -453,10 +470,23 @@ def _too_large(settings: Settings) -> Denial:
     return Denial(413, "request_too_large", f"request body over {settings.max_body_bytes} bytes")
 
 
+def _odd_path(scope: Scope) -> bool:
+    """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
+    normalisers such as nginx) or encoded slashes and backslashes (decoded by some, not others)."""
+    path: str = scope["path"]
+    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+        return True
+    raw: bytes = scope.get("raw_path") or b""
+    return b"%" in raw and any(code in raw.lower() for code in (b"%2f", b"%5c", b"%2e"))
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else None
+            if not value.isdigit():
+                return None
+            # Longer than any real size (and int() of 4,300+ digits raises): too large.
+            return int(value) if len(value) <= 18 else 1 << 62
     return None
 
 
@@ -465,6 +495,23 @@ def _authorization(scope: Scope) -> str:
         if name == b"authorization":
             return bearer(value.decode("latin-1"))
     return ""
+
+
+def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
+    # The rate nearest its limit speaks for the request (what a client must pace itself by).
+    state = min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
+    headers = [
+        (b"ratelimit-limit", str(state.limit).encode()),
+        (b"ratelimit-remaining", str(max(0, state.remaining)).encode()),
+        (b"ratelimit-reset", str(max(1, -(-state.reset_ms // 1000))).encode()),
+    ]
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return wrapped
 
 
 def _with_header(send: Send, name: bytes, value: bytes) -> Send:

@@ -6,14 +6,20 @@ background (once a second), never on the request path, and calls refresh() when 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import logging
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from quota.accounts import Account
 from quota.keys import app_prefix
 from quota.matrix import LimitValue, Matrix, Plan
 from quota.store import Store
+
+log = logging.getLogger("quota")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Directory:
         self._apps: dict[str, str] = {}
         self._cache: dict[str, AppPlan | None] = {}
         self._day: date | None = None
+        # Names with a stored overlay -> the fingerprint of the accounts.yaml entry it was made on.
+        self.stored: dict[str, str | None] = {}
+        self._warned: set[str] = set()
         self._index()
 
     def _index(self) -> None:
@@ -81,6 +90,9 @@ class Directory:
         except KeyError:
             pass
         account = self.account_of(appkey)
+        if account is None:
+            # Unknown apps are not cached: a flood of made-up appkeys must not grow the cache.
+            return None
         found = None
         if account is not None:
             plan_name = account.plan_on(today)
@@ -92,7 +104,9 @@ class Directory:
         return found
 
     async def refresh(self) -> None:
-        """Reload accounts changed at run time; those in the store win over the config file's."""
+        """Reload accounts changed at run time. Stored changes are an overlay on accounts.yaml: a
+        stored record wins over the file's account of the same name, until `reset` drops it. When
+        the file's account changed after the overlay was made, the overlay hides that edit: say so."""
         if self.store is None:
             return
         version, records = await self.store.load_accounts()
@@ -100,13 +114,61 @@ class Directory:
             return
         merged = dict(self.configured)
         merged.update({name: Account.from_json(rec) for name, rec in records.items()})
+        self.stored = {name: rec.get("base") for name, rec in records.items()}
         self._accounts, self.version = merged, version
         self._index()
+        for name in self.hidden_edits():
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "accounts.yaml changed account %s, but a stored change (admin API or CLI) overrides it; "
+                    "`quota accounts diff %s` shows it, `quota accounts reset %s` drops it",
+                    name,
+                    name,
+                    name,
+                )
+
+    def hidden_edits(self) -> list[str]:
+        """Accounts whose accounts.yaml entry changed after a stored change was made on top of it."""
+        return sorted(
+            name
+            for name, base in self.stored.items()
+            if name in self.configured and base != fingerprint(self.configured[name])
+        )
+
+    def diff(self, name: str) -> dict[str, Any]:
+        """What the stored overlay changes in an account, field by field ({} without an overlay)."""
+        if name not in self.stored:
+            return {}
+        now = self._accounts[name].to_json()
+        if name not in self.configured:
+            return {"created": "through the admin API or CLI (not in accounts.yaml)", "account": now}
+        was = self.configured[name].to_json()
+        changes = {k: {"accounts.yaml": was[k], "stored": now[k]} for k in now if now[k] != was.get(k)}
+        return {"fields": changes, "hides_a_yaml_edit": name in self.hidden_edits()}
+
+    async def reset(self, name: str) -> bool:
+        """Drop the stored overlay of an account: accounts.yaml applies again (or the account goes)."""
+        if self.store is None or name not in self.stored:
+            return False
+        await self.store.delete_account(name)
+        self._warned.discard(name)
+        await self.refresh()
+        return True
 
     async def save(self, account: Account) -> None:
         if self.store is None:
             self._accounts[account.name] = account
             self._index()
             return
-        await self.store.save_account(account.name, account.to_json())
+        record = {
+            **account.to_json(),
+            "base": fingerprint(self.configured[account.name]) if account.name in self.configured else None,
+        }
+        await self.store.save_account(account.name, record)
         await self.refresh()
+
+
+def fingerprint(account: Account) -> str:
+    """What an accounts.yaml entry looked like, to tell later whether it was edited."""
+    return hashlib.sha256(json.dumps(account.to_json(), sort_keys=True).encode()).hexdigest()[:16]

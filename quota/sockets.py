@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.decisions import BadInput, Denial, canonical_params, denial_for, gate, lease_op, plan_request, undo_ops
+from quota.decisions import BadInput, Denial, admit, denial_for, lease_op, plan_request, undo_ops
 from quota.plans import AppPlan
 from quota.responses import close_websocket
-from quota.store.program import Program, ReleaseOp
+from quota.store.program import UNLIMITED, Program, ReleaseOp
 
 if TYPE_CHECKING:
     from quota.middleware import QuotaMiddleware, Runtime
@@ -48,14 +49,12 @@ class SocketHandler:
         denial: Denial | None = None
         plan = None
         added: tuple[tuple[str, ...], ...] = ()
-        if not app.allows(address):
-            denial = Denial(403, "forbidden_op", f"client address {address} is not in the app's IP allowlist")
-        try:
-            params = canonical_params(rule, match.params, rt.ids)
-        except BadInput as exc:
-            denial = denial or Denial(400, "illegal_argument", str(exc))
+        admitted = admit(rule, app, match.params, address, started, rt.ids)
+        if isinstance(admitted, Denial):
+            denial = admitted
             params = match.params
-        denial = denial or gate(rule, app, params, started)
+        else:
+            params = admitted
         if denial is None:
             try:
                 plan = plan_request(
@@ -117,7 +116,10 @@ class SocketHandler:
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = mw.clock()
-            await mw.guard.settle(rt, Program([lease_op(app, mw.today(now), conn, ttl_ms)]), int(now * 1000))
+            # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
+            # that lapsed during a storage outage must count again (new connections are refused instead).
+            lease = replace(lease_op(app, mw.today(now), conn, ttl_ms), cap=UNLIMITED, share_bp=0)
+            await mw.guard.settle(rt, Program([lease]), int(now * 1000))
 
 
 async def _refuse(denial: Denial, receive: Receive, send: Send) -> None:

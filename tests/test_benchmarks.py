@@ -57,3 +57,32 @@ def test_targets_are_checked_against_the_run() -> None:
     rows[0]["ratio_to_bare"] = 0.7
     text = targets(rows)  # type: ignore[arg-type]
     assert "| write route at 0.8 of bare or better | 0.70 | **no** |" in text and "measured reason" in text
+
+
+def test_proxy_variants_run() -> None:
+    """`--only proxy` serves the gateway in its own process behind quota proxy: with checks on, a
+    write costs one Redis call; with them off, none (the harness measures what it says it does).
+    Catches: proxy variants that do not start, or measure a proxy without quota's checks."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--only",
+            "proxy",
+            "--quick",
+            "--scenarios",
+            "write",
+            "--variants",
+            "bare,proxy-off,proxy-on",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {r["variant"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
+    assert set(rows) == {"bare", "proxy-off", "proxy-on"}
+    assert rows["proxy-off"]["redis_calls_per_req"] == 0 and rows["proxy-off"]["rps"] > 0
+    assert 0.9 < rows["proxy-on"]["redis_calls_per_req"] < 1.2

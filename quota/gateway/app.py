@@ -41,7 +41,7 @@ class ApiError(Exception):
         self.status, self.error, self.description, self.exception = status, error, description, exception
 
 
-USER_ID = r"[a-z0-9_.\-]{1,64}"
+USER_ID = r"(?!\.\.?$)[a-z0-9_.\-]{1,64}"
 
 
 def _not_found(what: str) -> ApiError:

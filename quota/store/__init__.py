@@ -13,8 +13,9 @@ from quota.store.program import Outcome, Program
 
 
 class Store(Protocol):
-    async def run(self, program: Program, now_ms: int) -> Outcome:
-        """Check every op of `program`, then apply all of them or none, in one atomic step."""
+    async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
+        """Check every op of `program`, then apply all of them or none, in one atomic step. With
+        `dry`, only check: the outcome is what applying would give, and nothing changes."""
 
     async def cardinalities(self, keys: list[str]) -> list[int]:
         """The size of each set (one round trip)."""
@@ -34,6 +35,12 @@ class Store(Protocol):
         """Store one account record and bump the version; returns the new version."""
 
     async def accounts_version(self) -> int: ...
+
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        """True for the first caller to claim `key` within `ttl_s` seconds, in any process."""
+
+    async def delete_account(self, name: str) -> int:
+        """Drop one stored account record (the overlay on accounts.yaml) and bump the version."""
 
     async def scan_prefix(self, prefix: str) -> list[str]:
         """Every key starting with `prefix` (admin and reconcile only, never on the request path)."""

@@ -9,6 +9,7 @@ window is the one case where a client could get a fresh budget early; README's t
 from __future__ import annotations
 
 import copy
+import time
 from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
 from typing import Any
@@ -101,16 +102,24 @@ class MemoryStore:
         self.peak: dict[str, dict[str, int]] = {}
         self.accounts: dict[str, dict[str, Any]] = {}
         self.version = 0
+        # claim_once markers: key -> expiry (s).
+        self.markers: dict[str, int] = {}
 
-    async def run(self, program: Program, now_ms: int) -> Outcome:
+    async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
         ops = program.ops
-        if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact:
+        if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact and not dry:
             return self._rate_only(ops[0], now_ms)
         rates: list[RateState] = []
         for index, op in enumerate(ops):
             refusal = self._check(index, op, now_ms, rates)
             if refusal:
                 return Outcome(refusal=refusal)
+        if dry:
+            return Outcome(
+                rates=tuple(rates),
+                added=tuple(a for a, _ in self._would_add(ops)),
+                sizes=tuple(n for _, n in self._would_add(ops)),
+            )
         added: list[tuple[str, ...]] = []
         sizes: list[int] = []
         online = remaining = 0
@@ -264,6 +273,15 @@ class MemoryStore:
             self._zset(op.online_key).pop(op.conn)
         return ()
 
+    def _would_add(self, ops: list[Op]) -> list[tuple[tuple[str, ...], int]]:
+        out = []
+        for op in ops:
+            if isinstance(op, AddOp):
+                owner = self.sets.get(op.owner_key, set())
+                new = tuple(m for m in op.members if m not in owner)
+                out.append((new, len(owner) + len(new)))
+        return out
+
     def _zset(self, key: str, create: bool = False) -> Deadlines:
         found = self.zsets.get(key)
         if found is None:
@@ -362,6 +380,20 @@ class MemoryStore:
         return self.version
 
     async def accounts_version(self) -> int:
+        return self.version
+
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        now = int(time.time())
+        if self.markers.get(key, 0) > now:
+            return False
+        if len(self.markers) >= MAX_RATE_KEYS:
+            self.markers = {k: t for k, t in self.markers.items() if t > now}
+        self.markers[key] = now + ttl_s
+        return True
+
+    async def delete_account(self, name: str) -> int:
+        self.accounts.pop(name, None)
+        self.version += 1
         return self.version
 
     async def scan_prefix(self, prefix: str) -> list[str]:

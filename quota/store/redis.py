@@ -42,8 +42,8 @@ ACCOUNTS_KEY = "q:{accounts}:records"
 ACCOUNTS_VERSION_KEY = "q:{accounts}:version"
 
 
-def encode(program: Program, now_ms: int) -> list[str | int]:
-    args: list[str | int] = [now_ms]
+def encode(program: Program, now_ms: int, dry: bool = False) -> list[str | int]:
+    args: list[str | int] = [now_ms, "?"] if dry else [now_ms]
     for op in program.ops:
         args.extend(_encode_op(op))
     return args
@@ -216,10 +216,10 @@ class RedisStore:
         self.program = Script(PROGRAM_LUA)
         self.swap = self.client.register_script(SWAP_LUA)
 
-    async def run(self, program: Program, now_ms: int) -> Outcome:
+    async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
         if not program:
             return Outcome()
-        keys, args = [_route_key(program)], encode(program, now_ms)
+        keys, args = [_route_key(program)], encode(program, now_ms, dry)
         try:
             if self.wire is not None:
                 reply = await self.wire.evalsha(self.program, keys, args)
@@ -265,6 +265,16 @@ class RedisStore:
         # Records first, then the version that tells other processes to reload.
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(ACCOUNTS_KEY, name, json.dumps(record))
+        pipe.incr(ACCOUNTS_VERSION_KEY)
+        _, version = await self._call(pipe.execute())
+        return int(version)
+
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        return bool(await self._call(self.client.set(key, b"1", nx=True, ex=ttl_s)))
+
+    async def delete_account(self, name: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hdel(ACCOUNTS_KEY, name)
         pipe.incr(ACCOUNTS_VERSION_KEY)
         _, version = await self._call(pipe.execute())
         return int(version)

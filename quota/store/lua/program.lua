@@ -5,7 +5,8 @@
 -- aside in O(1) and emptied by later calls (W), a slice each.
 --
 -- KEYS[1]: any key of the app, for routing (every key below shares its {org#app} hash tag).
--- ARGV[1]: now, in milliseconds. ARGV[2..]: ops, each an opcode then its fields:
+-- ARGV[1]: now, in milliseconds. ARGV[2..]: ops, each an opcode then its fields (a first op "?"
+-- asks for a dry run: every check, nothing applied, the reply as if applied):
 --   R key limit window_ms cost exact                              rate (sliding window, or exact log)
 --   A owner cap pending_ttl rev_prefix rev_cap rev_value inflight claim_ttl expire_s n (m f)*n
 --                                                                 add members (capped), claimed in flight
@@ -33,6 +34,8 @@ end
 local ops = {}
 local i = 2
 local n_args = #ARGV
+local dry = ARGV[2] == "?"
+if dry then i = 3 end
 while i <= n_args do
   local code = ARGV[i]
   local op = {code = code}
@@ -174,6 +177,7 @@ for index, op in ipairs(ops) do
     if op.cap >= 0 and size + #new > op.cap then
       return {0, index - 1, "owner", size, op.cap, math.max(0, op.cap - size), 0, 0, ""}
     end
+    op.new, op.size = new, size
     if op.rprefix ~= "" and op.rcap >= 0 then
       for _, m in ipairs(new) do
         local rkey = op.rprefix .. escape(m)
@@ -192,9 +196,16 @@ for index, op in ipairs(ops) do
   end
 end
 
--- Apply.
 local adds = {}
 local online, remaining = 0, 0
+if dry then
+  for _, op in ipairs(ops) do
+    if op.code == "A" then adds[#adds + 1] = {op.new, op.size + #op.new} end
+  end
+  ops = {}
+end
+
+-- Apply.
 for _, op in ipairs(ops) do
   local code = op.code
   if code == "R" then

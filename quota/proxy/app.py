@@ -1,0 +1,195 @@
+"""ProxyApp: an ASGI app that forwards HTTP and WebSocket to one upstream gateway over a pool of
+keep-alive connections (quota/proxy/pool.py), streaming bodies both ways. Wrapped in QuotaMiddleware
+by `quota proxy`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from starlette.types import Message, Receive, Scope, Send
+
+from quota.proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, TOO_LARGE, UpstreamBroken, send_error
+from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
+from quota.proxy.pool import Pool
+
+log = logging.getLogger("quota.proxy")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where and how to reach the gateway. Timeouts in seconds; `keepalive` must stay below the
+    upstream's own idle timeout (uvicorn's is 5 s), or a reused connection may be closed under us."""
+
+    url: str
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    connections: int = 256
+    keepalive: float = 4.0
+    max_body_bytes: int = 1 << 20
+    # Derived from url in __post_init__.
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+    tls: bool = field(init=False, default=False)
+    prefix: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        expected = f"--upstream must be an http(s)://host[:port][/prefix] URL, found {self.url!r}"
+        try:
+            parsed = urlsplit(self.url)
+            port = parsed.port
+        except ValueError:
+            raise ValueError(expected) from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username is not None:
+            raise ValueError(expected)
+        if parsed.query or parsed.fragment:
+            raise ValueError(f"--upstream takes no query or fragment, found {self.url!r}")
+        for name in ("connect_timeout", "read_timeout", "connections"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be above 0, found {getattr(self, name)}")
+        if self.keepalive < 0:
+            raise ValueError(f"--keepalive must be 0 or more, found {self.keepalive}")
+        tls = parsed.scheme == "https"
+        object.__setattr__(self, "host", parsed.hostname)
+        object.__setattr__(self, "port", port or (443 if tls else 80))
+        object.__setattr__(self, "tls", tls)
+        object.__setattr__(self, "prefix", parsed.path.rstrip("/"))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class ProxyApp:
+    """Forwards every request to `upstream.url` + the request's path and query, as they came."""
+
+    def __init__(self, upstream: Upstream, *, trusted: Networks | Callable[[], Networks] = ()) -> None:
+        self.upstream = upstream
+        # A callable follows the middleware's config through reloads (serve.build_served passes one).
+        self.trusted = trusted
+        self.prefix = upstream.prefix.encode()
+        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+        self.ws_base = f"{'wss' if upstream.tls else 'ws'}://{host}:{upstream.port}"
+        self.pool = Pool(
+            upstream.host,
+            upstream.port,
+            tls=upstream.tls,
+            limit=upstream.connections,
+            keepalive=upstream.keepalive,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            from quota.proxy.websocket import relay
+
+            await relay(self, scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.pool.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def target(self, scope: Scope) -> bytes:
+        """The request target upstream: its prefix, then the path and query exactly as received."""
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        return self.prefix + path + (b"?" + query if query else b"")
+
+    def headers_for(self, scope: Scope, websocket: bool = False) -> Headers:
+        client = scope.get("client")
+        scheme: str = scope.get("scheme", "http")
+        return upstream_request_headers(
+            scope["headers"],
+            peer=client[0] if client else "",
+            # A WebSocket's scope says ws/wss; X-Forwarded-Proto names the HTTP scheme it came over.
+            scheme={"ws": "http", "wss": "https"}.get(scheme, scheme),
+            trusted=self.trusted() if callable(self.trusted) else self.trusted,
+            websocket=websocket,
+        )
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.time()
+        limit = self.upstream.max_body_bytes
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > limit:
+            await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
+            return
+        method: str = scope["method"]
+        chunked = declared is None and any(n == b"transfer-encoding" for n, _ in scope["headers"])
+        body = _stream(receive, limit) if declared is not None or chunked else None
+        try:
+            response = await self.pool.request(method, self.target(scope), self.headers_for(scope), body, declared)
+        except _TooLarge:
+            await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
+            return
+        except _ClientGone:
+            return
+        except TimeoutError:
+            log.warning("upstream timed out: %s %s", method, scope["path"])
+            await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer in time", send, started)
+            return
+        except OSError as exc:
+            log.warning("upstream unreachable: %s %s: %s", method, scope["path"], exc.__class__.__name__)
+            await send_error(BAD_GATEWAY, "the upstream gateway could not be reached", send, started)
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": client_response_headers(response.headers),
+                }
+            )
+            try:
+                async for chunk in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (TimeoutError, OSError) as exc:
+                log.warning("upstream broke off its response: %s %s: %s", method, scope["path"], exc.__class__.__name__)
+                raise UpstreamBroken(str(exc)) from None
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            response.release()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _stream(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, cut off (and the request failed) past `limit` bytes."""
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] != "http.request":
+            # The client went away: stop the upstream request too.
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return

@@ -1,0 +1,133 @@
+"""The admin API to build on: lists, account creation, apps, overrides, the overlay rule, OpenAPI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from starlette.routing import Route
+
+from quota.config import load_config
+from tests.conftest import Clock, RedisServer, make_client, run_cli
+
+TOKEN = "admin-api-token-0123456789"
+READ = "admin-api-read-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+RO = {"authorization": f"Bearer {READ}"}
+
+
+@pytest.fixture
+async def admin(store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        client.config_dir = config_dir  # type: ignore[attr-defined]
+        yield client
+
+
+async def test_lists(admin: httpx.AsyncClient) -> None:
+    """Catches list endpoints missing plans, apps or accounts, or needing the admin scope to read."""
+    plans = (await admin.get("/_quota/plans", headers=RO)).json()["plans"]
+    assert [p["name"] for p in plans] == ["free", "basic", "pro", "enterprise"]
+    assert plans[0]["overage_per_10k_dau"] is None and plans[1]["monthly_fee"] == "888"
+    apps = (await admin.get("/_quota/apps", headers=RO)).json()["apps"]
+    assert {"app": "demo#pro", "account": "demo-pro", "plan": "pro"} in apps
+    accounts = (await admin.get("/_quota/accounts", headers=RO)).json()["accounts"]
+    assert {a["name"] for a in accounts} == {"demo-free", "demo-basic", "demo-pro", "demo-enterprise"}
+    assert all(a["source"] == "accounts.yaml" for a in accounts)
+
+
+async def test_create_attach_override(admin: httpx.AsyncClient) -> None:
+    """Catches an account created through the API not enforced, an app attached twice, overrides
+    outside what the plan marks custom accepted, or a read token allowed to change things."""
+    body = {"name": "acme", "plan": "enterprise", "apps": ["acme#chat"], "overrides": {"members_per_group": 3}}
+    assert (await admin.post("/_quota/accounts", json=body, headers=RO)).status_code == 403
+    r = await admin.post("/_quota/accounts", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert (await admin.post("/_quota/accounts", json=body, headers=AUTH)).status_code == 409
+    # The new app is enforced at once, with its override.
+    await admin.post("/acme/chat/users", json=[{"username": u} for u in ("o", "a", "b", "c", "d")])
+    gid = (await admin.post("/acme/chat/chatgroups", json={"owner": "o"})).json()["data"]["groupid"]
+    r = await admin.post(f"/acme/chat/chatgroups/{gid}/users", json={"usernames": ["a", "b", "c", "d"]})
+    assert r.status_code == 403 and r.json()["limit"] == "members_per_group"
+    # Attach: a free app, and one another account holds (refused).
+    assert (await admin.put("/_quota/accounts/acme/apps/acme/ops", headers=AUTH)).status_code == 200
+    r = await admin.put("/_quota/accounts/acme/apps/demo/pro", headers=AUTH)
+    assert r.status_code == 409 and "demo-pro" in r.text
+    assert (await admin.get("/acme/ops/users")).status_code == 200
+    assert (await admin.delete("/_quota/accounts/acme/apps/acme/ops", headers=AUTH)).status_code == 200
+    assert (await admin.get("/acme/ops/users")).status_code == 404
+    # Overrides: validated with accounts.yaml's messages.
+    r = await admin.put("/_quota/accounts/acme/overrides", json={"message_retention_days": 5}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    r = await admin.put("/_quota/accounts/demo-pro/overrides", json={"members_per_group": 5}, headers=AUTH)
+    assert r.status_code == 400
+    assert "overrides.members_per_group: expected a limit plan pro lets an account set" in r.json()["problems"][0]
+    r = await admin.post("/_quota/accounts", json={"name": "bad", "plan": "gold", "apps": ["x"]}, headers=AUTH)
+    problems = r.json()["problems"]
+    assert r.status_code == 400 and any("accounts.bad.plan: expected a plan of the matrix" in p for p in problems)
+    assert any("accounts.bad.apps[0]: expected an appkey org#app" in p for p in problems)
+
+
+async def test_overlay_diff_reset_and_warning(admin: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Catches stored changes silently hiding a later accounts.yaml edit: the overlay is shown, a
+    warning is logged when the YAML entry changed under it, and a reset makes the YAML apply again."""
+    r = await admin.post("/_quota/accounts/demo-free/change-plan", json={"plan": "pro"}, headers=AUTH)
+    assert r.status_code == 200
+    overlay = (await admin.get("/_quota/accounts/demo-free/overlay", headers=RO)).json()["overlay"]
+    assert "subscriptions" in overlay["fields"] and overlay["hides_a_yaml_edit"] is False
+    accounts_yaml = admin.config_dir / "accounts.yaml"  # type: ignore[attr-defined]
+    doc = yaml.safe_load(accounts_yaml.read_text())
+    doc["accounts"]["demo-free"]["ip_allowlist"] = ["192.0.2.0/24"]
+    accounts_yaml.write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.WARNING, logger="quota"):
+        assert (await admin.post("/_quota/reload", headers=AUTH)).status_code == 200
+    assert any("demo-free" in m and "quota accounts reset" in m for m in caplog.messages)
+    listed = {a["name"]: a for a in (await admin.get("/_quota/accounts", headers=RO)).json()["accounts"]}
+    assert listed["demo-free"]["hides_yaml_edit"] and listed["demo-free"]["source"] == "accounts.yaml + stored"
+    # The YAML's allowlist is hidden by the overlay until reset.
+    assert (await admin.get("/demo/free/users")).status_code == 200
+    assert (await admin.delete("/_quota/accounts/demo-free/overlay", headers=AUTH)).status_code == 200
+    r = await admin.get("/demo/free/users")
+    assert r.status_code == 403 and "allowlist" in r.text
+    assert (await admin.delete("/_quota/accounts/demo-free/overlay", headers=AUTH)).status_code == 404
+
+
+async def test_openapi_describes_every_route(admin: httpx.AsyncClient) -> None:
+    """Catches an admin route missing from /_quota/openapi.json, or described with the wrong scope."""
+    spec = (await admin.get("/_quota/openapi.json")).json()
+    assert spec["openapi"].startswith("3.") and spec["components"]["securitySchemes"].keys() == {"read", "admin"}
+    mw = admin._transport.app  # type: ignore[attr-defined]
+    routes = [r for r in mw.admin.routes if isinstance(r, Route) and r.path != "/openapi.json"]
+    for route in routes:
+        described = spec["paths"][f"/_quota{route.path}"]
+        for method in route.methods - {"HEAD"}:
+            op = described[method.lower()]
+            scope = next(iter(op["security"][0]))
+            # The described scope is the one enforced: a read token is refused where it says admin.
+            path = route.path.replace("{org}", "demo").replace("{app}", "pro").replace("{account}", "demo-pro")
+            path = path.replace("{user}", "u").replace("{action}", "freeze")
+            r = await admin.request(method, f"/_quota{path}", headers=RO)
+            assert (r.status_code == 403) == (scope == "admin"), (method, path, r.status_code)
+    ops = {op["operationId"] for item in spec["paths"].values() for op in item.values()}
+    assert len(ops) == sum(len(item) for item in spec["paths"].values())
+
+
+@pytest.mark.redis
+def test_accounts_cli_diff_and_reset(redis_server: RedisServer) -> None:
+    """Catches `quota accounts diff/reset` not seeing or not dropping stored changes, or running
+    without a store (which would show nothing and change nothing)."""
+    redis_server.flush()
+    url = redis_server.url
+    assert run_cli("change-plan", "demo-basic", "pro", "--redis", url).returncode == 0
+    out = run_cli("accounts", "diff", "--redis", url)
+    assert out.returncode == 0 and "demo-basic:" in out.stdout and "subscriptions" in out.stdout
+    out = run_cli("accounts", "diff")
+    assert out.returncode == 2 and "--redis" in out.stderr
+    assert run_cli("accounts", "reset", "demo-basic", "--redis", url).returncode == 0
+    out = run_cli("accounts", "diff", "--redis", url)
+    assert "no stored changes" in out.stdout

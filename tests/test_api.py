@@ -1,0 +1,146 @@
+"""The application-code API (quota.Quota) and `quota explain`, on every store: typed answers, and an
+explanation that predicts the decision the middleware then makes for the real request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from quota import Decision, Quota, Usage
+from quota.config import load_config
+from tests.conftest import Clock, RedisServer, make_client, run_cli
+from tests.helpers import create_room, register, room_id
+
+TOKEN = "api-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+FREE, PRO = "demo/free", "demo/pro"
+
+
+@pytest.fixture
+async def admin(store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["free"]["limits"]["friends_per_user"] = 2
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        yield client
+
+
+def quota_of(client: httpx.AsyncClient) -> Quota:
+    return Quota.of(client._transport.app)  # type: ignore[attr-defined]
+
+
+async def test_typed_answers(admin: httpx.AsyncClient) -> None:
+    """Catches the API answering from the wrong counter, plan or feature (each call on each store)."""
+    q = quota_of(admin)
+    await register(admin, FREE, ["alice", "bob", "own"])
+    assert (await admin.post(f"/{FREE}/users/alice/contacts/users/bob")).status_code == 200
+    rid = room_id(await create_room(admin, FREE, "chatgroups", "own"), "chatgroups")
+    assert await q.feature("demo#pro", "translation") is True
+    assert await q.feature("demo#free", "translation") is False
+    assert await q.limit("demo#free", "friends_per_user", user="ALICE") == Usage(1, 2, 1)
+    assert await q.limit("demo#free", "groups_per_app") == Usage(1, 100, 99)
+    assert await q.limit("demo#free", "registered_users") == Usage(3, None, None)
+    assert await q.limit("demo#free", "members_per_group", group=rid) == Usage(0, 100, 100)
+    assert (await q.check("demo#free", "friends_per_user", user="alice")).allowed
+    refused = await q.check("demo#free", "friends_per_user", user="alice", add=2)
+    assert refused == Decision(False, refused.reason, 403, "exceed_limit", "friends_per_user")
+    assert "room for 1 more" in refused.reason
+    # check() consumes nothing.
+    assert await q.limit("demo#free", "friends_per_user", user="alice") == Usage(1, 2, 1)
+    plan = await q.plan("demo#pro")
+    assert plan.plan == "pro" and plan.features["translation"] and plan.limits["friends_per_user"] == 1000
+    assert dataclasses.is_dataclass(plan) and plan.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert (await admin.post(f"/{FREE}/token", json={"username": "alice"})).status_code == 200
+    assert await q.limit("demo#free", "included_dau") == Usage(1, 100, 99)
+    usage = await q.usage("demo#free")
+    assert usage.plan == "free" and usage.mau == 1 and usage.limits["groups_per_app"] == Usage(1, 100, 99)
+    with pytest.raises(ValueError, match="per user"):
+        await q.limit("demo#free", "friends_per_user")
+    with pytest.raises(ValueError, match="not valid"):
+        await q.limit("demo#free", "friends_per_user", user="a,b")
+
+
+async def _explain(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    params = {"method": method, "path": path, "ip": "10.1.2.3"}
+    if body is not None:
+        params["body"] = json.dumps(body)
+    r = await client.get("/_quota/explain", params=params, headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def _same(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """Explain, then send the real request: the decision must be the one the middleware makes."""
+    found = await _explain(client, method, path, body)
+    real = await client.request(method, path, json=body)
+    decision = found["decision"]
+    if decision["allowed"]:
+        assert real.status_code < 400, (found, real.text)
+    else:
+        assert real.status_code == decision["status"], (found, real.text)
+        assert real.json()["error"] == decision["error"] and real.json().get("limit") == decision["limit"]
+    return found
+
+
+async def test_explain_predicts_the_decision(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches `explain` and the middleware disagreeing, or explain consuming what it explains: a
+    friend add at the cap, a join under it, a feature refused, a history hour too old, a rate used up."""
+    await register(admin, FREE, ["a", "b", "c", "d", "own"])
+    for friend in ("b", "c"):
+        assert (await admin.post(f"/{FREE}/users/a/contacts/users/{friend}")).status_code == 200
+    at_cap = await _same(admin, "POST", f"/{FREE}/users/a/contacts/users/d")
+    assert at_cap["decision"]["limit"] == "friends_per_user"
+    assert {"limit": "friends_per_user", "cap": 2, "used": 2, "adding": 1} in at_cap["counters"]
+
+    rid = room_id(await create_room(admin, FREE, "chatgroups", "own"), "chatgroups")
+    join = await _same(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["a", "b"]})
+    assert (
+        join["decision"]["allowed"]
+        and {"limit": "members_per_group", "cap": 100, "used": 0, "adding": 2} in join["counters"]
+    )
+    feature = await _same(admin, "POST", f"/{FREE}/messages/translate", {})
+    assert feature["feature"] == "translation" and feature["decision"]["limit"] == "translation"
+    old = (datetime.fromtimestamp(clock.now, UTC) - timedelta(days=8)).strftime("%Y%m%d%H")
+    history = await _same(admin, "GET", f"/{FREE}/chatmessages/{old}")
+    assert history["retention_days"] == 7 and history["decision"]["limit"] == "message_retention_days"
+    fresh = datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d%H")
+    assert (await admin.get(f"/{PRO}/chatmessages/{fresh}")).status_code == 200
+    rate = await _same(admin, "GET", f"/{PRO}/chatmessages/{fresh}")
+    assert rate["decision"]["status"] == 429 and rate["decision"]["retry_after_s"] >= 1
+    assert rate["rates"][0]["name"] == "history_export_per_app" and rate["rates"][0]["remaining"] is None
+    # Explaining twice changes nothing: the join is still the same size.
+    again = await _explain(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["c"]})
+    assert {"limit": "members_per_group", "cap": 100, "used": 2, "adding": 1} in again["counters"]
+
+
+async def test_explain_needs_a_token_and_a_sane_query(admin: httpx.AsyncClient) -> None:
+    """Catches explain open without a token, or a bad query reaching quota as a 500."""
+    assert (await admin.get("/_quota/explain", params={"path": "/demo/free/users"})).status_code == 401
+    for params in ({"path": "nope"}, {"path": "/demo/free/users", "ip": "not-an-ip"}):
+        r = await admin.get("/_quota/explain", params=params, headers=AUTH)
+        assert r.status_code == 400, r.text
+
+
+@pytest.mark.redis
+def test_explain_cli_on_redis(redis_server: RedisServer) -> None:
+    """Catches `quota explain` not reading the store the gateway writes to (a feature and a cap)."""
+    import redis as redis_sync
+
+    redis_server.flush()
+    r = redis_sync.Redis(port=redis_server.port)
+    r.sadd("q:{demo#free}:s:contacts:o:a", *[f"f{i}" for i in range(100)])
+    r.close()
+    out = run_cli("explain", "POST", "/demo/free/users/a/contacts/users/b", "--redis", redis_server.url)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "friends_per_user: 100 used, cap 100" in out.stdout and "403 exceed_limit" in out.stdout
+    out = run_cli("explain", "POST", "/demo/free/users/z/contacts/users/b", "--json", "--redis", redis_server.url)
+    assert out.returncode == 0 and json.loads(out.stdout)["decision"]["allowed"] is True

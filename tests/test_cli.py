@@ -1,0 +1,81 @@
+"""The `quota` command as a user types it: the store's one source, the config's, init, --version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+
+from quota.cli import main
+from tests.conftest import RedisServer, run_cli
+
+STATEFUL = [
+    ["entitlements", "demo#free", "--user", "alice"],
+    ["usage", "demo#free"],
+    ["bill", "demo-basic", "--month", "2026-10"],
+    ["change-plan", "demo-basic", "pro"],
+    ["freeze", "demo-basic"],
+    ["forget-user", "demo#free", "alice"],
+    ["reconcile", "demo#free", "--source", "state.json"],
+]
+
+
+@pytest.mark.parametrize("argv", STATEFUL, ids=lambda a: a[0])
+def test_stateful_commands_need_a_store(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --redis or QUOTA_REDIS_URL, a command on stored state exits 2 and says why, instead of
+    answering from (or saving into) an empty in-memory store.
+    Catches: success printed for work saved into a throwaway in-memory store."""
+    monkeypatch.delenv("QUOTA_REDIS_URL", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--redis" in err and "QUOTA_REDIS_URL" in err
+
+
+@pytest.mark.redis
+def test_redis_url_from_the_environment(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QUOTA_REDIS_URL is the store when --redis is not given: a freeze is saved there.
+    Catches: QUOTA_REDIS_URL ignored."""
+    redis_server.flush()
+    monkeypatch.setenv("QUOTA_REDIS_URL", redis_server.url)
+    assert main(["freeze", "demo-basic", "--date", "2026-11-02", "--json"]) == 0
+    client = redis_sync.Redis(port=redis_server.port)
+    stored = b"".join(v for v in client.hgetall(next(k for k in client.keys() if client.type(k) == b"hash")).values())
+    client.close()
+    assert b"2026-11-02" in stored
+    assert main(["bill", "demo-basic", "--month", "2026-10"]) == 0
+
+
+def test_config_from_the_environment_and_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quota init DIR` writes an editable copy that validates; QUOTA_CONFIG makes quota read it.
+    Catches: QUOTA_CONFIG ignored, an init copy that does not validate, an init that overwrites."""
+    target = tmp_path / "mine"
+    assert main(["init", str(target)]) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["accounts.yaml", "plans.yaml", "quota.yaml", "routes.yaml"]
+    plans = target / "plans.yaml"
+    plans.write_text(plans.read_text().replace("friends_per_user: 100", "friends_per_user: 7", 1))
+    monkeypatch.setenv("QUOTA_CONFIG", str(target))
+    capsys.readouterr()
+    assert main(["check-config"]) == 0
+    assert str(target) in capsys.readouterr().out
+    assert main(["plans", "--json"]) == 0
+    assert '"friends_per_user": 7' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["init", str(target)])
+
+
+def test_version_and_bad_upstream() -> None:
+    """`quota --version` names the version; `quota proxy` with a malformed --upstream says what it expects.
+    Catches: a missing --version, a malformed upstream failing late or vaguely."""
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("quota 0.")
+    out = run_cli("proxy", "--upstream", "gateway:8080")
+    assert out.returncode != 0 and "http(s)://host[:port][/prefix]" in out.stderr
+    out = run_cli("proxy", "--upstream", "http://gateway:8080", "--read-timeout", "0")
+    assert out.returncode != 0 and "--read-timeout must be above 0" in out.stderr

@@ -1,0 +1,372 @@
+"""Enforcement through `quota proxy` in front of the reference gateway in another process, each
+test run the same way through `quota serve`; then what only a proxy can get wrong: an upstream
+that dies, hangs or is down, hop-by-hop headers, streaming, WebSocket relaying."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from quota.config import DEFAULT_DIR
+from quota.proxy.headers import client_response_headers, upstream_request_headers
+from tests.conftest import RedisServer
+from tests.running import Running, gateway, quota
+
+pytestmark = pytest.mark.redis
+TOKEN = "proxy-test-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+FREE = "demo/free"
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped config with free's caps made small enough to reach in a few requests."""
+    target = tmp_path_factory.mktemp("proxy") / "config"
+    target.mkdir()
+    for source in DEFAULT_DIR.glob("*.yaml"):
+        (target / source.name).write_text(source.read_text())
+    plans = yaml.safe_load((target / "plans.yaml").read_text())
+    plans["plans"]["free"]["limits"].update(friends_per_user=3, groups_per_app=2, online_users=2)
+    (target / "plans.yaml").write_text(yaml.safe_dump(plans, allow_unicode=True))
+    (target / "quota.yaml").write_text("trusted_proxies: [127.0.0.1/32]\nmax_body_bytes: 1048576\n")
+    return target
+
+
+@pytest.fixture(scope="module", params=["serve", "proxy"])
+def front(request: pytest.FixtureRequest, redis_server: RedisServer, small_config: Path) -> Iterator[str]:
+    """`quota serve` (the gateway in process), or `quota proxy` in front of the gateway in another process."""
+    common = ["--config", str(small_config), "--redis", redis_server.url, "--port", "{port}"]
+    env = {"QUOTA_ADMIN_TOKEN": TOKEN}
+    started: list[Running] = []
+    try:
+        if request.param == "serve":
+            started.append(Running(quota("serve", *common), ready="/_quota/health", env=env))
+        else:
+            started.append(gateway())
+            started.append(
+                Running(quota("proxy", "--upstream", started[0].base, *common), ready="/_quota/health", env=env)
+            )
+        yield started[-1].base
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+class Client:
+    """One client address (X-Forwarded-For from the trusted local peer), so tests keep apart."""
+
+    counter = 0
+
+    def __init__(self, base: str) -> None:
+        Client.counter += 1
+        self.ip = f"10.77.{Client.counter // 250}.{Client.counter % 250 + 1}"
+        self.http = httpx.Client(base_url=base, headers={"x-forwarded-for": self.ip}, timeout=10)
+        self.ws_base = base.replace("http://", "ws://")
+
+    def register(self, app: str, *names: str) -> None:
+        r = self.http.post(f"/{app}/users", json=[{"username": n} for n in names])
+        assert r.status_code == 200, r.text
+
+    def used(self, app: str, limit: str, **entity: str) -> int:
+        r = self.http.get(f"/_quota/entitlements/{app}", params=entity, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if entity:
+            ((kind, name),) = entity.items()
+            return int(body["entities"][f"{kind}:{name}"][limit]["used"])
+        return int(body["usage"][limit]["used"])
+
+
+@pytest.fixture
+def client(front: str, redis_server: RedisServer) -> Iterator[Client]:
+    redis_server.flush()
+    c = Client(front)
+    yield c
+    c.http.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{time.monotonic_ns() % 10**12}"
+
+
+class TestEnforcement:
+    def test_friend_cap(self, client: Client) -> None:
+        """free's friends_per_user (3 here) holds: the 4th and 5th adds are refused with exceed_limit.
+        Catches: a proxy that loses the middleware's refusal, or counts twice."""
+        owner = unique("o")
+        friends = [f"{owner}f{i}" for i in range(5)]
+        client.register(FREE, owner, *friends)
+        codes = [client.http.post(f"/{FREE}/users/{owner}/contacts/users/{f}").status_code for f in friends]
+        assert codes == [200, 200, 200, 403, 403]
+        r = client.http.post(f"/{FREE}/users/{owner}/contacts/users/{friends[4]}")
+        assert r.json()["error"] == "exceed_limit" and r.json()["limit"] == "friends_per_user"
+        assert client.used(FREE, "friends_per_user", user=owner) == 3
+
+    def test_rate(self, client: Client) -> None:
+        """The history export is once a minute per app: the second is 429 reach_limit with Retry-After.
+        Catches: rate windows not applied (or applied per connection) behind the proxy."""
+        hour = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
+        assert client.http.get(f"/{FREE}/chatmessages/{hour}").status_code == 200
+        r = client.http.get(f"/{FREE}/chatmessages/{hour}")
+        assert r.status_code == 429 and r.json()["error"] == "reach_limit"
+        assert int(r.headers["retry-after"]) > 1 and r.headers["ratelimit-remaining"] == "0"
+
+    def test_failed_upstream_is_undone(self, client: Client) -> None:
+        """A friend add the gateway refuses (404: no such user) leaves the counter as it was.
+        Catches: an upstream error status that does not reach the middleware's undo."""
+        owner = unique("u")
+        client.register(FREE, owner)
+        r = client.http.post(f"/{FREE}/users/{owner}/contacts/users/{owner}ghost")
+        assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
+        assert client.used(FREE, "friends_per_user", user=owner) == 0
+
+    def test_create_binds_the_new_id(self, client: Client) -> None:
+        """Groups per app (2 here): two creates bind the gateway's ids, the third is refused, a delete frees one.
+        Catches: a response body the middleware cannot read through the proxy (no bind, no free on delete)."""
+        owner = unique("g")
+        client.register(FREE, owner)
+        ids = []
+        for _ in range(2):
+            r = client.http.post(f"/{FREE}/chatgroups", json={"owner": owner, "groupname": "g"})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["data"]["groupid"])
+        r = client.http.post(f"/{FREE}/chatgroups", json={"owner": owner, "groupname": "g"})
+        assert r.status_code == 403 and r.json()["limit"] == "groups_per_app"
+        assert client.http.delete(f"/{FREE}/chatgroups/{ids[0]}").status_code == 200
+        assert client.used(FREE, "groups_per_app") == 1
+        assert client.http.post(f"/{FREE}/chatgroups", json={"owner": owner, "groupname": "g"}).status_code == 200
+
+    def test_websocket_leases(self, client: Client) -> None:
+        """online_users (2 here): two connections echo, a third is refused, closing one lets another in.
+        Catches: a relay that accepts before the upstream does, or never releases the lease."""
+        names = [unique(f"w{i}") for i in range(3)]
+        client.register(FREE, *names)
+        url = f"{client.ws_base}/{FREE}/users/{{}}/connection"
+        headers = {"x-forwarded-for": client.ip}
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(connect(url.format(names[0]), additional_headers=headers))
+            stack.enter_context(connect(url.format(names[1]), additional_headers=headers))
+            first.send("hello")
+            assert first.recv(timeout=5) == "hello"
+            with pytest.raises(InvalidStatus):
+                stack.enter_context(connect(url.format(names[2]), additional_headers=headers, open_timeout=5))
+            first.close()
+            deadline = time.time() + 5
+            while True:
+                # The lease is released when the connection's handler ends: shortly after the close.
+                try:
+                    third = stack.enter_context(
+                        connect(url.format(names[2]), additional_headers=headers, open_timeout=5)
+                    )
+                    break
+                except InvalidStatus:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.1)
+            third.send("again")
+            assert third.recv(timeout=5) == "again"
+
+
+@pytest.fixture(scope="module")
+def odd_upstream() -> Iterator[Running]:
+    proc = Running(
+        [sys.executable, "-m", "uvicorn", "tests.upstreams:app", "--no-proxy-headers", "--port", "{port}"],
+        ready="/echo",
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def odd_proxy(odd_upstream: Running, redis_server: RedisServer, small_config: Path) -> Iterator[Running]:
+    """`quota proxy` in front of tests/upstreams.py, with a short read timeout."""
+    argv = quota("proxy", "--upstream", odd_upstream.base, "--config", str(small_config), "--redis", redis_server.url)
+    proc = Running([*argv, "--read-timeout", "1", "--port", "{port}"], ready="/_quota/health")
+    yield proc
+    proc.stop()
+
+
+class TestUpstreamFailures:
+    def test_dies_mid_response(self, odd_proxy: Running, redis_server: RedisServer) -> None:
+        """An upstream that drops the connection mid-body: the client's connection is dropped too (no
+        complete-looking response), the friend counter is undone, no traceback, and the proxy serves on.
+        Catches: a truncated body passed off as complete, a kept counter, a stack trace, a dead proxy."""
+        redis_server.flush()
+        with httpx.Client(base_url=odd_proxy.base, timeout=10) as c:
+            with pytest.raises(httpx.RemoteProtocolError):
+                c.post(f"/{FREE}/users/ann/contacts/users/bob")
+            assert c.get("/echo").status_code == 200
+        import redis as redis_sync
+
+        from quota.keys import app_prefix
+
+        r = redis_sync.Redis(port=redis_server.port)
+        assert r.scard(f"{app_prefix('demo#free')}s:contacts:o:ann") == 0
+        r.close()
+        assert "upstream broke off its response" in odd_proxy.log()
+        assert "Traceback" not in odd_proxy.log()
+
+    def test_timeout_is_504(self, odd_proxy: Running) -> None:
+        """An upstream silent past --read-timeout: 504 gateway_timeout, an IM-shaped body.
+        Catches: a hung upstream holding the client forever, or a bare 500."""
+        r = httpx.get(odd_proxy.base + "/slow", timeout=10)
+        assert r.status_code == 504
+        assert r.json()["error"] == "gateway_timeout" and set(r.json()) >= {"exception", "timestamp", "duration"}
+
+    def test_upstream_closes_idle_connections(self, small_config: Path) -> None:
+        """An upstream that drops idle connections sooner than the pool keeps them (1 s against 60 s):
+        the next requests still get through, on fresh connections.
+        Catches: a pool that hands out connections the upstream already closed (502s)."""
+        upstream = Running(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.upstreams:app",
+                "--no-proxy-headers",
+                "--port",
+                "{port}",
+                "--timeout-keep-alive",
+                "1",
+            ],
+            ready="/echo",
+        )
+        argv = quota("proxy", "--upstream", upstream.base, "--config", str(small_config), "--keepalive", "60")
+        proc = Running([*argv, "--port", "{port}"], ready="/_quota/health")
+        try:
+            with httpx.Client(base_url=proc.base, timeout=10) as c:
+                first = c.get("/echo").json()["peer_port"]
+                time.sleep(1.5)
+                for _ in range(3):
+                    r = c.get("/echo")
+                    assert r.status_code == 200, r.text
+                assert r.json()["peer_port"] != first
+        finally:
+            proc.stop()
+            upstream.stop()
+
+    def test_unreachable_is_502(self, small_config: Path) -> None:
+        """Nothing listening upstream: 502 bad_gateway with an IM-shaped body and no traceback.
+        Catches: a connection error surfacing as a 500 with a traceback."""
+        from tests.conftest import free_port
+
+        argv = quota("proxy", "--upstream", f"http://127.0.0.1:{free_port()}", "--config", str(small_config))
+        proc = Running([*argv, "--port", "{port}"], ready="/_quota/health")
+        try:
+            r = httpx.get(proc.base + "/echo", timeout=10)
+            assert r.status_code == 502 and r.json()["error"] == "bad_gateway"
+            assert "Traceback" not in r.text and "Traceback" not in proc.log()
+        finally:
+            proc.stop()
+
+
+class TestPassThrough:
+    def test_headers(self, odd_proxy: Running) -> None:
+        """Hop-by-hop headers stop at the proxy both ways (RFC 9110 §7.6.1); X-Forwarded-* are set;
+        the path and query arrive byte for byte.
+        Catches: hop-by-hop fields leaking, a lost client address, a re-encoded path or query."""
+        r = httpx.get(
+            odd_proxy.base + "/echo?a=1&b=%2F",
+            headers={"connection": "x-secret", "x-secret": "1", "te": "trailers", "x-forwarded-for": "203.0.113.9"},
+        )
+        seen = r.json()
+        assert seen["query"] == "a=1&b=%2F"
+        for name in ("x-secret", "te", "connection"):
+            assert name not in seen["headers"]
+        # The test client's peer (127.0.0.1) is trusted here: its chain is kept and extended.
+        assert seen["headers"]["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+        assert seen["headers"]["x-forwarded-proto"] == ["http"]
+        assert seen["headers"]["x-forwarded-host"] == [odd_proxy.base.removeprefix("http://")]
+        assert "x-hop" not in r.headers and r.headers["x-kept"] == "1"
+
+    def test_head(self, odd_proxy: Running) -> None:
+        """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after.
+        Catches: a pool waiting for the body a HEAD answer never has."""
+        for _ in range(2):
+            r = httpx.head(odd_proxy.base + "/echo", timeout=3)
+            assert r.status_code == 200 and int(r.headers["content-length"]) > 0 and r.content == b""
+
+    def test_keep_alive_pool(self, odd_proxy: Running) -> None:
+        """Sequential requests reuse one upstream connection (the pool keeps it alive), even when
+        each comes from a new client connection.
+        Catches: a new upstream connection per request (keep-alive lost)."""
+        ports = {httpx.get(odd_proxy.base + "/echo").json()["peer_port"] for _ in range(5)}
+        assert len(ports) == 1
+
+    def test_streams_both_ways(self, odd_proxy: Running) -> None:
+        """A response's first chunk reaches the client before the upstream wrote its last; a 600 kB
+        chunked upload arrives whole; one past max_body_bytes is refused 413.
+        Catches: buffering whole responses, a corrupted or unbounded upload."""
+        with httpx.stream("GET", odd_proxy.base + "/stream", timeout=10) as r:
+            started = time.monotonic()
+            first = next(r.iter_raw())
+            assert first.startswith(b"first") and time.monotonic() - started < 1.2
+        payload = bytes(range(256)) * 2400
+
+        def chunks(data: bytes) -> Iterator[bytes]:
+            for i in range(0, len(data), 65536):
+                yield data[i : i + 65536]
+
+        r = httpx.post(odd_proxy.base + "/echo", content=chunks(payload), timeout=10)
+        assert r.json()["length"] == len(payload)
+        assert r.json()["sha256"] == hashlib.sha256(payload).hexdigest()
+        r = httpx.post(odd_proxy.base + "/echo", content=chunks(payload * 2), timeout=10)
+        assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+        r = httpx.post(odd_proxy.base + "/echo", content=payload * 2, timeout=10)
+        assert r.status_code == 413
+
+    def test_websocket_relay(self, odd_proxy: Running) -> None:
+        """Text and binary frames cross, the subprotocol is the upstream's choice, the upstream's
+        close code reaches the client, and an upstream refusal refuses the client's handshake.
+        Catches: frames, subprotocol or close codes lost across the relay."""
+        ws_base = odd_proxy.base.replace("http://", "ws://")
+        with connect(ws_base + "/ws-echo", subprotocols=["im.v1"]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "im.v1"
+            ws.send("text")
+            assert ws.recv(timeout=5) == "text"
+            ws.send(b"\x01\x02\x03")
+            assert ws.recv(timeout=5) == b"\x03\x02\x01"
+            ws.send("close-4001")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 4001
+        with pytest.raises(InvalidStatus):
+            connect(ws_base + "/ws-refuse", open_timeout=5)
+
+
+class TestHeaderRules:
+    def test_forged_forwarding_from_an_untrusted_peer_is_replaced(self) -> None:
+        """A client that is not a trusted proxy cannot choose the address or scheme the gateway sees.
+        Catches: a client choosing the address the gateway sees."""
+        raw: list[tuple[bytes, bytes]] = [
+            (b"host", b"im.example"),
+            (b"x-forwarded-for", b"1.2.3.4"),
+            (b"x-forwarded-proto", b"https"),
+            (b"keep-alive", b"timeout=5"),
+            (b"expect", b"100-continue"),
+            (b"accept", b"*/*"),
+        ]
+        out = dict(upstream_request_headers(raw, peer="198.51.100.7", scheme="http", trusted=()))
+        assert out == {
+            b"accept": b"*/*",
+            b"x-forwarded-for": b"198.51.100.7",
+            b"x-forwarded-proto": b"http",
+            b"x-forwarded-host": b"im.example",
+        }
+
+    def test_response_hop_by_hop(self) -> None:
+        """Transfer-Encoding and fields named by Connection are dropped from responses; others kept.
+        Catches: connection-level fields of the upstream hop reaching the client."""
+        raw = [(b"Transfer-Encoding", b"chunked"), (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"ETag", b"x")]
+        assert client_response_headers(raw) == [(b"etag", b"x")]

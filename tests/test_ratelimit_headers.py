@@ -1,0 +1,42 @@
+"""RateLimit headers on allowed responses (a setting, on by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quota.config import load_config
+from tests.conftest import Clock, make_client
+
+
+async def test_allowed_responses_carry_ratelimit_headers(store: Any, clock: Clock) -> None:
+    """Catches allowed responses without RateLimit-* (clients could not pace themselves), or the
+    remaining count not going down as the budget is used."""
+    clock.tick = 0
+    async with make_client(store, clock) as client:
+        first = await client.get("/demo/pro/users")
+        second = await client.get("/demo/pro/users")
+        assert first.status_code == second.status_code == 200
+        assert first.headers["ratelimit-limit"] == "100"
+        assert int(first.headers["ratelimit-remaining"]) == 99 and int(second.headers["ratelimit-remaining"]) == 98
+        assert first.headers["ratelimit-reset"] == "1"
+        assert first.headers["content-type"] == "application/json"
+
+
+async def test_the_tightest_rate_speaks(store: Any, clock: Clock) -> None:
+    """Catches headers naming a loose rate when a tighter one applies (history: 1 per minute per app)."""
+    from datetime import UTC, datetime
+
+    async with make_client(store, clock) as client:
+        hour = datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d%H")
+        r = await client.get(f"/demo/pro/chatmessages/{hour}")
+        assert r.status_code == 200 and r.headers["ratelimit-limit"] == "1" and r.headers["ratelimit-remaining"] == "0"
+        assert 1 <= int(r.headers["ratelimit-reset"]) <= 60
+
+
+async def test_headers_can_be_turned_off(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches `ratelimit_headers: false` being ignored."""
+    (config_dir / "quota.yaml").write_text("ratelimit_headers: false\n")
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        r = await client.get("/demo/pro/users")
+        assert r.status_code == 200 and "ratelimit-limit" not in r.headers

@@ -1,0 +1,153 @@
+"""Usage-threshold webhooks, delivered to a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from quota.config import load_config
+from tests.conftest import Clock, free_port, make_client
+from tests.helpers import create_room, register
+
+SECRET = "webhook-secret-0123456789"
+
+
+class Receiver:
+    """A real HTTP server on loopback that records deliveries and fails the first `fail` attempts."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.received: list[dict[str, Any]] = []
+        self.attempts = 0
+        self.port = free_port()
+
+        async def hook(request: Request) -> JSONResponse:
+            self.attempts += 1
+            if self.attempts <= self.fail:
+                return JSONResponse({"error": "down"}, status_code=503)
+            body = await request.body()
+            self.received.append({"headers": dict(request.headers), "body": body})
+            return JSONResponse({"ok": True})
+
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                Starlette(routes=[Route("/hook", hook, methods=["POST"])]), port=self.port, log_level="error"
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.received) < count:
+            assert time.monotonic() < deadline, f"{len(self.received)} of {count} webhooks arrived"
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def receiver(request: pytest.FixtureRequest) -> AsyncIterator[Receiver]:
+    r = Receiver(getattr(request, "param", 0))
+    task = asyncio.ensure_future(r.server.serve())
+    while not r.server.started:
+        await asyncio.sleep(0.01)
+    yield r
+    r.server.should_exit = True
+    await task
+
+
+def configure(config_dir: Path, url: str, groups: int) -> None:
+    (config_dir / "quota.yaml").write_text(
+        yaml.safe_dump({"webhooks": {"urls": [url], "thresholds": [80, 100], "retry_base_ms": 20}})
+    )
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["free"]["limits"]["groups_per_app"] = groups
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+
+
+@pytest.mark.parametrize("receiver", [2], indirect=True)
+async def test_thresholds_once_each_signed_and_retried(
+    store: Any, clock: Clock, config_dir: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a threshold webhook not sent, sent twice, unsigned (or signed wrong), or lost to a
+    receiver that fails its first attempts."""
+    monkeypatch.setenv("QUOTA_WEBHOOK_SECRET", SECRET)
+    configure(config_dir, receiver.url, groups=5)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        notifier = client._transport.app.notifier  # type: ignore[attr-defined]
+        await register(client, "demo/free", ["own"])
+        for _ in range(3):
+            assert (await create_room(client, "demo/free", "chatgroups", "own")).status_code == 200
+        await notifier.drain()
+        assert receiver.received == []  # 3 of 5 is 60%
+        assert (await create_room(client, "demo/free", "chatgroups", "own")).status_code == 200  # 80%
+        await receiver.wait_for(1)
+        assert (await create_room(client, "demo/free", "chatgroups", "own")).status_code == 200  # 100%
+        assert (await create_room(client, "demo/free", "chatgroups", "own")).status_code == 403
+        await receiver.wait_for(2)
+        await notifier.drain()
+        assert len(receiver.received) == 2
+        events = [json.loads(r["body"]) for r in receiver.received]
+        assert [(e["limit"], e["threshold"], e["used"], e["cap"]) for e in events] == [
+            ("groups_per_app", 80, 4, 5),
+            ("groups_per_app", 100, 5, 5),
+        ]
+        assert events[0]["app"] == "demo#free" and events[0]["account"] == "demo-free"
+        first = receiver.received[0]
+        expected = hmac.new(
+            SECRET.encode(), first["headers"]["x-quota-timestamp"].encode() + b"." + first["body"], hashlib.sha256
+        ).hexdigest()
+        assert first["headers"]["x-quota-signature"] == f"sha256={expected}"
+        assert first["headers"]["x-quota-attempt"] == "3"  # two failures, then delivered
+        await notifier.close()
+
+
+async def test_included_dau_threshold(
+    store: Any, clock: Clock, config_dir: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches the included-DAU signal missing on a plan that bills overage (its DAU has no cap)."""
+    monkeypatch.setenv("QUOTA_WEBHOOK_SECRET", SECRET)
+    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": {"urls": [receiver.url], "thresholds": [80]}}))
+    accounts = config_dir / "accounts.yaml"
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["basic"]["price"]["included_dau"] = 5
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    assert accounts.exists()
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        users = [f"u{i}" for i in range(6)]
+        await register(client, "demo/basic", users)
+        for u in users:
+            assert (await client.post("/demo/basic/token", json={"username": u})).status_code == 200
+        await receiver.wait_for(1)
+        notifier = client._transport.app.notifier  # type: ignore[attr-defined]
+        await notifier.close()
+        event = json.loads(receiver.received[0]["body"])
+        assert (event["limit"], event["used"], event["cap"], event["threshold"]) == ("included_dau", 4, 5, 80)
+        assert len(receiver.received) == 1
+
+
+def test_webhooks_need_a_secret(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches webhooks configured without a signing secret (unsigned signals anyone could forge)."""
+    from quota.errors import ConfigError
+
+    monkeypatch.delenv("QUOTA_WEBHOOK_SECRET", raising=False)
+    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": {"urls": ["http://127.0.0.1:9/h"]}}))
+    with pytest.raises(ConfigError, match="webhooks.secret_env"):
+        load_config(config_dir)

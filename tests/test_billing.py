@@ -95,3 +95,80 @@ async def test_bill_account_and_plan_change_over_admin_api(
         r = await c.post("/_quota/accounts/demo-pro/change-plan", json={"plan": "gold"}, headers=AUTH)
         assert r.status_code == 400
         assert (await c.get("/_quota/bills/nobody?month=2026-01", headers=AUTH)).status_code == 404
+
+
+def test_plan_fee_rounds_half_up_too() -> None:
+    """Catches the plan fee line rounded half-even (or by the context's default): a fee of 0.0025
+    元 shows as 0.003, like the total."""
+    plan = load_config().matrix.plans["basic"]
+    plan = replace(plan, price=Price(Decimal("0.0025"), 10000, Decimal("850")))
+    bill = compute_bill(plan, [AppPeak("a", 5)], 2026, 5, account="acme")
+    assert (bill.plan_fee, bill.total, bill.account, bill.month) == (
+        Decimal("0.003"),
+        Decimal("0.003"),
+        "acme",
+        "2026-05",
+    )
+    assert bill.overage_price == Decimal("850") and bill.prorated_days is None
+
+
+@pytest.mark.parametrize("day,days", [(date(2027, 1, 2), (30, 31)), (date(2027, 1, 31), (1, 31))])
+def test_subscription_starting_after_the_first_is_prorated(day: date, days: tuple[int, int]) -> None:
+    """Catches the month's plan looked up on the wrong day, or a subscription starting on the 2nd
+    or on the month's last day billed in full (or not at all)."""
+    from quota.accounts import Account, Subscription
+    from quota.billing import billing_plan
+
+    account = Account("acme", ("acme#a",), (Subscription("pro", date(2026, 1, 1), date(2026, 12, 1)),))
+    account = replace(account, subscriptions=(*account.subscriptions, Subscription("basic", day)))
+    assert billing_plan(account, 2027, 1) == ("basic", day)
+    assert billing_plan(account, 2027, 2) == ("basic", None)
+    assert billing_plan(account, 2026, 12) == (None, None)
+    bill = compute_bill(load_config().matrix.plans["basic"], [AppPeak("a", 1)], 2027, 1, subscribed_on=day)
+    assert bill.prorated_days == days
+
+
+async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a bill served over the admin API with a field missing or renamed, not prorated for
+    a subscription that started mid-month, its peak day not the earliest of equal peaks, a day
+    named for an app with no activity, or refusals that do not say what is missing."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=store)
+    app.clock = Clock(datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        post = c.post
+        assert (await post("/_quota/accounts/demo-basic/cancel", json={"date": "2026-12-10"}, headers=AUTH)).is_success
+        r = await post(
+            "/_quota/accounts/demo-basic/subscribe", json={"plan": "basic", "date": "2027-01-02"}, headers=AUTH
+        )
+        assert r.is_success
+        await register(c, "demo/basic", ["a", "b", "c"])
+        for name in ("a", "b"):
+            assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
+        app.clock.now += 86400
+        for name in ("b", "c"):
+            assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
+        bill = (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()
+        assert bill == {
+            "account": "demo-basic",
+            "month": "2027-01",
+            "plan": "basic",
+            "apps": [{"app": "demo#basic", "peak_dau": 2, "day": "2027-01-05"}],
+            "usage": 2,
+            "included_dau": 10000,
+            "excess": 0,
+            "plan_fee": "859.355",
+            "prorated_days": [30, 31],
+            "overage_per_10k_dau": "850",
+            "overage": "0.000",
+            "total": "859.355",
+            "notes": [],
+        }
+        idle = (await c.get("/_quota/bills/demo-free?month=2027-01", headers=AUTH)).json()
+        assert idle["apps"] == [{"app": "demo#free", "peak_dau": 0, "day": None}]
+        assert (idle["overage_per_10k_dau"], idle["prorated_days"], idle["total"]) == (None, None, "0.000")
+        r = await c.get("/_quota/bills/nobody?month=2027-01", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error_description"] == "unknown account 'nobody'"
+        r = await c.get("/_quota/bills/demo-basic?month=1999-05", headers=AUTH)
+        assert r.status_code == 404
+        assert r.json()["error_description"] == "account 'demo-basic' had no subscription in 1999-05"

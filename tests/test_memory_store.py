@@ -99,3 +99,48 @@ async def test_rate_state_is_bounded() -> None:
     assert len(store.windows) == 3 and set(store.windows) == {op.key for op in ops[2:]}
     assert not (await store.run(Program([ops[4]]), now)).allowed
     assert (await store.run(Program([ops[0]]), now)).allowed
+
+
+async def test_exact_logs_are_bounded_too() -> None:
+    """Catches exact (log) rate keys never forgotten past MAX_RATE_KEYS, or forgetting a log key
+    failing because it has no sliding windows."""
+    store = MemoryStore(max_rate_keys=2)
+    now = 8_100_000_000_100
+    ops = [RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:e{i}", 1, 1000, 1, "rest_per_ip", True) for i in range(3)]
+    for op in ops:
+        assert (await store.run(Program([op]), now)).allowed
+    assert set(store.logs) == {ops[1].key, ops[2].key}
+    assert not (await store.run(Program([ops[2]]), now)).allowed
+    assert (await store.run(Program([ops[0]]), now)).allowed
+
+
+async def test_admin_reads_and_writes() -> None:
+    """Catches the memory store's admin calls (reconcile, forget-user, the dashboard) touching the
+    wrong keys or reporting wrong counts: scan by prefix, delete, remove, swap, peaks of an app
+    with none."""
+    store = MemoryStore()
+    await store.add_members("q:{demo#pro}:s:contacts:o:a", ["b", "c"])
+    await store.add_members("q:{demo#pro}:s:contacts:o:b", ["a"])
+    await store.add_members("q:{demo#free}:s:contacts:o:a", ["z"])
+    await store.add_members("q:{demo#pro}:s:contacts:o:x", [])
+    assert sorted(await store.scan_prefix("q:{demo#pro}:")) == [
+        "q:{demo#pro}:s:contacts:o:a",
+        "q:{demo#pro}:s:contacts:o:b",
+    ]
+    assert await store.remove_members("q:{demo#pro}:s:contacts:o:a", ["c", "nobody"]) == 1
+    assert await store.remove_members("q:{demo#pro}:s:contacts:o:b", ["a"]) == 1
+    assert "q:{demo#pro}:s:contacts:o:b" not in store.sets
+    assert await store.swap_member("q:{demo#pro}:s:contacts:o:a", "b", "d") is True
+    assert await store.members("q:{demo#pro}:s:contacts:o:a") == {"d"}
+    assert await store.swap_member("q:{demo#pro}:s:contacts:o:a", "b", "e") is False
+    assert await store.swap_member("q:{demo#pro}:s:contacts:o:none", "b", "e") is False
+    assert await store.members("q:{demo#pro}:s:contacts:o:a") == {"d"}
+    store.inflight["q:{demo#pro}:s:contacts:inflight"] = {"a|d": 1}
+    await store.run(Program([AddOp("", "q:{demo#pro}:s:app_groups:o:x", UNLIMITED, ("p",), pending_ttl_ms=1000)]), 1)
+    await store.delete(
+        ["q:{demo#pro}:s:contacts:o:a", "q:{demo#pro}:s:contacts:inflight", "q:{demo#pro}:s:app_groups:o:x:pending"]
+    )
+    assert set(store.sets) == {"q:{demo#free}:s:contacts:o:a", "q:{demo#pro}:s:app_groups:o:x"}
+    assert store.inflight == {} and "q:{demo#pro}:s:app_groups:o:x:pending" not in store.zsets
+    assert await store.peaks("q:{demo#none}:peak") == {}
+    assert await store.online("q:{demo#none}:online", 5) == 0

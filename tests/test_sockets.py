@@ -172,3 +172,22 @@ async def test_connection_closed_by_the_upstream_counts_nothing(store: Any, cloc
         assert await raw_members(store, f"q:{{demo#free}}:dau:{day_of(clock)}") == set()
         assert await raw_members(store, f"q:{{demo#free}}:mau:{day_of(clock)[:6]}") == set()
         assert await raw_deadlines(store, "q:{demo#free}:online") == {}
+
+
+async def test_unchecked_connection_closed_upstream_undoes_nothing(config_dir: Path) -> None:
+    """Catches an undo that assumes every add was counted: with `outage: open` on the connection
+    route and the store down, a handshake goes through unchecked (nothing added); the upstream
+    closing it must end cleanly, not raise while undoing adds that never happened."""
+    routes = config_dir / "routes.yaml"
+    doc = yaml.safe_load(routes.read_text())
+    for route in doc["routes"]:
+        if route["name"] == "users.connect":
+            route["outage"] = "open"
+    routes.write_text(yaml.safe_dump(doc, sort_keys=False))
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens there
+    app = build_app(load_config(config_dir), store=store)
+    try:
+        code, reason = await refused(app, "/demo/pro/users/ghost/connection")
+        assert code == 1008 and reason == "user not found"
+    finally:
+        await store.close()

@@ -151,7 +151,8 @@ class TestRooms:
             for rid in rids[:2]:
                 assert (await client.post(f"/{ENT}/{kind}/{rid}/users/joiner")).status_code == 200
             r = await client.post(f"/{ENT}/{kind}/{rids[2]}/users", json={"usernames": ["owner", "joiner"]})
-            assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
+            body = assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
+            assert body["limit"] == per_user
             assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/owner")).status_code == 200
 
     async def test_deleting_user_frees_memberships(

@@ -191,3 +191,18 @@ async def test_unchecked_connection_closed_upstream_undoes_nothing(config_dir: P
         assert code == 1008 and reason == "user not found"
     finally:
         await store.close()
+
+
+async def test_online_cap_refusal_names_the_limit(store: Any, clock: Clock) -> None:
+    """Catches the online-user refusal mis-shaped: free holds 50 connections; the 51st handshake is
+    closed with 1008 and a reason naming online_users, the cap and how many are online."""
+    async with make_client(store, clock) as client:
+        users = [f"w{i}" for i in range(51)]
+        await register(client, "demo/free", users)
+        sockets = [Socket(mw_of(client), f"/demo/free/users/w{i}/connection") for i in range(50)]
+        for ws in sockets:
+            assert (await ws.open())["type"] == "websocket.accept"
+        code, reason = await refused(mw_of(client), "/demo/free/users/w50/connection")
+        assert (code, reason) == (1008, "forbidden_op: online_users is 50 on plan free and 50 are online")
+        for ws in sockets:
+            await ws.close()

@@ -126,3 +126,13 @@ async def test_peak_online_is_recorded(store: Any) -> None:
     assert await store.peaks("q:{demo#pro}:peak") == {"202701": 7}
     if not hasattr(store, "peak"):
         assert await store.client.hget("q:{demo#pro}:peak", "202701") == b"7"
+
+
+async def test_release_of_a_lapsed_lease(store: Any) -> None:
+    """Catches a release that fails when its lease already lapsed and was purged (a connection
+    that outlived a storage outage): it must end quietly and free nothing else."""
+    app = app_of("demo#free")
+    assert await connect(store, app, 2) == [True, True]
+    assert await connect(store, app, 1, now=NOW + 60_000, first=9) == [True]  # purges c0 and c1
+    await store.run(Program([ReleaseOp("q:{demo#free}:online", "c0")]), NOW + 60_001)
+    assert await raw_deadlines(store, "q:{demo#free}:online") == {"c9": NOW + 120_000}

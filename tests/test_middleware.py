@@ -486,10 +486,17 @@ def _any_ids_gateway() -> Any:
 
 class TestInput:
     async def test_malformed_body(self, client: httpx.AsyncClient) -> None:
-        """Invalid JSON, wrong types and oversize batches get a 400 and change nothing."""
-        for content in (b"{not json", b'{"usernames": 5}', b'{"usernames": [1.5]}', b"[]"):
+        """Catches a body a counted route cannot read reaching the store, or a 400 that does not say
+        what is wrong: invalid JSON, wrong types, an empty body and oversize batches change nothing."""
+        for content, says in (
+            (b"{not json", "request body is not valid JSON"),
+            (b'{"usernames": 5}', "body.usernames must be a string or a list of strings"),
+            (b'{"usernames": [1.5]}', "body.usernames must be a string or a list of strings"),
+            (b"[]", "body.usernames must be a string or a list of strings"),
+            (b"", "body.usernames is missing"),
+        ):
             r = await client.post(f"/{PRO}/chatgroups/1/users", content=content)
-            assert_refused(r, 400, "illegal_argument")
+            assert assert_refused(r, 400, "illegal_argument")["error_description"] == says
         r = await client.post(f"/{PRO}/chatgroups/1/users", json={"usernames": [f"x{i}" for i in range(61)]})
         assert_refused(r, 400, "illegal_argument", "at most 60")
         r = await client.post(f"/{PRO}/users", content=b"\xff\xfe")

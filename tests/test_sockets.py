@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -118,7 +119,11 @@ async def test_frozen_and_allowlist_refuse_the_handshake(store: Any, clock: Cloc
         code, reason = await refused(mw_of(client), "/demo/pro/users/amy/connection")
         assert code == 1008 and "frozen" in reason
         code, reason = await refused(mw_of(client), "/demo/basic/users/amy/connection", ip="192.168.1.1")
-        assert code == 1008 and "allowlist" in reason
+        assert code == 1008 and reason == "forbidden_op: client address 192.168.1.1 is not in the app's IP allowlist"
+        transport = httpx.ASGITransport(app=mw_of(client), client=("192.168.1.1", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as outsider:
+            r = await outsider.get("/demo/basic/users")
+            assert r.status_code == 403 and r.json()["error"] == "forbidden_op"
         assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == set()
         ws = Socket(mw_of(client), "/demo/basic/users/amy/connection", ip="10.200.0.1")
         assert (await ws.open())["type"] == "websocket.accept"

@@ -12,7 +12,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from quota.store.program import UNLIMITED, AddOp, Program, RateOp, RenewOp, UndoOp
+from quota.store.program import UNLIMITED, AddOp, BindOp, Program, RateOp, RenewOp, UndoOp
 from tests.helpers import raw_deadlines, raw_members
 from tests.store.test_rates import schedule
 
@@ -121,3 +121,17 @@ async def test_undo_keeps_a_member_whose_claim_lapsed(store: Any) -> None:
     assert await raw_members(store, "q:{demo#pro}:s:group_members:m:a") == {"7"}
     assert await raw_members(store, "q:{demo#pro}:s:group_members:m:b") == set()
     assert "7|b" not in await raw_deadlines(store, inflight + ":due")
+
+
+async def test_bind_after_the_reservation_expired(store: Any) -> None:
+    """Catches a bind that fails (or drops the id) once its reservation expired and was purged: the
+    upstream created the group, so its id is counted anyway."""
+    t = 9_300_000_000_000
+    create = AddOp("groups_per_app", GROUPS, 5, ("~pending:slow",), pending_ttl_ms=60_000)
+    assert (await store.run(Program([create]), t)).allowed
+    other = AddOp("groups_per_app", GROUPS, 5, ("~pending:other",), pending_ttl_ms=60_000)
+    assert (await store.run(Program([other]), t + 61_000)).allowed  # purges the expired slot
+    assert await raw_members(store, GROUPS) == {"~pending:other"}
+    await store.run(Program([BindOp(GROUPS, "~pending:slow", "123")]), t + 62_000)
+    assert await raw_members(store, GROUPS) == {"~pending:other", "123"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:other": t + 121_000}

@@ -144,3 +144,47 @@ async def test_admin_reads_and_writes() -> None:
     assert store.inflight == {} and "q:{demo#pro}:s:app_groups:o:x:pending" not in store.zsets
     assert await store.peaks("q:{demo#none}:peak") == {}
     assert await store.online("q:{demo#none}:online", 5) == 0
+
+
+async def test_lapsed_claims_leave_no_state() -> None:
+    """Catches claims purged from their deadlines but not from the claim counts (memory that grows
+    with every join ever made)."""
+    store = MemoryStore()
+    inflight = "q:{demo#pro}:s:group_members:inflight"
+
+    def join(room: str, now: int) -> Any:
+        op = AddOp(
+            "",
+            f"q:{{demo#pro}}:s:group_members:o:{room}",
+            UNLIMITED,
+            ("u",),
+            inflight_key=inflight,
+            fields=(f"{room}|u",),
+            claim_ttl_ms=1000,
+        )
+        return store.run(Program([op]), now)
+
+    await join("1", 10_000)
+    assert store.inflight[inflight] == {"1|u": 1}
+    await join("2", 11_000)  # the first claim lapsed at 11,000: purged from both
+    assert store.inflight[inflight] == {"2|u": 1}
+    assert set(store.zsets[inflight + ":due"].due) == {"2|u"}
+
+
+async def test_accounts_and_markers() -> None:
+    """Catches the memory store's account records shared with their callers (a caller's edit
+    changing the stored record), its version not moving by one per change, and webhook markers that
+    fire twice."""
+    store = MemoryStore()
+    record = {"name": "acme", "apps": ["acme#a"], "overrides": {"x": 1}}
+    assert await store.save_account("acme", record) == 1
+    record["overrides"]["x"] = 2
+    version, records = await store.load_accounts()
+    assert version == 1 and records["acme"]["overrides"] == {"x": 1}
+    records["acme"]["overrides"]["x"] = 3
+    assert (await store.load_accounts())[1]["acme"]["overrides"] == {"x": 1}
+    assert await store.delete_account("acme") == 2 and (await store.load_accounts()) == (2, {})
+    assert await store.accounts_version() == 2
+    assert await store.claim_once("hook:acme:80", 3600) is True
+    assert await store.claim_once("hook:acme:80", 3600) is False
+    assert await store.claim_once("hook:acme:100", 3600) is True

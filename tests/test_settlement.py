@@ -116,6 +116,31 @@ async def test_cancelled_request_undoes_its_add(store: Any, clock: Clock) -> Non
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:b") == set()
 
 
+async def test_claims_are_renewed_while_the_upstream_works(store: Any, config_dir: Path) -> None:
+    """Catches claims that lapse while their request is still in flight (renewals aimed at the wrong
+    key, or none): a join held upstream past its claim's life keeps its claim alive, renewed every
+    third of `reservation_ttl_s`. Waits on the renewal with a deadline, never a fixed sleep."""
+    (config_dir / "quota.yaml").write_text("reservation_ttl_s: 1\n")
+    clock = Clock(tick=0.001)
+    upstream = _Hold()
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
+        await register(client, PRO, ["own", "u"])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+        upstream.holds = _posts_to(f"/chatgroups/{rid}/users")
+        task = asyncio.ensure_future(client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u"]}))
+        await asyncio.wait_for(upstream.entered.wait(), 10)
+        due_key = "q:{demo#pro}:s:group_members:inflight:due"
+        first = (await raw_deadlines(store, due_key))[f"{rid}|u"]
+        clock.advance(0.9)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await raw_deadlines(store, due_key)).get(f"{rid}|u", 0) <= first + 500:
+            assert asyncio.get_running_loop().time() < deadline, "the claim was never renewed"
+            await asyncio.sleep(0.02)
+        upstream.release.set()
+        assert (await task).status_code == 200
+        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"u"}
+
+
 async def test_delete_batch_frees_what_the_users_held(store: Any, clock: Clock) -> None:
     """Catches `DELETE /users` (users.delete_batch, ids read from the answer) freeing nothing: the
     deleted users stayed registered, in their friends' lists and in their rooms."""

@@ -188,3 +188,28 @@ async def test_accounts_and_markers() -> None:
     assert await store.claim_once("hook:acme:80", 3600) is True
     assert await store.claim_once("hook:acme:80", 3600) is False
     assert await store.claim_once("hook:acme:100", 3600) is True
+
+
+async def test_first_hit_on_a_window_edge() -> None:
+    """Catches a missing previous window read as one hit: a 1/s client's first request, exactly on
+    a second's edge, passes on both paths."""
+    for program in (
+        Program([RateOp(KEY, 1, 1000, 1, "rest_per_ip")]),
+        Program([RateOp(KEY, 1, 1000, 1, "rest_per_ip"), AddOp("", "q:{demo#pro}:s:x:o:y", UNLIMITED, ("m",))]),
+    ):
+        store = MemoryStore()
+        assert (await store.run(program, 9_000_000_000)).allowed
+        assert not (await store.run(program, 9_000_000_001)).allowed
+
+
+def test_deadlines_expire_a_slice_at_a_time() -> None:
+    """Catches the purge taking more than its slice (bounded work per call), or not the earliest."""
+    from quota.store.memory import Deadlines
+
+    due = Deadlines()
+    for i, deadline in enumerate((50, 10, 40, 20, 30)):
+        due.set(f"m{i}", deadline)
+    due.set("m0", 60)  # re-set: its old heap entry is stale
+    assert due.expire(100, 2) == ["m1", "m3"]
+    assert due.expire(100, 2) == ["m4", "m2"]
+    assert due.expire(55) == [] and due.live(55) == 1 and due.live(60) == 0

@@ -245,3 +245,44 @@ async def test_shadow_mode_lets_a_429_through(store: Any, clock: Clock, config_d
         assert r.status_code == 200 and json.loads(r.text)["entities"][0]["username"] == "a"
         assert r.headers["x-quota-shadow"] == "429 reach_limit rest_per_ip"
         assert 'outcome="shadow"' in middleware_of(client).metrics.render().decode()
+
+
+class Creating:
+    """The reference gateway, except that a create answers 200 with the body the test chose."""
+
+    def __init__(self) -> None:
+        self.gateway = create_gateway()
+        self.state = self.gateway.state
+        self.answer: Any = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/chatgroups"):
+            body = json.dumps(self.answer).encode()
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.gateway(scope, receive, send)
+
+
+async def test_create_ids_read_from_the_answer(store: Any, clock: Clock) -> None:
+    """Catches a create's id read wrongly from its answer: a numeric id is bound (as text), a room id
+    of 32 digits is bound, and an empty, 33-digit, non-numeric or boolean id is not taken for an id
+    (the slot stays, counted and unnamed)."""
+    upstream = Creating()
+    key = "q:{demo#pro}:s:app_groups:o:demo%23pro"
+    async with make_client(store, clock, upstream=upstream) as client:
+        for answer, bound in (
+            ({"data": {"groupid": 12345}}, "12345"),
+            ({"data": {"groupid": "1" * 32}}, "1" * 32),
+            ({"data": {"groupid": ""}}, None),
+            ({"data": {"groupid": "1" * 33}}, None),
+            ({"data": {"groupid": "12a"}}, None),
+            ({"data": {"groupid": True}}, None),
+        ):
+            upstream.answer = answer
+            before = await raw_members(store, key)
+            assert (await client.post(f"/{PRO}/chatgroups", json={"owner": "own"})).status_code == 200
+            (new,) = await raw_members(store, key) - before
+            assert new == bound if bound is not None else new.startswith("~pending:"), (answer, new)

@@ -135,3 +135,25 @@ async def test_bind_after_the_reservation_expired(store: Any) -> None:
     await store.run(Program([BindOp(GROUPS, "~pending:slow", "123")]), t + 62_000)
     assert await raw_members(store, GROUPS) == {"~pending:other", "123"}
     assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:other": t + 121_000}
+
+
+async def test_a_claimed_member_is_claimed_again(store: Any) -> None:
+    """Catches a second request that finds a member added by one still in flight not claiming it
+    (or counting its claim twice): each undo drops one claim, and the member goes with the last."""
+    t = 9_400_000_000_000
+    owner = "q:{demo#pro}:s:contacts:o:a"
+    inflight = "q:{demo#pro}:s:contacts:inflight"
+
+    def add(now_ms: int) -> Any:
+        op = AddOp("friends_per_user", owner, 5, ("b",), inflight_key=inflight, fields=("a|b",), claim_ttl_ms=60_000)
+        return store.run(Program([op]), now_ms)
+
+    assert (await add(t)).added == (("b",),)
+    assert (await add(t + 1000)).added == (("b",),)  # still claimed: this request relies on it too
+    undo = UndoOp(owner, ("b",), ("a|b",), "", "", inflight)
+    await store.run(Program([undo]), t + 2000)
+    assert await raw_members(store, owner) == {"b"}
+    await store.run(Program([undo]), t + 3000)
+    assert await raw_members(store, owner) == set()
+    assert (await add(t + 4000)).added == (("b",),)
+    assert (await add(t + 64_000)).added == ((),)  # the claim lapsed: b is real now, nobody claims it

@@ -213,3 +213,22 @@ def test_deadlines_expire_a_slice_at_a_time() -> None:
     assert due.expire(100, 2) == ["m1", "m3"]
     assert due.expire(100, 2) == ["m4", "m2"]
     assert due.expire(55) == [] and due.live(55) == 1 and due.live(60) == 0
+
+
+async def test_exact_log_fields() -> None:
+    """Catches the exact (log) rate's answers mis-shaped on the program path: remaining budget and
+    reset while allowed, and a refusal's kind, used count, cap and Retry-After (until the oldest hit
+    leaves the window, 1 ms after a full window)."""
+    store = MemoryStore()
+    t = 5_000_000
+    op = RateOp(KEY, 2, 1000, 1, "rest_per_ip", True)
+    first = (await store.run(Program([op]), t)).rates[0]
+    second = (await store.run(Program([op]), t + 100)).rates[0]
+    assert (first.name, first.limit, first.remaining, first.reset_ms) == ("rest_per_ip", 2, 1, 1001)
+    assert (second.remaining, second.reset_ms) == (0, 901)
+    refused = (await store.run(Program([op]), t + 200)).refusal
+    assert refused is not None
+    assert (refused.op_index, refused.kind, refused.used, refused.cap) == (0, "rate", 2, 2)
+    assert (refused.retry_after_ms, refused.reset_ms) == (801, 801)
+    assert not (await store.run(Program([op]), t + 1000)).allowed
+    assert (await store.run(Program([op]), t + 1001)).allowed

@@ -11,6 +11,8 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
+from quota.billing import AppPeak, compute_bill
+from quota.config import load_config
 from quota.store.memory import SWEEP_EVERY, MemoryStore
 from quota.store.program import UNLIMITED, AddOp, Outcome, Program, RateOp
 from tests.store.test_rates import schedule
@@ -232,3 +234,25 @@ async def test_exact_log_fields() -> None:
     assert (refused.retry_after_ms, refused.reset_ms) == (801, 801)
     assert not (await store.run(Program([op]), t + 1000)).allowed
     assert (await store.run(Program([op]), t + 1001)).allowed
+
+
+async def test_dry_run_reports_and_changes_nothing() -> None:
+    """Catches a dry run (quota.api's "would this pass?") that writes, or reports the wrong members
+    or sizes: it names the members an add would add and the set's size after, and leaves the sets
+    and the rate budget as they were."""
+    store = MemoryStore()
+    owner = "q:{demo#pro}:s:group_members:o:1"
+    await store.add_members(owner, ["a"])
+    rate = RateOp(KEY, 1, 1000, 1, "rest_per_ip")
+    add = AddOp("members_per_group", owner, 5, ("a", "b", "c"))
+    dry = await store.run(Program([rate, add]), 9_000_000_500, dry=True)
+    assert dry.allowed and dry.added == (("b", "c"),) and dry.sizes == (3,)
+    assert await store.members(owner) == {"a"}
+    assert (await store.run(Program([rate]), 9_000_000_500, dry=True)).allowed
+    assert (await store.run(Program([rate]), 9_000_000_500)).allowed  # the dry runs spent nothing
+
+
+def test_what_if_bill_has_no_account() -> None:
+    """Catches the what-if bill (no account: `quota bill --plan`) naming one."""
+    bill = compute_bill(load_config().matrix.plans["basic"], [AppPeak("a", 1)], 2026, 10)
+    assert bill.account == "-"

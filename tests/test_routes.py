@@ -86,3 +86,12 @@ async def test_registered_users_count_through_a_trailing_slash(store: Any, clock
         await register(client, PRO, ["z"])
         assert (await client.post(f"/{PRO}/users/", json={"username": "y"})).status_code == 200
         assert await raw_members(store, "q:{demo#pro}:s:app_users:o:demo%23pro") == {"y", "z"}
+
+
+async def test_bad_id_is_a_400_that_says_why(store: Any, clock: Clock) -> None:
+    """Catches an id outside the policy refused without saying which id and which rule, or with
+    another status: the vendor's 400 illegal_argument names both."""
+    async with make_client(store, clock, upstream=_ok) as client:
+        r = await client.get(f"/{PRO}/users/a%7Bb%7D")
+        assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
+        assert r.json()["error_description"] == "user id 'a{b}' is not valid: expected (?!\\.\\.?$)[a-z0-9_.\\-]{1,64}"

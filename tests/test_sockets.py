@@ -209,5 +209,6 @@ async def test_online_cap_refusal_names_the_limit(store: Any, clock: Clock) -> N
             assert (await ws.open())["type"] == "websocket.accept"
         code, reason = await refused(mw_of(client), "/demo/free/users/w50/connection")
         assert (code, reason) == (1008, "forbidden_op: online_users is 50 on plan free and 50 are online")
+        assert 'limit="online_users"' in mw_of(client).metrics.render().decode()
         for ws in sockets:
             await ws.close()

@@ -250,6 +250,9 @@ async def test_dry_run_reports_and_changes_nothing() -> None:
     assert await store.members(owner) == {"a"}
     assert (await store.run(Program([rate]), 9_000_000_500, dry=True)).allowed
     assert (await store.run(Program([rate]), 9_000_000_500)).allowed  # the dry runs spent nothing
+    fresh = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:2", 5, ("x",))
+    dry = await store.run(Program([fresh]), 9_000_000_600, dry=True)
+    assert dry.added == (("x",),) and dry.sizes == (1,) and "q:{demo#pro}:s:group_members:o:2" not in store.sets
 
 
 def test_what_if_bill_has_no_account() -> None:

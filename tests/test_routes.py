@@ -95,3 +95,10 @@ async def test_bad_id_is_a_400_that_says_why(store: Any, clock: Clock) -> None:
         r = await client.get(f"/{PRO}/users/a%7Bb%7D")
         assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
         assert r.json()["error_description"] == "user id 'a{b}' is not valid: expected (?!\\.\\.?$)[a-z0-9_.\\-]{1,64}"
+
+        r = await client.post(f"/{PRO}/users", json={"username": "a{b}"})
+        assert r.status_code == 400
+        assert (
+            r.json()["error_description"]
+            == "body.username: user id 'a{b}' is not valid: expected (?!\\.\\.?$)[a-z0-9_.\\-]{1,64}"
+        )

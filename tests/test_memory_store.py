@@ -259,3 +259,46 @@ def test_what_if_bill_has_no_account() -> None:
     """Catches the what-if bill (no account: `quota bill --plan`) naming one."""
     bill = compute_bill(load_config().matrix.plans["basic"], [AppPeak("a", 1)], 2026, 10)
     assert bill.account == "-"
+
+
+@pytest.mark.parametrize("with_counter", [False, True])
+async def test_sweep_keeps_live_windows_on_both_paths(with_counter: bool) -> None:
+    """Catches the program path's rate bookkeeping (a window's expiry, the time it is counted at)
+    wrong: the periodic sweep must neither drop a live window nor fail."""
+    store = MemoryStore()
+    now = 7_100_000_100
+
+    def program(key: str) -> Program:
+        rate = RateOp(key, 5, 1000, 1, "rest_per_ip")
+        extra = [AddOp("", "q:{demo#pro}:s:x:o:y", UNLIMITED, ("m",))] if with_counter else []
+        return Program([rate, *extra])
+
+    for _ in range(5):
+        assert (await store.run(program(KEY), now)).allowed
+    for i in range(SWEEP_EVERY):
+        assert (await store.run(program(f"q:{{demo#pro}}:r:users.get:rest_per_ip:c{i}"), now + 1)).allowed
+    assert not (await store.run(program(KEY), now + 2)).allowed
+    assert (await store.run(program(KEY), now + 2000)).allowed
+
+
+async def test_refusals_say_which_side() -> None:
+    """Catches a counter refusal's kind or count mis-reported: the owner's own cap ("owner", its
+    size), a member's cap ("member", that member's count), the online cap ("online")."""
+    store = MemoryStore()
+    await store.add_members("q:{demo#pro}:s:group_members:o:1", ["a", "b"])
+    await store.add_members("q:{demo#pro}:s:group_members:m:c", ["7", "8", "9"])
+    owner = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:1", 2, ("c",))
+    refused = (await store.run(Program([owner]), 1_000)).refusal
+    assert refused is not None and (refused.kind, refused.used, refused.cap, refused.room) == ("owner", 2, 2, 0)
+    member = AddOp(
+        "members_per_group",
+        "q:{demo#pro}:s:group_members:o:2",
+        10,
+        ("c",),
+        reverse_limit="groups_per_user",
+        reverse_prefix="q:{demo#pro}:s:group_members:m:",
+        reverse_cap=3,
+        reverse_value="2",
+    )
+    refused = (await store.run(Program([member]), 1_000)).refusal
+    assert refused is not None and (refused.kind, refused.used, refused.cap, refused.who) == ("member", 3, 3, "c")

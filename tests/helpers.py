@@ -36,3 +36,27 @@ def gateway_state(client: httpx.AsyncClient, app: str) -> Any:
     while not hasattr(upstream, "state") or not hasattr(upstream.state, "gateway"):
         upstream = upstream.app
     return upstream.state.gateway.apps[app.replace("/", "#")]
+
+
+async def raw_members(store: Any, key: str) -> set[str]:
+    """A set read straight from the store by the key the test spells out: SMEMBERS on Redis (and
+    Cluster), the dict on memory. Not quota's key helpers, so a key-format bug shows."""
+    if hasattr(store, "sets"):
+        return set(store.sets.get(key, ()))
+    return {m.decode() for m in await store.client.smembers(key)}
+
+
+async def raw_deadlines(store: Any, key: str) -> dict[str, int]:
+    """A sorted set of deadlines (leases, reservations, claims) by its spelled-out key."""
+    if hasattr(store, "zsets"):
+        found = store.zsets.get(key)
+        return dict(found.due) if found else {}
+    return {m.decode(): int(s) for m, s in await store.client.zrange(key, 0, -1, withscores=True)}
+
+
+def store_of(client: httpx.AsyncClient) -> Any:
+    return client._transport.app.runtime.store  # type: ignore[attr-defined]
+
+
+def middleware_of(client: httpx.AsyncClient) -> Any:
+    return client._transport.app  # type: ignore[attr-defined]

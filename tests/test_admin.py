@@ -124,6 +124,8 @@ def test_sighup_reloads_a_running_server(redis_server: RedisServer, config_dir: 
     redis_server.flush()
     port = free_port()
     env = {**os.environ, "QUOTA_ADMIN_TOKEN": TOKEN}
+    log = config_dir.parent / "serve.log"
+    stderr = log.open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -140,8 +142,9 @@ def test_sighup_reloads_a_running_server(redis_server: RedisServer, config_dir: 
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
+    stderr.close()  # the child holds its own copy
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 20
@@ -165,12 +168,16 @@ def test_sighup_reloads_a_running_server(redis_server: RedisServer, config_dir: 
             time.sleep(0.1)
         edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(groups_per_app="many"))
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
+        deadline = time.time() + 10
+        while "reload refused" not in log.read_text():
+            assert time.time() < deadline, "the broken config was never refused"
+            time.sleep(0.05)
         assert cap() == 7 and proc.poll() is None
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    assert "reload refused" in err.decode() and "plans.free.limits.groups_per_app" in err.decode()
+        proc.wait(timeout=10)
+    err = log.read_text()
+    assert "reload refused" in err and "plans.free.limits.groups_per_app" in err
 
 
 class TestShadow:

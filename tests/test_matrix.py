@@ -130,11 +130,20 @@ def test_limits_match_seed(plans: dict[str, Any], row: tuple[Any, ...]) -> None:
 
 
 def test_online_users_rule_is_data(plans: dict[str, Any]) -> None:
-    """online_users: 50 on free, 10% of MAU on basic and pro, custom 10% on enterprise."""
+    """Catches the online-user rule drifting from the plan sheet: 50 on free; 10% of MAU with floors
+    of 500 (basic) and 1,000 (pro, enterprise's default), rounded down."""
+    from quota.config import load_config
+    from quota.matrix import MauShare
+
     assert plans["free"]["limits"]["online_users"] == 50
-    for p in ("basic", "pro", "enterprise"):
+    floors = {"basic": 500, "pro": 1000, "enterprise": 1000}
+    for p, floor in floors.items():
         rule = plans[p]["limits"]["online_users"]
-        assert rule["share_of_mau"] == "0.10" and rule["floor"] > 0
+        assert rule["share_of_mau"] == "0.10" and rule["floor"] == floor
+    matrix = load_config().matrix
+    basic = matrix.plans["basic"].limits["online_users"]
+    assert isinstance(basic, MauShare)
+    assert [basic.cap(0, 0), basic.cap(6009, 0), basic.cap(0, 6009), basic.cap(7001, 6999)] == [500, 600, 600, 700]
 
 
 def test_enterprise_custom_rows(plans: dict[str, Any]) -> None:

@@ -124,9 +124,13 @@ def test_proration(start: date, days: tuple[int, int], fee: str) -> None:
 
 
 def test_free_never_bills_overage() -> None:
-    """Free has no overage price: it is held at its ceiling, never billed past it."""
+    """Catches free billing an overage (it has no overage price: past 100 DAU logins are refused),
+    and the bill not saying why 50 over costs nothing."""
     bill = compute_bill(load_config().matrix.plans["free"], [AppPeak("a", 150)], 2026, 3)
-    assert bill.total == Decimal("0.000") and bill.notes
+    assert (bill.usage, bill.included, bill.excess) == (150, 100, 50)
+    assert bill.overage == Decimal("0.000") and bill.total == Decimal("0.000")
+    assert bill.overage_price is None
+    assert bill.notes == ("plan free has no overage: logins past 100 DAU are refused",)
 
 
 @pytest.mark.redis

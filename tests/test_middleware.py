@@ -18,7 +18,7 @@ from quota.gateway import create_gateway
 from quota.identifiers import IdPolicy
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, entitlements, gateway_state, register, room_id
+from tests.helpers import create_room, entitlements, gateway_state, raw_members, register, room_id
 
 FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
 IM_ERROR_KEYS = {"error", "exception", "timestamp", "duration", "error_description"}
@@ -151,7 +151,8 @@ class TestRooms:
             for rid in rids[:2]:
                 assert (await client.post(f"/{ENT}/{kind}/{rid}/users/joiner")).status_code == 200
             r = await client.post(f"/{ENT}/{kind}/{rids[2]}/users", json={"usernames": ["owner", "joiner"]})
-            assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
+            body = assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
+            assert body["limit"] == per_user
             assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/owner")).status_code == 200
 
     async def test_deleting_user_frees_memberships(
@@ -375,32 +376,66 @@ async def test_feature_gates(client: httpx.AsyncClient, method: str, path: str, 
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize(
-    "app,days,kept",
-    [(FREE, 7, True), (FREE, 8, False), (BASIC, 89, True), (BASIC, 91, False), (PRO, 179, True), (PRO, 181, False)],
-)
-async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int, kept: bool) -> None:
-    """History older than the plan's message_retention_days is refused."""
+@pytest.mark.parametrize("app,days", [(FREE, 7), (BASIC, 90), (PRO, 180), (ENT, 180)])
+async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: str, days: int) -> None:
+    """Catches retention off by one at its boundary, or missing on enterprise: with the clock on the
+    hour, the hour exactly 7, 90 or 180 days back (enterprise: its default 180) is kept and the hour
+    before it refused."""
+    clock.tick = 0
+    clock.now = float(int(clock.now) // 3600 * 3600)
     now = datetime.fromtimestamp(clock.now, UTC)
-    hour = (now - timedelta(days=days) + timedelta(hours=1)).strftime("%Y%m%d%H")
-    r = await client.get(f"/{app}/chatmessages/{hour}")
-    if kept:
-        assert r.status_code == 200, r.text
-    else:
-        assert_refused(r, 403, "forbidden_op", "message_retention_days")
+    r = await client.get(f"/{app}/chatmessages/{now - timedelta(days=days):%Y%m%d%H}")
+    assert r.status_code == 200, r.text
+    clock.advance(120)  # past the history export's once-a-minute rate
+    r = await client.get(f"/{app}/chatmessages/{now - timedelta(days=days, hours=1):%Y%m%d%H}")
+    assert_refused(r, 403, "forbidden_op", f"message_retention_days is {days} on plan")
 
 
-async def test_concurrent_joins_exact(client: httpx.AsyncClient) -> None:
-    """500 concurrent joins against a cap of 250 leave exactly 250 members."""
-    users = [f"c{i}" for i in range(500)]
-    await register(client, BASIC, ["owner", *users])
-    rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
-    results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
-    codes = [r.status_code for r in results]
-    assert codes.count(200) == 250 and codes.count(403) == 250
-    assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
-    ent = await entitlements(client, BASIC, group=rid)
-    assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 250
+async def test_enterprise_retention_override(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches retention read from the plan instead of the account: an enterprise account whose
+    override is 30 days still served 180 days of history."""
+    path = config_dir / "accounts.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["accounts"]["demo-enterprise"]["overrides"] = {"message_retention_days": 30}
+    path.write_text(yaml.safe_dump(doc))
+    clock.tick = 0
+    clock.now = float(int(clock.now) // 3600 * 3600)
+    now = datetime.fromtimestamp(clock.now, UTC)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        assert (await client.get(f"/{ENT}/chatmessages/{now - timedelta(days=30):%Y%m%d%H}")).status_code == 200
+        clock.advance(120)
+        r = await client.get(f"/{ENT}/chatmessages/{now - timedelta(days=30, hours=1):%Y%m%d%H}")
+        assert_refused(r, 403, "forbidden_op", "message_retention_days is 30 on plan enterprise")
+
+
+async def test_concurrent_joins_exact(store: Any, clock: Clock) -> None:
+    """Catches a cap that concurrent joins walk past (a check and its add not atomic): 500 joins
+    against basic's 250 members per group, with every admitted join held at the upstream until 250
+    are in flight at once, so all the others are checked while those adds are unsettled. Exactly
+    250 pass, on the memory store too (which only races when a request awaits between its check
+    and its add)."""
+    gateway = create_gateway()
+    in_flight = {"n": 0}
+    full = asyncio.Event()
+
+    async def holding(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and "/chatgroups/" in scope["path"]:
+            in_flight["n"] += 1
+            if in_flight["n"] >= 250:
+                full.set()
+            await asyncio.wait_for(full.wait(), 30)
+        await gateway(scope, receive, send)
+
+    holding.state = gateway.state  # type: ignore[attr-defined]
+    async with make_client(store, clock, upstream=holding) as client:
+        users = [f"c{i}" for i in range(500)]
+        await register(client, BASIC, ["owner", *users])
+        rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
+        results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
+        codes = [r.status_code for r in results]
+        assert codes.count(200) == 250 and codes.count(403) == 250 and in_flight["n"] == 250
+        assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
+        assert len(await raw_members(store, f"q:{{demo#basic}}:s:group_members:o:{rid}")) == 250
 
 
 async def test_upstream_failures_are_undone(store: Any, clock: Clock) -> None:
@@ -446,15 +481,22 @@ def _any_ids_gateway() -> Any:
     """The reference gateway under the same wider id policy as the test's quota."""
     from quota.gateway import create_gateway
 
-    return create_gateway(user_id=r"[^,/]{1,64}")
+    return create_gateway(user_id=r"[^,/.]{1,64}")
 
 
 class TestInput:
     async def test_malformed_body(self, client: httpx.AsyncClient) -> None:
-        """Invalid JSON, wrong types and oversize batches get a 400 and change nothing."""
-        for content in (b"{not json", b'{"usernames": 5}', b'{"usernames": [1.5]}', b"[]"):
+        """Catches a body a counted route cannot read reaching the store, or a 400 that does not say
+        what is wrong: invalid JSON, wrong types, an empty body and oversize batches change nothing."""
+        for content, says in (
+            (b"{not json", "request body is not valid JSON"),
+            (b'{"usernames": 5}', "body.usernames must be a string or a list of strings"),
+            (b'{"usernames": [1.5]}', "body.usernames must be a string or a list of strings"),
+            (b"[]", "body.usernames must be a string or a list of strings"),
+            (b"", "body.usernames is missing"),
+        ):
             r = await client.post(f"/{PRO}/chatgroups/1/users", content=content)
-            assert_refused(r, 400, "illegal_argument")
+            assert assert_refused(r, 400, "illegal_argument")["error_description"] == says
         r = await client.post(f"/{PRO}/chatgroups/1/users", json={"usernames": [f"x{i}" for i in range(61)]})
         assert_refused(r, 400, "illegal_argument", "at most 60")
         r = await client.post(f"/{PRO}/users", content=b"\xff\xfe")
@@ -493,11 +535,73 @@ class TestInput:
         """An app no account holds is refused, not let through unmetered."""
         assert_refused(await client.get("/nobody/nothing/users"), 404, "service_resource_not_found")
 
-    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient) -> None:
-        """Allowed responses keep the upstream's status, body and headers."""
-        r = await client.get(f"/{PRO}/users/missing")
-        assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
-        assert "exception" in r.json() and r.json()["exception"] != "QuotaResourceNotFoundException"
+    @pytest.mark.parametrize(
+        "method,path",
+        [
+            ("GET", "/users/a"),  # a rate only
+            ("POST", "/users/a/contacts/users/b"),  # a counter, settled after the answer
+            ("POST", "/chatgroups"),  # a create: its answer is read for the id
+            ("POST", "/messages/chatgroups"),  # a feature and a route rate
+        ],
+    )
+    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient, method: str, path: str) -> None:
+        """Catches an allowed answer changed on its way back (a header dropped, reordered or added
+        beyond the documented RateLimit-*, the status, the body) or no longer streamed (chunks
+        joined, `more_body` lost): the client gets the messages the upstream sent, chunk by chunk."""
+        mw = client._transport.app  # type: ignore[attr-defined]
+        upstream_sent: list[Any] = []
+
+        async def streaming(scope: Any, receive: Any, send: Any) -> None:
+            async def keep(message: Any) -> None:
+                upstream_sent.append(message)
+                await send(message)
+
+            headers = [
+                (b"content-type", b"application/x-ndjson"),
+                (b"x-upstream", b"yes"),
+                (b"set-cookie", b"a=1"),
+                (b"set-cookie", b"b=2"),
+            ]
+            await keep({"type": "http.response.start", "status": 207, "headers": headers})
+            for chunk in (b'{"data": {"groupid": "5"}}', b"\n", b"second\n"):
+                await keep({"type": "http.response.body", "body": chunk, "more_body": True})
+            await keep({"type": "http.response.body", "body": b"", "more_body": False})
+
+        mw.app = streaming
+        got: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b'{"owner": "a", "to": ["g"]}', "more_body": False}
+
+        async def send(message: Any) -> None:
+            got.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": f"/{PRO}{path}",
+            "raw_path": f"/{PRO}{path}".encode(),
+            "root_path": "",
+            "query_string": b"",
+            "client": ("10.1.2.3", 1234),
+            "server": ("gateway", 80),
+            "headers": [(b"content-type", b"application/json"), (b"accept-encoding", b"gzip")],
+        }
+        await mw(scope, receive, send)
+        assert len(upstream_sent) == 5
+        # The body, chunk by chunk with its more_body flags, and the status: exactly the upstream's.
+        assert got[1:] == upstream_sent[1:] and got[0]["status"] == 207
+        # The upstream's headers, in order; quota appends only its RateLimit-* (ratelimit_headers).
+        sent_headers, got_headers = upstream_sent[0]["headers"], got[0]["headers"]
+        assert got_headers[: len(sent_headers)] == sent_headers
+        assert [k for k, _ in got_headers[len(sent_headers) :]] == [
+            b"ratelimit-limit",
+            b"ratelimit-remaining",
+            b"ratelimit-reset",
+        ]
 
 
 class TestClientIp:

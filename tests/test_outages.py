@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis as redis_sync
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.redis import RedisStore
-from tests.conftest import RedisServer
-from tests.helpers import entitlements, register
+from tests.conftest import Clock, RedisServer
+from tests.helpers import register
 
 pytestmark = pytest.mark.redis
 PRO = "demo/pro"
@@ -32,65 +35,86 @@ class CountingStore(RedisStore):
             raise
 
 
-async def test_kill_and_restart_redis_under_load() -> None:
-    """Reads fail open, counted writes fail closed with 503, no exception reaches a client, a dead
-    Redis is not called on every request, and enforcement resumes within two seconds of a restart."""
+class Monotonic:
+    """The breaker's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_kill_and_restart_redis() -> None:
+    """Catches an outage policy that leaks (a 500, reads refused, writes let through unchecked), a
+    breaker that lets every request call a dead Redis, or one that never closes again after a
+    restart (NOSCRIPT not reloaded). Time is driven: the breaker's clock is the test's, and no step
+    waits on a wall clock."""
     server = RedisServer()
     server.start()
     store = CountingStore(server.url, timeout_ms=200)
     app = build_app(load_config(), store=store)
-    log: list[tuple[float, str, int, dict[str, Any]]] = []
+    app.clock = Clock(time.time())
+    breaker = Monotonic()
+    app.breaker.clock = breaker
     try:
         transport = httpx.ASGITransport(app=app, client=("10.7.7.7", 4000))
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            await register(client, PRO, ["owner", *[f"p{i}" for i in range(800)]])
-            stop = time.monotonic() + 5.0
-
-            async def reads() -> None:
-                while time.monotonic() < stop:
-                    r = await client.get(f"/{PRO}/users/owner")
-                    log.append((time.monotonic(), "read", r.status_code, r.json()))
-                    await asyncio.sleep(0.015)
-
-            async def writes() -> None:
-                i = 0
-                while time.monotonic() < stop:
-                    r = await client.post(f"/{PRO}/users/owner/contacts/users/p{i}")
-                    log.append((time.monotonic(), "write", r.status_code, r.json()))
-                    i += 1
-                    await asyncio.sleep(0.015)
-
-            async def outage() -> tuple[float, float]:
-                await asyncio.sleep(0.7)
-                down = time.monotonic()
-                server.stop()
-                await asyncio.sleep(1.5)
-                server.start()  # same port, no persistence: counters and scripts are gone
-                return down, time.monotonic()
-
-            _, _, (down, up) = await asyncio.gather(reads(), writes(), outage())
-            during = [e for e in log if down + 0.3 < e[0] < up]
-            after = [e for e in log if e[0] > up]
-            # No 5xx but the policy's 503s, and those only on counted writes, with the IM body.
-            assert {s for _, _, s, _ in log} <= {200, 429, 503}
-            assert all(
-                kind == "write" and body["error"] == "service_unavailable" for _, kind, s, body in log if s == 503
-            )
-            assert any(s == 503 for _, kind, s, _ in during if kind == "write")
-            assert all(s == 200 for _, kind, s, _ in during if kind == "read")
-            # The breaker: far fewer calls reached the dead Redis than requests were made.
-            assert store.failed < len(during) / 3
-            resumed = min(t for t, kind, s, _ in after if kind == "write" and s == 200)
-            assert resumed - up < 2.0
-            assert all(s == 200 for t, kind, s, _ in after if kind == "write" and t > up + 2.0)
+            await register(client, PRO, ["owner", *[f"p{i}" for i in range(40)]])
+            assert (await client.post(f"/{PRO}/users/owner/contacts/users/p0")).status_code == 200
+            server.stop()
+            for i in range(1, 11):
+                r = await client.get(f"/{PRO}/users/owner")
+                assert r.status_code == 200 and r.json()["entities"][0]["username"] == "owner"
+                w = await client.post(f"/{PRO}/users/owner/contacts/users/p{i}")
+                assert w.status_code == 503 and w.json()["error"] == "service_unavailable"
+                assert w.headers["retry-after"] == "1"
+            # Three consecutive failures opened the breaker: the other 17 requests never called Redis.
+            assert store.failed == 3 and app.breaker.state == "open"
+            breaker.now += 0.5  # half-open: one probe, which fails, and the breaker opens again
+            assert (await client.post(f"/{PRO}/users/owner/contacts/users/p11")).status_code == 503
+            assert (await client.post(f"/{PRO}/users/owner/contacts/users/p12")).status_code == 503
+            assert store.failed == 4 and app.breaker.state == "open"
+            server.start()  # same port, no persistence: counters and scripts are gone
+            assert (await client.post(f"/{PRO}/users/owner/contacts/users/p13")).status_code == 503
+            assert store.failed == 4  # still within the cooldown: not called
+            breaker.now += 0.5
+            for i in range(20, 25):
+                assert (await client.post(f"/{PRO}/users/owner/contacts/users/p{i}")).status_code == 200
+            assert app.breaker.state == "closed" and store.failed == 4
             # Enforcement resumed from an empty Redis: exactly the friends added since count.
-            counted = sum(1 for t, kind, s, _ in after if kind == "write" and s == 200)
-            ent = await entitlements(client, PRO, user="owner")
-            assert ent["entities"]["user:owner"]["friends_per_user"]["used"] == counted
-            metrics = (app.metrics.render()).decode()
-            assert 'outcome="unchecked"' in metrics and "quota_errors_total" in metrics
+            raw = redis_sync.Redis(port=server.port)
+            assert raw.smembers("q:{demo#pro}:s:contacts:o:owner") == {f"p{i}".encode() for i in range(20, 25)}
+            raw.close()
+            metrics = app.metrics.render().decode()
+            assert 'outcome="unchecked"' in metrics and 'kind="breaker_open"' in metrics
     finally:
         await store.close()
+        server.stop()
+
+
+async def test_storage_timeout_reaches_the_store(config_dir: Path) -> None:
+    """Catches `storage_timeout_ms` not reaching the store (the client's default used instead): with
+    1,500 ms configured, a write to a Redis that stopped answering is refused after about 1.5 s,
+    not after the default 0.25 s."""
+    (config_dir / "quota.yaml").write_text("storage_timeout_ms: 1500\n")
+    server = RedisServer()
+    server.start()
+    app = build_app(load_config(config_dir), redis_url=server.url)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            await register(client, PRO, ["a", "b", "c"])
+            assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            r = await client.post(f"/{PRO}/users/a/contacts/users/c")
+            waited = time.monotonic() - started
+            assert r.status_code == 503 and 1.4 <= waited < 10, waited
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await app.runtime.store.close()
         server.stop()
 
 

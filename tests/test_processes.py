@@ -11,13 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis as redis_sync
 from websockets.sync.client import connect
 
-from quota.keys import app_prefix, online_key
+from quota.keys import app_prefix
 from tests.conftest import ROOT, RedisServer, free_port
 
 pytestmark = pytest.mark.redis
@@ -127,32 +128,48 @@ def test_one_write_is_one_script_call(
 def test_killed_worker_leaks_no_connections(
     two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
 ) -> None:
-    """Connections held by a worker killed with -9 stop counting once their leases expire."""
+    """Catches leases that outlive a worker killed with -9 (its three connections counted forever)
+    and a survivor whose lease is not renewed. Leases last 2 s here (lease_ttl_s: 2), renewed every
+    third of that; the test waits on conditions with deadlines, never a fixed sleep."""
     (proc_a, a), (_, b) = two_gateways
     for base in (a, b):
         httpx.post(f"{base}/{BASIC}/users", json=[{"username": f"k{i}"} for i in range(5)])
     url_a, url_b = a.replace("http", "ws"), b.replace("http", "ws")
     stack = contextlib.ExitStack()
-    held = [stack.enter_context(connect(f"{url_a}/{BASIC}/users/k{i}/connection")) for i in range(3)]
-    other = stack.enter_context(connect(f"{url_b}/{BASIC}/users/k4/connection"))
+    for i in range(3):
+        stack.enter_context(connect(f"{url_a}/{BASIC}/users/k{i}/connection"))
     r = redis_sync.Redis(port=redis_server.port)
-    key = online_key(app_prefix("demo#basic"))
+    key = "q:{demo#basic}:online"
 
-    def live() -> int:
-        return int(r.zcount(key, int(time.time() * 1000) + 1, "+inf"))
+    def leases() -> dict[str, int]:
+        return {m.decode(): int(s) for m, s in r.zrange(key, 0, -1, withscores=True)}
 
-    assert live() == 4
+    def live() -> dict[str, int]:
+        now = int(time.time() * 1000)
+        return {m: d for m, d in leases().items() if d > now}
+
+    def wait(cond: Any, seconds: float, what: str) -> None:
+        deadline = time.time() + seconds
+        while not cond():
+            assert time.time() < deadline, what
+            time.sleep(0.05)
+
+    wait(lambda: len(live()) == 3, 10, "the three connections of process A hold no leases")
+    dead = set(live())
+    other = stack.enter_context(connect(f"{url_b}/{BASIC}/users/k4/connection"))
+    wait(lambda: len(live()) == 4, 10, "the connection to process B holds no lease")
+    (survivor,) = set(live()) - dead
     os.kill(proc_a.pid, signal.SIGKILL)
     proc_a.wait(10)
-    deadline = time.time() + 10
-    while live() > 1 and time.time() < deadline:
-        time.sleep(0.2)
-    # The survivor's connection is renewed and still counts; the dead worker's three are gone.
-    time.sleep(1.0)
-    assert live() == 1
+    killed_ms = int(time.time() * 1000)
+    # The dead worker's leases lapse within one lease (2 s) of the kill, and are never renewed.
+    wait(lambda: set(live()) == {survivor}, 6, f"leases of the killed worker still count: {live()}")
+    assert all(leases()[m] <= killed_ms + 2000 for m in dead if m in leases())
+    # The survivor's lease is renewed past the moment the dead ones lapsed: it keeps counting.
+    wait(lambda: live().get(survivor, 0) > killed_ms + 2500, 6, "the survivor's lease was not renewed")
+    assert set(live()) == {survivor}
     other.send("still here")
     assert other.recv() == "still here"
-    assert len(held) == 3
     with contextlib.suppress(Exception):
         stack.close()
     r.close()
@@ -194,7 +211,7 @@ async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None
                 c.post(
                     f"{a}/demo/pro/chatgroups/777/users",
                     json={"usernames": ["u1", "ghost"]},
-                    headers={"x-test-hold": "1.5"},
+                    headers={"x-test-hold": "test:release"},
                 )
             )
             deadline = time.time() + 10
@@ -204,6 +221,8 @@ async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None
             assert not batch.done()
             single = await c.post(f"{b}/demo/pro/chatgroups/777/users/u1")
             assert single.status_code == 200
+            assert not batch.done()  # A's batch is still held: B joined while A's add was unsettled
+            r.set("test:release", 1)
             assert (await batch).status_code == 404
         assert r.smembers(key) == {b"u1"}
         assert r.smembers("q:{demo#pro}:s:group_members:m:u1") == {b"777"}

@@ -1,0 +1,159 @@
+"""Programs of several ops on every store, at instants the test chooses: rates checked beside
+counters (the differential test of test_rates.py with a counter in the same program), and the
+expiry of a create's reservation. Keys are spelled out and read raw."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from quota.store.program import UNLIMITED, AddOp, BindOp, Program, RateOp, RenewOp, UndoOp
+from tests.helpers import raw_deadlines, raw_members
+from tests.store.test_rates import schedule
+
+GROUPS = "q:{demo#pro}:s:app_groups:o:demo%23pro"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("limit", [1, 3, 5])
+async def test_rate_beside_a_counter_decides_like_limits(store: Any, seed: int, limit: int) -> None:
+    """Catches a rate checked differently when the program also holds a counter (the memory store
+    takes a shortcut for rate-only programs): every hit of a random schedule, a rate and an add to
+    an uncapped set in one program, is allowed exactly as limits' sliding window decides, and each
+    allowed hit adds its member."""
+    item = RateLimitItemPerSecond(limit, 1)
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    ours, theirs = [], []
+    for i, now_ms in enumerate(schedule(seed, 300)):
+        with mock.patch("time.time", return_value=now_ms / 1000):
+            theirs.append(await reference.hit(item, "k"))
+        rate = RateOp("q:{demo#pro}:r:users.register:rest_per_ip:k", limit, 1000, 1, "rest_per_ip")
+        add = AddOp("registered_users", "q:{demo#pro}:s:app_users:o:demo%23pro", UNLIMITED, (f"u{i}",))
+        outcome = await store.run(Program([rate, add]), now_ms)
+        ours.append(outcome.allowed)
+    assert ours == theirs
+    assert 0 < sum(ours) < len(ours)
+    counted = await raw_members(store, "q:{demo#pro}:s:app_users:o:demo%23pro")
+    assert counted == {f"u{i}" for i, ok in enumerate(ours) if ok}
+
+
+async def test_rate_then_capped_counter_refuses_without_counting(store: Any) -> None:
+    """Catches a program refused by its counter that still spends its rate budget (or the reverse):
+    a refused request counts nothing, not a rate hit, not a member."""
+    rate = RateOp("q:{demo#pro}:r:groups.add_member:rest_per_ip:k", 2, 1000, 1, "rest_per_ip")
+    now = 9_000_000_000_100
+    full = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:1", 1, ("a",))
+    assert (await store.run(Program([rate, full]), now)).allowed
+    over = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:1", 1, ("b",))
+    for _ in range(3):
+        refused = await store.run(Program([rate, over]), now)
+        assert refused.refusal is not None and refused.refusal.kind == "owner" and refused.refusal.op_index == 1
+    other = AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:2", 1, ("b",))
+    assert (await store.run(Program([rate, other]), now)).allowed  # the second hit of 2
+    refused = await store.run(
+        Program([rate, AddOp("members_per_group", "q:{demo#pro}:s:group_members:o:3", 1, ("c",))]), now
+    )
+    assert refused.refusal is not None and refused.refusal.kind == "rate"
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:1") == {"a"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:3") == set()
+
+
+async def test_create_reservation_expires_after_60_s(store: Any) -> None:
+    """Catches reservations that never expire (a create whose process died holding the app's last
+    group slot forever) or expire early: a slot reserved at t blocks the cap until t + 60 s - 1 ms
+    and is freed, and purged from the set, at t + 60 s."""
+    t = 9_100_000_000_000
+
+    def create(tag: str) -> AddOp:
+        return AddOp("groups_per_app", GROUPS, 1, (f"~pending:{tag}",), pending_ttl_ms=60_000)
+
+    assert (await store.run(Program([create("first")]), t)).allowed
+    assert await raw_members(store, GROUPS) == {"~pending:first"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:first": t + 60_000}
+    late = await store.run(Program([create("second")]), t + 59_999)
+    assert late.refusal is not None and late.refusal.kind == "owner"
+    assert (await store.run(Program([create("third")]), t + 60_000)).allowed
+    assert await raw_members(store, GROUPS) == {"~pending:third"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:third": t + 120_000}
+
+
+async def test_undo_keeps_a_member_whose_claim_lapsed(store: Any) -> None:
+    """Catches an undo that stops at the first lapsed claim of a batch (or removes a member whose
+    claim lapsed and was purged): a batch join [a, b] whose claim on a lapsed while b's was renewed
+    keeps a and removes b, on both sides of the relation."""
+    t = 9_200_000_000_000
+    owner = "q:{demo#pro}:s:group_members:o:7"
+    inflight = "q:{demo#pro}:s:group_members:inflight"
+    add = AddOp(
+        "members_per_group",
+        owner,
+        10,
+        ("a", "b"),
+        reverse_prefix="q:{demo#pro}:s:group_members:m:",
+        reverse_value="7",
+        inflight_key=inflight,
+        fields=("7|a", "7|b"),
+        claim_ttl_ms=60_000,
+    )
+    outcome = await store.run(Program([add]), t)
+    assert outcome.added == (("a", "b"),)
+    assert await raw_deadlines(store, inflight + ":due") == {"7|a": t + 60_000, "7|b": t + 60_000}
+    await store.run(Program([RenewOp(inflight + ":due", ("7|b",), 60_000)]), t + 50_000)
+    # Another join of the relation purges the lapsed claim (claims are purged by adds, a slice at a time).
+    other = AddOp(
+        "members_per_group",
+        "q:{demo#pro}:s:group_members:o:8",
+        10,
+        ("c",),
+        inflight_key=inflight,
+        fields=("8|c",),
+        claim_ttl_ms=60_000,
+    )
+    assert (await store.run(Program([other]), t + 61_000)).allowed
+    undo = UndoOp(owner, ("a", "b"), ("7|a", "7|b"), "q:{demo#pro}:s:group_members:m:", "7", inflight)
+    await store.run(Program([undo]), t + 62_000)
+    assert await raw_members(store, owner) == {"a"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:m:a") == {"7"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:m:b") == set()
+    assert "7|b" not in await raw_deadlines(store, inflight + ":due")
+
+
+async def test_bind_after_the_reservation_expired(store: Any) -> None:
+    """Catches a bind that fails (or drops the id) once its reservation expired and was purged: the
+    upstream created the group, so its id is counted anyway."""
+    t = 9_300_000_000_000
+    create = AddOp("groups_per_app", GROUPS, 5, ("~pending:slow",), pending_ttl_ms=60_000)
+    assert (await store.run(Program([create]), t)).allowed
+    other = AddOp("groups_per_app", GROUPS, 5, ("~pending:other",), pending_ttl_ms=60_000)
+    assert (await store.run(Program([other]), t + 61_000)).allowed  # purges the expired slot
+    assert await raw_members(store, GROUPS) == {"~pending:other"}
+    await store.run(Program([BindOp(GROUPS, "~pending:slow", "123")]), t + 62_000)
+    assert await raw_members(store, GROUPS) == {"~pending:other", "123"}
+    assert await raw_deadlines(store, GROUPS + ":pending") == {"~pending:other": t + 121_000}
+
+
+async def test_a_claimed_member_is_claimed_again(store: Any) -> None:
+    """Catches a second request that finds a member added by one still in flight not claiming it
+    (or counting its claim twice): each undo drops one claim, and the member goes with the last."""
+    t = 9_400_000_000_000
+    owner = "q:{demo#pro}:s:contacts:o:a"
+    inflight = "q:{demo#pro}:s:contacts:inflight"
+
+    def add(now_ms: int) -> Any:
+        op = AddOp("friends_per_user", owner, 5, ("b",), inflight_key=inflight, fields=("a|b",), claim_ttl_ms=60_000)
+        return store.run(Program([op]), now_ms)
+
+    assert (await add(t)).added == (("b",),)
+    assert (await add(t + 1000)).added == (("b",),)  # still claimed: this request relies on it too
+    undo = UndoOp(owner, ("b",), ("a|b",), "", "", inflight)
+    await store.run(Program([undo]), t + 2000)
+    assert await raw_members(store, owner) == {"b"}
+    await store.run(Program([undo]), t + 3000)
+    assert await raw_members(store, owner) == set()
+    assert (await add(t + 4000)).added == (("b",),)
+    assert (await add(t + 64_000)).added == ((),)  # the claim lapsed: b is real now, nobody claims it

@@ -1,0 +1,112 @@
+"""Days, months and plan changes as the clock crosses them: the free DAU ceiling on the next day,
+MAU per month, a plan change from the 1st of next month, and accounts changed in one process
+reaching another. The middleware's clock is the test's; DAU and MAU sets are read raw by their
+spelled-out keys."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Clock, make_client
+from tests.helpers import raw_members, register
+
+TOKEN = "rollover-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def at(text: str, tick: float = 0.021) -> Clock:
+    return Clock(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp(), tick)
+
+
+async def login(client: httpx.AsyncClient, app: str, user: str) -> int:
+    return (await client.post(f"/{app}/token", json={"username": user})).status_code
+
+
+async def test_free_dau_ceiling_resets_the_next_day(store: Any) -> None:
+    """Catches the free plan's 100-DAU ceiling carried into the next day (today's date computed
+    once, or the DAU set not keyed by day): the 101st user refused on the 15th gets in on the 16th."""
+    clock = at("2027-01-15 23:50:00")
+    async with make_client(store, clock) as client:
+        users = [f"d{i}" for i in range(101)]
+        await register(client, "demo/free", users)
+        for u in users[:100]:
+            assert await login(client, "demo/free", u) == 200
+        r = await client.post("/demo/free/token", json={"username": "d100"})
+        assert r.status_code == 403 and r.json()["limit"] == "included_dau"
+        clock.now = at("2027-01-16 00:00:01").now
+        assert await login(client, "demo/free", "d100") == 200
+        assert await login(client, "demo/free", "d0") == 200
+        assert len(await raw_members(store, "q:{demo#free}:dau:20270115")) == 100
+        assert await raw_members(store, "q:{demo#free}:dau:20270116") == {"d100", "d0"}
+        assert len(await raw_members(store, "q:{demo#free}:mau:202701")) == 101
+
+
+async def test_mau_is_per_month(store: Any) -> None:
+    """Catches MAU not rolling over with the month: logins on January 31st and February 1st land in
+    mau:202701 and mau:202702 respectively."""
+    clock = at("2027-01-31 23:59:00")
+    async with make_client(store, clock) as client:
+        await register(client, "demo/pro", ["a", "b"])
+        assert await login(client, "demo/pro", "a") == 200
+        assert await login(client, "demo/pro", "b") == 200
+        clock.now = at("2027-02-01 00:00:30").now
+        assert await login(client, "demo/pro", "A") == 200
+        assert await raw_members(store, "q:{demo#pro}:mau:202701") == {"a", "b"}
+        assert await raw_members(store, "q:{demo#pro}:mau:202702") == {"a"}
+        assert await raw_members(store, "q:{demo#pro}:dau:20270131") == {"a", "b"}
+        assert await raw_members(store, "q:{demo#pro}:dau:20270201") == {"a"}
+
+
+async def test_plan_change_is_enforced_from_the_first(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a plan change or a cancellation enforced from the day it was made: pro changed to
+    free on the 20th keeps translation until the month ends, and loses it on the 1st; a cancelled
+    basic account answers until the 1st, then its app has no plan."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    clock = at("2027-01-20 12:00:00")
+    async with make_client(store, clock) as client:
+        r = await client.post(
+            "/_quota/accounts/demo-pro/change-plan", json={"plan": "free", "date": "2027-01-20"}, headers=AUTH
+        )
+        assert r.status_code == 200
+        r = await client.post("/_quota/accounts/demo-basic/cancel", json={"date": "2027-01-20"}, headers=AUTH)
+        assert r.status_code == 200
+        assert (await client.post("/demo/pro/messages/translate", json={})).status_code == 200
+        assert (await client.get("/demo/basic/users")).status_code == 200
+        clock.now = at("2027-01-31 23:59:58").now
+        assert (await client.post("/demo/pro/messages/translate", json={})).status_code == 200
+        assert (await client.get("/demo/basic/users")).status_code == 200
+        clock.now = at("2027-02-01 00:00:01").now
+        r = await client.post("/demo/pro/messages/translate", json={})
+        assert r.status_code == 403 and r.json()["limit"] == "translation"
+        r = await client.get("/demo/basic/users")
+        assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found"
+
+
+async def test_accounts_reach_every_process(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches the accounts watcher never refreshing: an account frozen through process A's admin
+    API must be refused by process B (same store) within about a second, and let in again once
+    unfrozen. Waits on the condition with a deadline."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    clock = Clock(time.time())
+    async with make_client(store, clock) as a, make_client(store, clock) as b:
+        assert (await b.get("/demo/pro/users")).status_code == 200  # B's watcher starts with its first request
+
+        async def b_answers(status: int) -> float:
+            started = time.monotonic()
+            deadline = started + 10
+            while (await b.get("/demo/pro/users")).status_code != status:
+                assert time.monotonic() < deadline, f"process B never answered {status}"
+                await asyncio.sleep(0.02)
+            return time.monotonic() - started
+
+        assert (await a.post("/_quota/accounts/demo-pro/freeze", headers=AUTH)).status_code == 200
+        assert (await a.get("/demo/pro/users")).status_code == 403
+        assert await b_answers(403) < 5
+        assert (await a.post("/_quota/accounts/demo-pro/unfreeze", headers=AUTH)).status_code == 200
+        assert await b_answers(200) < 5

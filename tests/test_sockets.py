@@ -1,0 +1,214 @@
+"""The WebSocket connection route (quota/sockets.py), driven as an ASGI server would drive it: each
+refusal closes the handshake with its own code (1008 for the plan, 1013 for rates and outages) and
+counts nothing; an accepted connection is a login (DAU, MAU) and holds a lease. On every store;
+activity and lease sets are read raw by their spelled-out keys."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from quota.config import load_config
+from quota.serve import build_app
+from quota.store.redis import RedisStore
+from tests.conftest import Clock, free_port, make_client
+from tests.helpers import raw_deadlines, raw_members, register
+
+
+class Socket:
+    """One WebSocket connection to the middleware: the client's side of the ASGI messages."""
+
+    def __init__(self, mw: Any, path: str, ip: str = "10.1.2.3") -> None:
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "scheme": "ws",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [],
+            "client": (ip, 5555),
+            "server": ("gateway", 80),
+            "subprotocols": [],
+        }
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(mw(scope, self.inbox.get, self.outbox.put))
+
+    async def open(self) -> dict[str, Any]:
+        """The handshake's answer: websocket.accept, or websocket.close with its code and reason."""
+        await self.inbox.put({"type": "websocket.connect"})
+        message: dict[str, Any] = await asyncio.wait_for(self.outbox.get(), 10)
+        if message["type"] == "websocket.close":
+            await asyncio.wait_for(self.task, 10)
+        return message
+
+    async def close(self) -> None:
+        await self.inbox.put({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(self.task, 10)
+
+
+async def refused(mw: Any, path: str, ip: str = "10.1.2.3") -> tuple[int, str]:
+    ws = Socket(mw, path, ip)
+    answer = await ws.open()
+    if answer["type"] != "websocket.close":
+        await ws.close()
+        pytest.fail(f"the handshake was not refused: {answer}")
+    return answer["code"], answer["reason"]
+
+
+def mw_of(client: Any) -> Any:
+    return client._transport.app
+
+
+def day_of(clock: Clock) -> str:
+    return datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d")
+
+
+async def test_accepted_connection_is_a_login_with_a_lease(store: Any, clock: Clock) -> None:
+    """Catches a connection that is not counted as a login (DAU, MAU), holds no lease, or keeps its
+    lease after it closed."""
+    async with make_client(store, clock) as client:
+        await register(client, "demo/basic", ["amy"])
+        ws = Socket(mw_of(client), "/demo/basic/users/AMY/connection")
+        assert (await ws.open())["type"] == "websocket.accept"
+        assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == {"amy"}
+        assert await raw_members(store, f"q:{{demo#basic}}:mau:{day_of(clock)[:6]}") == {"amy"}
+        assert len(await raw_deadlines(store, "q:{demo#basic}:online")) == 1
+        await ws.close()
+        assert await raw_deadlines(store, "q:{demo#basic}:online") == {}
+        assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == {"amy"}
+
+
+async def test_free_dau_ceiling_on_connect(store: Any, clock: Clock) -> None:
+    """Catches the free plan's DAU ceiling skipped on the WebSocket route: with 100 users active
+    today, a new user's connection is closed (1008, naming the ceiling) and counts nothing; a user
+    already active today still connects."""
+    async with make_client(store, clock) as client:
+        users = [f"u{i}" for i in range(101)]
+        await register(client, "demo/free", users)
+        for u in users[:100]:
+            assert (await client.post("/demo/free/token", json={"username": u})).status_code == 200
+        code, reason = await refused(mw_of(client), "/demo/free/users/u100/connection")
+        assert code == 1008 and "100 daily active users" in reason
+        dau = await raw_members(store, f"q:{{demo#free}}:dau:{day_of(clock)}")
+        assert len(dau) == 100 and "u100" not in dau
+        assert await raw_deadlines(store, "q:{demo#free}:online") == {}
+        ws = Socket(mw_of(client), "/demo/free/users/u7/connection")
+        assert (await ws.open())["type"] == "websocket.accept"
+        await ws.close()
+
+
+async def test_frozen_and_allowlist_refuse_the_handshake(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches a frozen account or an address outside the app's allowlist reaching the upstream
+    over WebSocket (the HTTP checks only): both close with 1008 and count nothing."""
+    path = config_dir / "accounts.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["accounts"]["demo-pro"]["frozen_on"] = "2026-01-05"
+    doc["accounts"]["demo-basic"]["ip_allowlist"] = ["10.0.0.0/8"]
+    path.write_text(yaml.safe_dump(doc))
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, "demo/basic", ["amy"])
+        code, reason = await refused(mw_of(client), "/demo/pro/users/amy/connection")
+        assert code == 1008 and "frozen" in reason
+        code, reason = await refused(mw_of(client), "/demo/basic/users/amy/connection", ip="192.168.1.1")
+        assert code == 1008 and reason == "forbidden_op: client address 192.168.1.1 is not in the app's IP allowlist"
+        transport = httpx.ASGITransport(app=mw_of(client), client=("192.168.1.1", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as outsider:
+            r = await outsider.get("/demo/basic/users")
+            assert r.status_code == 403 and r.json()["error"] == "forbidden_op"
+        assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == set()
+        ws = Socket(mw_of(client), "/demo/basic/users/amy/connection", ip="10.200.0.1")
+        assert (await ws.open())["type"] == "websocket.accept"
+        await ws.close()
+
+
+async def test_unknown_app_and_bad_id_close_with_1008(store: Any, clock: Clock) -> None:
+    """Catches an unknown app's connections let through unmetered, and an id outside the policy
+    counted: both close with 1008 before the upstream sees them."""
+    async with make_client(store, clock) as client:
+        code, reason = await refused(mw_of(client), "/nobody/none/users/amy/connection")
+        assert code == 1008 and reason.startswith("service_resource_not_found")
+        code, reason = await refused(mw_of(client), "/demo/pro/users/a%7Bb%7D:x/connection")
+        assert code == 1008 and reason.startswith("illegal_argument")
+
+
+async def test_rate_closes_with_1013(store: Any, clock: Clock) -> None:
+    """Catches a rate refusal on the WebSocket route closing with the plan code (1008, "do not
+    retry") instead of 1013 ("try again later"), or not applied at all: 100 handshakes a second per
+    client, the 101st refused."""
+    clock.tick = 0
+    async with make_client(store, clock) as client:
+        await register(client, "demo/pro", ["amy"])
+        clock.advance(2)
+        for _ in range(100):
+            ws = Socket(mw_of(client), "/demo/pro/users/amy/connection")
+            assert (await ws.open())["type"] == "websocket.accept"
+            await ws.close()
+        code, reason = await refused(mw_of(client), "/demo/pro/users/amy/connection")
+        assert code == 1013 and reason.startswith("reach_limit")
+
+
+async def test_outage_closes_with_1013(config_dir: Path) -> None:
+    """Catches a storage outage on the WebSocket route letting the connection in unleased, or
+    closing it with 1008: counters fail closed, so the handshake is refused with 1013."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens there
+    app = build_app(load_config(config_dir), store=store)
+    try:
+        code, reason = await refused(app, "/demo/pro/users/amy/connection")
+        assert code == 1013 and reason.startswith("service_unavailable")
+    finally:
+        await store.close()
+
+
+async def test_connection_closed_by_the_upstream_counts_nothing(store: Any, clock: Clock) -> None:
+    """Catches a login kept when the upstream closed the handshake (a user that does not exist): no
+    DAU, no MAU, no lease, on the free plan's ceiling included."""
+    async with make_client(store, clock) as client:
+        code, _ = await refused(mw_of(client), "/demo/free/users/ghost/connection")
+        assert code == 1008
+        assert await raw_members(store, f"q:{{demo#free}}:dau:{day_of(clock)}") == set()
+        assert await raw_members(store, f"q:{{demo#free}}:mau:{day_of(clock)[:6]}") == set()
+        assert await raw_deadlines(store, "q:{demo#free}:online") == {}
+
+
+async def test_unchecked_connection_closed_upstream_undoes_nothing(config_dir: Path) -> None:
+    """Catches an undo that assumes every add was counted: with `outage: open` on the connection
+    route and the store down, a handshake goes through unchecked (nothing added); the upstream
+    closing it must end cleanly, not raise while undoing adds that never happened."""
+    routes = config_dir / "routes.yaml"
+    doc = yaml.safe_load(routes.read_text())
+    for route in doc["routes"]:
+        if route["name"] == "users.connect":
+            route["outage"] = "open"
+    routes.write_text(yaml.safe_dump(doc, sort_keys=False))
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens there
+    app = build_app(load_config(config_dir), store=store)
+    try:
+        code, reason = await refused(app, "/demo/pro/users/ghost/connection")
+        assert code == 1008 and reason == "user not found"
+    finally:
+        await store.close()
+
+
+async def test_online_cap_refusal_names_the_limit(store: Any, clock: Clock) -> None:
+    """Catches the online-user refusal mis-shaped: free holds 50 connections; the 51st handshake is
+    closed with 1008 and a reason naming online_users, the cap and how many are online."""
+    async with make_client(store, clock) as client:
+        users = [f"w{i}" for i in range(51)]
+        await register(client, "demo/free", users)
+        sockets = [Socket(mw_of(client), f"/demo/free/users/w{i}/connection") for i in range(50)]
+        for ws in sockets:
+            assert (await ws.open())["type"] == "websocket.accept"
+        code, reason = await refused(mw_of(client), "/demo/free/users/w50/connection")
+        assert (code, reason) == (1008, "forbidden_op: online_users is 50 on plan free and 50 are online")
+        assert 'limit="online_users"' in mw_of(client).metrics.render().decode()
+        for ws in sockets:
+            await ws.close()

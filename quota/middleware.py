@@ -323,11 +323,26 @@ class QuotaMiddleware:
         try:
             await bounded.forward(self.app, scope, capture.wrap(send), started)
         except BaseException:
-            await asyncio.shield(self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms))
+            # The client went away or the upstream raised. An answer that had already started as a
+            # 2xx was the upstream's success: it did the change, so it is settled, not undone.
+            await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
             raise
         finally:
             if keeper is not None:
                 keeper.stop()
+        await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
+
+    async def _settle_answer(
+        self,
+        rt: Runtime,
+        app: AppPlan,
+        plan: RequestPlan,
+        outcome: Outcome,
+        verdict: _Verdict,
+        capture: _Capture,
+        bounded: _Bounded,
+        now_ms: int,
+    ) -> None:
         if not 200 <= capture.status < 300 or bounded.cut:
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return

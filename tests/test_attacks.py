@@ -661,3 +661,23 @@ async def test_bind_lost_to_a_blip_is_retried(clock: Clock) -> None:
         while gid not in await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro"):
             assert asyncio.get_running_loop().time() < deadline, "the bind was never retried"
             await asyncio.sleep(0.05)
+
+
+async def test_client_gone_after_a_2xx_keeps_the_add(store: Any, clock: Clock) -> None:
+    """Catches an add undone because the client left while a 2xx answer streamed: the upstream made
+    the change, so quota must keep counting it."""
+    async with make_client(store, clock) as client:
+        await register(client, PRO, ["alice", "bob"])
+        mw = client._transport.app  # type: ignore[attr-defined]
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                raise OSError("the client went away")
+
+        with pytest.raises(OSError):
+            await mw(_scope("POST", f"/{PRO}/users/alice/contacts/users/bob"), receive, send)
+        assert gateway_state(client, PRO).contacts["alice"] == {"bob"}
+        assert await members(client, "q:{demo#pro}:s:contacts:o:alice") == {"bob"}

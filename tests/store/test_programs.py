@@ -156,4 +156,8 @@ async def test_a_claimed_member_is_claimed_again(store: Any) -> None:
     await store.run(Program([undo]), t + 3000)
     assert await raw_members(store, owner) == set()
     assert (await add(t + 4000)).added == (("b",),)
-    assert (await add(t + 64_000)).added == ((),)  # the claim lapsed: b is real now, nobody claims it
+    # The first claim lapsed: b stands on its own. A new add claims it too (a removal must wait for
+    # it), and its undo leaves b where it stood.
+    assert (await add(t + 64_000)).added == (("b",),)
+    await store.run(Program([undo]), t + 65_000)
+    assert await raw_members(store, owner) == {"b"}

@@ -201,8 +201,9 @@ def odd_proxy(odd_upstream: Running, redis_server: RedisServer, small_config: Pa
 class TestUpstreamFailures:
     def test_dies_mid_response(self, odd_proxy: Running, redis_server: RedisServer) -> None:
         """An upstream that drops the connection mid-body: the client's connection is dropped too (no
-        complete-looking response), the friend counter is undone, no traceback, and the proxy serves on.
-        Catches: a truncated body passed off as complete, a kept counter, a stack trace, a dead proxy."""
+        complete-looking response), the friend counter is kept (its 2xx status line said the change was
+        made: quota errs toward counting), no traceback, and the proxy serves on.
+        Catches: a truncated body passed off as complete, a lost counter, a stack trace, a dead proxy."""
         redis_server.flush()
         with httpx.Client(base_url=odd_proxy.base, timeout=10) as c:
             with pytest.raises(httpx.RemoteProtocolError):
@@ -213,7 +214,7 @@ class TestUpstreamFailures:
         from quota.keys import app_prefix
 
         r = redis_sync.Redis(port=redis_server.port)
-        assert r.scard(f"{app_prefix('demo#free')}s:contacts:o:ann") == 0
+        assert r.scard(f"{app_prefix('demo#free')}s:contacts:o:ann") == 1
         r.close()
         assert "upstream broke off its response" in odd_proxy.log()
         assert "Traceback" not in odd_proxy.log()

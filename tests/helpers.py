@@ -60,3 +60,43 @@ def store_of(client: httpx.AsyncClient) -> Any:
 
 def middleware_of(client: httpx.AsyncClient) -> Any:
     return client._transport.app  # type: ignore[attr-defined]
+
+
+def http_scope(
+    method: str,
+    path: str,
+    *,
+    peer: str = "10.1.2.3",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    raw_path: bytes | None = None,
+) -> dict[str, Any]:
+    """An ASGI HTTP scope as a server builds it, for requests httpx cannot send (64 KB paths,
+    undecoded slashes, lying headers)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode() if raw_path is None else raw_path,
+        "root_path": "",
+        "query_string": b"",
+        "client": (peer, 40000),
+        "server": ("gateway", 80),
+        "headers": headers or [],
+    }
+
+
+async def call_raw(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[dict[str, Any]]:
+    """Drive an ASGI app with one request body; the messages it sent back."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent

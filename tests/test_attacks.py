@@ -19,7 +19,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from quota.config import load_config
 from quota.gateway import create_gateway
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, gateway_state, register, room_id
+from tests.helpers import call_raw, create_room, gateway_state, http_scope, register, room_id
 
 FREE, PRO = "demo/free", "demo/pro"
 TOKEN = "attack-admin-token-0123456789"
@@ -232,20 +232,7 @@ async def test_slow_body_on_create_is_counted(store: Any, clock: Clock) -> None:
 
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "client": ("10.1.2.3", 1234),
-        "server": ("gateway", 80),
-        "headers": headers or [],
-    }
+    return http_scope(method, path, headers=headers)
 
 
 async def _everything_ok(scope: Any, receive: Any, send: Any) -> None:
@@ -401,15 +388,7 @@ class TestBodies:
     async def test_long_ids_never_reach_the_store(self, client: httpx.AsyncClient) -> None:
         """Catches 64 KB ids in a path going to the store (Redis busy escaping them in Lua)."""
         mw = client._transport.app  # type: ignore[attr-defined]
-        sent: list[Any] = []
-
-        async def receive() -> Any:
-            return {"type": "http.request", "body": b""}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        await mw(_scope("POST", f"/{PRO}/users/{'a' * 65536}/contacts/users/b"), receive, send)
+        sent = await call_raw(mw, _scope("POST", f"/{PRO}/users/{'a' * 65536}/contacts/users/b"))
         assert sent[0]["status"] == 414
         r = await client.post(f"/{PRO}/users/{'a' * 300}/contacts/users/b")
         assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
@@ -544,17 +523,8 @@ class TestAuditFindings:
         """Catches paths an RFC 3986 normaliser routes elsewhere than quota matched (a batch join
         counted as one member called '.')."""
         mw = client._transport.app  # type: ignore[attr-defined]
-        sent: list[Any] = []
-
-        async def receive() -> Any:
-            return {"type": "http.request", "body": b'{"usernames": ["a"]}'}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = _scope("POST", path.replace("%2F", "/"))
-        scope["raw_path"] = path.encode()
-        await mw(scope, receive, send)
+        scope = http_scope("POST", path.replace("%2F", "/"), raw_path=path.encode())
+        sent = await call_raw(mw, scope, b'{"usernames": ["a"]}')
         assert sent[0]["status"] == 400
 
     async def test_room_ids_have_one_spelling(self, client: httpx.AsyncClient) -> None:
@@ -565,15 +535,7 @@ class TestAuditFindings:
     async def test_huge_content_length_is_413(self, client: httpx.AsyncClient) -> None:
         """Catches int() of a 4,400-digit Content-Length raising (a 500 and a traceback per request)."""
         mw = client._transport.app  # type: ignore[attr-defined]
-        sent: list[Any] = []
-
-        async def receive() -> Any:
-            return {"type": "http.request", "body": b""}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        await mw(_scope("POST", f"/{PRO}/messages/users", [(b"content-length", b"9" * 4400)]), receive, send)
+        sent = await call_raw(mw, _scope("POST", f"/{PRO}/messages/users", [(b"content-length", b"9" * 4400)]))
         assert sent[0]["status"] == 413
 
     async def test_ipv4_mapped_peer_meets_an_ipv4_allowlist(self, store: Any, clock: Clock, config_dir: Path) -> None:

@@ -26,6 +26,7 @@ from quota.store.memory import MemoryStore
 from quota.store.program import DrainOp
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, RedisServer
+from tests.helpers import http_scope
 
 FLOOD = 100_000
 WARM = 8_000
@@ -42,20 +43,7 @@ async def upstream(scope: Any, receive: Any, send: Any) -> None:
 
 def scope(path: str, peer: str, forwarded: str | None = None, method: str = "GET") -> dict[str, Any]:
     headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "client": (peer, 40000),
-        "server": ("127.0.0.1", 8000),
-        "headers": headers,
-    }
+    return http_scope(method, path, peer=peer, headers=headers)
 
 
 @pytest.fixture

@@ -25,11 +25,13 @@ pytestmark = pytest.mark.redis
 BASIC = "demo/basic"
 
 
-def serve(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(argv: list[str], probe: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A server process on a free port (argv ends with --port), once it answers `probe`."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "quota", "serve", "--config", str(config), "--redis", redis_url, "--port", str(port)],
+        [*argv, str(port)],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -37,12 +39,17 @@ def serve(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
-            httpx.get(base + "/demo/basic/users", timeout=1)
+            httpx.get(base + probe, timeout=1)
             return proc, base
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("quota serve did not start")
+    raise RuntimeError(f"{' '.join(argv[:4])} did not start")
+
+
+def serve(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    argv = [sys.executable, "-m", "quota", "serve", "--config", str(config), "--redis", redis_url, "--port"]
+    return start(argv, "/demo/basic/users")
 
 
 @pytest.fixture
@@ -176,24 +183,8 @@ def test_killed_worker_leaks_no_connections(
 
 
 def race_server(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.race_server:app", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env={**os.environ, "QUOTA_TEST_REDIS": redis_url},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            httpx.get(base + "/demo/pro/users", timeout=1)
-            return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the race server did not start")
+    argv = [sys.executable, "-m", "uvicorn", "tests.race_server:app", "--log-level", "warning", "--port"]
+    return start(argv, "/demo/pro/users", {"QUOTA_TEST_REDIS": redis_url})
 
 
 async def test_undo_race_across_two_processes(redis_server: RedisServer) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -67,3 +69,23 @@ def gateway() -> Running:
     """The reference IM gateway alone, as a separate service (what `quota proxy` stands in front of)."""
     argv = [sys.executable, "-m", "uvicorn", "quota.gateway:create_gateway", "--factory", "--port", "{port}"]
     return Running([*argv, "--log-level", "warning"])
+
+
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 10) -> None:
+    """Poll `condition` until it is true; fail with `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def established(port: int) -> int:
+    """How many TCP connections to local `port` are ESTABLISHED, read from /proc/net/tcp{,6}."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            next(f)
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "01"
+    return count

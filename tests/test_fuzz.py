@@ -310,7 +310,7 @@ async def call(app: Any, req: Request, peer: str) -> tuple[int, bytes]:
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop(0)
-        await asyncio.sleep(3600)  # a client that stays: the request completes, no disconnect
+        await asyncio.Event().wait()  # a client that stays: the request completes, no disconnect
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:

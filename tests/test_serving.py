@@ -12,7 +12,7 @@ import pytest
 
 from quota.config import load_config
 from tests.conftest import RedisServer, free_port, run_cli
-from tests.running import Running, quota
+from tests.running import Running, quota, wait_until
 
 TOKEN = "serving-test-admin-token-0123456789"
 
@@ -67,6 +67,15 @@ def test_two_workers_metrics_add_up(config_dir: Path, redis_server: RedisServer)
     try:
         sent = 0
         per_worker: dict[str, float] = {}
+
+        def flushed() -> bool:
+            # Each worker writes its counters every second; wait until the scrape holds them all.
+            nonlocal per_worker
+            text = httpx.get(f"{proc.base}/_quota/metrics", headers=auth).text
+            found = re.findall(r'quota_worker_decisions_total\{worker="(\d+)"\} (\S+)', text)
+            per_worker = {m[0]: float(m[1]) for m in found}
+            return sum(per_worker.values()) >= sent
+
         deadline = time.time() + 60
         # A fresh connection per request lets either worker accept it; go on until both have served.
         while len([v for v in per_worker.values() if v > 0]) < 2 or sent < 20:
@@ -79,11 +88,7 @@ def test_two_workers_metrics_add_up(config_dir: Path, redis_server: RedisServer)
                     == 200
                 )
                 sent += 1
-            time.sleep(1.5)  # each worker writes its counters every second
-            text = httpx.get(f"{proc.base}/_quota/metrics", headers=auth).text
-            per_worker = {
-                m[0]: float(m[1]) for m in re.findall(r'quota_worker_decisions_total\{worker="(\d+)"\} (\S+)', text)
-            }
+            wait_until(flushed, f"the workers' counters never reached {sent}: {per_worker}")
         for _ in range(6):
             text = httpx.get(f"{proc.base}/_quota/metrics", headers=auth).text
             total = sum(

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 Scope = dict[str, Any]
+_released = asyncio.Event()
 
 
 async def _json(send: Any, payload: Any, status: int = 200, extra: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -58,18 +59,24 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     elif path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
-        await asyncio.sleep(1.5)
+        # The rest waits until the test, holding the first chunk, calls /stream/release: the first
+        # chunk cannot have been held back until the end.
+        await asyncio.wait_for(_released.wait(), 10)
+        _released.clear()
         await send({"type": "http.response.body", "body": b"second\n"})
+    elif path == "/stream/release":
+        _released.set()
+        await _json(send, {"released": True})
     elif path == "/slow":
-        await asyncio.sleep(30)
-        await _json(send, {"late": True})
+        # Never answers: waits until the proxy, past its read timeout, drops the connection.
+        await _body(receive)
+        await receive()
     elif path.endswith("/contacts/users/" + path.rsplit("/", 1)[-1]) and scope["method"] == "POST":
         # A counted route whose upstream dies mid-response: headers and half a body, then the
         # connection drops (uvicorn closes it when the app raises after the response started).
         await _body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": b'{"entities": [', "more_body": True})
-        await asyncio.sleep(0.1)
         raise RuntimeError("the upstream died mid-response (on purpose)")
     else:
         await _json(send, {"error": "service_resource_not_found"}, status=404)

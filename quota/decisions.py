@@ -27,7 +27,7 @@ from quota.keys import (
 )
 from quota.matrix import MauShare
 from quota.plans import AppPlan
-from quota.routes import Change, Relation, RouteMap, RouteRule, Selector
+from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.store.program import (
     UNLIMITED,
     AddOp,
@@ -52,7 +52,7 @@ PLACEHOLDER = "~pending:"
 KEEP_ACTIVITY_S = 400 * 86400
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # built per refusal: see store/program.py on frozen
 class Denial:
     status: int
     error: str
@@ -224,6 +224,17 @@ def _owner(
     return select(change.owner, params, body, ids, response)
 
 
+def _rate_templates(rule: RouteRule, app: AppPlan) -> tuple[tuple[RateUse, str, int, int, bool], ...]:
+    """A route's rates under an app's plan, each with its key less the client part."""
+    out = []
+    for use in rule.rates:
+        rate = app.plan.rates.get(use.name)
+        amount, window_s = (rate.amount, rate.window_s) if rate else (use.amount or 0, use.window_s or 1)
+        prefix = rate_key(app.prefix, rule.name, use.name, "")
+        out.append((use, prefix, amount, window_s * 1000, use.algorithm == "exact"))
+    return tuple(out)
+
+
 def plan_request(
     routes: RouteMap,
     rule: RouteRule,
@@ -246,12 +257,12 @@ def plan_request(
     user: str | None = None
     if rule.user is not None:
         user = select(rule.user, params, body, ids)[0]
-    for use in rule.rates:
-        rate = app.plan.rates.get(use.name)
-        amount, window_s = (rate.amount, rate.window_s) if rate else (use.amount or 0, use.window_s or 1)
+    rates = app.compiled.get(rule.name)
+    if rates is None:
+        rates = app.compiled[rule.name] = _rate_templates(rule, app)
+    for use, prefix, amount, window_ms, exact in rates:
         who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
-        key = rate_key(app.prefix, rule.name, use.name, who)
-        ops.append(RateOp(key, amount, window_s * 1000, 1, use.name, use.algorithm == "exact"))
+        ops.append(RateOp(prefix + escape(who), amount, window_ms, 1, use.name, exact))
     for change in rule.changes:
         if change.op != "add":
             plan.after.append(change)

@@ -188,7 +188,7 @@ class QuotaMiddleware:
             odd = Denial(400, "illegal_argument", "dot segments and encoded slashes are not allowed in a path")
             await send_denial(odd, send, started)
             return
-        declared = _content_length(scope)
+        declared, framed = _framing(scope)
         if declared is not None and declared > settings.max_body_bytes:
             await send_denial(_too_large(settings), send, started)
             return
@@ -215,7 +215,7 @@ class QuotaMiddleware:
                 # Shadow: report the refusal, count nothing, let the request through and say so.
                 self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow", app=app.appkey, now=started)
                 note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
-                bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
+                bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
                 await bounded.forward(self.app, scope, _with_header(send, SHADOW_HEADER, note), started)
                 return
             self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
@@ -226,7 +226,7 @@ class QuotaMiddleware:
         self._report(rule, app, plan, outcome, started)
         if settings.ratelimit_headers and outcome.rates:
             send = _with_ratelimit(send, outcome.rates)
-        bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read)
+        bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
         if not plan.settles or outcome.unchecked:
             await bounded.forward(self.app, scope, send, started)
             return
@@ -495,14 +495,20 @@ def _odd_path(scope: Scope) -> bool:
     return b"%" in raw and any(code in raw.lower() for code in (b"%2f", b"%5c", b"%2e"))
 
 
-def _content_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """(the declared Content-Length, whether HTTP/1 framing bounds the body by it). An HTTP/1 request
+    with no Transfer-Encoding carries exactly Content-Length bytes, or none: the server's parser
+    ends the body there, so it needs no counting as it streams. Anything else is counted."""
+    declared, chunked = None, False
     for name, value in scope["headers"]:
-        if name == b"content-length":
+        if name == b"content-length" and declared is None:
             if not value.isdigit():
-                return None
+                return None, False
             # Longer than any real size (and int() of 4,300+ digits raises): too large.
-            return int(value) if len(value) <= 18 else 1 << 62
-    return None
+            declared = int(value) if len(value) <= 18 else 1 << 62
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, not chunked and scope.get("http_version") in ("1.0", "1.1")
 
 
 def _authorization(scope: Scope) -> str:
@@ -514,16 +520,17 @@ def _authorization(scope: Scope) -> str:
 
 def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
     # The rate nearest its limit speaks for the request (what a client must pace itself by).
-    state = min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
-    headers = [
-        (b"ratelimit-limit", str(state.limit).encode()),
-        (b"ratelimit-remaining", str(max(0, state.remaining)).encode()),
-        (b"ratelimit-reset", str(max(1, -(-state.reset_ms // 1000))).encode()),
-    ]
+    state = rates[0] if len(rates) == 1 else min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *headers]}
+            headers = list(message.get("headers", ()))
+            headers += (
+                (b"ratelimit-limit", b"%d" % state.limit),
+                (b"ratelimit-remaining", b"%d" % max(0, state.remaining)),
+                (b"ratelimit-reset", b"%d" % max(1, -(-state.reset_ms // 1000))),
+            )
+            message = {**message, "headers": headers}
         await send(message)
 
     return wrapped

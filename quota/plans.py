@@ -10,7 +10,7 @@ import hashlib
 import ipaddress
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -32,6 +32,9 @@ class AppPlan:
     limits: dict[str, LimitValue]
     # Parsed once per snapshot: the request path only tests membership.
     allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # What decisions.plan_request derives from a route and this app's plan, once per route: an
+    # AppPlan is rebuilt whenever its plan, account or config changes, and the cache goes with it.
+    compiled: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def allows(self, ip: str) -> bool:
         if not self.allowlist:

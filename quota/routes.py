@@ -132,7 +132,7 @@ class RouteRule:
         return any(c.op == "add" for c in self.changes) or self.login
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built per request: see store/program.py on frozen
 class Match:
     rule: RouteRule
     params: dict[str, str]
@@ -177,7 +177,23 @@ class RouteMap:
         segments = trimmed.split("/") if trimmed else []
         if len(segments) < 2 or not segments[0] or not segments[1] or not path.startswith("/"):
             return Match(self.fallback, {})
+        # The walk's first path (a literal before a parameter, at every step) is the answer when it
+        # ends at a rule: try it without recursion, and backtrack only when it does not.
+        node: _Node | None = self._root
         values: list[str] = []
+        for seg in segments:
+            if not seg or node is None:
+                node = None
+                break
+            child = node.literal.get(seg)
+            if child is None:
+                child = node.param
+                values.append(seg)
+            node = child
+        entry = node and (node.rules.get(method) or node.prefix_rules.get(method))
+        if entry:
+            return Match(entry[0], dict(zip(entry[1], values, strict=False)))
+        values = []
         found = self._walk(self._root, segments, 0, method, values)
         if found is not None:
             return found

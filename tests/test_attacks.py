@@ -19,7 +19,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from quota.config import load_config
 from quota.gateway import create_gateway
 from tests.conftest import Clock, make_client
-from tests.helpers import call_raw, create_room, gateway_state, http_scope, register, room_id
+from tests.helpers import call_raw, create_room, gateway_state, http_scope, middleware_of, register, room_id
 
 FREE, PRO = "demo/free", "demo/pro"
 TOKEN = "attack-admin-token-0123456789"
@@ -376,6 +376,34 @@ class TestBodies:
             assert seen["bytes"] <= 2048
             r = await client.post(f"/{PRO}/messages/users", content=b"y" * 5000)
             assert r.status_code == 413
+
+    @pytest.mark.parametrize(
+        ("version", "headers"),
+        [
+            ("2", [(b"content-length", b"10")]),  # HTTP/2: the server may not hold a body to its length
+            ("1.1", [(b"content-length", b"10"), (b"transfer-encoding", b"chunked")]),  # smuggling both
+            ("1.1", [(b"transfer-encoding", b"chunked")]),
+        ],
+    )
+    async def test_body_not_bounded_by_framing_is_counted(
+        self, store: Any, clock: Clock, config_dir: Path, version: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Only an HTTP/1 request with a Content-Length and no Transfer-Encoding has its body bounded
+        by the server's parser; every other body is counted as it streams.
+        Catches: trusting a declared Content-Length that no parser enforces (5,000 bytes behind a
+        declared 10 reaching the upstream past max_body_bytes)."""
+        (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
+        seen = {"bytes": 0}
+
+        async def counting(scope: Any, receive: Any, send: Any) -> None:
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            await _everything_ok(scope, receive, send)
+
+        async with make_client(store, clock, load_config(config_dir), upstream=counting) as client:
+            scope = {**http_scope("POST", f"/{PRO}/messages/users", headers=headers), "http_version": version}
+            sent = await call_raw(middleware_of(client), scope, b"z" * 5000)
+            assert sent[0]["status"] == 413 and seen["bytes"] == 0
 
     async def test_create_with_big_body_counts_nothing(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches creates with unbounded bodies (and a slot taken by a refused one)."""

@@ -10,7 +10,7 @@ import yaml
 
 from quota.config import load_config
 from quota.errors import ConfigError
-from quota.routes import RouteMap
+from quota.routes import RouteMap, RouteRule
 from quota.store.memory import MemoryStore
 from tests.conftest import Clock, make_client
 
@@ -65,6 +65,49 @@ def test_prefix_routes_cover_deeper_paths(routes: RouteMap) -> None:
     assert name(routes, "PUT", "/demo/pro/callbacks/x/y/") == "callbacks.other"
     # The prefix is per method: a GET under it is no PUT route.
     assert name(routes, "GET", "/demo/pro/moderation/text") == "unmatched"
+
+
+def overlapping() -> RouteMap:
+    """A map where literals and parameters compete at the same place, beside prefix routes."""
+    templates = [
+        ("GET", "/{org}/{app}/users/{username}", False),
+        ("GET", "/{org}/{app}/users/me", False),
+        ("GET", "/{org}/{app}/users/me/{thing}", False),
+        ("GET", "/{org}/{app}/{kind}/me", False),
+        ("GET", "/{org}/{app}/users", True),
+        ("POST", "/{org}/{app}/users/{username}/x", False),
+    ]
+    rules = tuple(
+        RouteRule(f"r{i}", method, template, rates=(), prefix=prefix)
+        for i, (method, template, prefix) in enumerate(templates)
+    )
+    return RouteMap({}, rules, RouteRule("other", "*", "", rates=()), RouteRule("unmatched", "*", "", rates=()))
+
+
+@pytest.mark.parametrize("which", ["configured", "overlapping"])
+def test_first_path_shortcut_agrees_with_the_full_walk(routes: RouteMap, which: str) -> None:
+    """match() tries the walk's first path (literal before parameter) without recursion, then falls
+    back to the backtracking walk. Over every template, filled with ids and with words that are
+    literal segments elsewhere (which force backtracking), both must name the same rule and params.
+    Catches: a shortcut that takes a parameter where the walk takes a literal, or that accepts a
+    path the walk would have matched elsewhere."""
+    routes = routes if which == "configured" else overlapping()
+    words = sorted({seg for rule in routes.rules for seg in rule.template.split("/") if seg and "{" not in seg})
+    checked = 0
+    for rule in routes.rules:
+        segs = rule.template.strip("/").split("/")
+        for fill in ["u1", "12", *words]:
+            for extra in ("", "/deeper", "/"):
+                path = "/" + "/".join(fill if s.startswith("{") else s for s in segs) + extra
+                path = path.replace("/{org}", "/demo").replace("/{app}", "/pro")
+                for method in ("GET", "POST", "PUT", "DELETE"):
+                    got = routes.match(method, path)
+                    trimmed = path.strip("/").split("/")
+                    walked = routes._walk(routes._root, trimmed, 0, method, [])
+                    want = (walked.rule.name, walked.params) if walked else ("unmatched", None)
+                    assert (got.rule.name, got.params if walked else None) == want, (method, path)
+                    checked += 1
+    assert checked > 100
 
 
 def test_unmatched_under_an_app_and_other(routes: RouteMap) -> None:

@@ -120,11 +120,14 @@ def _encode_op(op: Op) -> list[str | int]:
     raise TypeError(op)
 
 
-def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
-    def text(v: Any) -> str:
-        return v.decode() if isinstance(v, bytes) else str(v)
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
+
+def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
+    """The script's reply: a status first; a refusal's details are decoded only for a refusal."""
     if int(reply[0]) == 0:
+        text = _text
         index, kind, used, cap = int(reply[1]), text(reply[2]), int(reply[3]), int(reply[4])
         a, b, c, who = int(reply[5]), int(reply[6]), int(reply[7]), text(reply[8])
         if kind == "rate":

@@ -1,10 +1,15 @@
 """What quota itself costs per request: the middleware over a trivial upstream (no gateway, no HTTP
-server), on the memory store and on Redis, from the in-process driver. `python -m benchmarks.costs`"""
+server), on the memory store and on Redis, from the in-process driver. `python -m benchmarks.costs`
+
+`--profile read` (or write, login, flood) profiles that scenario on the memory store instead: the
+functions where quota's time goes, by own time, and how many calls one request makes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import statistics
 import time
 from typing import Any
@@ -28,11 +33,28 @@ async def per_request_us(app: Any, scenario: str, total: int) -> float:
     return (time.process_time() - started) / total * 1e6
 
 
+def profile(scenario: str, total: int) -> None:
+    app = build_app(load_config(config_dir(scenario)), upstream=trivial)
+    asyncio.run(drive(app, scenario, 640))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(drive(app, scenario, total))
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+    print(f"{scenario} on memory, {total} requests: {calls / total:.0f} function calls a request")
+    stats.sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.costs", description=__doc__)
     p.add_argument("--requests", type=int, default=32000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", choices=["read", "write", "login", "flood"])
     args = p.parse_args()
+    if args.profile:
+        profile(args.profile, args.requests)
+        return
     redis = OwnRedis()
     try:
         print("CPU µs per request (median of rounds); quota = with quota - trivial upstream alone")

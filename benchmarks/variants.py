@@ -1,4 +1,6 @@
-"""The variants measured, each as an ASGI app on the same route of the reference gateway.
+"""The variants measured, each as an ASGI app on the same route of the same upstream: the reference
+gateway, or (scenario `trivial`) a Starlette route that answers a 49-byte JSON, so that what is left
+is the limiter's own cost.
 
 bare          the reference gateway alone
 quota-memory  wrapped in QuotaMiddleware on the in-memory store
@@ -22,7 +24,9 @@ from quota.gateway import create_gateway
 from quota.serve import build_app
 
 VARIANTS = ("bare", "quota-memory", "quota-redis", "slowapi", "limits-asgi")
-SCENARIOS = ("read", "write", "login", "flood")
+SCENARIOS = ("trivial", "read", "write", "login", "flood")
+TRIVIAL_BODY = b'{"action":"get","entities":[{"username":"u001"}]}'
+assert len(TRIVIAL_BODY) == 49
 USERS = 2000
 GROUP = "777"
 # Every scenario but the flood runs under a rate no request reaches, so all of them do the full
@@ -36,7 +40,7 @@ def limit_of(scenario: str) -> int:
 
 def request_of(scenario: str) -> tuple[str, str, str | None]:
     """(method, path, body) of one request; write and login vary the user per request in wrk."""
-    if scenario in ("read", "flood"):
+    if scenario in ("trivial", "read", "flood"):
         return "GET", "/demo/pro/users/u1", None
     if scenario == "write":
         return "POST", f"/demo/pro/chatgroups/{GROUP}/users/u1", None
@@ -67,8 +71,21 @@ def gateway() -> Any:
     return app
 
 
+def trivial() -> Any:
+    """A Starlette app whose one route answers the same 49 bytes: the upstream that costs least."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def user(request: Request) -> Response:
+        return Response(TRIVIAL_BODY, media_type="application/json")
+
+    return Starlette(routes=[Route("/{org}/{app}/users/{username}", user)])
+
+
 def build(variant: str, scenario: str, redis_url: str) -> Any:
-    upstream = gateway()
+    upstream = trivial() if scenario == "trivial" else gateway()
     if variant == "bare":
         return upstream
     if variant in ("quota-memory", "quota-redis"):

@@ -65,6 +65,8 @@ class Settings:
     shadow: bool = False
     # How long a create's slot or a free plan's login waits for the upstream; renewed while it works.
     reservation_ttl_s: int = 60
+    # How long an add's confirm may wait to ride with the app's next store call (quota/guard.py).
+    confirm_delay_ms: int = 20
     # IPv6 clients are keyed by their network of this length: one host holds a whole /64.
     ipv6_prefix: int = 64
     # Path plus query string: longer ones are refused (414) before anything is read.
@@ -625,6 +627,7 @@ class _Settings(_Checker):
                 "identifiers",
                 "ratelimit_headers",
                 "webhooks",
+                "confirm_delay_ms",
             ),
         )
         base = Settings()
@@ -665,7 +668,17 @@ class _Settings(_Checker):
             identifiers=self._identifiers(node.get("identifiers") or {}),
             ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", True), "ratelimit_headers")),
             webhooks=self._webhooks(node.get("webhooks")),
+            confirm_delay_ms=self._confirm_delay(node.get("confirm_delay_ms", base.confirm_delay_ms)),
         )
+
+    def _confirm_delay(self, node: Any) -> int:
+        # Claims are held this much longer (a removal of what was just added waits); a second at most.
+        value = self.whole(node, "confirm_delay_ms")
+        if value is None or value > 1000:
+            if value is not None:
+                self.fail("confirm_delay_ms", "a whole number of milliseconds from 0 to 1000", node)
+            return Settings().confirm_delay_ms
+        return value
 
     def _webhooks(self, node: Any) -> Webhooks:
         if node is None:

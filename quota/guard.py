@@ -1,6 +1,10 @@
 """The one way quota calls its store on the request path: the local deny cache first, then the
 circuit breaker, a timed call, and the outage policy when the store does not answer.
 
+Confirms (an add's upstream answered 2xx) are not a store call of their own: they wait, per app, to
+travel with the next program of the same app, and a timer sends what is left after `confirm_delay_ms`.
+A write costs one store call, not two, and the claims it confirms are held at most that much longer.
+
 Storage failures are logged, at most once per LOG_EVERY_S seconds with the count since the last
 line, so an outage shows up in the logs without a line per request.
 """
@@ -17,7 +21,7 @@ from quota.decisions import Denial
 from quota.errors import StorageError
 from quota.metrics import Metrics
 from quota.routes import RouteRule
-from quota.store.program import BindOp, DrainOp, Outcome, Program
+from quota.store.program import BindOp, ConfirmOp, DrainOp, Outcome, Program
 
 if TYPE_CHECKING:
     from quota.middleware import Runtime
@@ -36,6 +40,9 @@ class StoreGuard:
         self._logged_at = 0.0
         self._unlogged = 0
         self._retries: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[None]] = set()
+        # App prefix -> (the runtime they were decided under, confirms waiting for a ride).
+        self._confirms: dict[str, tuple[Runtime, list[ConfirmOp]]] = {}
 
     async def run(
         self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
@@ -46,9 +53,18 @@ class StoreGuard:
             return Outcome(cached)
         if self.breaker.allow():
             started = time.perf_counter()
+            carried: list[ConfirmOp] = []
+            if self._confirms:
+                waiting = self._confirms.pop(program.app_prefix(), None)
+                if waiting is not None:
+                    # Appended: the program's own ops keep their indexes (a refusal names one).
+                    carried = waiting[1]
+                    program = Program([*program.ops, *carried])
             try:
                 outcome = await rt.store.run(program, now_ms)
             except (TimeoutError, StorageError, OSError) as exc:
+                if carried:
+                    self.defer(rt, Program(list(carried)))
                 self.breaker.failure()
                 timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
                 self._failed("storage_timeout" if timed_out else "storage_unavailable", exc)
@@ -68,6 +84,35 @@ class StoreGuard:
         outage = rule.outage if rule is not None else None
         policy = outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
         return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
+
+    def defer(self, rt: Runtime, program: Program) -> None:
+        """Confirms (only) to send with the app's next program, or after confirm_delay_ms at the latest."""
+        prefix = program.app_prefix()
+        waiting = self._confirms.get(prefix)
+        if waiting is None:
+            self._confirms[prefix] = (rt, [op for op in program.ops if isinstance(op, ConfirmOp)])
+            asyncio.get_running_loop().call_later(rt.settings.confirm_delay_ms / 1000, self._flush_soon, prefix)
+        else:
+            waiting[1].extend(op for op in program.ops if isinstance(op, ConfirmOp))
+
+    def _flush_soon(self, prefix: str) -> None:
+        waiting = self._confirms.pop(prefix, None)
+        if waiting is not None:
+            task = asyncio.ensure_future(self._send(*waiting))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, rt: Runtime, confirms: list[ConfirmOp]) -> None:
+        # A confirm reads no clock (it only settles claims): the wall clock serves.
+        await self.settle(rt, Program(list(confirms)), int(time.time() * 1000))
+
+    async def flush(self) -> None:
+        """Send every confirm still waiting (at shutdown), and wait for those already on their way."""
+        while self._confirms:
+            _, (rt, confirms) = self._confirms.popitem()
+            await self._send(rt, confirms)
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
 
     async def settle(self, rt: Runtime, program: Program, now_ms: int) -> Outcome | None:
         """Changes decided after the upstream answered. They never fail the client's request: a

@@ -48,7 +48,7 @@ from quota.routes import Match, RouteRule
 from quota.sockets import SocketHandler
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import Outcome, Program, RateOp, RateState
+from quota.store.program import ConfirmOp, Outcome, Program, RateOp, RateState
 from quota.tokens import bearer, resolve
 
 FALLBACK_PREFIX = "q:{_}:"
@@ -132,6 +132,9 @@ class QuotaMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, self._on_shutdown(receive), send)
+            return
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -148,6 +151,16 @@ class QuotaMiddleware:
             await self.sockets(rt, scope, receive, send, started)
         else:
             await self._http(rt, scope, receive, send, started)
+
+    def _on_shutdown(self, receive: Receive) -> Receive:
+        # Confirms still waiting for a ride are sent before the server stops.
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.guard.flush()
+            return message
+
+        return wrapped
 
     def today(self, now_s: float) -> date:
         # The UTC date changes once a day: build it once a day, not once a request.
@@ -349,6 +362,9 @@ class QuotaMiddleware:
         done = after_ops(rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids)
         if done.unbound:
             self.metrics.error("unbound_create")
+        if done.program and all(isinstance(op, ConfirmOp) for op in done.program.ops) and not done.drains:
+            self.guard.defer(rt, done.program)
+            return
         await self.guard.settle_or_retry(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
 

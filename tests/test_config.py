@@ -51,6 +51,16 @@ def test_negative_number(config_dir: Path) -> None:
     assert "plans.free.limits.groups_per_app: expected a whole number >= 0" in problems(config_dir)
 
 
+@pytest.mark.parametrize("value", [5000, -1, "soon"])
+def test_confirm_delay_is_bounded(config_dir: Path, value: object) -> None:
+    """confirm_delay_ms holds claims that much longer: over a second (or not a number) is refused."""
+    edit(config_dir / "quota.yaml", lambda d: d.update(confirm_delay_ms=value))
+    text = problems(config_dir)
+    assert "quota.yaml: confirm_delay_ms" in text and repr(value) in text
+    edit(config_dir / "quota.yaml", lambda d: d.update(confirm_delay_ms=0))
+    assert load_config(config_dir).settings.confirm_delay_ms == 0
+
+
 def test_plan_missing_a_row(config_dir: Path) -> None:
     """A feature row one plan lacks and the others have is an error, not a default."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["basic"]["features"]["capabilities"].pop("translation"))

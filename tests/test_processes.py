@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from quota.keys import app_prefix
 from tests.conftest import ROOT, RedisServer, free_port
+from tests.running import wait_until
 
 pytestmark = pytest.mark.redis
 BASIC = "demo/basic"
@@ -96,26 +97,38 @@ async def test_two_processes_share_the_cap(
     r.close()
 
 
-def test_one_write_is_one_script_call(
-    two_gateways: list[tuple[subprocess.Popen[bytes], str]], redis_server: RedisServer
-) -> None:
-    """A typical write (join a group) costs two Redis calls: one EVALSHA checks and reserves, one
-    confirms the reservation once the upstream said 2xx (counted by INFO commandstats).
+def test_one_write_is_one_script_call(redis_server: RedisServer, config_dir: Path) -> None:
+    """A typical write (join a group) costs one Redis call: one EVALSHA checks and reserves, and the
+    confirm of its claim (the upstream said 2xx) rides with the app's next call; the last one waits
+    confirm_delay_ms (1 s here) and goes alone. Counted by INFO commandstats; the claims are read
+    from their raw hash, spelled out here.
+    Catches: a confirm sent as a call of its own (8 calls for 4 writes), or never sent at all.
 
     commandstats also counts what the script runs inside Redis (SCARD, SISMEMBER, SADD...), so the
     client's calls are read from the evalsha line alone, and the total from every line.
     """
-    (_, a), _ = two_gateways
-    httpx.post(f"{a}/{BASIC}/users", json=[{"username": u} for u in ("o", "j0", "j1", "j2", "j3")])
-    gid = httpx.post(f"{a}/{BASIC}/chatgroups", json={"owner": "o"}).json()["data"]["groupid"]
-    r = redis_sync.Redis(port=redis_server.port)
-    r.config_resetstat()
-    for i in range(4):
-        assert httpx.post(f"{a}/{BASIC}/chatgroups/{gid}/users/j{i}").status_code == 200
-    stats = r.info("commandstats")
-    r.close()
+    redis_server.flush()
+    (config_dir / "quota.yaml").write_text("confirm_delay_ms: 1000\n")
+    proc, a = serve(config_dir, redis_server.url)
+    try:
+        httpx.post(f"{a}/{BASIC}/users", json=[{"username": u} for u in ("o", "j0", "j1", "j2", "j3")])
+        gid = httpx.post(f"{a}/{BASIC}/chatgroups", json={"owner": "o"}).json()["data"]["groupid"]
+        r = redis_sync.Redis(port=redis_server.port)
+        claims = "q:{demo#basic}:s:group_members:inflight"
+        wait_until(lambda: not r.exists(claims), "the create's claims were never confirmed")
+        r.config_resetstat()
+        for i in range(4):
+            assert httpx.post(f"{a}/{BASIC}/chatgroups/{gid}/users/j{i}").status_code == 200
+        stats = r.info("commandstats")
+        assert r.hget(claims, f"{gid}|j3") == b"1"  # the last add's claim, still waiting for its confirm
+        wait_until(lambda: not r.exists(claims), "the last confirm was never sent")
+        evalsha = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        r.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
     calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
-    assert calls.get("evalsha") == 8
+    assert calls.get("evalsha") == 4 and evalsha == 5
     client_side = {
         "evalsha",
         "eval",

@@ -286,3 +286,74 @@ async def test_create_ids_read_from_the_answer(store: Any, clock: Clock) -> None
             assert (await client.post(f"/{PRO}/chatgroups", json={"owner": "own"})).status_code == 200
             (new,) = await raw_members(store, key) - before
             assert new == bound if bound is not None else new.startswith("~pending:"), (answer, new)
+
+
+def _confirm_delay(config_dir: Path, ms: int = 1000) -> Any:
+    (config_dir / "quota.yaml").write_text(f"confirm_delay_ms: {ms}\n")
+    return load_config(config_dir)
+
+
+CLAIMS = "q:{demo#pro}:s:contacts:inflight:due"
+
+
+async def test_confirm_rides_with_the_next_call(store: Any, clock: Clock, config_dir: Path) -> None:
+    """An add's confirm waits (confirm_delay_ms, 1 s here) for the app's next store call and settles
+    first in it: a removal right after the add is not refused as busy, and leaves no claim behind.
+    Catches: a waiting confirm that is not carried (409 conflict on the removal), or carried after
+    the removal's checks."""
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}  # waiting for a ride
+        r = await client.delete(f"/{PRO}/users/a/contacts/users/b")
+        assert r.status_code == 200, r.text
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == set()
+        assert await raw_deadlines(store, CLAIMS) == {}
+
+
+async def test_shutdown_sends_the_waiting_confirms(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches confirms lost when the server stops: their claims would lapse and take members the
+    upstream added (a friend slot given back for free). lifespan.shutdown sends them first."""
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}
+        messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await middleware_of(client)({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert await raw_deadlines(store, CLAIMS) == {}
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b"}
+
+
+async def test_confirms_survive_a_failed_call(clock: Clock, config_dir: Path) -> None:
+    """Confirms carried by a store call that fails wait for the next one.
+    Catches: confirms dropped with the call that carried them (the claim lapses, the member goes)."""
+    from quota.errors import StorageError
+    from quota.store.memory import MemoryStore
+
+    class Switch(MemoryStore):
+        down = False
+
+        async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+            if self.down:
+                raise StorageError("down")
+            return await super().run(program, now_ms, dry)
+
+    store = Switch()
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b", "c"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        store.down = True
+        assert (await client.get(f"/{PRO}/users/a")).status_code == 200  # rates fail open
+        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}
+        store.down = False
+        assert (await client.get(f"/{PRO}/users/c")).status_code == 200
+        assert await raw_deadlines(store, CLAIMS) == {}

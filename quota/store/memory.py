@@ -112,6 +112,11 @@ class MemoryStore:
         ops = program.ops
         if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact and not dry:
             return self._rate_only(ops[0], now_ms)
+        if not dry:
+            # Confirms first, whatever the checks decide (as in program.lua: answers already given).
+            for op in ops:
+                if isinstance(op, ConfirmOp):
+                    self._confirm(op)
         rates: list[RateState] = []
         for index, op in enumerate(ops):
             refusal = self._check(index, op, now_ms, rates)
@@ -251,8 +256,6 @@ class MemoryStore:
             return self._add(op, now_ms)
         elif isinstance(op, UndoOp):
             self._undo(op)
-        elif isinstance(op, ConfirmOp):
-            self._confirm(op)
         elif isinstance(op, TombstoneOp):
             marks = self.inflight.setdefault(op.inflight_key, {})
             due = self._zset(op.inflight_key + ":due", True)

@@ -1,6 +1,8 @@
 """The program a store runs in one atomic step: every op is checked first, then all are applied.
 
-Nothing is half-applied: if one check refuses, no op takes effect. Both stores run the same ops
+Nothing is half-applied: if one check refuses, no op takes effect, save confirms (ConfirmOp), which
+record what an upstream already answered and are applied first whatever the checks decide, so that
+they can travel with a later program of the same app. Both stores run the same ops
 with the same semantics (memory.py in Python, redis.py as one Lua script, lua/program.lua).
 """
 
@@ -59,7 +61,8 @@ class AddOp:
 
 @dataclass(slots=True, unsafe_hash=True)
 class ConfirmOp:
-    """The upstream answered 2xx: this request's claims are settled (the members stand on their own)."""
+    """The upstream answered 2xx: this request's claims are settled (the members stand on their own).
+    Applied before the program's checks, even when one refuses."""
 
     inflight_key: str
     fields: tuple[str, ...]
@@ -241,6 +244,19 @@ class Program:
 
     def __bool__(self) -> bool:
         return bool(self.ops)
+
+    def route_key(self) -> str:
+        """A key of the program's app (its first op's), to route it by: all share one hash tag."""
+        op = self.ops[0]
+        for attr in ("key", "owner_key", "inflight_key", "trash_key", "dau_key", "online_key"):
+            if hasattr(op, attr):
+                return str(getattr(op, attr))
+        raise TypeError(op)
+
+    def app_prefix(self) -> str:
+        """`q:{org#app}:` of the program's keys."""
+        key = self.route_key()
+        return key[: key.find("}:") + 2]
 
 
 def sliding_window(prev: int, cur: int, elapsed_ms: int, window_ms: int) -> int:

@@ -157,14 +157,6 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
     return Outcome(rates=rates, added=tuple(added), sizes=tuple(sizes), online=online, remaining=remaining)
 
 
-def _route_key(program: Program) -> str:
-    op = program.ops[0]
-    for attr in ("key", "owner_key", "inflight_key", "trash_key", "dau_key", "online_key"):
-        if hasattr(op, attr):
-            return str(getattr(op, attr))
-    raise TypeError(op)
-
-
 SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 
 
@@ -232,7 +224,7 @@ class RedisStore:
     async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
         if not program:
             return Outcome()
-        keys, args = [_route_key(program)], encode(program, now_ms, dry)
+        keys, args = [program.route_key()], encode(program, now_ms, dry)
         try:
             if self.wire is not None:
                 reply = await self.wire.evalsha(self.program, keys, args)

@@ -12,7 +12,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from quota.store.program import UNLIMITED, AddOp, BindOp, Program, RateOp, RenewOp, UndoOp
+from quota.store.program import UNLIMITED, AddOp, BindOp, ConfirmOp, Program, RateOp, RenewOp, TombstoneOp, UndoOp
 from tests.helpers import raw_deadlines, raw_members
 from tests.store.test_rates import schedule
 
@@ -161,3 +161,27 @@ async def test_a_claimed_member_is_claimed_again(store: Any) -> None:
     assert (await add(t + 64_000)).added == (("b",),)
     await store.run(Program([undo]), t + 65_000)
     assert await raw_members(store, owner) == {"b"}
+
+
+async def test_confirms_apply_even_when_the_program_is_refused(store: Any) -> None:
+    """A confirm records an answer the upstream already gave, so it travels with whatever program
+    the app sends next: applied first, even when a check of that program refuses.
+    Catches: a confirm lost with a refused program (its claim would lapse after 60 s and take a
+    member the upstream added), and a confirm that is not applied before the checks (the removal
+    it rides with would meet the claim it settles: 409 busy)."""
+    t = 9_500_000_000_000
+    owner = "q:{demo#pro}:s:contacts:o:a"
+    inflight = "q:{demo#pro}:s:contacts:inflight"
+    add = AddOp("friends_per_user", owner, 5, ("b",), inflight_key=inflight, fields=("a|b",), claim_ttl_ms=60_000)
+    await store.run(Program([add]), t)
+    assert await raw_deadlines(store, inflight + ":due") == {"a|b": t + 60_000}
+    rate = RateOp("q:{demo#pro}:r:friends.add:rest_per_ip:k", 0, 1000, 1, "rest_per_ip")  # refuses
+    refused = await store.run(Program([rate, ConfirmOp(inflight, ("a|b",))]), t + 10)
+    assert refused.refusal is not None and refused.refusal.op_index == 0
+    assert await raw_deadlines(store, inflight + ":due") == {}
+    assert await raw_members(store, owner) == {"b"}
+    # Carried by a removal's tombstone of the same pair: settled first, so the removal is not busy.
+    await store.run(Program([add]), t + 20)
+    tomb = TombstoneOp(inflight, ("a|b",), 60_000)
+    outcome = await store.run(Program([tomb, ConfirmOp(inflight, ("a|b",))]), t + 30)
+    assert outcome.refusal is None

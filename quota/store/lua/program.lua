@@ -14,7 +14,8 @@
 --   T inflight ttl_ms symmetric n f*n                             tombstones of a removal in flight (refused,
 --                                                                 "busy", while an add of what it removes is)
 --   C inflight n f*n                                              clear them (the removal settled)
---   F inflight n f*n                                              confirm claims (the upstream said 2xx)
+--   F inflight n f*n                                              confirm claims (the upstream said 2xx);
+--                                                                 applied first, even when a check refuses
 --   U owner rev_prefix rev_value inflight n (m f)*n               undo claims (the upstream failed)
 --   X owner rev_prefix rev_value n m1..mn                         remove members
 --   D owner trash                                                 drop an owner's set (moved aside)
@@ -144,6 +145,26 @@ local function lease_cap(op)
   if op.share == 0 then return op.cap end
   local mau = math.max(redis.call("SCARD", op.mau_last), redis.call("SCARD", op.mau_this))
   return math.max(op.cap, math.floor(op.share * mau / 10000))
+end
+
+-- Confirms first, whatever the checks decide: they record answers an upstream already gave, so a
+-- process may send them with its next program for the app (even one that is refused), not alone.
+local function confirm(op)
+  for _, f in ipairs(op.fields) do
+    if redis.call("HEXISTS", op.inflight, f) == 1 then
+      if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+        redis.call("HDEL", op.inflight, f, "s:" .. f)
+        redis.call("ZREM", op.inflight .. ":due", f)
+      else
+        redis.call("HSET", op.inflight, "s:" .. f, 1)
+      end
+    end
+  end
+end
+if not dry then
+  for _, op in ipairs(ops) do
+    if op.code == "F" then confirm(op) end
+  end
 end
 
 -- Check every op; nothing is written until all pass.
@@ -309,16 +330,7 @@ for _, op in ipairs(ops) do
       end
     end
   elseif code == "F" then
-    for _, f in ipairs(op.fields) do
-      if redis.call("HEXISTS", op.inflight, f) == 1 then
-        if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
-          redis.call("HDEL", op.inflight, f, "s:" .. f)
-          redis.call("ZREM", op.inflight .. ":due", f)
-        else
-          redis.call("HSET", op.inflight, "s:" .. f, 1)
-        end
-      end
-    end
+    -- Applied before the checks (below).
   elseif code == "T" then
     for _, f in ipairs(op.fields) do
       redis.call("HINCRBY", op.inflight, f, 1)

@@ -100,3 +100,10 @@ async def call_raw(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[d
 
     await app(scope, receive, send)
     return sent
+
+
+async def raw_hash(store: Any, key: str) -> dict[str, int]:
+    """A hash of counts (claims and tombstones in flight) by its spelled-out key."""
+    if hasattr(store, "inflight"):
+        return dict(store.inflight.get(key, {}))
+    return {f.decode(): int(v) for f, v in (await store.client.hgetall(key)).items()}

@@ -519,6 +519,55 @@ class TestAuditFindings:
             assert await members(client, "q:{demo#free}:s:contacts:o:alice") == {"bob"}
             assert gateway_state(client, FREE).contacts["alice"] == {"bob"}
 
+    async def test_a_removal_in_flight_blocks_only_what_it_removes(self, store: Any, clock: Clock) -> None:
+        """An unfriend in flight blocks re-adding that pair, not the same users' other friends; a group's
+        deletion blocks joins of that group, not of another; a user's deletion blocks that user's
+        joins, not another user's.
+        Catches: a tombstone of the wrong shape (a whole list for one pair, the wrong side of a
+        relation), which turns every add near a removal into a 409."""
+        gateway = create_gateway()
+        gate = _Gate(gateway, lambda scope: False)
+        async with make_client(store, clock, upstream=gate) as client:
+            await register(client, PRO, ["alice", "bob", "carol", "dave", "own", "u", "v"])
+            assert (await client.post(f"/{PRO}/users/alice/contacts/users/bob")).status_code == 200
+            g1 = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+            g2 = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+            assert (await client.post(f"/{PRO}/chatgroups/{g1}/users/u")).status_code == 200
+
+            async def held(path: str, checks: list[tuple[str, int]]) -> None:
+                gate.entered.clear()
+                gate.release.clear()
+                gate.holds = lambda scope: scope["method"] == "DELETE"
+                removal = asyncio.ensure_future(client.delete(path))
+                await asyncio.wait_for(gate.entered.wait(), 10)
+                gate.holds = lambda scope: False
+                for add, status in checks:
+                    assert (await client.post(add)).status_code == status, (path, add)
+                gate.release.set()
+                assert (await removal).status_code == 200, path
+
+            await held(
+                f"/{PRO}/users/alice/contacts/users/bob",
+                [
+                    (f"/{PRO}/users/bob/contacts/users/alice", 409),
+                    (f"/{PRO}/users/alice/contacts/users/carol", 200),
+                    (f"/{PRO}/users/dave/contacts/users/bob", 200),
+                ],
+            )
+            await held(
+                f"/{PRO}/chatgroups/{g1}",
+                [(f"/{PRO}/chatgroups/{g1}/users/v", 409), (f"/{PRO}/chatgroups/{g2}/users/v", 200)],
+            )
+            await held(
+                f"/{PRO}/users/u",
+                [
+                    (f"/{PRO}/chatgroups/{g2}/users/u", 409),
+                    (f"/{PRO}/users/v/contacts/users/u", 409),  # friends: either side names u
+                    (f"/{PRO}/chatgroups/{g2}/users/alice", 200),
+                    (f"/{PRO}/users/v/contacts/users/carol", 200),
+                ],
+            )
+
     async def test_failed_removal_lifts_its_tombstone(self, store: Any, clock: Clock) -> None:
         """Catches a removal refused upstream leaving its pair blocked (adds refused for ever)."""
         async with make_client(store, clock) as client:

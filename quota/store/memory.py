@@ -228,6 +228,8 @@ class MemoryStore:
                     if op.reverse_value not in theirs and len(theirs) + 1 > op.reverse_cap:
                         return Refusal(index, "member", len(theirs), op.reverse_cap, who=member)
         elif isinstance(op, TombstoneOp):
+            # A claim whose request died unanswered must not hold removals for ever.
+            self._purge_claims(op.inflight_key, now_ms)
             busy = self._removal_busy(op)
             if busy is not None:
                 return Refusal(index, "busy", 0, 0, who=busy)

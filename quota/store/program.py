@@ -37,8 +37,9 @@ class AddOp:
     With `inflight_key`, each member this request adds is claimed for `claim_ttl_ms` under its pair
     (`fields`, parallel to members): a request that finds the member already there but still claimed
     (its adder has not been answered) claims it too. An undo drops one claim and removes the member
-    only when no claim is left (`UndoOp`); a request that succeeds just lets its claim lapse, so a
-    2xx costs no second round trip. With `expire_s` the owner set expires (activity sets).
+    only when no claim is left (`UndoOp`); a request that succeeds confirms it (`ConfirmOp`), a
+    confirm that travels with the app's next program. With `expire_s` the owner set expires
+    (activity sets).
     """
 
     limit: str

@@ -236,6 +236,8 @@ for index, op in ipairs(ops) do
       end
     end
   elseif code == "T" then
+    -- A claim whose request died unanswered must not hold removals for ever.
+    for _, f in ipairs(purge(op.inflight .. ":due")) do redis.call("HDEL", op.inflight, f, "s:" .. f) end
     for _, f in ipairs(op.fields) do
       local kind, what = string.sub(f, 1, 2), string.sub(f, 4)
       if kind == "rm" then

@@ -43,6 +43,8 @@ class StoreGuard:
         self._sending: set[asyncio.Task[None]] = set()
         # App prefix -> (the runtime they were decided under, confirms waiting for a ride).
         self._confirms: dict[str, tuple[Runtime, list[ConfirmOp]]] = {}
+        # App prefix -> the loop its flush timer runs on (a timer of a loop since closed never fires).
+        self._timers: dict[str, asyncio.AbstractEventLoop] = {}
 
     async def run(
         self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
@@ -91,11 +93,16 @@ class StoreGuard:
         waiting = self._confirms.get(prefix)
         if waiting is None:
             self._confirms[prefix] = (rt, [op for op in program.ops if isinstance(op, ConfirmOp)])
-            asyncio.get_running_loop().call_later(rt.settings.confirm_delay_ms / 1000, self._flush_soon, prefix)
         else:
             waiting[1].extend(op for op in program.ops if isinstance(op, ConfirmOp))
+        loop = asyncio.get_running_loop()
+        if self._timers.get(prefix) is not loop:
+            # One timer per app at a time (not one per write): it sends whatever still waits then.
+            self._timers[prefix] = loop
+            loop.call_later(rt.settings.confirm_delay_ms / 1000, self._flush_soon, prefix)
 
     def _flush_soon(self, prefix: str) -> None:
+        self._timers.pop(prefix, None)
         waiting = self._confirms.pop(prefix, None)
         if waiting is not None:
             task = asyncio.ensure_future(self._send(*waiting))
@@ -108,8 +115,9 @@ class StoreGuard:
 
     async def flush(self) -> None:
         """Send every confirm still waiting (at shutdown), and wait for those already on their way."""
-        while self._confirms:
-            _, (rt, confirms) = self._confirms.popitem()
+        # One pass: a send that fails puts its confirms back, to wait for a store that answers.
+        waiting, self._confirms = self._confirms, {}
+        for rt, confirms in waiting.values():
             await self._send(rt, confirms)
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)

@@ -105,6 +105,7 @@ class QuotaMiddleware:
         self.metrics = Metrics()
         self.guard = StoreGuard(self.metrics)
         self.sockets = SocketHandler(self)
+        self.renewals = _Renewals(self)
         self._watcher: asyncio.Task[None] | None = None
         self._day, self._date = -1, date(1970, 1, 1)
 
@@ -332,7 +333,7 @@ class QuotaMiddleware:
         if rule.reads_response:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
-        keeper = _Keeper(self, rt, plan) if plan.held else None
+        ticket = self.renewals.hold(rt, plan) if plan.held else 0
         try:
             await bounded.forward(self.app, scope, capture.wrap(send), started)
         except BaseException:
@@ -341,8 +342,7 @@ class QuotaMiddleware:
             await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
             raise
         finally:
-            if keeper is not None:
-                keeper.stop()
+            self.renewals.release(ticket)
         await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
 
     async def _settle_answer(
@@ -386,24 +386,44 @@ class QuotaMiddleware:
         await _Bounded(receive, rt.settings.max_body_bytes, False).forward(self.app, scope, send, started)
 
 
-class _Keeper:
-    """Reservations and claims live as long as their request: renewed every third of their life
-    while the upstream works. A timer, not a task per request: most requests end long before it fires."""
+class _Renewals:
+    """Reservations and claims live as long as their request: every request in flight has them
+    renewed each third of their life. One timer for all of them, not one per request: most requests
+    end long before it fires, and a timer per request costs a heap push and pop on every write."""
 
-    def __init__(self, mw: QuotaMiddleware, rt: Runtime, plan: RequestPlan) -> None:
-        self.mw, self.rt, self.plan = mw, rt, plan
-        self.ttl_ms = rt.settings.reservation_ttl_s * 1000
-        self.loop = asyncio.get_running_loop()
-        self.task: asyncio.Future[Any] | None = None
-        self.handle = self.loop.call_later(self.ttl_ms / 3000, self._fire)
+    def __init__(self, mw: QuotaMiddleware) -> None:
+        self.mw = mw
+        self.held: dict[int, tuple[Runtime, RequestPlan]] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self._next = 0
 
-    def _fire(self) -> None:
+    def hold(self, rt: Runtime, plan: RequestPlan) -> int:
+        self._next += 1
+        self.held[self._next] = (rt, plan)
+        if self.handle is None:
+            self.handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
+        return self._next
+
+    def release(self, ticket: int) -> None:
+        self.held.pop(ticket, None)
+
+    def _period(self) -> float:
+        return min(rt.settings.reservation_ttl_s for rt, _ in self.held.values()) / 3
+
+    def _tick(self) -> None:
+        self.handle = None
+        if not self.held:
+            return
+        # Every request in flight now is renewed, however young: its deadline stays at least two
+        # thirds of a life ahead until the next tick.
         now_ms = int(self.mw.clock() * 1000)
-        self.task = asyncio.ensure_future(self.mw.guard.settle(self.rt, renew_program(self.plan, self.ttl_ms), now_ms))
-        self.handle = self.loop.call_later(self.ttl_ms / 3000, self._fire)
-
-    def stop(self) -> None:
-        self.handle.cancel()
+        for rt, plan in self.held.values():
+            program = renew_program(plan, rt.settings.reservation_ttl_s * 1000)
+            task = asyncio.ensure_future(self.mw.guard.settle(rt, program, now_ms))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
 
 
 class _Bounded:

@@ -228,6 +228,15 @@ def config_dir(tmp_path: Path) -> Path:
     return target
 
 
+class _Client(httpx.AsyncClient):
+    """A client that, like a server at shutdown, lets the middleware send its waiting confirms
+    before the test's event loop closes under them."""
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._transport.app.guard.flush()  # type: ignore[attr-defined]
+        await super().__aexit__(*exc)
+
+
 def make_client(
     store: Any, clock: Clock | None = None, config: Any = None, upstream: Any = None, client_ip: str = "10.1.2.3"
 ) -> httpx.AsyncClient:
@@ -235,7 +244,7 @@ def make_client(
     if clock is not None:
         app.clock = clock
     transport = httpx.ASGITransport(app=app, client=(client_ip, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://gateway")
+    return _Client(transport=transport, base_url="http://gateway")
 
 
 @pytest.fixture

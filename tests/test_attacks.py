@@ -512,6 +512,7 @@ class TestAuditFindings:
             readd = await client.post(f"/{FREE}/users/BOB/contacts/users/alice")
             assert readd.status_code == 409 and readd.json()["error"] == "conflict"
             assert readd.headers["retry-after"] == "1"
+            assert readd.json()["error_description"].startswith("a removal of alice is in flight")
             gate.release.set()
             assert (await unfriend).status_code == 200
             gate.holds = lambda scope: False
@@ -546,10 +547,11 @@ class TestAuditFindings:
                 gate.release.set()
                 assert (await removal).status_code == 200, path
 
+            # Named from the later name (bob, alice): the pair is one whichever side names it.
             await held(
-                f"/{PRO}/users/alice/contacts/users/bob",
+                f"/{PRO}/users/bob/contacts/users/alice",
                 [
-                    (f"/{PRO}/users/bob/contacts/users/alice", 409),
+                    (f"/{PRO}/users/alice/contacts/users/bob", 409),
                     (f"/{PRO}/users/alice/contacts/users/carol", 200),
                     (f"/{PRO}/users/dave/contacts/users/bob", 200),
                 ],
@@ -562,7 +564,8 @@ class TestAuditFindings:
                 f"/{PRO}/users/u",
                 [
                     (f"/{PRO}/chatgroups/{g2}/users/u", 409),
-                    (f"/{PRO}/users/v/contacts/users/u", 409),  # friends: either side names u
+                    (f"/{PRO}/users/v/contacts/users/u", 409),  # friends: u on either side of the pair
+                    (f"/{PRO}/users/carol/contacts/users/u", 409),
                     (f"/{PRO}/chatgroups/{g2}/users/alice", 200),
                     (f"/{PRO}/users/v/contacts/users/carol", 200),
                 ],

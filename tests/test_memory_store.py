@@ -90,17 +90,20 @@ async def test_sweep_keeps_live_windows() -> None:
     assert KEY not in store.windows and len(store.windows) <= SWEEP_EVERY + 1
 
 
-async def test_rate_state_is_bounded() -> None:
+@pytest.mark.parametrize("with_counter", [False, True])
+async def test_rate_state_is_bounded(with_counter: bool) -> None:
     """Catches MAX_RATE_KEYS not enforced (memory grows with every client): past the bound the
-    oldest keys lose their windows, the newest keep theirs (README's threat model)."""
+    oldest keys lose their windows, the newest keep theirs (README's threat model); on the rate-only
+    path and on the program path (a rate beside a counter: every write)."""
     store = MemoryStore(max_rate_keys=3)
     now = 8_000_000_100
     ops = [RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:k{i}", 1, 1000, 1, "rest_per_ip") for i in range(5)]
+    extra = [AddOp("", "q:{demo#pro}:s:x:o:y", UNLIMITED, ("m",))] if with_counter else []
     for op in ops:
-        assert (await store.run(Program([op]), now)).allowed
+        assert (await store.run(Program([op, *extra]), now)).allowed
     assert len(store.windows) == 3 and set(store.windows) == {op.key for op in ops[2:]}
-    assert not (await store.run(Program([ops[4]]), now)).allowed
-    assert (await store.run(Program([ops[0]]), now)).allowed
+    assert not (await store.run(Program([ops[4], *extra]), now)).allowed
+    assert (await store.run(Program([ops[0], *extra]), now)).allowed
 
 
 async def test_exact_logs_are_bounded_too() -> None:

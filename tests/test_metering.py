@@ -171,7 +171,9 @@ async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypat
         r = await c.post("/_quota/accounts/demo-pro/freeze", json={"date": "2026-03-31"}, headers=auth)
         assert r.status_code == 200 and r.json()["purge_after"] == "2026-09-30"
         r = await c.get("/demo/pro/users")
-        assert r.status_code == 403 and "frozen" in r.json()["error_description"]
+        assert (
+            r.status_code == 403 and r.json()["error"] == "forbidden_op" and "frozen" in r.json()["error_description"]
+        )
         assert "2026-09-30" in r.json()["error_description"]
         assert (await c.get("/demo/basic/users")).status_code == 200
         assert (await c.post("/_quota/accounts/demo-pro/unfreeze", headers=auth)).status_code == 200

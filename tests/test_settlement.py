@@ -116,29 +116,40 @@ async def test_cancelled_request_undoes_its_add(store: Any, clock: Clock) -> Non
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:b") == set()
 
 
-async def test_claims_are_renewed_while_the_upstream_works(store: Any, config_dir: Path) -> None:
-    """Catches claims that lapse while their request is still in flight (renewals aimed at the wrong
-    key, or none): a join held upstream past its claim's life keeps its claim alive, renewed every
-    third of `reservation_ttl_s`. Waits on the renewal with a deadline, never a fixed sleep."""
+@pytest.mark.parametrize("kind", ["join", "leave"])
+async def test_claims_are_renewed_while_the_upstream_works(store: Any, config_dir: Path, kind: str) -> None:
+    """Catches claims (a join's) and tombstones (a leave's) that lapse while their request is still in
+    flight (renewals aimed at the wrong key, or none): a request held upstream past their life keeps
+    them alive, renewed every third of `reservation_ttl_s`. Waits on the renewal with a deadline,
+    never a fixed sleep."""
     (config_dir / "quota.yaml").write_text("reservation_ttl_s: 1\n")
     clock = Clock(tick=0.001)
     upstream = _Hold()
     async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
         await register(client, PRO, ["own", "u"])
         rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
-        upstream.holds = _posts_to(f"/chatgroups/{rid}/users")
-        task = asyncio.ensure_future(client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u"]}))
+        if kind == "join":
+            upstream.holds = _posts_to(f"/chatgroups/{rid}/users")
+            request = client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u"]})
+            field = f"{rid}|u"
+        else:
+            assert (await client.post(f"/{PRO}/chatgroups/{rid}/users/u")).status_code == 200
+            upstream.holds = _deletes(f"/chatgroups/{rid}/users")
+            request = client.delete(f"/{PRO}/chatgroups/{rid}/users/u")
+            field = f"rm:{rid}|u"
+        task = asyncio.ensure_future(request)
         await asyncio.wait_for(upstream.entered.wait(), 10)
         due_key = "q:{demo#pro}:s:group_members:inflight:due"
-        first = (await raw_deadlines(store, due_key))[f"{rid}|u"]
+        first = (await raw_deadlines(store, due_key))[field]
         clock.advance(0.9)
         deadline = asyncio.get_running_loop().time() + 10
-        while (await raw_deadlines(store, due_key)).get(f"{rid}|u", 0) <= first + 500:
+        while (await raw_deadlines(store, due_key)).get(field, 0) <= first + 500:
             assert asyncio.get_running_loop().time() < deadline, "the claim was never renewed"
             await asyncio.sleep(0.02)
         upstream.release.set()
         assert (await task).status_code == 200
-        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"u"}
+        expected = {"u"} if kind == "join" else set()
+        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == expected
 
 
 async def test_delete_batch_frees_what_the_users_held(store: Any, clock: Clock) -> None:

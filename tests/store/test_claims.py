@@ -113,15 +113,19 @@ async def test_clear_takes_one_tombstone_at_a_time(store: Any) -> None:
     await store.run(Program([tomb]), T0)
     await store.run(Program([tomb]), T0 + 1)
     assert await raw_hash(store, ROOMS) == {"rm:7|u": 2}
+    assert await raw_deadlines(store, ROOMS + ":due") == {"rm:7|u": T0 + 1 + 60_000}
     await store.run(Program([ClearOp(ROOMS, ("rm:7|u",))]), T0 + 2)
     assert await raw_hash(store, ROOMS) == {"rm:7|u": 1}
     assert (await store.run(Program([join("7", "u")]), T0 + 3)).refusal == busy(0, "u")
     await store.run(Program([ClearOp(ROOMS, ("rm:7|u",))]), T0 + 4)
     assert await raw_hash(store, ROOMS) == {}
     assert await raw_deadlines(store, ROOMS + ":due") == {}
-    # Clearing what is not there leaves nothing behind (no negative counts).
+    # Clearing what is not there leaves nothing behind (no negative counts), on any relation.
     await store.run(Program([ClearOp(ROOMS, ("rm:7|u",))]), T0 + 5)
     assert await raw_hash(store, ROOMS) == {}
+    never = "q:{demo#pro}:s:chatroom_members:inflight"
+    assert (await store.run(Program([ClearOp(never, ("rm:1|x",))]), T0 + 6)).refusal is None
+    assert await raw_hash(store, never) == {}
 
 
 async def test_confirm_settles_one_claim_and_marks_the_member_as_standing(store: Any) -> None:
@@ -167,3 +171,33 @@ async def test_a_lapsed_claim_no_longer_blocks_a_removal(store: Any) -> None:
     tomb = TombstoneOp(FRIENDS, ("rm:a|b",), 60_000, True)
     assert (await store.run(Program([tomb]), T0 + 999)).refusal == busy(0, "a|b")
     assert (await store.run(Program([tomb]), T0 + 1001)).refusal is None
+
+
+async def test_confirm_of_the_last_claim_clears_the_standing_mark(store: Any) -> None:
+    """A member that stood on its own, claimed again by a later add: that add's confirm leaves no
+    claim and no standing mark behind; a confirm on a relation never claimed, or of a pair not
+    claimed before one that is, changes only what it names.
+    Catches: a standing mark left for ever, a confirm that stops at the first unknown pair, a
+    confirm that fails on a relation with no claims yet."""
+    await store.run(Program([join("7", "u")]), T0)
+    await store.run(Program([ConfirmOp(ROOMS, ("7|u",))]), T0 + 1)
+    await store.run(Program([join("7", "u")]), T0 + 2)  # already there: claimed, and standing
+    assert await raw_hash(store, ROOMS) == {"7|u": 1, "s:7|u": 1}
+    await store.run(Program([ConfirmOp(ROOMS, ("7|w", "7|u"))]), T0 + 3)
+    assert await raw_hash(store, ROOMS) == {}
+    assert await raw_deadlines(store, ROOMS + ":due") == {}
+    never = "q:{demo#pro}:s:chatroom_members:inflight"
+    assert (await store.run(Program([ConfirmOp(never, ("1|x",))]), T0 + 4)).refusal is None
+    assert await raw_hash(store, never) == {}
+
+
+async def test_a_drop_looks_at_claims_not_at_other_tombstones(store: Any) -> None:
+    """The hash of a relation holds claims (`7|u`), tombstones (`rm:7|u`) and standing marks
+    (`s:7|u`); a drop in flight waits for claims only, and sees every one of them.
+    Catches: a tombstone read as a claim (`rm:7|u` taken for a pair naming u: a user's deletion
+    refused for ever while one of their leaves is in flight), or a scan that stops at the first
+    entry that is not a claim."""
+    await store.run(Program([TombstoneOp(ROOMS, ("rm:7|u",), 60_000)]), T0)
+    assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:u",), 60_000)]), T0 + 1)).refusal is None
+    await store.run(Program([join("8", "v")]), T0 + 2)
+    assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:v",), 60_000)]), T0 + 3)).refusal == busy(0, "v")

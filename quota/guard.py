@@ -55,18 +55,17 @@ class StoreGuard:
             return Outcome(cached)
         if self.breaker.allow():
             started = time.perf_counter()
-            carried: list[ConfirmOp] = []
-            if self._confirms:
+            if self._confirms and program:
                 waiting = self._confirms.pop(program.app_prefix(), None)
                 if waiting is not None:
                     # Appended: the program's own ops keep their indexes (a refusal names one).
-                    carried = waiting[1]
-                    program = Program([*program.ops, *carried])
+                    program = Program([*program.ops, *waiting[1]])
             try:
                 outcome = await rt.store.run(program, now_ms)
             except (TimeoutError, StorageError, OSError) as exc:
-                if carried:
-                    self.defer(rt, Program(list(carried)))
+                # Confirms carried by a failed call are not sent again: the script may have run
+                # (a reply lost to a timeout), and a confirm applied twice would settle another
+                # request's claim. One that is lost only leaves its claim to lapse, member kept.
                 self.breaker.failure()
                 timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
                 self._failed("storage_timeout" if timed_out else "storage_unavailable", exc)
@@ -115,7 +114,7 @@ class StoreGuard:
 
     async def flush(self) -> None:
         """Send every confirm still waiting (at shutdown), and wait for those already on their way."""
-        # One pass: a send that fails puts its confirms back, to wait for a store that answers.
+        # Confirms a failed send loses leave their claims to lapse (members kept), as in `run`.
         waiting, self._confirms = self._confirms, {}
         for rt, confirms in waiting.values():
             await self._send(rt, confirms)

@@ -395,14 +395,22 @@ class _Renewals:
         self.mw = mw
         self.held: dict[int, tuple[Runtime, RequestPlan]] = {}
         self.handle: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
         self._next = 0
 
     def hold(self, rt: Runtime, plan: RequestPlan) -> int:
         self._next += 1
         self.held[self._next] = (rt, plan)
-        if self.handle is None:
-            self.handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + rt.settings.reservation_ttl_s / 3
+        # A first request, a new loop, or one whose life is shorter than the timer's next tick
+        # allows (a reload shortened reservation_ttl_s): the timer is set again, sooner.
+        if self.handle is None or self.loop is not loop or due < self.handle.when():
+            if self.handle is not None:
+                self.handle.cancel()
+            self.loop = loop
+            self.handle = loop.call_at(due, self._tick)
         return self._next
 
     def release(self, ticket: int) -> None:
@@ -535,16 +543,19 @@ def _framing(scope: Scope) -> tuple[int | None, bool]:
     """(the declared Content-Length, whether HTTP/1 framing bounds the body by it). An HTTP/1 request
     with no Transfer-Encoding carries exactly Content-Length bytes, or none: the server's parser
     ends the body there, so it needs no counting as it streams. Anything else is counted."""
-    declared, chunked = None, False
+    declared, unframed = None, False
     for name, value in scope["headers"]:
-        if name == b"content-length" and declared is None:
+        if name == b"content-length":
             if not value.isdigit():
                 return None, False
             # Longer than any real size (and int() of 4,300+ digits raises): too large.
-            declared = int(value) if len(value) <= 18 else 1 << 62
+            length = int(value) if len(value) <= 18 else 1 << 62
+            # Two lengths: trust neither (the largest is checked, the body is counted).
+            unframed = unframed or declared is not None
+            declared = length if declared is None else max(declared, length)
         elif name == b"transfer-encoding":
-            chunked = True
-    return declared, not chunked and scope.get("http_version") in ("1.0", "1.1")
+            unframed = True
+    return declared, not unframed and scope.get("http_version") in ("1.0", "1.1")
 
 
 def _authorization(scope: Scope) -> str:

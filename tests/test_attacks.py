@@ -383,6 +383,7 @@ class TestBodies:
             ("2", [(b"content-length", b"10")]),  # HTTP/2: the server may not hold a body to its length
             ("1.1", [(b"content-length", b"10"), (b"transfer-encoding", b"chunked")]),  # smuggling both
             ("1.1", [(b"transfer-encoding", b"chunked")]),
+            ("1.1", [(b"content-length", b"10"), (b"content-length", b"10")]),  # two lengths: neither
         ],
     )
     async def test_body_not_bounded_by_framing_is_counted(
@@ -566,6 +567,7 @@ class TestAuditFindings:
                     (f"/{PRO}/chatgroups/{g2}/users/u", 409),
                     (f"/{PRO}/users/v/contacts/users/u", 409),  # friends: u on either side of the pair
                     (f"/{PRO}/users/carol/contacts/users/u", 409),
+                    (f"/{PRO}/users/u/contacts/users/carol", 409),  # u naming the pair itself
                     (f"/{PRO}/chatgroups/{g2}/users/alice", 200),
                     (f"/{PRO}/users/v/contacts/users/carol", 200),
                 ],

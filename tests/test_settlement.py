@@ -152,6 +152,34 @@ async def test_claims_are_renewed_while_the_upstream_works(store: Any, config_di
         assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == expected
 
 
+async def test_a_reload_that_shortens_the_ttl_renews_sooner(store: Any, config_dir: Path) -> None:
+    """One timer renews every request in flight. A reload that shortens reservation_ttl_s (60 s to
+    1 s) while a request holds the timer at 20 s must not leave a new request's claim unrenewed.
+    Catches: a timer set for the old life, under which the new claim lapses in flight."""
+    clock = Clock(tick=0.001)
+    upstream = _Hold()
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
+        await register(client, PRO, ["own", "u", "v"])
+        rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
+        upstream.holds = _posts_to(f"/chatgroups/{rid}/users")
+        first = asyncio.ensure_future(client.post(f"/{PRO}/chatgroups/{rid}/users/u"))
+        await asyncio.wait_for(upstream.entered.wait(), 10)
+        (config_dir / "quota.yaml").write_text("reservation_ttl_s: 1\n")
+        middleware_of(client).reload(config_dir)
+        upstream.entered.clear()
+        second = asyncio.ensure_future(client.post(f"/{PRO}/chatgroups/{rid}/users/v"))
+        await asyncio.wait_for(upstream.entered.wait(), 10)
+        due_key = "q:{demo#pro}:s:group_members:inflight:due"
+        born = (await raw_deadlines(store, due_key))[f"{rid}|v"]
+        clock.advance(0.9)
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await raw_deadlines(store, due_key)).get(f"{rid}|v", 0) <= born + 500:
+            assert asyncio.get_running_loop().time() < deadline, "the new claim was never renewed"
+            await asyncio.sleep(0.02)
+        upstream.release.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+
+
 async def test_delete_batch_frees_what_the_users_held(store: Any, clock: Clock) -> None:
     """Catches `DELETE /users` (users.delete_batch, ids read from the answer) freeing nothing: the
     deleted users stayed registered, in their friends' lists and in their rooms."""
@@ -323,8 +351,9 @@ async def test_confirm_rides_with_the_next_call(store: Any, clock: Clock, config
 
 
 async def test_shutdown_sends_the_waiting_confirms(store: Any, clock: Clock, config_dir: Path) -> None:
-    """Catches confirms lost when the server stops: their claims would lapse and take members the
-    upstream added (a friend slot given back for free). lifespan.shutdown sends them first."""
+    """Catches confirms lost when the server stops: their claims would linger until they lapse
+    (reservation_ttl_s), and a removal of what was just added would meet 409 until then.
+    lifespan.shutdown sends them first."""
     async with make_client(store, clock, _confirm_delay(config_dir)) as client:
         await register(client, PRO, ["a", "b"])
         assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
@@ -344,9 +373,12 @@ async def test_shutdown_sends_the_waiting_confirms(store: Any, clock: Clock, con
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b"}
 
 
-async def test_confirms_survive_a_failed_call(clock: Clock, config_dir: Path) -> None:
-    """Confirms carried by a store call that fails wait for the next one.
-    Catches: confirms dropped with the call that carried them (the claim lapses, the member goes)."""
+async def test_a_confirm_lost_with_a_failed_call_only_lets_its_claim_lapse(clock: Clock, config_dir: Path) -> None:
+    """Confirms carried by a store call that fails are not sent again: the script may have run (a
+    reply lost to a timeout), and a confirm applied twice would settle another request's claim. The
+    claim then lapses after reservation_ttl_s, keeping its member, and stops holding removals.
+    Catches: a lost confirm taking the member with it (a friend slot given back), or its claim
+    blocking the removal for ever."""
     from quota.errors import StorageError
     from quota.store.memory import MemoryStore
 
@@ -364,7 +396,26 @@ async def test_confirms_survive_a_failed_call(clock: Clock, config_dir: Path) ->
         assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
         store.down = True
         assert (await client.get(f"/{PRO}/users/a")).status_code == 200  # rates fail open
-        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}
         store.down = False
-        assert (await client.get(f"/{PRO}/users/c")).status_code == 200
-        assert await raw_deadlines(store, CLAIMS) == {}
+        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}  # not confirmed, not resent
+        assert (await client.delete(f"/{PRO}/users/a/contacts/users/b")).status_code == 409
+        clock.advance(61)  # past reservation_ttl_s: the claim lapses
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b"}
+        assert (await client.delete(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == set()
+
+
+async def test_a_route_with_no_rates_beside_waiting_confirms(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches a route whose program is empty (no rates, no changes) crashing while another
+    request's confirms wait for a ride (an empty program has no app to carry them for)."""
+    routes = config_dir / "routes.yaml"
+    text = routes.read_text()
+    assert "feature: rest_user_messages}" in text
+    routes.write_text(text.replace("feature: rest_user_messages}", "feature: rest_user_messages, rates: []}"))
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b"])
+        alone = await client.post(f"/{PRO}/messages/users", json={})  # the gateway's own answer
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        beside = await client.post(f"/{PRO}/messages/users", json={})
+        assert (beside.status_code, beside.json()["error"]) == (alone.status_code, alone.json()["error"])
+        assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}  # still waiting: nothing carried it

@@ -14,7 +14,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
 from quota.store.memory import SWEEP_EVERY, MemoryStore
-from quota.store.program import UNLIMITED, AddOp, Outcome, Program, RateOp
+from quota.store.program import UNLIMITED, AddOp, LeaseOp, Outcome, Program, RateOp
 from tests.store.test_rates import schedule
 
 KEY = "q:{demo#pro}:r:users.get:rest_per_ip:10.1.2.3"
@@ -305,3 +305,10 @@ async def test_refusals_say_which_side() -> None:
     )
     refused = (await store.run(Program([member]), 1_000)).refusal
     assert refused is not None and (refused.kind, refused.used, refused.cap, refused.who) == ("member", 3, 3, "c")
+
+    def lease(conn: str) -> LeaseOp:
+        return LeaseOp("q:{demo#pro}:online", "q:{demo#pro}:peak", "202611", conn, 60_000, 1)
+
+    assert (await store.run(Program([lease("c1")]), 1_000)).refusal is None
+    refused = (await store.run(Program([lease("c2")]), 1_001)).refusal
+    assert refused is not None and (refused.kind, refused.used, refused.cap) == ("online", 1, 1)

@@ -201,3 +201,25 @@ async def test_a_drop_looks_at_claims_not_at_other_tombstones(store: Any) -> Non
     assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:u",), 60_000)]), T0 + 1)).refusal is None
     await store.run(Program([join("8", "v")]), T0 + 2)
     assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:v",), 60_000)]), T0 + 3)).refusal == busy(0, "v")
+
+
+async def test_an_undo_of_several_members_settles_each(store: Any) -> None:
+    """One undo names two members: the first still has another request's claim (it stays), the
+    second has only this one (it goes). Catches: an undo that stops at the first member it keeps."""
+    owner = "q:{demo#pro}:s:group_members:o:7"
+    await store.run(Program([join("7", "u")]), T0)
+    await store.run(Program([join("7", "u")]), T0 + 1)
+    await store.run(Program([join("7", "v")]), T0 + 2)
+    undo = UndoOp(owner, ("u", "v"), ("7|u", "7|v"), "q:{demo#pro}:s:group_members:m:", "7", ROOMS)
+    await store.run(Program([undo]), T0 + 3)
+    assert await raw_members(store, owner) == {"u"}
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:m:v") == set()
+    assert await raw_hash(store, ROOMS) == {"7|u": 1}
+
+
+async def test_a_deadline_reached_is_not_renewed(store: Any) -> None:
+    """A claim whose deadline is now has lapsed (purges take deadlines <= now): renewing it then
+    must not revive it. Catches: a renewal that counts the deadline's own millisecond as alive."""
+    await store.run(Program([friend("a", "d", ttl_ms=1000)]), T0)
+    await store.run(Program([RenewOp(FRIENDS + ":due", ("a|d",), 10_000)]), T0 + 1000)
+    assert await raw_deadlines(store, FRIENDS + ":due") == {"a|d": T0 + 1000}

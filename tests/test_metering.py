@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
@@ -17,8 +18,8 @@ from quota.config import load_config
 from quota.keys import app_prefix, dau_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
-from tests.conftest import Clock, RedisServer, run_cli
-from tests.helpers import register
+from tests.conftest import Clock, RedisServer, make_client, run_cli
+from tests.helpers import raw_members, register
 
 FREE = "demo/free"
 TOKEN = "test-admin-token-0123456789"
@@ -34,6 +35,22 @@ async def test_free_dau_ceiling(client: httpx.AsyncClient, clock: Clock) -> None
     assert r.status_code == 403 and r.json()["error"] == "forbidden_op"
     assert "100 daily active users" in r.json()["error_description"]
     assert (await client.post(f"/{FREE}/token", json={"username": "d5"})).status_code == 200
+
+
+async def test_plans_that_bill_overage_never_refuse_new_users(store: Any, clock: Clock, config_dir: Any) -> None:
+    """Catches a paid plan's included DAU used as a ceiling: basic includes 2 here and bills the
+    rest, so the third and fourth new users of the day get in (and count)."""
+    path = config_dir / "plans.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["plans"]["basic"]["price"]["included_dau"] = 2
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        users = ["n1", "n2", "n3", "n4"]
+        await register(client, "demo/basic", users)
+        for u in users:
+            assert (await client.post("/demo/basic/token", json={"username": u})).status_code == 200
+        day = datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d")
+        assert await raw_members(store, f"q:{{demo#basic}}:dau:{day}") == set(users)
 
 
 async def test_one_user_two_logins_is_one_dau(client: httpx.AsyncClient, clock: Clock) -> None:

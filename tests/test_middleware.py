@@ -391,6 +391,14 @@ async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: s
     assert_refused(r, 403, "forbidden_op", f"message_retention_days is {days} on plan")
 
 
+async def test_history_hour_that_is_no_hour_is_400(client: httpx.AsyncClient) -> None:
+    """Catches an export asked for an hour that does not exist (10 digits, month 13) passing the
+    retention check, or failing as anything but 400 illegal_argument that says what it expected."""
+    r = await client.get(f"/{PRO}/chatmessages/2026139999")
+    assert_refused(r, 400, "illegal_argument")
+    assert r.json()["error_description"] == "time must be yyyyMMddHH, found '2026139999'"
+
+
 async def test_enterprise_retention_override(store: Any, clock: Clock, config_dir: Path) -> None:
     """Catches retention read from the plan instead of the account: an enterprise account whose
     override is 30 days still served 180 days of history."""

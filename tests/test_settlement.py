@@ -419,3 +419,16 @@ async def test_a_route_with_no_rates_beside_waiting_confirms(store: Any, clock: 
         beside = await client.post(f"/{PRO}/messages/users", json={})
         assert (beside.status_code, beside.json()["error"]) == (alone.status_code, alone.json()["error"])
         assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}  # still waiting: nothing carried it
+
+
+async def test_a_plain_add_is_no_reservation(store: Any, clock: Clock) -> None:
+    """Only a create's placeholder is a reservation that lapses; a friend added and answered 2xx
+    stays counted however long ago it was. Catches: plain adds written as reservations (purged a
+    minute later by the next add to the same owner, a friend slot given back)."""
+    async with make_client(store, clock) as client:
+        await register(client, PRO, ["a", "b", "c"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        clock.advance(61)
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/c")).status_code == 200
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b", "c"}
+        assert await raw_deadlines(store, "q:{demo#pro}:s:contacts:o:a:pending") == {}

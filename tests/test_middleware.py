@@ -388,7 +388,9 @@ async def test_history_retention(client: httpx.AsyncClient, clock: Clock, app: s
     assert r.status_code == 200, r.text
     clock.advance(120)  # past the history export's once-a-minute rate
     r = await client.get(f"/{app}/chatmessages/{now - timedelta(days=days, hours=1):%Y%m%d%H}")
-    assert_refused(r, 403, "forbidden_op", f"message_retention_days is {days} on plan")
+    body = assert_refused(r, 403, "forbidden_op", f"message_retention_days is {days} on plan")
+    assert body["limit"] == "message_retention_days"
+    assert body["error_description"].endswith(f"history before {now - timedelta(days=days):%Y%m%d%H} is not kept")
 
 
 async def test_history_hour_that_is_no_hour_is_400(client: httpx.AsyncClient) -> None:
@@ -397,6 +399,16 @@ async def test_history_hour_that_is_no_hour_is_400(client: httpx.AsyncClient) ->
     r = await client.get(f"/{PRO}/chatmessages/2026139999")
     assert_refused(r, 400, "illegal_argument")
     assert r.json()["error_description"] == "time must be yyyyMMddHH, found '2026139999'"
+    r = await client.get(f"/{PRO}/chatmessages/{'2026' * 6}")  # quoted up to 20 characters
+    assert r.json()["error_description"] == "time must be yyyyMMddHH, found '20262026202620262026'"
+
+
+async def test_a_path_value_over_the_bound_is_400(client: httpx.AsyncClient) -> None:
+    """Catches a 300-character id reaching the id policy (or the store) unbounded, or refused
+    without saying why."""
+    r = await client.get(f"/{PRO}/users/{'a' * 300}")
+    assert_refused(r, 400, "illegal_argument")
+    assert r.json()["error_description"] == "path parameter username is too long"
 
 
 async def test_enterprise_retention_override(store: Any, clock: Clock, config_dir: Path) -> None:

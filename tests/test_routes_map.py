@@ -31,6 +31,13 @@ def test_head_is_matched_as_get(routes: RouteMap) -> None:
     assert routes.match("HEAD", "/demo/pro/users/alice").params["username"] == "alice"
 
 
+def test_only_slashes_are_trimmed(routes: RouteMap) -> None:
+    """Catches a trim that takes other characters with the slashes: `/users/X` (a capital, folded
+    later) must name user X, not list the users."""
+    assert name(routes, "GET", "/demo/pro/users/X") == "users.get"
+    assert routes.match("GET", "/Xdemo/pro/users/uX").params == {"org": "Xdemo", "app": "pro", "username": "uX"}
+
+
 def test_trailing_slash_is_ignored(routes: RouteMap) -> None:
     """Catches `/x/` escaping the checks of `/x` (an upstream that serves both would be unmetered)."""
     assert name(routes, "GET", "/demo/pro/users/") == "users.list"

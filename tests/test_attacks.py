@@ -573,6 +573,24 @@ class TestAuditFindings:
                 ],
             )
 
+    async def test_a_users_deletion_waits_for_a_friend_add_naming_them(self, store: Any, clock: Clock) -> None:
+        """Friends are symmetric: deleting u drops u's whole list, so it waits for a friend add in
+        flight that names u on either side of the pair ("carol|u": u on the right).
+        Catches: a drop that looks for its owner only on the left of a symmetric pair (the deletion
+        passes, then the add lands: a friendship with a deleted user, counted on carol's side)."""
+        gateway = create_gateway()
+        gate = _Gate(gateway, lambda scope: False)
+        async with make_client(store, clock, upstream=gate) as client:
+            await register(client, PRO, ["carol", "u"])
+            gate.holds = lambda scope: scope["method"] == "POST" and "/contacts/" in scope["path"]
+            adding = asyncio.ensure_future(client.post(f"/{PRO}/users/carol/contacts/users/u"))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            gate.holds = lambda scope: False
+            assert (await client.delete(f"/{PRO}/users/u")).status_code == 409
+            gate.release.set()
+            assert (await adding).status_code == 200
+            assert (await client.delete(f"/{PRO}/users/u")).status_code == 200
+
     async def test_failed_removal_lifts_its_tombstone(self, store: Any, clock: Clock) -> None:
         """Catches a removal refused upstream leaving its pair blocked (adds refused for ever)."""
         async with make_client(store, clock) as client:

@@ -14,7 +14,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
 from quota.store.memory import SWEEP_EVERY, MemoryStore
-from quota.store.program import UNLIMITED, AddOp, LeaseOp, Outcome, Program, RateOp
+from quota.store.program import UNLIMITED, AddOp, DrainOp, DropOp, LeaseOp, Outcome, Program, RateOp
 from tests.store.test_rates import schedule
 
 KEY = "q:{demo#pro}:r:users.get:rest_per_ip:10.1.2.3"
@@ -312,3 +312,31 @@ async def test_refusals_say_which_side() -> None:
     assert (await store.run(Program([lease("c1")]), 1_000)).refusal is None
     refused = (await store.run(Program([lease("c2")]), 1_001)).refusal
     assert refused is not None and (refused.kind, refused.used, refused.cap) == ("online", 1, 1)
+
+
+async def test_outcomes_say_what_callers_read() -> None:
+    """What callers read from an outcome: a dry run's rates (`quota explain`: how many are left), an
+    add's set size (near-limit metrics and webhooks), a drain's members left (the drain loop).
+    Catches: any of them missing or wrong, which would stop a 450-member room's drain after one
+    slice (250 reverse sets left naming a deleted room)."""
+    store = MemoryStore()
+    now = 9_000_000_100
+    dry = await store.run(Program([RateOp(KEY, 5, 1000, 1, "rest_per_ip")]), now, dry=True)
+    assert [(r.name, r.limit, r.remaining) for r in dry.rates] == [("rest_per_ip", 5, 4)]
+    owner = "q:{demo#pro}:s:group_members:o:9"
+    added = await store.run(Program([AddOp("members_per_group", owner, UNLIMITED, ("a", "b"))]), now)
+    assert added.sizes == (2,)
+    members = [f"m{i}" for i in range(450)]
+    await store.add_members(owner, members)
+    for m in members:
+        await store.add_members(f"q:{{demo#pro}}:s:group_members:m:{m}", ["9"])
+    trash = owner + ":dropped:t"
+    await store.run(Program([DropOp(owner, "q:{demo#pro}:s:group_members:m:", "9", trash)]), now)
+    left = []
+    while True:
+        outcome = await store.run(Program([DrainOp(trash, "q:{demo#pro}:s:group_members:m:", "9")]), now)
+        left.append(outcome.remaining)
+        if not outcome.remaining:
+            break
+    assert left == [252, 52, 0]
+    assert not any(store.sets.get(f"q:{{demo#pro}}:s:group_members:m:{m}") for m in members)

@@ -81,6 +81,7 @@ def overlapping() -> RouteMap:
         ("GET", "/{org}/{app}/users/me", False),
         ("GET", "/{org}/{app}/users/me/{thing}", False),
         ("GET", "/{org}/{app}/{kind}/me", False),
+        ("GET", "/{org}/{app}/{kind}/{id}", False),
         ("GET", "/{org}/{app}/users", True),
         ("POST", "/{org}/{app}/users/{username}/x", False),
     ]
@@ -125,6 +126,8 @@ def test_unmatched_under_an_app_and_other(routes: RouteMap) -> None:
     assert unmatched.params == {"org": "demo", "app": "pro"}
     assert name(routes, "DELETE", "/demo/pro/token") == "unmatched"
     assert name(routes, "GET", "/demo/pro/users//joined_chatgroups") == "unmatched"
+    # A route that is not a prefix covers its own path only, not deeper ones.
+    assert name(routes, "GET", "/demo/pro/users/u1/nothing") == "unmatched"
     for path in ("/", "/demo", "/demo/", "//pro", "favicon.ico"):
         other = routes.match("GET", path)
         assert other.rule.name == "other" and other.params == {}, path

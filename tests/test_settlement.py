@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -432,3 +433,46 @@ async def test_a_plain_add_is_no_reservation(store: Any, clock: Clock) -> None:
         assert (await client.post(f"/{PRO}/users/a/contacts/users/c")).status_code == 200
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b", "c"}
         assert await raw_deadlines(store, "q:{demo#pro}:s:contacts:o:a:pending") == {}
+
+
+async def test_a_failed_login_racing_a_good_one_keeps_the_user_active(store: Any, clock: Clock) -> None:
+    """A login fails upstream (500) while another login succeeds. When the other is the same user,
+    the user logged in today and stays in today's DAU and this month's MAU; when it is another
+    user, the failed login leaves no trace.
+    Catches: logins counted without claims (the failed one's undo takes out what the good one
+    put there: DAU billed short), or with claims that lapse at once (the failed one's user stays
+    active: DAU billed long)."""
+
+    class FirstFails:
+        def __init__(self) -> None:
+            self.gateway = create_gateway()
+            self.state = self.gateway.state
+            self.logins = 0
+            self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"].endswith("/token"):
+                self.logins += 1
+                if self.logins == 1:
+                    self.entered.set()
+                    await self.release.wait()
+                    await send({"type": "http.response.start", "status": 500, "headers": []})
+                    await send({"type": "http.response.body", "body": b'{"error": "down"}'})
+                    return
+            await self.gateway(scope, receive, send)
+
+    for other, active in (("u", {"u"}), ("v", {"v"})):
+        # u: the same user logs in again meanwhile; v: another user does (whose login purges lapsed
+        # claims: a failed login's claim must still be alive then, and its undo take u out).
+        upstream = FirstFails()
+        async with make_client(store, clock, upstream=upstream) as client:
+            await register(client, PRO, ["u", "v"])
+            failing = asyncio.ensure_future(client.post(f"/{PRO}/token", json={"username": "u"}))
+            await asyncio.wait_for(upstream.entered.wait(), 10)
+            assert (await client.post(f"/{PRO}/token", json={"username": other})).status_code == 200
+            upstream.release.set()
+            assert (await failing).status_code == 500
+            now = datetime.fromtimestamp(clock.now, UTC)
+            assert await raw_members(store, f"q:{{demo#pro}}:dau:{now:%Y%m%d}") == active, other
+            assert await raw_members(store, f"q:{{demo#pro}}:mau:{now:%Y%m}") == active, other
+        clock.advance(86400 * 40)  # another day and month: fresh activity sets

@@ -6,6 +6,9 @@ from typing import Any
 
 import httpx
 
+from quota.errors import StorageError
+from quota.store.memory import MemoryStore
+
 
 async def register(client: httpx.AsyncClient, app: str, names: list[str]) -> None:
     for i in range(0, len(names), 60):
@@ -107,3 +110,14 @@ async def raw_hash(store: Any, key: str) -> dict[str, int]:
     if hasattr(store, "inflight"):
         return dict(store.inflight.get(key, {}))
     return {f.decode(): int(v) for f, v in (await store.client.hgetall(key)).items()}
+
+
+class SwitchedStore(MemoryStore):
+    """A real memory store behind a switch: while `down`, every call fails as a store outage would."""
+
+    down = False
+
+    async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+        if self.down:
+            raise StorageError("down")
+        return await super().run(program, now_ms, dry)

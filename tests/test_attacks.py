@@ -19,7 +19,16 @@ from starlette.middleware.gzip import GZipMiddleware
 from quota.config import load_config
 from quota.gateway import create_gateway
 from tests.conftest import Clock, make_client
-from tests.helpers import call_raw, create_room, gateway_state, http_scope, middleware_of, register, room_id
+from tests.helpers import (
+    SwitchedStore,
+    call_raw,
+    create_room,
+    gateway_state,
+    http_scope,
+    middleware_of,
+    register,
+    room_id,
+)
 
 FREE, PRO = "demo/free", "demo/pro"
 TOKEN = "attack-admin-token-0123456789"
@@ -694,18 +703,8 @@ async def test_cancelled_probe_does_not_jam_the_breaker(clock: Clock) -> None:
 async def test_bind_lost_to_a_blip_is_retried(clock: Clock) -> None:
     """Catches a create counted by nobody when the store missed its bind: the slot expired, the
     group existed upstream, and the next create took its place."""
-    from quota.errors import StorageError
-    from quota.store.memory import MemoryStore
 
-    class Blipping(MemoryStore):
-        down = False
-
-        async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
-            if self.down:
-                raise StorageError("blip")
-            return await super().run(program, now_ms, dry)
-
-    store = Blipping()
+    store = SwitchedStore()
     gateway = create_gateway()
     gate = _Gate(gateway, lambda scope: False)
     async with make_client(store, clock, upstream=gate) as client:

@@ -17,7 +17,16 @@ import yaml
 from quota.config import load_config
 from quota.gateway import create_gateway
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, gateway_state, middleware_of, raw_deadlines, raw_members, register, room_id
+from tests.helpers import (
+    SwitchedStore,
+    create_room,
+    gateway_state,
+    middleware_of,
+    raw_deadlines,
+    raw_members,
+    register,
+    room_id,
+)
 
 PRO = "demo/pro"
 
@@ -380,18 +389,7 @@ async def test_a_confirm_lost_with_a_failed_call_only_lets_its_claim_lapse(clock
     claim then lapses after reservation_ttl_s, keeping its member, and stops holding removals.
     Catches: a lost confirm taking the member with it (a friend slot given back), or its claim
     blocking the removal for ever."""
-    from quota.errors import StorageError
-    from quota.store.memory import MemoryStore
-
-    class Switch(MemoryStore):
-        down = False
-
-        async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
-            if self.down:
-                raise StorageError("down")
-            return await super().run(program, now_ms, dry)
-
-    store = Switch()
+    store = SwitchedStore()
     async with make_client(store, clock, _confirm_delay(config_dir)) as client:
         await register(client, PRO, ["a", "b", "c"])
         assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200

@@ -158,6 +158,8 @@ class QuotaMiddleware:
         async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
+                if self._watcher is not None:
+                    self._watcher.cancel()
                 await self.guard.flush()
             return message
 
@@ -172,7 +174,10 @@ class QuotaMiddleware:
 
     async def _watch(self) -> None:
         # The runtime may be swapped by a reload: always watch the current one's directory.
-        while True:
+        task = asyncio.current_task()
+        # Python 3.11's wait_for (redis-py sends through it) can swallow a cancellation landing as
+        # its send completes; the task's count of cancel requests still says it is being stopped.
+        while task is None or not task.cancelling():
             await asyncio.sleep(1.0)
             rt = self.runtime
             try:

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from quota.store.memory import MemoryStore
 from tests.conftest import Clock, make_client
-from tests.helpers import raw_members, register
+from tests.helpers import middleware_of, raw_members, register
 
 TOKEN = "rollover-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -110,3 +111,47 @@ async def test_accounts_reach_every_process(store: Any, monkeypatch: pytest.Monk
         assert await b_answers(403) < 5
         assert (await a.post("/_quota/accounts/demo-pro/unfreeze", headers=AUTH)).status_code == 200
         assert await b_answers(200) < 5
+
+
+class SwallowingStore(MemoryStore):
+    """A memory store whose version poll answers the way Python 3.11's wait_for does (redis-py sends
+    through it) when a cancel lands as the send completes: with the value, the cancel swallowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polling = asyncio.Event()
+        self.swallow = True
+
+    async def accounts_version(self) -> int:
+        self.polling.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self.swallow:
+                raise
+        return self.version
+
+
+async def test_the_accounts_watcher_stops_with_the_server(clock: Clock) -> None:
+    """Catches a watcher that outlives its server: stopped mid-poll by lifespan.shutdown, with the
+    cancel swallowed under it, it must still end (it polled on for ever, hanging the event loop's
+    close and with it the test run)."""
+    store = SwallowingStore()
+    async with make_client(store, clock) as client:
+        assert (await client.get("/demo/pro/users")).status_code == 200
+        await asyncio.wait_for(store.polling.wait(), 5)
+        messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await middleware_of(client)({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        watcher = middleware_of(client)._watcher
+        try:
+            await asyncio.wait_for(asyncio.shield(watcher), 3)
+        finally:
+            store.swallow = False  # a failing run must not hang the event loop's close as well
+            watcher.cancel()

@@ -37,6 +37,7 @@ class ServedMetrics(Metrics):
         self._logged_at = 0.0
         self.shared_dir = shared_dir
         self._file = shared_dir / f"worker-{os.getpid()}.json" if shared_dir else None
+        self._writing = threading.Lock()
         if self._file is not None:
             self._start_snapshots()
 
@@ -67,10 +68,12 @@ class ServedMetrics(Metrics):
     def write_snapshot(self) -> None:
         if self._file is None:
             return
-        # Write then rename: a scrape in another worker never reads half a file.
-        tmp = self._file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()))
-        tmp.replace(self._file)
+        # Write then rename: a scrape in another worker never reads half a file. The lock keeps the
+        # snapshot thread and a scrape from writing the one temporary file at once.
+        with self._writing:
+            tmp = self._file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot()))
+            tmp.replace(self._file)
 
     def _start_snapshots(self) -> None:
         def loop() -> None:
@@ -88,6 +91,9 @@ class ServedMetrics(Metrics):
     def render(self) -> bytes:
         if self.shared_dir is None:
             return super().render()
+        # Our own file first: a later scrape answered by another worker reads it, and must never
+        # see less than this one reports, or a counter would go down (a reset, to Prometheus).
+        self.write_snapshot()
         snapshots = [self.snapshot()]
         for path in sorted(self.shared_dir.glob("worker-*.json")):
             if path != self._file:

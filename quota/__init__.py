@@ -8,6 +8,8 @@ except PackageNotFoundError:  # pragma: no cover - a checkout used without insta
     __version__ = "0+unknown"
 from typing import TYPE_CHECKING, Any
 
+# First: it decides whether the request path's modules load compiled or from source.
+from quota.build import BUILD
 from quota.config import Config, load_config
 from quota.entitlements import entitlements
 from quota.errors import ConfigError, QuotaError, StorageError, UnknownAppError
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     *_API,
+    "BUILD",
     "Config",
     "ConfigError",
     "QuotaError",

@@ -20,6 +20,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
+from mypy_extensions import mypyc_attr
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -31,6 +32,8 @@ REFUSAL_KEYS_PER_MINUTE = 4096
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+# Served metrics extend it (quota/served_metrics.py), and it is compiled (quota/build.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Metrics:
     def __init__(self) -> None:
         self.decisions: dict[tuple[str, str, str, str], int] = {}

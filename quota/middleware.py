@@ -107,6 +107,8 @@ class QuotaMiddleware:
         self.sockets = SocketHandler(self)
         self.renewals = _Renewals(self)
         self._watcher: asyncio.Task[None] | None = None
+        # The usage-threshold webhooks, when configured (quota/serve.py): held for their flush.
+        self.notifier: Any = None
         self._day, self._date = -1, date(1970, 1, 1)
 
     @property
@@ -339,16 +341,22 @@ class QuotaMiddleware:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
         ticket = self.renewals.hold(rt, plan) if plan.held else 0
+        # No await inside the except clause: mypyc's compiled coroutine loses the exception it
+        # re-raises across one (a segfault when a client goes away); hold it and raise it after.
+        failed: BaseException | None = None
         try:
             await bounded.forward(self.app, scope, capture.wrap(send), started)
-        except BaseException:
-            # The client went away or the upstream raised. An answer that had already started as a
-            # 2xx was the upstream's success: it did the change, so it is settled, not undone.
-            await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
-            raise
+        except BaseException as exc:
+            failed = exc
         finally:
             self.renewals.release(ticket)
-        await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
+        if failed is None:
+            await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
+            return
+        # The client went away or the upstream raised. An answer that had already started as a 2xx
+        # was the upstream's success: it did the change, so it is settled, not undone.
+        await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
+        raise failed
 
     async def _settle_answer(
         self,

@@ -53,7 +53,7 @@ def build_app(
 
         notifier = ThresholdNotifier(cfg.settings.webhooks, store)
         middleware.metrics.listeners.append(notifier.observe)
-        middleware.notifier = notifier  # type: ignore[attr-defined]
+        middleware.notifier = notifier
     return middleware
 
 

@@ -1,8 +1,11 @@
 """quota as a user installs it: a wheel built from the checkout, installed into a fresh virtualenv
-outside it, whose commands find the config shipped inside the package."""
+outside it, whose commands find the config shipped inside the package. The wheel is of the build
+this run tests: compiled by mypyc, or pure Python (QUOTA_COMPILE=0)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,22 +14,36 @@ from pathlib import Path
 
 import httpx
 
+from quota.build import BUILD
 from tests.conftest import ROOT, free_port
+
+# What a checkout holds beyond its sources: environments, caches, and this machine's builds.
+LOCAL = (".venv", ".git", "build", "mutants", "*.egg-info", "*.so", "__pycache__", ".*_cache", ".hypothesis")
+SHOW = "import quota, quota.config as c; print(c.DEFAULT_DIR); print(quota.BUILD)"
 
 
 def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     """The wheel holds the default config and the Lua program; installed elsewhere, `quota plans`,
     `quota check-config` and `quota serve` work from a directory with no config/ in sight.
-    Catches: config/ or the Lua program missing from the wheel, commands that need the checkout."""
+    Installed from a compiled wheel it runs the compiled request path, which finds its digests.
+    Catches: config/ or the Lua program missing from the wheel, commands that need the checkout, a
+    compiled wheel that installs but runs from source (compiled.json missing or wrong)."""
+    build = os.environ.get("QUOTA_EXPECT_BUILD", BUILD)
+    # From a copy: setuptools builds in the tree it is given, and run-tests runs two suites at once.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL))
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
         check=True,
         capture_output=True,
-        timeout=180,
+        timeout=300,
+        env={**os.environ, "QUOTA_COMPILE": "1" if build == "compiled" else "0"},
     )
     (wheel,) = dist.glob("quota-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert ("quota/middleware.py" in names) and ("quota/compiled.json" in names)
+    assert any(n.startswith("quota/middleware.") and n.endswith(".so") for n in names) == (build == "compiled")
     for name in ("plans.yaml", "routes.yaml", "accounts.yaml", "quota.yaml"):
         assert f"quota/defaults/{name}" in names
     assert "quota/store/lua/program.lua" in names and "quota/py.typed" in names
@@ -43,14 +60,16 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
             [quota, *args], cwd=work, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
         )
 
-    where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import quota.config as c; print(c.DEFAULT_DIR)"],
+    where, built = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", SHOW],
         cwd=work,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout.split()
     assert where.startswith(str(venv)) and where.endswith("quota/defaults")
+    assert built == build
     plans = run("plans", "--json")
     assert plans.returncode == 0 and '"friends_per_user": 100' in plans.stdout, plans.stderr
     checked = run("check-config")

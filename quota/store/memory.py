@@ -14,6 +14,8 @@ from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from quota.keys import escape
 from quota.store.program import (
     UNLIMITED,
@@ -89,6 +91,8 @@ class Deadlines:
         return len(self.due)
 
 
+# Compiled (quota/build.py), and open to subclasses: a store that wraps it adds faults or logging.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryStore:
     def __init__(self, max_rate_keys: int = MAX_RATE_KEYS) -> None:
         self.sets: dict[str, set[str]] = {}

@@ -1,0 +1,50 @@
+"""The build: quota's request path compiled by mypyc when it can be, pure Python when not.
+
+QUOTA_COMPILE=0 skips the compile. A compile that fails (no C compiler, no Python headers) leaves
+the pure build, with setuptools' warning; quota/build.py picks the build at import."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+BUILD = runpy.run_path(str(HERE / "quota" / "build.py"))
+
+
+class BuildPy(build_py):  # type: ignore[misc]
+    """Records the digests of the sources compiled, beside them, for quota/build.py to compare."""
+
+    def run(self) -> None:
+        super().run()
+        record = json.dumps(BUILD["digests"](HERE), indent=1)
+        for where in {Path(self.build_lib), *([HERE] if self.editable_mode else [])}:
+            (where / "quota" / "compiled.json").write_text(record)
+
+
+def extensions() -> list[Any]:
+    if os.environ.get("QUOTA_COMPILE", "1") == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return []
+    sources = [str(Path("quota", *m.split(".")[1:]).with_suffix(".py")) for m in BUILD["COMPILED"]]
+    # pip builds in an environment without quota's dependencies: their types are unknown (Any)
+    # there, which the project's strict mypy settings would refuse. `mypy quota` checks those.
+    config = Path(tempfile.mkdtemp(prefix="quota-mypyc-")) / "mypy.ini"
+    config.write_text("[mypy]\nignore_missing_imports = True\n")
+    modules = mypycify(["--config-file", str(config), *sources], opt_level="3", group_name="quota_compiled")
+    for module in modules:
+        module.optional = True  # a failed compile leaves the pure build, not a failed install
+    return modules
+
+
+setup(ext_modules=extensions(), cmdclass={"build_py": BuildPy})

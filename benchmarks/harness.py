@@ -29,6 +29,7 @@ from benchmarks.inprocess import drive
 from benchmarks.load import LOAD_CORE, Server, pinned, wrk
 from benchmarks.peers import PROXY_VARIANTS
 from benchmarks.variants import SCENARIOS, VARIANTS, build
+from quota.build import BUILD
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROXY_SCENARIOS = ("read", "write", "flood")
@@ -327,7 +328,7 @@ def versions() -> str:
     found = []
     for name in names:
         try:
-            found.append(f"{name} {metadata.version(name)}")
+            found.append(f"{name} {metadata.version(name)}" + (f" ({BUILD} build)" if name == "quota" else ""))
         except metadata.PackageNotFoundError:
             pass
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()

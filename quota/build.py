@@ -36,6 +36,8 @@ COMPILED = (
     "quota.routes",
     "quota.store.memory",
     "quota.store.program",
+    "quota.store.redis",
+    "quota.store.wire",
 )
 PACKAGE = Path(__file__).resolve().parent
 DIGESTS = PACKAGE / "compiled.json"

@@ -3,6 +3,7 @@ Python, chosen at import. run-tests runs the suite once on each and says which i
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
 import json
 import os
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import quota
 import quota.middleware
-from quota.build import COMPILED, digests
+from quota.build import COMPILED, digests, source_of
 from tests.conftest import ROOT
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+AWAITS = (ast.Await, ast.AsyncWith, ast.AsyncFor)
 
 
 def test_the_suite_runs_on_the_build_it_expects() -> None:
@@ -84,3 +86,19 @@ def test_quota_pure_chooses_the_source(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == [f"pure {root / 'quota' / 'middleware.py'}", "QUOTA_PURE is set"]
     chosen = which_build(root)  # without it, the (stand-in) extensions are what loads
     assert chosen.returncode != 0 and "ImportError" in chosen.stderr, chosen.stderr
+
+
+def test_no_await_inside_an_except_or_finally_clause_of_a_compiled_module() -> None:
+    """mypyc's compiled coroutines lose the exception being handled across an await in its handler:
+    re-raising it then crashed the process (a segfault when a client went away mid-request). The
+    compiled modules hold the exception and await after the clause instead."""
+    found = []
+    for module in COMPILED:
+        tree = ast.parse(source_of(module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try):
+                clauses = [h.body for h in node.handlers] + [node.finalbody]
+                for body in clauses:
+                    if any(isinstance(n, AWAITS) for stmt in body for n in ast.walk(stmt)):
+                        found.append(f"{module}:{node.lineno}")
+    assert found == []

@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from mypy_extensions import mypyc_attr
 from redis.exceptions import RedisError
 
 from quota.errors import StorageError
@@ -204,6 +205,8 @@ def connect(url: str, timeout_ms: int) -> tuple[Any, list[Any]]:
     return sentinel.master_for(service, db=int(db or 0)), list(sentinel.sentinels)
 
 
+# Compiled (quota/build.py), and open to subclasses: a store that wraps it adds counting or faults.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RedisStore:
     """Programs run as one EVALSHA: on a single server through the lean pipelined Wire, on Cluster and
     Sentinel through redis-py (which follows slot moves and failovers). Everything else: redis-py."""

@@ -13,20 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 BUILD = runpy.run_path(str(HERE / "quota" / "build.py"))
 
 
-class BuildPy(build_py):  # type: ignore[misc]
-    """Records the digests of the sources compiled, beside them, for quota/build.py to compare."""
+class BuildExt(build_ext):  # type: ignore[misc]
+    """Records the digests of the sources compiled, beside the extensions, for quota/build.py."""
 
     def run(self) -> None:
         super().run()
         record = json.dumps(BUILD["digests"](HERE), indent=1)
-        for where in {Path(self.build_lib), *([HERE] if self.editable_mode else [])}:
-            (where / "quota" / "compiled.json").write_text(record)
+        for where in {Path(self.build_lib), *([HERE] if self.inplace or self.editable_mode else [])}:
+            target = where / "quota" / "compiled.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(record)
 
 
 def extensions() -> list[Any]:
@@ -41,10 +43,14 @@ def extensions() -> list[Any]:
     # there, which the project's strict mypy settings would refuse. `mypy quota` checks those.
     config = Path(tempfile.mkdtemp(prefix="quota-mypyc-")) / "mypy.ini"
     config.write_text("[mypy]\nignore_missing_imports = True\n")
-    modules = mypycify(["--config-file", str(config), *sources], opt_level="3", group_name="quota_compiled")
+    try:
+        modules = mypycify(["--config-file", str(config), *sources], opt_level="3", group_name="quota_compiled")
+    except (Exception, SystemExit) as exc:  # mypyc exits on what it cannot compile
+        print(f"quota: mypyc cannot compile the request path ({exc}); installing the pure-Python build")
+        return []
     for module in modules:
         module.optional = True  # a failed compile leaves the pure build, not a failed install
     return modules
 
 
-setup(ext_modules=extensions(), cmdclass={"build_py": BuildPy})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

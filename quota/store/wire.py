@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import hiredis
+from mypy_extensions import mypyc_attr
 from redis.asyncio.connection import parse_url
 
 
@@ -32,6 +33,8 @@ class ReplyError(Exception):
     """An error reply from Redis (-ERR ..., -NOSCRIPT ...)."""
 
 
+# A ConnectionError (callers catch OSError), which mypyc cannot make a native class of.
+@mypyc_attr(native_class=False)
 class WireClosed(ConnectionError):
     pass
 

@@ -38,7 +38,7 @@ def extensions() -> list[Any]:
         from mypyc.build import mypycify
     except ImportError:
         return []
-    sources = [str(Path("quota", *m.split(".")[1:]).with_suffix(".py")) for m in BUILD["COMPILED"]]
+    sources = [str(BUILD["source_of"](m, Path())) for m in BUILD["COMPILED"]]
     # pip builds in an environment without quota's dependencies: their types are unknown (Any)
     # there, which the project's strict mypy settings would refuse. `mypy quota` checks those.
     config = Path(tempfile.mkdtemp(prefix="quota-mypyc-")) / "mypy.ini"

@@ -43,14 +43,14 @@ PACKAGE = Path(__file__).resolve().parent
 DIGESTS = PACKAGE / "compiled.json"
 
 
-def source_of(module: str) -> Path:
-    return PACKAGE.parent.joinpath(*module.split(".")).with_suffix(".py")
+def source_of(module: str, root: Path = PACKAGE.parent) -> Path:
+    """The .py file of `module` under `root` (the directory holding quota/)."""
+    return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
 def digests(root: Path = PACKAGE.parent) -> dict[str, str]:
-    """sha256 of each compiled module's source under `root` (the directory holding quota/)."""
-    sources = {m: root.joinpath(*m.split(".")).with_suffix(".py") for m in COMPILED}
-    return {m: hashlib.sha256(path.read_bytes()).hexdigest() for m, path in sources.items()}
+    """sha256 of each compiled module's source under `root`."""
+    return {m: hashlib.sha256(source_of(m, root).read_bytes()).hexdigest() for m in COMPILED}
 
 
 def _built(module: str) -> bool:

@@ -35,7 +35,7 @@ def copy_of_quota(tmp_path: Path) -> Path:
     compiled module and the digests of their sources recorded, as an install would leave them."""
     shutil.copytree(ROOT / "quota", tmp_path / "quota", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     for module in COMPILED:
-        source = tmp_path.joinpath(*module.split(".")).with_suffix(".py")
+        source = source_of(module, tmp_path)
         source.with_name(source.stem + SUFFIX).write_bytes(b"not an extension")
     (tmp_path / "quota" / "compiled.json").write_text(json.dumps(digests(tmp_path)))
     return tmp_path

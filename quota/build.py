@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 COMPILED = (
+    "quota.breaker",
     "quota.clients",
     "quota.decisions",
     "quota.denials",

@@ -16,7 +16,6 @@ import json
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from quota.routes import Match, RouteRule
 from quota.sockets import SocketHandler
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import ConfirmOp, Outcome, Program, RateOp, RateState
+from quota.store.program import AddOp, ConfirmOp, Outcome, Program, RateOp, RateState
 from quota.tokens import bearer, resolve
 
 FALLBACK_PREFIX = "q:{_}:"
@@ -74,17 +73,17 @@ class Runtime:
         self.denials = DenyCache()
 
 
-@dataclass
 class _Verdict:
     """What quota decided for one request, before the upstream is called."""
 
-    receive: Receive
-    params: dict[str, str]
-    denial: Denial | None = None
-    plan: RequestPlan | None = None
-    outcome: Outcome | None = None
-    body: Any = None
-    body_read: bool = False
+    def __init__(self, receive: Receive, params: dict[str, str]) -> None:
+        self.receive = receive
+        self.params = params
+        self.denial: Denial | None = None
+        self.plan: RequestPlan | None = None
+        self.outcome: Outcome | None = None
+        self.body: Any = None
+        self.body_read = False
 
 
 class QuotaMiddleware:
@@ -311,9 +310,12 @@ class QuotaMiddleware:
         for state in outcome.rates:
             if state.remaining * 5 <= state.limit:
                 metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
-        for index, size in zip(plan.adds, outcome.sizes, strict=False):
-            op = plan.before.ops[index]
-            limit, cap = getattr(op, "limit", ""), getattr(op, "cap", -1)
+        # A fail-open outcome reports no sizes: stop at the shorter (indexes: see decisions.undo_ops).
+        for i in range(min(len(plan.adds), len(outcome.sizes))):
+            op, size = plan.before.ops[plan.adds[i]], outcome.sizes[i]
+            if not isinstance(op, AddOp):
+                continue
+            limit, cap = op.limit, op.cap
             if limit == "included_dau" and cap < 0:
                 # Plans that bill overage have no DAU cap, but their included DAU is still the mark.
                 cap = app.plan.price.included_dau

@@ -55,7 +55,12 @@ def encode(program: Program, now_ms: int, dry: bool = False) -> list[str | int]:
 
 def _pairs(members: tuple[str, ...], fields: tuple[str, ...]) -> list[str]:
     fields = fields or ("",) * len(members)
-    return [x for pair in zip(members, fields, strict=True) for x in pair]
+    # Indexes, not zip(): zip with its strict keyword is a generic call in the compiled build.
+    assert len(fields) == len(members)
+    out: list[str] = []
+    for i in range(len(members)):
+        out += (members[i], fields[i])
+    return out
 
 
 def _encode_op(op: Op) -> list[str | int]:

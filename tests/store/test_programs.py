@@ -4,6 +4,8 @@ expiry of a create's reservation. Keys are spelled out and read raw."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 from typing import Any
 from unittest import mock
 
@@ -12,7 +14,22 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from quota.store.program import UNLIMITED, AddOp, BindOp, ConfirmOp, Program, RateOp, RenewOp, TombstoneOp, UndoOp
+from quota import decisions, routes
+from quota.build import source_of
+from quota.config import load_config
+from quota.store import program
+from quota.store.program import (
+    UNLIMITED,
+    AddOp,
+    BindOp,
+    ConfirmOp,
+    Program,
+    RateOp,
+    Refusal,
+    RenewOp,
+    TombstoneOp,
+    UndoOp,
+)
 from tests.helpers import raw_deadlines, raw_members
 from tests.store.test_rates import schedule
 
@@ -185,3 +202,77 @@ async def test_confirms_apply_even_when_the_program_is_refused(store: Any) -> No
     tomb = TombstoneOp(inflight, ("a|b",), 60_000)
     outcome = await store.run(Program([tomb, ConfirmOp(inflight, ("a|b",))]), t + 30)
     assert outcome.refusal is None
+
+
+def _annotations(cls: type) -> dict[str, str]:
+    """The fields' annotations as written: read from the source, since the compiled build keeps
+    some only as `type` (its unions)."""
+    tree = ast.parse(source_of(cls.__module__).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    return {
+        st.target.id: ast.unparse(st.annotation)
+        for st in node.body
+        if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+    }
+
+
+def _value_for(annotation: str, index: int) -> Any:
+    """A value of the field's type, distinct for each field, so that two swapped assignments show."""
+    kind = annotation.split("[")[0].split(" | ")[0]
+    if kind == "str":
+        return f"value-{index}"
+    if kind == "int":
+        return 100 + index
+    if kind == "bool":
+        return True
+    if kind == "tuple":
+        return (f"item-{index}",)
+    if kind == "list":
+        return [f"item-{index}"]
+    if kind == "dict":
+        return {"key": f"value-{index}"}
+    if kind == "Program":
+        return Program([RateOp(f"k{index}", 1, 1000, 1, "rate")])
+    if kind == "Refusal":
+        return Refusal(index, "rate", 1, 1)
+    if kind == "RouteRule":
+        return load_config(None).routes.rules[index % 3]
+    raise AssertionError(f"no test value for {annotation}")
+
+
+WRITTEN_OUT = [
+    cls
+    for module in (program, decisions, routes)
+    for cls in vars(module).values()
+    if dataclasses.is_dataclass(cls) and cls.__module__ == module.__name__ and not cls.__dataclass_params__.init  # type: ignore[attr-defined]
+]
+
+
+@pytest.mark.parametrize("cls", WRITTEN_OUT, ids=lambda c: c.__name__)
+def test_a_written_out_init_sets_every_field_as_dataclasses_would(cls: Any) -> None:
+    """Catches an __init__ written out for speed (store/program.py says why) that drifts from its
+    fields: a field it skips, two it swaps, a default it changes, or a list two instances share."""
+    fields = dataclasses.fields(cls)
+    written = _annotations(cls)
+    values = {f.name: _value_for(written[f.name], i) for i, f in enumerate(fields)}
+    built = cls(**values)
+    assert {f.name: getattr(built, f.name) for f in fields} == values
+    required = {f.name: values[f.name] for f in fields if f.default is f.default_factory is dataclasses.MISSING}
+    plain, other = cls(**required), cls(**required)
+    for f in fields:
+        if f.name in required:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            assert getattr(plain, f.name) == f.default_factory()
+            assert getattr(plain, f.name) is not getattr(other, f.name)
+        else:
+            assert getattr(plain, f.name) == f.default
+    assert plain == other and repr(plain) == repr(other)
+
+
+def test_the_hot_value_classes_have_written_out_inits() -> None:
+    """Catches a per-request class going back to the generated __init__ (interpreted, and about
+    seven times slower in the compiled build)."""
+    names = {cls.__name__ for cls in WRITTEN_OUT}
+    assert {"RateOp", "AddOp", "ConfirmOp", "RateState", "Refusal", "Outcome", "Program"} <= names
+    assert {"Denial", "RequestPlan", "Settlement", "Match"} <= names

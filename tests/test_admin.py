@@ -19,7 +19,7 @@ import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
-from tests.conftest import ROOT, Clock, RedisServer, free_port, run_cli
+from tests.conftest import ROOT, Clock, RedisServer, asgi_client, free_port, run_cli
 from tests.helpers import create_room, entitlements, register, room_id
 
 TOKEN = "test-admin-token-0123456789"
@@ -32,8 +32,7 @@ async def admin(store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     app = build_app(load_config(config_dir), store=store)
     app.clock = clock
-    transport = httpx.ASGITransport(app=app, client=("10.3.3.3", 5000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+    async with asgi_client(app, ("10.3.3.3", 5000), "http://gw") as client:
         client.config_dir = config_dir  # type: ignore[attr-defined]
         yield client
 
@@ -56,7 +55,7 @@ class TestToken:
         """With no token configured the admin API is off (404), never open."""
         monkeypatch.delenv("QUOTA_ADMIN_TOKEN", raising=False)
         app = build_app(load_config(), store=store)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app, base_url="http://gw") as c:
             assert (await c.get("/_quota/metrics", headers={"authorization": "Bearer "})).status_code == 404
 
 
@@ -99,7 +98,7 @@ class TestReload:
             await gateway(scope, receive, send)
 
         app = build_app(load_config(config_dir), store=store, upstream=slow)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app, base_url="http://gw") as c:
             await register(c, FREE, ["o"])
             pending = asyncio.ensure_future(create_room(c, FREE, "chatgroups", "o"))
             await entered.wait()
@@ -196,7 +195,7 @@ class TestShadow:
         edit(config_dir / "plans.yaml", lambda d: d["plans"]["free"]["limits"].update(friends_per_user=1))
         app = build_app(load_config(config_dir), store=store)
         app.clock = clock
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app, base_url="http://gw") as c:
             r = await c.post(f"/{FREE}/messages/translate", json={})
             assert r.status_code == 200 and r.headers["x-quota-shadow"] == "403 forbidden_op translation"
             await register(c, FREE, ["a", "b", "c"])
@@ -216,7 +215,7 @@ class TestShadow:
         """`shadow: true` in quota.yaml puts every rule in shadow."""
         (config_dir / "quota.yaml").write_text("shadow: true\n")
         app = build_app(load_config(config_dir), store=store)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app, base_url="http://gw") as c:
             r = await c.put(f"/{FREE}/callbacks", json={})
             assert r.status_code == 200 and "message_event_callbacks" in r.headers["x-quota-shadow"]
 
@@ -397,7 +396,7 @@ class TestScopes:
         monkeypatch.setenv("QUOTA_READ_TOKEN", read)
         app = build_app(load_config(), store=store)
         app.clock = clock
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app, base_url="http://gw") as c:
             ro = {"authorization": f"Bearer {read}"}
             assert (await c.get("/_quota/metrics", headers=ro)).status_code == 200
             assert (await c.get("/_quota/entitlements/demo/free", headers=ro)).status_code == 200

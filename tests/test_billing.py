@@ -8,14 +8,13 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
 from quota.matrix import Price
 from quota.serve import build_app
-from tests.conftest import Clock
+from tests.conftest import Clock, asgi_client
 from tests.helpers import raw_members, register
 
 TOKEN = "billing-admin-token-0123456789"
@@ -69,7 +68,7 @@ async def test_bill_account_and_plan_change_over_admin_api(
     today = datetime.fromtimestamp(clock.now, UTC).date()
     month = f"{today:%Y-%m}"
     nxt = date(today.year + today.month // 12, today.month % 12 + 1, 1)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app, base_url="http://gw") as c:
         await register(c, "demo/pro", ["a", "b", "c"])
         for name in ("a", "b", "c", "a"):
             assert (await c.post("/demo/pro/token", json={"username": name})).status_code == 200
@@ -135,7 +134,7 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     app = build_app(load_config(), store=store)
     app.clock = Clock(datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app, base_url="http://gw") as c:
         post = c.post
         assert (await post("/_quota/accounts/demo-basic/cancel", json={"date": "2026-12-10"}, headers=AUTH)).is_success
         r = await post(

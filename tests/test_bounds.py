@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis as redis_sync
 import yaml
@@ -25,7 +24,7 @@ from quota.store import memory
 from quota.store.memory import MemoryStore
 from quota.store.program import DrainOp
 from quota.store.redis import RedisStore
-from tests.conftest import Clock, RedisServer
+from tests.conftest import Clock, RedisServer, asgi_client
 from tests.helpers import http_scope
 
 FLOOD = 100_000
@@ -204,8 +203,7 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
     raw.slowlog_reset()
     evalsha_before = raw.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     try:
-        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        async with asgi_client(app, ("10.1.2.3", 40000), "http://gw") as client:
             started = time.monotonic()
             r = await client.delete(f"/demo/enterprise/chatrooms/{rid}")
             elapsed = time.monotonic() - started

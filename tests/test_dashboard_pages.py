@@ -23,6 +23,7 @@ from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.tokens import Tokens
 from tests.activity import config_with
+from tests.conftest import asgi_client
 
 READ = "dashboard-read-token-0123456789"
 ADMIN = "dashboard-admin-token-0123456789"
@@ -42,7 +43,7 @@ async def gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
         f"  acme:\n    plan: pro\n    apps: ['acme#chat', 'acme#game']\n    dashboard_token_sha256: {CUSTOMER_SHA}\n",
     )
     app = build_app(load_config(cfg), store=MemoryStore())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with asgi_client(app, base_url="http://gw") as client:
         yield client
 
 
@@ -62,7 +63,7 @@ async def test_off_without_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("QUOTA_READ_TOKEN", raising=False)
     monkeypatch.delenv("QUOTA_ADMIN_TOKEN", raising=False)
     app = build_app(load_config(), store=MemoryStore())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app, base_url="http://gw") as c:
         assert (await c.get(f"{BASE}/login")).status_code == 404
         assert (await c.get(f"{BASE}/")).status_code == 404
         assert (await c.post(f"{BASE}/login", data={"token": READ})).status_code == 404

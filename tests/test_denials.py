@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import httpx
 import pytest
 
 from quota.config import load_config
@@ -13,7 +12,7 @@ from quota.keys import app_prefix, rate_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.store.program import Program, RateOp
-from tests.conftest import Clock
+from tests.conftest import Clock, asgi_client
 
 
 class CountingStore:
@@ -42,10 +41,7 @@ async def test_same_decisions_fewer_calls(store: Any, seed: int) -> None:
     key = rate_key(app_prefix("demo#pro"), "users.get", "rest_per_ip", "10.0.0.1")
     rng = random.Random(seed)
     got, expected = [], []
-    clients = [
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=a, client=("10.0.0.1", 1)), base_url="http://g")
-        for a in apps
-    ]
+    clients = [asgi_client(a, ("10.0.0.1", 1), "http://g") for a in apps]
     try:
         for _ in range(1500):
             # Bursts well over 100/s, with pauses that let the window drain.

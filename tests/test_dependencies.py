@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -13,6 +12,7 @@ from starlette.routing import Route
 from quota import Quota
 from quota.dependencies import QuotaRefusal, refusal_handler, requires_feature, within_limit
 from quota.store.memory import MemoryStore
+from tests.conftest import asgi_client
 
 
 def build(store: Any) -> tuple[Starlette, Quota]:
@@ -44,7 +44,7 @@ async def test_helpers_refuse_like_the_middleware(store: Any) -> None:
     another body shape than the middleware's."""
     app, _ = build(store)
     await store.add_members("q:{demo#free}:s:contacts:o:alice", [f"f{i}" for i in range(100)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+    async with asgi_client(app, base_url="http://app") as c:
         r = await c.post("/demo/free/messages/translate")
         assert r.status_code == 403
         assert r.json()["error"] == "forbidden_op" and r.json()["exception"] == "QuotaForbiddenOpException"

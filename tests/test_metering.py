@@ -18,7 +18,7 @@ from quota.config import load_config
 from quota.keys import app_prefix, dau_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
-from tests.conftest import Clock, RedisServer, make_client, run_cli
+from tests.conftest import Clock, RedisServer, asgi_client, make_client, run_cli
 from tests.helpers import raw_members, register
 
 FREE = "demo/free"
@@ -183,7 +183,7 @@ async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypat
     app = build_app(load_config(), store=store)
     app.clock = clock
     auth = {"authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app, base_url="http://gw") as c:
         assert (await c.post("/_quota/accounts/demo-pro/freeze", json={"date": "2026-03-31"})).status_code == 401
         r = await c.post("/_quota/accounts/demo-pro/freeze", json={"date": "2026-03-31"}, headers=auth)
         assert r.status_code == 200 and r.json()["purge_after"] == "2026-09-30"

@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis as redis_sync
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.redis import RedisStore
-from tests.conftest import Clock, RedisServer
+from tests.conftest import Clock, RedisServer, asgi_client
 from tests.helpers import register
 
 pytestmark = pytest.mark.redis
@@ -58,8 +57,7 @@ async def test_kill_and_restart_redis() -> None:
     breaker = Monotonic()
     app.breaker.clock = breaker
     try:
-        transport = httpx.ASGITransport(app=app, client=("10.7.7.7", 4000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        async with asgi_client(app, ("10.7.7.7", 4000), "http://gw") as client:
             await register(client, PRO, ["owner", *[f"p{i}" for i in range(40)]])
             assert (await client.post(f"/{PRO}/users/owner/contacts/users/p0")).status_code == 200
             server.stop()
@@ -102,7 +100,7 @@ async def test_storage_timeout_reaches_the_store(config_dir: Path) -> None:
     server.start()
     app = build_app(load_config(config_dir), redis_url=server.url)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        async with asgi_client(app, base_url="http://gw") as client:
             await register(client, PRO, ["a", "b", "c"])
             assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
             assert server.proc is not None
@@ -133,7 +131,7 @@ async def test_per_rule_outage_policy(config_dir: Any) -> None:
     store = RedisStore(server.url, timeout_ms=200)
     app = build_app(load_config(config_dir), store=store)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        async with asgi_client(app, base_url="http://gw") as client:
             await register(client, PRO, ["a", "b", "c"])
             server.stop()
             assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200

@@ -10,14 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.redis import RedisStore
-from tests.conftest import Clock, free_port, make_client
+from tests.conftest import Clock, asgi_client, free_port, make_client
 from tests.helpers import raw_deadlines, raw_members, register
 
 
@@ -120,8 +119,7 @@ async def test_frozen_and_allowlist_refuse_the_handshake(store: Any, clock: Cloc
         assert code == 1008 and "frozen" in reason
         code, reason = await refused(mw_of(client), "/demo/basic/users/amy/connection", ip="192.168.1.1")
         assert code == 1008 and reason == "forbidden_op: client address 192.168.1.1 is not in the app's IP allowlist"
-        transport = httpx.ASGITransport(app=mw_of(client), client=("192.168.1.1", 4000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as outsider:
+        async with asgi_client(mw_of(client), ("192.168.1.1", 4000), "http://gw") as outsider:
             r = await outsider.get("/demo/basic/users")
             assert r.status_code == 403 and r.json()["error"] == "forbidden_op"
         assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == set()

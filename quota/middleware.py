@@ -586,13 +586,13 @@ def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = list(message.get("headers", ()))
-            headers += (
-                (b"ratelimit-limit", b"%d" % state.limit),
-                (b"ratelimit-remaining", b"%d" % max(0, state.remaining)),
-                (b"ratelimit-reset", b"%d" % max(1, -(-state.reset_ms // 1000))),
-            )
-            message = {**message, "headers": headers}
+            message = dict(message)  # the upstream's own message (and its header list) stays as sent
+            message["headers"] = [
+                *message.get("headers", ()),
+                (b"ratelimit-limit", str(state.limit).encode()),
+                (b"ratelimit-remaining", str(max(0, state.remaining)).encode()),
+                (b"ratelimit-reset", str(max(1, -(-state.reset_ms // 1000))).encode()),
+            ]
         await send(message)
 
     return wrapped

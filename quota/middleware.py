@@ -214,7 +214,8 @@ class QuotaMiddleware:
             return
         match = rt.routes.match(scope["method"], scope["path"])
         rule = match.rule
-        app = self.app_of(rt, match, self.today(started))
+        today = self.today(started)
+        app = self.app_of(rt, match, today)
         if isinstance(app, Denial):
             await send_denial(app, send, started)
             return
@@ -228,7 +229,7 @@ class QuotaMiddleware:
         if rule.admin:
             await self.app(scope, receive, send)
             return
-        verdict = await self._decide(rt, match, app, address, receive, started)
+        verdict = await self._decide(rt, match, app, address, receive, started, today)
         denial = verdict.denial
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or settings.shadow):
@@ -253,7 +254,7 @@ class QuotaMiddleware:
         await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, started)
 
     async def _decide(
-        self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float
+        self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float, today: date
     ) -> _Verdict:
         rule = match.rule
         verdict = _Verdict(receive, match.params)
@@ -289,7 +290,7 @@ class QuotaMiddleware:
                 ids=rt.ids,
                 lease_ttl_ms=settings.lease_ttl_s * 1000,
                 reservation_ttl_ms=settings.reservation_ttl_s * 1000,
-                today=self.today(started),
+                today=today,
             )
         except BadInput as exc:
             verdict.denial = Denial(400, "illegal_argument", str(exc))

@@ -2,7 +2,13 @@
 server), on the memory store and on Redis, from the in-process driver. `python -m benchmarks.costs`
 
 `--profile read` (or write, login, flood) profiles that scenario on the memory store instead: the
-functions where quota's time goes, by own time, and how many calls one request makes."""
+functions where quota's time goes, by own time, and how many calls one request makes. cProfile sees
+only Python functions, so it profiles the pure build (run it with QUOTA_PURE=1). For the compiled
+build, `--drive read` only drives the scenario, to run under a sampling profiler:
+
+    CFLAGS=-fno-omit-frame-pointer pip install --no-deps -e .
+    perf record --call-graph fp -o perf.data python -m benchmarks.costs --drive read --requests 300000
+    perf report -i perf.data --children --sort symbol -g none | grep CPyDef"""
 
 from __future__ import annotations
 
@@ -49,14 +55,24 @@ def profile(scenario: str, total: int) -> None:
     stats.sort_stats("tottime").print_stats(25)
 
 
+def drive_only(scenario: str, total: int) -> None:
+    app = build_app(load_config(config_dir(scenario)), upstream=trivial)
+    asyncio.run(drive(app, scenario, 640))
+    asyncio.run(drive(app, scenario, total))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.costs", description=__doc__)
     p.add_argument("--requests", type=int, default=32000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", choices=["read", "write", "login", "flood"])
+    p.add_argument("--drive", choices=["read", "write", "login", "flood"])
     args = p.parse_args()
     if args.profile:
         profile(args.profile, args.requests)
+        return
+    if args.drive:
+        drive_only(args.drive, args.requests)
         return
     redis = OwnRedis()
     try:

@@ -101,3 +101,17 @@ def test_proxy_variants_run() -> None:
     assert set(rows) == {"bare", "proxy-off", "proxy-on"}
     assert rows["proxy-off"]["redis_calls_per_req"] == 0 and rows["proxy-off"]["rps"] > 0
     assert 0.9 < rows["proxy-on"]["redis_calls_per_req"] < 1.3  # a write: one call (its confirm rides along)
+
+
+def test_costs_drive_only_runs_the_scenario() -> None:
+    """`python -m benchmarks.costs --drive write` (the run a sampling profiler records) drives the
+    scenario through quota and prints nothing; an exception on the request path fails it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.costs", "--drive", "write", "--requests", "320"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""

@@ -468,7 +468,8 @@ def confirm_ops(plan: RequestPlan, added: tuple[tuple[str, ...], ...]) -> list[C
 def _fields(op: AddOp, members: tuple[str, ...]) -> tuple[str, ...]:
     if not op.inflight_key:
         return ()
-    assert len(op.members) == len(op.fields)
+    if len(op.members) != len(op.fields):
+        raise ValueError(f"{len(op.members)} members and {len(op.fields)} claim fields")
     by_member = {op.members[i]: op.fields[i] for i in range(len(op.members))}
     return tuple(by_member[m] for m in members)
 

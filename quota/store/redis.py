@@ -56,7 +56,8 @@ def encode(program: Program, now_ms: int, dry: bool = False) -> list[str | int]:
 def _pairs(members: tuple[str, ...], fields: tuple[str, ...]) -> list[str]:
     fields = fields or ("",) * len(members)
     # Indexes, not zip(): zip with its strict keyword is a generic call in the compiled build.
-    assert len(fields) == len(members)
+    if len(fields) != len(members):
+        raise ValueError(f"{len(members)} members and {len(fields)} claim fields")
     out: list[str] = []
     for i in range(len(members)):
         out += (members[i], fields[i])

@@ -251,12 +251,13 @@ WRITTEN_OUT = [
 @pytest.mark.parametrize("cls", WRITTEN_OUT, ids=lambda c: c.__name__)
 def test_a_written_out_init_sets_every_field_as_dataclasses_would(cls: Any) -> None:
     """Catches an __init__ written out for speed (store/program.py says why) that drifts from its
-    fields: a field it skips, two it swaps, a default it changes, or a list two instances share."""
+    fields: a field it skips, two it swaps (in its parameters or its assignments), a default it
+    changes, or a list two instances share."""
     fields = dataclasses.fields(cls)
     written = _annotations(cls)
     values = {f.name: _value_for(written[f.name], i) for i, f in enumerate(fields)}
-    built = cls(**values)
-    assert {f.name: getattr(built, f.name) for f in fields} == values
+    for built in (cls(**values), cls(*values.values())):  # by name, and in the fields' order
+        assert {f.name: getattr(built, f.name) for f in fields} == values
     required = {f.name: values[f.name] for f in fields if f.default is f.default_factory is dataclasses.MISSING}
     plain, other = cls(**required), cls(**required)
     for f in fields:

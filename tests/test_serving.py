@@ -98,3 +98,26 @@ def test_two_workers_metrics_add_up(config_dir: Path, redis_server: RedisServer)
             assert "quota_workers 2.0" in text
     finally:
         proc.stop()
+
+
+def test_a_gateway_route_missing_from_the_route_map_is_named_at_start(config_dir: Path) -> None:
+    """A route map without `GET /{org}/{app}/users/{username}`: the start names that route of the
+    reference gateway and says it is refused, and it is (404), while a mapped route still answers.
+    Catches: a start that is silent about a gateway route the route map leaves out."""
+    routes = config_dir / "routes.yaml"
+    mapped = '  - {name: users.get, method: GET, path: "/{org}/{app}/users/{username}"}\n'
+    assert mapped in routes.read_text()
+    routes.write_text(routes.read_text().replace(mapped, ""))
+    proc = Running(quota("serve", "--config", str(config_dir), "--port", "{port}"), ready="/_quota/health")
+    try:
+        with httpx.Client(base_url=proc.base, timeout=10) as c:
+            assert c.post("/demo/pro/users", json=[{"username": "ann"}]).status_code == 200
+            refused = c.get("/demo/pro/users/ann")
+            assert refused.status_code == 404 and refused.json()["error"] == "service_resource_not_found"
+            assert c.get("/demo/pro/users").status_code == 200
+        log = proc.log()
+    finally:
+        proc.stop()
+    warned = [line for line in log.splitlines() if "is not in the route map" in line]
+    assert warned == [line for line in warned if "route GET /{org}/{app}/users/{username} of the gateway" in line]
+    assert len(warned) == 1 and "it is refused" in warned[0]

@@ -37,8 +37,8 @@ async def per_request_us(app: Any, scenario: str, total: int) -> float:
     started = time.process_time()
     await drive(app, scenario, total)
     spent = (time.process_time() - started) / total * 1e6
-    if hasattr(app, "guard"):
-        await app.guard.flush()  # as a server's shutdown would: no confirm left pending
+    if hasattr(app, "shutdown"):
+        await app.shutdown()  # as a server's lifespan would: no confirm left pending
     return spent
 
 

@@ -1,11 +1,24 @@
 """Counts the Redis commands a process's clients send (round trips' worth of top-level commands),
-by wrapping redis-py's command packers: quota, limits and slowapi all talk through them."""
+by wrapping redis-py's command packers (limits and slowapi talk through them, and so does quota for
+all but its request path), plus what quota's lean connection (quota/store/wire.py) counts itself."""
 
 from __future__ import annotations
 
 from typing import Any
 
 SENT = [0]
+# The lean connections of the middlewares in this process: compiled, they count their own commands.
+WIRES: list[Any] = []
+
+
+def watch(middleware: Any) -> None:
+    wire = getattr(middleware.runtime.store, "wire", None)
+    if wire is not None:
+        WIRES.append(wire)
+
+
+def sent() -> int:
+    return SENT[0] + sum(wire.sent for wire in WIRES)
 
 
 def install() -> None:
@@ -23,8 +36,8 @@ def install() -> None:
         cls.pack_command = pack_command
 
     # Async redis-py packs each command (pipelines included) in pack_command, in Python; sync
-    # redis-py packs through hiredis.pack_command (or PythonRespSerializer without hiredis), and so
-    # does quota's own connection (quota/store/wire.py): one call per command in each case.
+    # redis-py packs through hiredis.pack_command (or PythonRespSerializer without hiredis): one
+    # call per command in each case.
     wrap_one(aconn.AbstractConnection)
     original_pack = hiredis.pack_command
 

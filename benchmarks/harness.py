@@ -148,8 +148,8 @@ def inprocess_round(redis: OwnRedis, scenario: str, variants: list[str], total: 
             cpu = time.process_time()
             rps, p50, p99 = await drive(app, scenario, total)
             spent = (time.process_time() - cpu) / total * 1e6
-            if hasattr(app, "guard"):
-                await app.guard.flush()  # as a server's shutdown would: no confirm left pending
+            if hasattr(app, "shutdown"):
+                await app.shutdown()  # as a server's lifespan would: no confirm left pending
             return rps, p50, p99, spent
 
         rps, p50, p99, cpu_us = asyncio.run(run())

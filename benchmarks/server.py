@@ -14,7 +14,7 @@ from benchmarks.variants import build
 def with_counter(app: Any) -> Any:
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/__bench/sent":
-            body = str(counting.SENT[0]).encode()
+            body = str(counting.sent()).encode()
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": body})
             return
@@ -40,7 +40,9 @@ def proxy_app(variant: str, scenario: str, upstream: str, redis_url: str) -> Any
     if variant == "proxy-off":
         return ProxyApp(Upstream(upstream))
     options = Options(config=str(config_dir(scenario)), redis_url=redis_url, upstream=upstream)
-    app, _ = build_served(options)
+    app, middleware = build_served(options)
+    if middleware is not None:
+        counting.watch(middleware)
     return app
 
 
@@ -60,7 +62,12 @@ def main() -> int:
         if variant == "nginx":
             return run_nginx(scenario, port, upstream)
         counting.install()
-        app = proxy_app(variant, scenario, upstream, redis_url) if gateway else build(variant, scenario, redis_url)
+        if gateway:
+            app = proxy_app(variant, scenario, upstream, redis_url)
+        else:
+            app = build(variant, scenario, redis_url)
+            if hasattr(app, "runtime"):
+                counting.watch(app)
         uvicorn.run(
             with_counter(app),
             host="127.0.0.1",

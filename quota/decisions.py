@@ -269,6 +269,29 @@ def _rate_templates(rule: RouteRule, app: AppPlan) -> tuple[tuple[RateUse, str, 
     return tuple(out)
 
 
+# Clients whose plans one route keeps under one app's plan (see _Compiled): enough for the servers of
+# an app calling from a few addresses; a client with many addresses only has its plans built anew.
+SHARED_PLANS = 64
+
+
+class _Compiled:
+    """A route under an app's plan, worked out once: its rates, each with its key less the client
+    part; and, for a route that only counts rates, the plan of each recent client, which is the same
+    for every request it sends. Plans are shared between requests: nothing changes a plan once built."""
+
+    def __init__(self, rule: RouteRule, app: AppPlan) -> None:
+        self.rates = _rate_templates(rule, app)
+        self.shared: dict[str, RequestPlan] | None = {} if rule.rates_only else None
+
+
+def _rate_ops(rates: tuple[tuple[RateUse, str, int, int, bool], ...], client: str, user: str | None) -> list[Op]:
+    ops: list[Op] = []
+    for use, prefix, amount, window_ms, exact in rates:
+        who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
+        ops.append(RateOp(prefix + escape(who), amount, window_ms, 1, use.name, exact))
+    return ops
+
+
 def plan_request(
     routes: RouteMap,
     rule: RouteRule,
@@ -286,17 +309,20 @@ def plan_request(
 ) -> RequestPlan:
     """Build the ops of one request; raises BadInput when the body lacks what a counted route needs.
     `client` is the client's rate key (its address, or its IPv6 network)."""
-    plan = RequestPlan()
-    ops: list[Op] = plan.before.ops
-    user: str | None = None
-    if rule.user is not None:
-        user = select(rule.user, params, body, ids)[0]
-    rates = app.compiled.get(rule.name)
-    if rates is None:
-        rates = app.compiled[rule.name] = _rate_templates(rule, app)
-    for use, prefix, amount, window_ms, exact in rates:
-        who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
-        ops.append(RateOp(prefix + escape(who), amount, window_ms, 1, use.name, exact))
+    compiled = app.compiled.get(rule.name)
+    if compiled is None:
+        compiled = app.compiled[rule.name] = _Compiled(rule, app)
+    shared = compiled.shared
+    if shared is not None:
+        found = shared.get(client)
+        if found is None:
+            if len(shared) >= SHARED_PLANS:
+                shared.clear()
+            found = shared[client] = RequestPlan(Program(_rate_ops(compiled.rates, client, None)))
+        return found
+    user = select(rule.user, params, body, ids)[0] if rule.user is not None else None
+    plan = RequestPlan(Program(_rate_ops(compiled.rates, client, user)))
+    ops = plan.before.ops
     for change in rule.changes:
         if change.op != "add":
             plan.after.append(change)

@@ -102,11 +102,17 @@ class StoreGuard:
 
     def _flush_soon(self, prefix: str) -> None:
         self._timers.pop(prefix, None)
-        waiting = self._confirms.pop(prefix, None)
-        if waiting is not None:
-            task = asyncio.ensure_future(self._send(*waiting))
+        if prefix in self._confirms:
+            task = asyncio.ensure_future(self._send_waiting(prefix))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
+
+    async def _send_waiting(self, prefix: str) -> None:
+        # Taken off the list only now, as they go out: a program of the app decided between the
+        # timer and this task carries them, so none is ever sent ahead of confirms waiting before it.
+        waiting = self._confirms.pop(prefix, None)
+        if waiting is not None:
+            await self._send(*waiting)
 
     async def _send(self, rt: Runtime, confirms: list[ConfirmOp]) -> None:
         # A confirm reads no clock (it only settles claims): the wall clock serves.

@@ -155,16 +155,22 @@ class QuotaMiddleware:
             await self._http(rt, scope, receive, send, started)
 
     def _on_shutdown(self, receive: Receive) -> Receive:
-        # Confirms still waiting for a ride are sent before the server stops.
         async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                if self._watcher is not None:
-                    self._watcher.cancel()
-                await self.guard.flush()
+                await self.shutdown()
             return message
 
         return wrapped
+
+    async def shutdown(self) -> None:
+        """What a server's lifespan shutdown runs (call it when embedding without lifespan): the
+        accounts watcher stopped and waited for, so no store call of it outlives the store, then the
+        confirms still waiting for a ride sent."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.guard.flush()
 
     def today(self, now_s: float) -> date:
         # The UTC date changes once a day: build it once a day, not once a request.
@@ -221,7 +227,11 @@ class QuotaMiddleware:
             return
         address = rt.clients.address(scope)
         if app is None:
-            await self._fallback(rt, scope, receive, send, started, rt.clients.key(address))
+            refused = await self.fallback_denial(rt, rt.clients.key(address), started)
+            if refused is not None:
+                await send_denial(refused, send, started)
+                return
+            await _Bounded(receive, settings.max_body_bytes, framed).forward(self.app, scope, send, started)
             return
         if rule.refuse or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
             await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
@@ -384,22 +394,20 @@ class QuotaMiddleware:
         await self.guard.settle_or_retry(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
 
-    async def _fallback(
-        self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float, who: str
-    ) -> None:
+    async def fallback_denial(self, rt: Runtime, who: str, started: float) -> Denial | None:
+        """A path under no app is held to the general per-client rate: its refusal, or None."""
         rate = rt.settings.fallback_rate
         op = RateOp(
             rate_key(FALLBACK_PREFIX, "other", "rest_per_ip", who), rate.amount, rate.window_ms, 1, "rest_per_ip"
         )
         result = await self.guard.run(rt, Program([op]), int(started * 1000), False, rt.routes.fallback)
-        if isinstance(result, Outcome) and result.refusal is not None:
-            r = result.refusal
-            description = "This request has reached api limit (rest_per_ip)"
-            result = Denial(429, "reach_limit", description, "rest_per_ip", r.retry_after_ms, rate.amount, r.reset_ms)
         if isinstance(result, Denial):
-            await send_denial(result, send, started)
-            return
-        await _Bounded(receive, rt.settings.max_body_bytes, False).forward(self.app, scope, send, started)
+            return result
+        r = result.refusal
+        if r is None:
+            return None
+        description = "This request has reached api limit (rest_per_ip)"
+        return Denial(429, "reach_limit", description, "rest_per_ip", r.retry_after_ms, rate.amount, r.reset_ms)
 
 
 class _Renewals:
@@ -581,6 +589,15 @@ def _authorization(scope: Scope) -> str:
     return ""
 
 
+# The numbers RateLimit headers carry most (a limit of 100/s, what is left of it, a second to reset),
+# encoded once: three str().encode() a response cost more than the dict and list around them.
+_DIGITS = tuple(str(n).encode() for n in range(1024))
+
+
+def _digits(n: int) -> bytes:
+    return _DIGITS[n] if 0 <= n < 1024 else str(n).encode()
+
+
 def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
     # The rate nearest its limit speaks for the request (what a client must pace itself by).
     state = rates[0] if len(rates) == 1 else min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
@@ -590,9 +607,9 @@ def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
             message = dict(message)  # the upstream's own message (and its header list) stays as sent
             message["headers"] = [
                 *message.get("headers", ()),
-                (b"ratelimit-limit", str(state.limit).encode()),
-                (b"ratelimit-remaining", str(max(0, state.remaining)).encode()),
-                (b"ratelimit-reset", str(max(1, -(-state.reset_ms // 1000))).encode()),
+                (b"ratelimit-limit", _digits(state.limit)),
+                (b"ratelimit-remaining", _digits(max(0, state.remaining))),
+                (b"ratelimit-reset", _digits(max(1, -(-state.reset_ms // 1000)))),
             ]
         await send(message)
 

@@ -120,6 +120,8 @@ class RouteRule:
     reads_response: bool = field(init=False, default=False, compare=False, repr=False)
     # Something is reserved before the upstream answers (a counter add, a free plan's login).
     holds: bool = field(init=False, default=False, compare=False, repr=False)
+    # Only rates are counted, none by user: a request's plan depends on its client alone.
+    rates_only: bool = field(init=False, default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         selectors = [c.owner for c in self.changes] + [c.members for c in self.changes if c.members]
@@ -130,6 +132,8 @@ class RouteRule:
         object.__setattr__(self, "needs_body", any(s.source == "body" for s in selectors))
         object.__setattr__(self, "reads_response", responds)
         object.__setattr__(self, "holds", any(c.op == "add" for c in self.changes) or self.login)
+        only = not (self.changes or self.login or self.connection or self.user)
+        object.__setattr__(self, "rates_only", only)
 
 
 @dataclass(init=False, slots=True)  # built per request: see store/program.py on value classes

@@ -35,6 +35,10 @@ class SocketHandler:
         today = mw.today(started)
         app = mw.app_of(rt, match, today)
         if app is None:
+            refused = await mw.fallback_denial(rt, rt.clients.key(rt.clients.address(scope)), started)
+            if refused is not None:
+                await _refuse(refused, receive, send)
+                return
             await mw.app(scope, receive, send)
             return
         if isinstance(app, Denial) or match.rule.refuse or match.rule.admin:

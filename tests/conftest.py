@@ -229,14 +229,15 @@ def config_dir(tmp_path: Path) -> Path:
 
 
 class _Client(httpx.AsyncClient):
-    """A client that, like a server at shutdown, lets the middleware send its waiting confirms
-    before the test's event loop closes under them (a confirm task still pending then is destroyed
-    with the loop, and its warning fails whichever test comes next)."""
+    """A client that, like a server at shutdown, stops the middleware's accounts watcher and lets
+    it send its waiting confirms before the test's store and event loop close under them (a confirm
+    task still pending, or a watcher's store call in flight, leaves a warning that fails whichever
+    test comes next)."""
 
     async def __aexit__(self, *exc: Any) -> None:
-        guard = getattr(self._transport.app, "guard", None)  # type: ignore[attr-defined]
-        if guard is not None:
-            await guard.flush()
+        shutdown = getattr(self._transport.app, "shutdown", None)  # type: ignore[attr-defined]
+        if shutdown is not None:
+            await shutdown()
         await super().__aexit__(*exc)
 
 

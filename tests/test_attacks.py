@@ -17,6 +17,7 @@ import yaml
 from starlette.middleware.gzip import GZipMiddleware
 
 from quota.config import load_config
+from quota.decisions import SHARED_PLANS
 from quota.gateway import create_gateway
 from tests.conftest import Clock, make_client
 from tests.helpers import (
@@ -348,6 +349,27 @@ class TestForwardedFor:
             assert set(await self._budget(proxy, v6)) == {200}
             assert await self._budget(proxy, [{"x-forwarded-for": "2001:db8::ffff"}]) == [429]
             assert await self._budget(proxy, [{"x-forwarded-for": "2001:db8:0:1::1"}]) == [200]
+
+    async def test_many_addresses_never_reset_a_clients_count(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """A read's plan is built once per client and kept, for a bounded number of clients. Catches
+        a client whose kept plan was pushed out by 200 other addresses starting over at 0, the kept
+        plans growing past their bound, and a kept plan outliving a reload that changed the rate."""
+        clock.tick = 0
+        async with make_client(store, clock, load_config(config_dir), client_ip="127.0.0.1") as proxy:
+            first = [{"x-forwarded-for": "9.9.9.9"}] * 101
+            assert await self._budget(proxy, first) == [200] * 100 + [429]
+            others = [{"x-forwarded-for": f"8.8.{i // 250}.{i % 250}"} for i in range(200)]
+            assert set(await self._budget(proxy, others)) == {200}
+            assert await self._budget(proxy, first[:1]) == [429]
+            mw = middleware_of(proxy)
+            app = mw.runtime.directory.lookup("demo#pro", mw.today(clock.now))
+            assert 0 < len(app.compiled["users.list"].shared) <= SHARED_PLANS
+            plans = config_dir / "plans.yaml"
+            doc = yaml.safe_load(plans.read_text())
+            doc["plans"]["pro"]["rates"]["rest_per_ip"] = "150/second"
+            plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+            mw.reload(config_dir)
+            assert await self._budget(proxy, first[:51]) == [200] * 50 + [429]
 
     async def test_untrusted_peer_cannot_forward(self, store: Any, clock: Clock) -> None:
         """Catches X-Forwarded-For honoured from a peer that is not a trusted proxy."""

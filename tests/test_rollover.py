@@ -148,10 +148,13 @@ async def test_the_accounts_watcher_stops_with_the_server(clock: Clock) -> None:
         async def send(message: dict[str, Any]) -> None:
             pass
 
-        await middleware_of(client)({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
         watcher = middleware_of(client)._watcher
         try:
-            await asyncio.wait_for(asyncio.shield(watcher), 3)
+            # The shutdown waits for the watcher: once it returns, no poll is left in flight.
+            await asyncio.wait_for(
+                middleware_of(client)({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send), 3
+            )
+            assert watcher.done()
         finally:
             store.swallow = False  # a failing run must not hang the event loop's close as well
             watcher.cancel()

@@ -360,6 +360,24 @@ async def test_confirm_rides_with_the_next_call(store: Any, clock: Clock, config
         assert await raw_deadlines(store, CLAIMS) == {}
 
 
+async def test_a_removal_decided_as_the_confirm_timer_fires_is_not_busy(
+    store: Any, clock: Clock, config_dir: Path
+) -> None:
+    """The confirm timer fires just as a removal of the same friend is being decided: the removal
+    must still find the confirm ahead of it. Catches: confirms taken off the waiting list when the
+    timer fired but sent only once its task ran, so a removal decided in between went out first and
+    met its own add's claim (409; seen in the suite as a room delete that freed nobody's count)."""
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        removal = asyncio.ensure_future(client.delete(f"/{PRO}/users/a/contacts/users/b"))
+        middleware_of(client).guard._flush_soon("q:{demo#pro}:")  # the timer, firing now
+        r = await removal
+        assert r.status_code == 200, r.text
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == set()
+        assert await raw_deadlines(store, CLAIMS) == {}
+
+
 async def test_shutdown_sends_the_waiting_confirms(store: Any, clock: Clock, config_dir: Path) -> None:
     """Catches confirms lost when the server stops: their claims would linger until they lapse
     (reservation_ttl_s), and a removal of what was just added would meet 409 until then.

@@ -17,7 +17,7 @@ from quota.config import load_config
 from quota.serve import build_app
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, asgi_client, free_port, make_client
-from tests.helpers import raw_deadlines, raw_members, register
+from tests.helpers import SwitchedStore, raw_deadlines, raw_members, register
 
 
 class Socket:
@@ -210,3 +210,74 @@ async def test_online_cap_refusal_names_the_limit(store: Any, clock: Clock) -> N
         assert 'limit="online_users"' in mw_of(client).metrics.render().decode()
         for ws in sockets:
             await ws.close()
+
+
+async def test_a_socket_under_no_app_is_held_to_the_fallback_rate(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Catches a WebSocket path under no app (`/ws`) let through with no rate at all, where an HTTP
+    request there is held to the general per-client rate: the third handshake in one second from
+    one address closes with 1013 and never reaches the upstream; another address still connects."""
+    (config_dir / "quota.yaml").write_text("fallback_rate: 2/second\n")
+    clock.tick = 0
+    reached: list[str] = []
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        await receive()
+        reached.append(scope["path"])
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
+        mw = mw_of(client)
+        for _ in range(2):
+            ws = Socket(mw, "/ws")
+            assert (await ws.open())["type"] == "websocket.accept"
+            await ws.close()
+        code, reason = await refused(mw, "/ws")
+        assert code == 1013 and reason.startswith("reach_limit")
+        assert reached == ["/ws", "/ws"]
+        ws = Socket(mw, "/ws", ip="10.9.9.9")
+        assert (await ws.open())["type"] == "websocket.accept"
+        await ws.close()
+        clock.advance(2)
+        ws = Socket(mw, "/ws")
+        assert (await ws.open())["type"] == "websocket.accept"
+        await ws.close()
+
+
+async def test_a_lease_lapsed_in_an_outage_is_taken_again(config_dir: Path) -> None:
+    """Catches a live connection left uncounted for good once its lease lapsed during a storage
+    outage: when the store answers again, the next renewal takes the lease back, even with the
+    plan's online cap (1 here) filled meanwhile by a newcomer. New connections are what a full cap
+    refuses, never one already admitted."""
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    path = config_dir / "accounts.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["accounts"]["demo-enterprise"]["overrides"] = {"online_users": 1}
+    path.write_text(yaml.safe_dump(doc))
+    store = SwitchedStore()
+    clock = Clock(tick=0)
+    online = "q:{demo#enterprise}:online"
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, "demo/enterprise", ["amy", "bob", "cy"])
+        amy = Socket(mw_of(client), "/demo/enterprise/users/amy/connection")
+        assert (await amy.open())["type"] == "websocket.accept"
+        (amy_conn,) = await raw_deadlines(store, online)
+        store.down = True
+        clock.advance(10)  # amy's lease lapses while no renewal can reach the store
+        await asyncio.sleep(1.3)
+        assert await store.online(online, int(clock.now * 1000)) == 0
+        store.down = False
+        bob = Socket(mw_of(client), "/demo/enterprise/users/bob/connection")
+        assert (await bob.open())["type"] == "websocket.accept"
+        code, reason = await refused(mw_of(client), "/demo/enterprise/users/cy/connection")
+        assert code == 1008 and "online_users" in reason, reason
+        deadline = asyncio.get_running_loop().time() + 5
+        while amy_conn not in await raw_deadlines(store, online):
+            assert asyncio.get_running_loop().time() < deadline, "amy's lease was never taken again"
+            await asyncio.sleep(0.05)
+        assert await store.online(online, int(clock.now * 1000)) == 2
+        await amy.close()
+        await bob.close()
+        assert await store.online(online, int(clock.now * 1000)) == 0

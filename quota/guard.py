@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quota.breaker import CircuitBreaker
 from quota.decisions import Denial
@@ -43,6 +43,9 @@ class StoreGuard:
         self._sending: set[asyncio.Task[None]] = set()
         # App prefix -> (the runtime they were decided under, confirms waiting for a ride).
         self._confirms: dict[str, tuple[Runtime, list[ConfirmOp]]] = {}
+        # App prefix -> (the task sending its confirms alone, done when they landed): the app's
+        # next programs wait for it, since a store client may send what comes later first.
+        self._landing: dict[str, tuple[asyncio.Task[Any] | None, asyncio.Future[None]]] = {}
         # App prefix -> the loop its flush timer runs on (a timer of a loop since closed never fires).
         self._timers: dict[str, asyncio.AbstractEventLoop] = {}
 
@@ -53,6 +56,10 @@ class StoreGuard:
         if cached is not None:
             self.metrics.local_refusals += 1
             return Outcome(cached)
+        if self._landing and program:
+            landing = self._landing.get(program.app_prefix())
+            if landing is not None and landing[0] is not asyncio.current_task():
+                await asyncio.shield(landing[1])
         if self.breaker.allow():
             started = time.perf_counter()
             if self._confirms and program:
@@ -109,10 +116,18 @@ class StoreGuard:
 
     async def _send_waiting(self, prefix: str) -> None:
         # Taken off the list only now, as they go out: a program of the app decided between the
-        # timer and this task carries them, so none is ever sent ahead of confirms waiting before it.
+        # timer and this task carries them; one decided while they are on their way waits for
+        # them (run). Either way no program is sent ahead of confirms that were waiting before it.
         waiting = self._confirms.pop(prefix, None)
-        if waiting is not None:
+        if waiting is None:
+            return
+        landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._landing[prefix] = (asyncio.current_task(), landed)
+        try:
             await self._send(*waiting)
+        finally:
+            del self._landing[prefix]
+            landed.set_result(None)
 
     async def _send(self, rt: Runtime, confirms: list[ConfirmOp]) -> None:
         # A confirm reads no clock (it only settles claims): the wall clock serves.

@@ -41,20 +41,36 @@ DEFAULT_RULES: dict[Kind, IdRule] = {
 }
 
 
+# Valid ids seen lately, of each kind, with their canonical spelling: the same users and rooms come
+# back request after request, and a cached answer skips the fold and the pattern. At most this many
+# of each kind (then forgotten at once): a client naming fresh ids only makes its own ids cost more.
+KNOWN_IDS = 4096
+
+
 @dataclass(frozen=True)
 class IdPolicy:
     rules: dict[Kind, IdRule] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    known: dict[Kind, dict[str, str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "known", {kind: {} for kind in self.rules})
 
     def canonical(self, kind: Kind, value: str) -> str:
+        known = self.known[kind]
+        found = known.get(value)
+        if found is not None:
+            return found
         rule = self.rules[kind]
         # Folding first: the vendor treats ALICE and alice as one id. Non-ASCII letters never fold
         # into ASCII ones here (str.lower on ASCII only), so no Unicode trick lands on another id.
-        if rule.fold_case and value.isascii():
-            value = value.lower()
-        if not rule.compiled.fullmatch(value):
-            shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+        folded = value.lower() if rule.fold_case and value.isascii() else value
+        if not rule.compiled.fullmatch(folded):
+            shown = folded[:40].encode("ascii", "backslashreplace").decode("ascii")
             raise InvalidId(f"{kind} id {shown!r} is not valid: expected {rule.pattern}")
-        return value
+        if len(known) >= KNOWN_IDS:
+            known.clear()
+        known[value] = folded
+        return folded
 
     def canonical_list(self, kind: Kind, raw: str, most: int | None) -> list[str]:
         """A comma list of ids (batch routes only); each must pass on its own."""

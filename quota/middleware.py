@@ -67,6 +67,7 @@ class Runtime:
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.clients = ClientAddress(config.settings.trusted_proxies, config.settings.ipv6_prefix)
         self.ids = config.settings.identifiers
+        self.admin_under = config.settings.admin_prefix + "/"
         # Resolved once per config: a short token (in quota.yaml or the environment) stops the start.
         self.tokens = resolve(config.settings.admin_token, config.settings.read_token)
         # Per runtime: a reload may change the limits the cached refusals were computed from.
@@ -145,7 +146,7 @@ class QuotaMiddleware:
             self._watcher = asyncio.ensure_future(self._watch())
         path: str = scope["path"]
         prefix = rt.settings.admin_prefix
-        if self.admin is not None and (path == prefix or path.startswith(prefix + "/")):
+        if self.admin is not None and (path == prefix or path.startswith(rt.admin_under)):
             await self.admin({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
             return
         started = self.clock()

@@ -115,3 +115,20 @@ def test_costs_drive_only_runs_the_scenario() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
+
+
+def test_costs_on_uvloop_prints_every_scenario() -> None:
+    """`python -m benchmarks.costs --loop uvloop` measures on the loop uvicorn serves on: one line
+    per scenario, each with the upstream's CPU and quota's on memory and on Redis."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", "--loop", "uvloop"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "uvloop" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
+    assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout

@@ -131,7 +131,8 @@ class TestRooms:
             ids.append(rid)
         ent = await entitlements(client, FREE, user="joiner")
         assert ent["entities"]["user:joiner"][per_user]["used"] == 100
-        await client.delete(f"/{FREE}/{kind}/{ids[-1]}")
+        r = await client.delete(f"/{FREE}/{kind}/{ids[-1]}")
+        assert r.status_code == 200, r.text
         ent = await entitlements(client, FREE, user="joiner")
         assert ent["entities"]["user:joiner"][per_user]["used"] == 99
         rid = room_id(await create_room(client, FREE, kind, "owner"), kind)

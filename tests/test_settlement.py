@@ -16,6 +16,8 @@ import yaml
 
 from quota.config import load_config
 from quota.gateway import create_gateway
+from quota.store.memory import MemoryStore
+from quota.store.program import ConfirmOp
 from tests.conftest import Clock, make_client
 from tests.helpers import (
     SwitchedStore,
@@ -373,6 +375,32 @@ async def test_a_removal_decided_as_the_confirm_timer_fires_is_not_busy(
         removal = asyncio.ensure_future(client.delete(f"/{PRO}/users/a/contacts/users/b"))
         middleware_of(client).guard._flush_soon("q:{demo#pro}:")  # the timer, firing now
         r = await removal
+        assert r.status_code == 200, r.text
+        assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == set()
+        assert await raw_deadlines(store, CLAIMS) == {}
+
+
+class SlowConfirms(MemoryStore):
+    """A real memory store that confirm-only programs reach late, as a command does that waits for
+    a connection of redis-py's pool (Cluster) while a later one goes out on another."""
+
+    async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+        if program.ops and all(isinstance(op, ConfirmOp) for op in program.ops):
+            await asyncio.sleep(0.05)
+        return await super().run(program, now_ms, dry)
+
+
+async def test_a_removal_decided_while_the_confirms_travel_waits_for_them(clock: Clock, config_dir: Path) -> None:
+    """The confirm timer has fired and its confirms are on their way, slowly, when a removal of the
+    same friend is decided. Catches: the removal overtaking them and meeting its own add's claim
+    (409; seen on Cluster as a room delete that freed nobody's count)."""
+    store = SlowConfirms()
+    async with make_client(store, clock, _confirm_delay(config_dir)) as client:
+        await register(client, PRO, ["a", "b"])
+        assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
+        middleware_of(client).guard._flush_soon("q:{demo#pro}:")  # the timer fires
+        await asyncio.sleep(0)  # its task takes the confirms and sets off
+        r = await client.delete(f"/{PRO}/users/a/contacts/users/b")
         assert r.status_code == 200, r.text
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == set()
         assert await raw_deadlines(store, CLAIMS) == {}

@@ -55,7 +55,7 @@ def pack(command: tuple[Any, ...]) -> bytes:
     """A command in RESP, as hiredis.pack_command packs it: str as UTF-8, bytes as they are, int in
     decimal. Anything else is a TypeError (a float or a bool in a command is a bug upstream)."""
     count = len(command)
-    parts = [_ARRAYS[count] if count < 512 else b"*%d\r\n" % count]
+    parts: list[bytes] = [_ARRAYS[count] if count < 512 else b"*%d\r\n" % count]
     for arg in command:
         if isinstance(arg, str):
             data = arg.encode()
@@ -66,7 +66,10 @@ def pack(command: tuple[Any, ...]) -> bytes:
         else:
             raise TypeError(f"a redis command takes str, bytes or int, not {type(arg).__name__}")
         size = len(data)
-        parts += (_BULKS[size] if size < 512 else b"$%d\r\n" % size, data, b"\r\n")
+        # Three appends, not `parts += (...)`: compiled, that is a generic extend by a new tuple.
+        parts.append(_BULKS[size] if size < 512 else b"$%d\r\n" % size)
+        parts.append(data)
+        parts.append(b"\r\n")
     return b"".join(parts)
 
 

@@ -1,6 +1,10 @@
 """What quota itself costs per request: the middleware over a trivial upstream (no gateway, no HTTP
 server), on the memory store and on Redis, from the in-process driver. `python -m benchmarks.costs`
 
+`--upstream gateway` measures it over the reference gateway instead, as a served app would run: the
+same work costs more there, since the gateway's own code and data leave quota's out of the caches,
+and both allocate toward the same garbage collections (`--gc off` shows that share).
+
 `--profile read` (or write, login, flood) profiles that scenario on the memory store instead: the
 functions where quota's time goes, by own time, and how many calls one request makes. cProfile sees
 only Python functions, so it profiles the pure build (run it with QUOTA_PURE=1). For the compiled
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import statistics
 import time
@@ -22,7 +27,7 @@ from typing import Any
 
 from benchmarks.harness import OwnRedis
 from benchmarks.inprocess import drive
-from benchmarks.variants import config_dir
+from benchmarks.variants import config_dir, gateway
 from quota.config import load_config
 from quota.serve import build_app
 
@@ -40,6 +45,11 @@ async def per_request_us(app: Any, scenario: str, total: int) -> float:
     if hasattr(app, "shutdown"):
         await app.shutdown()  # as a server's lifespan would: no confirm left pending
     return spent
+
+
+def upstream_of(kind: str) -> Any:
+    """A fresh upstream: each run of the gateway starts from the same state."""
+    return gateway() if kind == "gateway" else trivial
 
 
 def profile(scenario: str, total: int) -> None:
@@ -73,7 +83,16 @@ def main() -> None:
         default="asyncio",
         help="the event loop (uvicorn serves on uvloop; asyncio's own loop is Python, and costs more per store call)",
     )
+    p.add_argument(
+        "--upstream",
+        choices=["trivial", "gateway"],
+        default="trivial",
+        help="what quota wraps: a raw ASGI answer, or the reference gateway (quota's cost beside a real app)",
+    )
+    p.add_argument("--gc", choices=["on", "off"], default="on", help="off: garbage collection disabled")
     args = p.parse_args()
+    if args.gc == "off":
+        gc.disable()
     if args.loop == "uvloop":
         import uvloop
 
@@ -86,15 +105,21 @@ def main() -> None:
         return
     redis = OwnRedis()
     try:
-        print(f"CPU µs per request (median of rounds, {args.loop}); quota = with quota - trivial upstream alone")
+        print(
+            f"CPU µs per request (median of rounds, {args.loop}, gc {args.gc}); "
+            f"quota = with quota - {args.upstream} upstream alone"
+        )
         for scenario in ("read", "write", "login", "flood"):
             base, memory, on_redis = [], [], []
             for _ in range(args.rounds):
                 redis.client.flushall()
                 cfg = load_config(config_dir(scenario))
-                base.append(asyncio.run(per_request_us(trivial, scenario, args.requests)))
-                memory.append(asyncio.run(per_request_us(build_app(cfg, upstream=trivial), scenario, args.requests)))
-                app = build_app(cfg, upstream=trivial, redis_url=redis.url)
+                up = args.upstream
+                base.append(asyncio.run(per_request_us(upstream_of(up), scenario, args.requests)))
+                memory.append(
+                    asyncio.run(per_request_us(build_app(cfg, upstream=upstream_of(up)), scenario, args.requests))
+                )
+                app = build_app(cfg, upstream=upstream_of(up), redis_url=redis.url)
                 on_redis.append(asyncio.run(per_request_us(app, scenario, args.requests)))
             b, m, r = (statistics.median(x) for x in (base, memory, on_redis))
             print(f"{scenario:6s} upstream {b:5.1f}   quota-memory {m - b:5.1f}   quota-redis {r - b:5.1f}")

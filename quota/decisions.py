@@ -274,13 +274,31 @@ def _rate_templates(rule: RouteRule, app: AppPlan) -> tuple[tuple[RateUse, str, 
 SHARED_PLANS = 64
 
 
+class _AddTemplate:
+    """An add of a route under an app's plan, less the ids a request names: its relation's keys and
+    caps, the same for every request."""
+
+    def __init__(self, routes: RouteMap, app: AppPlan, change: Change) -> None:
+        rel = routes.relations[change.relation]
+        self.symmetric = rel.symmetric
+        self.owner_side = side_prefix(app.prefix, rel.name, "o")  # + escape(owner): the owner's set
+        member_side = side_prefix(app.prefix, rel.name, "o" if rel.symmetric else "m")
+        self.reverse_prefix = member_side if (rel.member_limit or rel.symmetric) else ""
+        self.limit, self.cap = rel.owner_limit or "", _cap(app, rel.owner_limit)
+        self.reverse_limit, self.reverse_cap = rel.member_limit or "", _cap(app, rel.member_limit)
+        self.inflight = inflight_key(app.prefix, rel.name)
+        self.member_drop = "xo" if rel.symmetric else "xm"
+
+
 class _Compiled:
     """A route under an app's plan, worked out once: its rates, each with its key less the client
-    part; and, for a route that only counts rates, the plan of each recent client, which is the same
-    for every request it sends. Plans are shared between requests: nothing changes a plan once built."""
+    part; its adds, less the ids; and, for a route that only counts rates, the plan of each recent
+    client, which is the same for every request it sends. Plans are shared between requests: nothing
+    changes a plan once built."""
 
-    def __init__(self, rule: RouteRule, app: AppPlan) -> None:
+    def __init__(self, routes: RouteMap, rule: RouteRule, app: AppPlan) -> None:
         self.rates = _rate_templates(rule, app)
+        self.adds = [_AddTemplate(routes, app, c) if c.op == "add" else None for c in rule.changes]
         self.shared: dict[str, RequestPlan] | None = {} if rule.rates_only else None
 
 
@@ -311,7 +329,7 @@ def plan_request(
     `client` is the client's rate key (its address, or its IPv6 network)."""
     compiled = app.compiled.get(rule.name)
     if compiled is None:
-        compiled = app.compiled[rule.name] = _Compiled(rule, app)
+        compiled = app.compiled[rule.name] = _Compiled(routes, rule, app)
     shared = compiled.shared
     if shared is not None:
         found = shared.get(client)
@@ -323,8 +341,10 @@ def plan_request(
     user = select(rule.user, params, body, ids)[0] if rule.user is not None else None
     plan = RequestPlan(Program(_rate_ops(compiled.rates, client, user)))
     ops = plan.before.ops
-    for change in rule.changes:
-        if change.op != "add":
+    changes = rule.changes
+    for i in range(len(changes)):
+        change, add = changes[i], compiled.adds[i]
+        if add is None:
             plan.after.append(change)
             if change.owner.source != "response" and not (change.members and change.members.source == "response"):
                 _tombstone(plan, routes, app, change, params, body, ids, reservation_ttl_ms)
@@ -332,7 +352,7 @@ def plan_request(
         owners = _owner(change, app, params, body, ids)
         if len(owners) != 1:
             raise BadInput(f"{change.owner} must name one {change.relation} owner")
-        rel, owner_key, reverse_prefix = _sides(routes, app, change, owners[0])
+        owner = owners[0]
         inflight, fields = "", tuple[str, ...]()
         if change.binds_later:
             members: list[str] = [PLACEHOLDER + uuid.uuid4().hex]
@@ -340,26 +360,27 @@ def plan_request(
         else:
             assert change.members is not None
             members = select(change.members, params, body, ids)
-            inflight = inflight_key(app.prefix, rel.name)
-            fields = tuple(pair_field(owners[0], m, rel.symmetric) for m in members)
+            inflight = add.inflight
+            fields = tuple([pair_field(owner, m, add.symmetric) for m in members])
         if change.max_batch and len(members) > change.max_batch:
             raise BadInput(f"{change.members} holds {len(members)} ids; at most {change.max_batch} per call")
         _add(
             plan,
             AddOp(
-                limit=rel.owner_limit or "",
-                owner_key=owner_key,
-                cap=_cap(app, rel.owner_limit),
-                members=tuple(members),
-                reverse_limit=rel.member_limit or "",
-                reverse_prefix=reverse_prefix,
-                reverse_cap=_cap(app, rel.member_limit),
-                reverse_value=owners[0],
-                pending_ttl_ms=reservation_ttl_ms if change.binds_later else 0,
-                inflight_key=inflight,
-                fields=fields,
-                claim_ttl_ms=reservation_ttl_ms,
-                member_drop="xo" if rel.symmetric else "xm",
+                add.limit,
+                add.owner_side + escape(owner),
+                add.cap,
+                tuple(members),
+                add.reverse_limit,
+                add.reverse_prefix,
+                add.reverse_cap,
+                owner,
+                reservation_ttl_ms if change.binds_later else 0,
+                inflight,
+                fields,
+                reservation_ttl_ms,
+                0,
+                add.member_drop,
             ),
         )
     if today is None:

@@ -30,6 +30,7 @@ from quota.decisions import (
     RequestPlan,
     admit,
     after_ops,
+    confirm_ops,
     denial_for,
     parse_body,
     plan_request,
@@ -256,13 +257,12 @@ class QuotaMiddleware:
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
         self._report(rule, app, plan, outcome, started)
-        if settings.ratelimit_headers and outcome.rates:
-            send = _with_ratelimit(send, outcome.rates)
+        rate = _tightest(outcome.rates) if settings.ratelimit_headers and outcome.rates else None
         bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
         if not plan.settles or outcome.unchecked:
-            await bounded.forward(self.app, scope, send, started)
+            await bounded.forward(self.app, scope, send if rate is None else _with_ratelimit(send, rate), started)
             return
-        await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, started)
+        await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
     async def _decide(
         self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float, today: date
@@ -347,10 +347,12 @@ class QuotaMiddleware:
         bounded: _Bounded,
         scope: Scope,
         send: Send,
+        rate: RateState | None,
         started: float,
     ) -> None:
         now_ms = int(started * 1000)
-        capture = _Capture(rule.reads_response)
+        # One wrapper on the answer, not two: it watches the status and adds the RateLimit headers.
+        capture = _Capture(rule.reads_response, rate)
         if rule.reads_response:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
@@ -385,6 +387,12 @@ class QuotaMiddleware:
     ) -> None:
         if not 200 <= capture.status < 300 or bounded.cut:
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
+            return
+        if not (plan.binds or plan.after or plan.tombstones):
+            # Adds alone: their confirms are all that settles them, and they ride with a later program.
+            confirms = confirm_ops(plan, outcome.added)
+            if confirms:
+                self.guard.defer(rt, Program([*confirms]))
             return
         done = after_ops(rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids)
         if done.unbound:
@@ -503,8 +511,9 @@ class _Bounded:
 class _Capture:
     """Watches the answer's status and, where the route reads it, keeps a bounded copy of its body."""
 
-    def __init__(self, reads: bool) -> None:
+    def __init__(self, reads: bool, rate: RateState | None = None) -> None:
         self.reads = reads
+        self.rate = rate
         self.status = 0
         self.encoding = b""
         self.chunks: list[bytes] = []
@@ -515,9 +524,12 @@ class _Capture:
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"content-encoding":
-                        self.encoding = value.strip().lower()
+                if self.reads:
+                    for name, value in message.get("headers", ()):
+                        if name.lower() == b"content-encoding":
+                            self.encoding = value.strip().lower()
+                if self.rate is not None:
+                    message = _with_rate_headers(message, self.rate)
             elif self.reads and message["type"] == "http.response.body" and 200 <= self.status < 300:
                 chunk = message.get("body", b"")
                 self.size += len(chunk)
@@ -599,19 +611,26 @@ def _digits(n: int) -> bytes:
     return _DIGITS[n] if 0 <= n < 1024 else str(n).encode()
 
 
-def _with_ratelimit(send: Send, rates: tuple[RateState, ...]) -> Send:
-    # The rate nearest its limit speaks for the request (what a client must pace itself by).
-    state = rates[0] if len(rates) == 1 else min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
+def _tightest(rates: tuple[RateState, ...]) -> RateState:
+    """The rate nearest its limit speaks for the request (what a client must pace itself by)."""
+    return rates[0] if len(rates) == 1 else min(rates, key=lambda r: r.remaining / r.limit if r.limit else 0)
 
+
+def _with_rate_headers(message: Message, state: RateState) -> Message:
+    message = dict(message)  # the upstream's own message (and its header list) stays as sent
+    message["headers"] = [
+        *message.get("headers", ()),
+        (b"ratelimit-limit", _digits(state.limit)),
+        (b"ratelimit-remaining", _digits(max(0, state.remaining))),
+        (b"ratelimit-reset", _digits(max(1, -(-state.reset_ms // 1000)))),
+    ]
+    return message
+
+
+def _with_ratelimit(send: Send, state: RateState) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = dict(message)  # the upstream's own message (and its header list) stays as sent
-            message["headers"] = [
-                *message.get("headers", ()),
-                (b"ratelimit-limit", _digits(state.limit)),
-                (b"ratelimit-remaining", _digits(max(0, state.remaining))),
-                (b"ratelimit-reset", _digits(max(1, -(-state.reset_ms // 1000)))),
-            ]
+            message = _with_rate_headers(message, state)
         await send(message)
 
     return wrapped

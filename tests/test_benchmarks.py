@@ -132,3 +132,21 @@ def test_costs_on_uvloop_prints_every_scenario() -> None:
     assert "uvloop" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
     assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout
+
+
+def test_costs_over_the_gateway_prints_every_scenario() -> None:
+    """`python -m benchmarks.costs --upstream gateway --gc off` measures quota beside the reference
+    gateway, with garbage collection off: the header says so, and every scenario has its line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", "--upstream", "gateway"]
+        + ["--gc", "off"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "gc off" in lines[0] and "gateway upstream" in lines[0], lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
+    assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout

@@ -65,8 +65,8 @@ def profile(scenario: str, total: int) -> None:
     stats.sort_stats("tottime").print_stats(25)
 
 
-def drive_only(scenario: str, total: int) -> None:
-    app = build_app(load_config(config_dir(scenario)), upstream=trivial)
+def drive_only(scenario: str, total: int, upstream: str) -> None:
+    app = build_app(load_config(config_dir(scenario)), upstream=upstream_of(upstream))
     asyncio.run(drive(app, scenario, 640))
     asyncio.run(drive(app, scenario, total))
 
@@ -101,7 +101,7 @@ def main() -> None:
         profile(args.profile, args.requests)
         return
     if args.drive:
-        drive_only(args.drive, args.requests)
+        drive_only(args.drive, args.requests, args.upstream)
         return
     redis = OwnRedis()
     try:

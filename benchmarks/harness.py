@@ -28,7 +28,7 @@ import redis as redis_sync
 from benchmarks.inprocess import drive
 from benchmarks.load import LOAD_CORE, Server, pinned, wrk
 from benchmarks.peers import PROXY_VARIANTS
-from benchmarks.variants import SCENARIOS, VARIANTS, build
+from benchmarks.variants import EXTRA_VARIANTS, SCENARIOS, VARIANTS, build
 from quota.build import BUILD
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     LOAD_AT_START[0] = os.getloadavg()[0]
     variants, scenarios = args.variants.split(","), args.scenarios.split(",")
+    unknown = [v for v in variants if v not in (*VARIANTS, *EXTRA_VARIANTS, *PROXY_VARIANTS)]
+    unknown += [s for s in scenarios if s not in (*SCENARIOS, *PROXY_SCENARIOS)]
+    if unknown:
+        print(f"benchmarks: no such variant or scenario: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     redis = OwnRedis()
     load_rounds: list[dict[str, dict[str, Sample]]] = []

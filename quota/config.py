@@ -34,6 +34,8 @@ DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
+# The built-in routes: what a path under no app, and a path under an app no route names, are held to.
+RESERVED_ROUTE_NAMES = ("other", "unmatched")
 
 
 @dataclass(frozen=True)
@@ -339,6 +341,10 @@ class _Routes(_Checker):
             if rule:
                 if rule.name in names:
                     self.fail(f"routes[{i}].name", "a name used once", rule.name)
+                elif rule.name in RESERVED_ROUTE_NAMES:
+                    # Plans and rate keys are per route name: a route named like a built-in one would
+                    # share them (an unmapped path could set a plan the real route then reuses).
+                    self.fail(f"routes[{i}].name", f"a name other than {' or '.join(RESERVED_ROUTE_NAMES)}", rule.name)
                 # Two routes on one method and path shape: the second could never match.
                 shape = (rule.method, re.sub(r"\{[a-z_]+\}", "{}", rule.template), rule.prefix)
                 if shape in shapes:
@@ -350,9 +356,9 @@ class _Routes(_Checker):
                 shapes[shape] = rule.name
                 names.add(rule.name)
                 rules.append(rule)
-        fallback = RouteRule("other", "*", "*", defaults)
+        fallback = RouteRule(RESERVED_ROUTE_NAMES[0], "*", "*", defaults)
         refuse = unmatched != "rate-only"
-        rest = RouteRule("unmatched", "*", "/{org}/{app}/...", defaults, refuse=refuse)
+        rest = RouteRule(RESERVED_ROUTE_NAMES[1], "*", "/{org}/{app}/...", defaults, refuse=refuse)
         return RouteMap(relations, tuple(rules), fallback, rest)
 
     def _ids(self, node: Any) -> dict[str, Param]:

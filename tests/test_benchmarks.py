@@ -150,3 +150,31 @@ def test_costs_over_the_gateway_prints_every_scenario() -> None:
     assert "gc off" in lines[0] and "gateway upstream" in lines[0], lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
     assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout
+
+
+async def test_the_noheaders_variant_differs_only_by_its_headers() -> None:
+    """`quota-noheaders` (named to run: what the RateLimit headers cost) answers like quota-memory,
+    without the headers; quota-memory has them."""
+    import httpx
+
+    from benchmarks.variants import build
+
+    for variant, headed in (("quota-memory", True), ("quota-noheaders", False)):
+        app = build(variant, "trivial", "redis://127.0.0.1:1/0")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+            r = await client.get("/demo/pro/users/u1")
+        await app.shutdown()
+        assert r.status_code == 200 and r.json()["entities"] == [{"username": "u001"}]
+        assert ("ratelimit-limit" in r.headers) is headed, variant
+
+
+def test_an_unknown_variant_is_named() -> None:
+    """A misspelt variant stops the harness before anything runs, naming it (not a run without it)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--variants", "bare,quota-nohedaers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "quota-nohedaers" in out.stderr, out.stderr

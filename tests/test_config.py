@@ -106,6 +106,23 @@ def test_route_unknown_feature_and_limit(config_dir: Path) -> None:
     assert "relations.contacts.owner_limit" in text and "friends_per_person" in text
 
 
+@pytest.mark.parametrize("name", ["unmatched", "other"])
+def test_route_named_like_a_built_in_one(config_dir: Path, name: str) -> None:
+    """Catches a route named `unmatched` or `other` being accepted: plans are kept per route name, so
+    an unmapped path sent first would leave its rates-only plan for the real route to reuse, and the
+    route's counted adds would be skipped (a cap walked past). `quota check-config` names it."""
+
+    def change(d: dict) -> None:
+        d["routes"][0]["name"] = name
+
+    edit(config_dir / "routes.yaml", change)
+    assert f"routes.yaml: routes[0].name: expected a name other than other or unmatched, found {name!r}" in problems(
+        config_dir
+    )
+    result = run_cli("check-config", str(config_dir))
+    assert result.returncode != 0 and "routes[0].name" in result.stderr + result.stdout
+
+
 def test_route_bad_selector(config_dir: Path) -> None:
     """A change whose selector names a path parameter the route lacks is an error."""
     edit(

@@ -523,17 +523,28 @@ def _fields(op: AddOp, members: tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclass(init=False)
 class Settlement:
-    """What a 2xx answer changes: one atomic program, then dropped sets drained in slices."""
+    """What a 2xx answer changes: one atomic program, which drops a deleted set and drains its first
+    slice; the rest of each dropped set drained in slices; then, where sets were dropped, the
+    removal's tombstones cleared, so that no add naming what is being deleted passes while a later
+    slice could still take it out again."""
 
     program: Program
     drains: list[DrainOp] = field(default_factory=list)
     # Creates whose answer named no id we could read: their slot stays taken (counted, unnamed).
     unbound: int = 0
+    clears: list[Op] = field(default_factory=list)
 
-    def __init__(self, program: Program, drains: list[DrainOp] | None = None, unbound: int = 0) -> None:
+    def __init__(
+        self,
+        program: Program,
+        drains: list[DrainOp] | None = None,
+        unbound: int = 0,
+        clears: list[Op] | None = None,
+    ) -> None:
         self.program = program
         self.drains = [] if drains is None else drains
         self.unbound = unbound
+        self.clears = [] if clears is None else clears
 
 
 def after_ops(
@@ -551,7 +562,6 @@ def after_ops(
     done = Settlement(Program())
     ops = done.program.ops
     ops.extend(confirm_ops(plan, added))
-    ops.extend(ClearOp(t.inflight_key, t.fields) for t in plan.tombstones)
     for index, change in plan.binds:
         op = plan.before.ops[index]
         assert isinstance(op, AddOp) and change.members is not None
@@ -577,9 +587,17 @@ def after_ops(
                     continue
                 ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
             else:
+                # The first slice goes with the drop, atomically: a set of up to a slice is gone from
+                # every member's side before any other program runs. Larger ones drain after.
                 dropped, drain = drop(owner_key, reverse_prefix, owner)
                 ops.append(dropped)
+                ops.append(drain)
                 done.drains.append(drain)
+    clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in plan.tombstones]
+    if done.drains:
+        done.clears = clears
+    else:
+        ops.extend(clears)
     return done
 
 

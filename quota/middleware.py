@@ -364,15 +364,19 @@ class QuotaMiddleware:
             await bounded.forward(self.app, scope, capture.wrap(send), started)
         except BaseException as exc:
             failed = exc
+        # Renewed until settled, not only until answered: a removal's tombstones must outlive the
+        # drain of the sets it dropped.
+        try:
+            if failed is None:
+                await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
+            else:
+                # The client went away or the upstream raised. An answer that had already started
+                # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
+                await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
         finally:
             self.renewals.release(ticket)
-        if failed is None:
-            await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
-            return
-        # The client went away or the upstream raised. An answer that had already started as a 2xx
-        # was the upstream's success: it did the change, so it is settled, not undone.
-        await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
-        raise failed
+        if failed is not None:
+            raise failed
 
     async def _settle_answer(
         self,
@@ -402,6 +406,8 @@ class QuotaMiddleware:
             return
         await self.guard.settle_or_retry(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
+        if done.clears:
+            await self.guard.settle(rt, Program(done.clears), now_ms)
 
     async def fallback_denial(self, rt: Runtime, who: str, started: float) -> Denial | None:
         """A path under no app is held to the general per-client rate: its refusal, or None."""

@@ -764,3 +764,118 @@ async def test_client_gone_after_a_2xx_keeps_the_add(store: Any, clock: Clock) -
             await mw(_scope("POST", f"/{PRO}/users/alice/contacts/users/bob"), receive, send)
         assert gateway_state(client, PRO).contacts["alice"] == {"bob"}
         assert await members(client, "q:{demo#pro}:s:contacts:o:alice") == {"bob"}
+
+
+class _HeldDrains:
+    """The test's store: everything passes through, except that the first program made only of drain
+    slices of a chosen relation waits until the test lets it go. On Redis every later slice is its own
+    script, so other requests' scripts run between the drop and the rest of the drain anyway: the hold
+    only fixes which request lands in that gap."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.relation: str | None = None
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+        from quota.store.program import DrainOp
+
+        rel, ops = self.relation, program.ops
+        if rel and ops and all(isinstance(op, DrainOp) and f":s:{rel}:" in op.reverse_prefix for op in ops):
+            self.relation = None
+            self.held.set()
+            await self.release.wait()
+        return await self.inner.run(program, now_ms, dry)
+
+
+class TestDrains:
+    """Found by the audit of 2026-11-30: a deletion dropped a user's sets and cleared its tombstones in
+    one script, then took the user out of each friend's list and room in later scripts. A re-add in
+    between found the user still there (not drained yet), counted nothing, and the drain then took it
+    out: the gateway held the friendship or membership, quota counted neither side."""
+
+    async def test_a_friend_readded_while_a_users_deletion_drains(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """Catches tombstones lifted before the drain: a re-registration and a re-add must wait (409)
+        until the deleted user is out of every list, and then count; friends_per_user (1) holds."""
+        set_cap(config_dir, "free", friends_per_user=1)
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["f", "u", "x"])
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            held.relation = "contacts"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users/u"))
+            await asyncio.wait_for(held.held.wait(), 10)
+            again = await client.post(f"/{FREE}/users", json={"username": "u"})
+            assert again.status_code == 409 and again.json()["error"] == "conflict", again.text
+            early = await client.post(f"/{FREE}/users/f/contacts/users/u")
+            assert early.status_code == 409 and early.json()["error"] == "conflict", early.text
+            held.release.set()
+            assert (await deletion).status_code == 200
+            await register(client, FREE, ["u"])
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            over = await client.post(f"/{FREE}/users/f/contacts/users/x")
+            assert over.status_code == 403 and over.json()["limit"] == "friends_per_user", over.text
+            assert gateway_state(client, FREE).contacts["f"] == {"u"}
+            assert await members(client, "q:{demo#free}:s:contacts:o:f") == {"u"}
+
+    async def test_a_member_rejoining_while_a_users_deletion_drains(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """The same race on a group: members_per_group (1) holds."""
+        set_cap(config_dir, "free", members_per_group=1)
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["own", "u", "v"])
+            gid = room_id(await create_room(client, FREE, "chatgroups", "own"), "chatgroups")
+            assert (await client.post(f"/{FREE}/chatgroups/{gid}/users/u")).status_code == 200
+            held.relation = "group_members"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users/u"))
+            await asyncio.wait_for(held.held.wait(), 10)
+            assert (await client.post(f"/{FREE}/chatgroups/{gid}/users/u")).status_code == 409
+            held.release.set()
+            assert (await deletion).status_code == 200
+            await register(client, FREE, ["u"])
+            assert (await client.post(f"/{FREE}/chatgroups/{gid}/users/u")).status_code == 200
+            over = await client.post(f"/{FREE}/chatgroups/{gid}/users/v")
+            assert over.status_code == 403 and over.json()["limit"] == "members_per_group", over.text
+            assert gateway_state(client, FREE).groups[gid]["members"] == {"u"}
+            assert await members(client, f"q:{{demo#free}}:s:group_members:o:{gid}") == {"u"}
+
+    async def test_a_batch_deletion_takes_a_small_set_out_with_its_drop(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """Catches the drain of a batch deletion (its users named only by the answer, so no tombstone)
+        left to later scripts: a set of up to a slice leaves every friend's list in the same script
+        that drops it, so a re-add in the gap counts and the cap holds."""
+        set_cap(config_dir, "free", friends_per_user=1)
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["u", "f", "x"])  # u is the oldest: the batch deletes it
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            held.relation = "contacts"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
+            await asyncio.wait_for(held.held.wait(), 10)
+            await register(client, FREE, ["u"])
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            held.release.set()
+            gone = await deletion
+            assert gone.status_code == 200 and [e["username"] for e in gone.json()["entities"]] == ["u"]
+            over = await client.post(f"/{FREE}/users/f/contacts/users/x")
+            assert over.status_code == 403 and over.json()["limit"] == "friends_per_user", over.text
+            assert gateway_state(client, FREE).contacts["f"] == {"u"}
+            assert await members(client, "q:{demo#free}:s:contacts:o:f") == {"u"}
+
+
+async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.AsyncClient) -> None:
+    """Catches a 500 (and a traceback) from the reference gateway on a create whose body nests deeper
+    than the JSON parser goes: quota forwards a create's body unparsed (the id comes from the
+    answer), so the gateway meets it; the reserved slot is undone either way."""
+    r = await client.post(f"/{PRO}/chatgroups", content=b"[" * 100_000)
+    assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
+    assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()

@@ -290,7 +290,7 @@ async def _json(request: Request, allow_empty: bool = False) -> Any:
         import json
 
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting deeper than the parser goes, too
         raise ApiError(400, "illegal_argument", "request body is not valid JSON") from exc
 
 

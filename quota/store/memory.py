@@ -290,7 +290,9 @@ class MemoryStore:
         elif isinstance(op, DrainOp):
             trash = self.sets.get(op.trash_key, set())
             for _ in range(min(op.batch, len(trash))):
-                self._srem(op.reverse_prefix + escape(trash.pop()), (op.value,))
+                member = trash.pop()
+                if op.reverse_prefix:  # a relation with no member side has nothing to take out
+                    self._srem(op.reverse_prefix + escape(member), (op.value,))
             if not trash:
                 self.sets.pop(op.trash_key, None)
         elif isinstance(op, BindOp):

@@ -277,3 +277,20 @@ def test_the_hot_value_classes_have_written_out_inits() -> None:
     names = {cls.__name__ for cls in WRITTEN_OUT}
     assert {"RateOp", "AddOp", "ConfirmOp", "RateState", "Refusal", "Outcome", "Program"} <= names
     assert {"Denial", "RequestPlan", "Settlement", "Match"} <= names
+
+
+async def test_a_set_with_no_member_side_drains_without_stray_keys(store: Any) -> None:
+    """Catches a drain of a relation with no member side (an app's own set: `op: drop, owner: app`)
+    taking members out of keys built from the member id alone: outside the app's hash tag, a
+    cross-slot error on Cluster (the trash never emptied) and stray writes elsewhere."""
+    from quota.decisions import drop
+
+    t = 9_400_000_000_000
+    add = AddOp("groups_per_app", GROUPS, UNLIMITED, ("g1", "g2", "g3"))
+    assert (await store.run(Program([add]), t)).allowed
+    dropped, drain = drop(GROUPS, "", "demo#pro")
+    assert (await store.run(Program([dropped, drain]), t)).allowed
+    while (await store.run(Program([drain]), t)).remaining:
+        pass
+    assert await raw_members(store, GROUPS) == set()
+    assert await raw_members(store, dropped.trash_key) == set()

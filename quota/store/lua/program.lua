@@ -354,8 +354,11 @@ for _, op in ipairs(ops) do
     if redis.call("EXISTS", op.owner) == 1 then redis.call("RENAME", op.owner, op.trash) end
   elseif code == "W" then
     local taken = redis.call("SPOP", op.trash, op.batch)
-    for _, m in ipairs(taken) do
-      redis.call("SREM", op.rprefix .. escape(m), op.value)
+    -- A relation with no member side has nothing to take out: a key is never built from "" alone.
+    if op.rprefix ~= "" then
+      for _, m in ipairs(taken) do
+        redis.call("SREM", op.rprefix .. escape(m), op.value)
+      end
     end
     remaining = redis.call("SCARD", op.trash)
   elseif code == "B" then

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -137,6 +138,29 @@ def admit(
     except BadInput as exc:
         return Denial(400, "illegal_argument", str(exc))
     return gate(rule, app, canonical, now_s) or canonical
+
+
+def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial | None:
+    """The checks every request and WebSocket connection passes first: the URL's size, and a path
+    an upstream may route differently from quota."""
+    if len(scope["path"]) + len(scope.get("query_string", b"")) > max_url_bytes:
+        return Denial(414, "illegal_argument", f"URL over {max_url_bytes} bytes")
+    if _odd_path(scope):
+        return Denial(400, "illegal_argument", "dot segments, empty segments and encoded slashes are not allowed")
+    return None
+
+
+def _odd_path(scope: MutableMapping[str, Any]) -> bool:
+    """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
+    normalisers such as nginx), empty segments (merged by nginx: `/demo//free` would be under no app
+    here and under demo#free there) or encoded slashes and backslashes (decoded by some, not others)."""
+    path: str = scope["path"]
+    if "//" in path:
+        return True
+    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+        return True
+    raw: bytes = scope.get("raw_path") or b""
+    return b"%" in raw and any(code in raw.lower() for code in (b"%2f", b"%5c", b"%2e"))
 
 
 def parse_body(raw: bytes) -> Any:
@@ -413,6 +437,15 @@ def plan_request(
     if rule.connection:
         ops.append(lease_op(app, today, conn_id, lease_ttl_ms))
     return plan
+
+
+def activity_ops(app: AppPlan, today: date, user: str) -> list[Op]:
+    """A user still active on `today` (a connection held open past midnight): in the day's DAU and
+    the month's MAU. No cap: the connection was admitted, and what it did since is a fact to bill."""
+    return [
+        AddOp("", dau_key(app.prefix, today), UNLIMITED, (user,), expire_s=KEEP_ACTIVITY_S),
+        AddOp("", mau_key(app.prefix, today.year, today.month), UNLIMITED, (user,), expire_s=KEEP_ACTIVITY_S),
+    ]
 
 
 def lease_op(app: AppPlan, today: date, conn_id: str, ttl_ms: int) -> LeaseOp:

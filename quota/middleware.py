@@ -33,6 +33,7 @@ from quota.decisions import (
     confirm_ops,
     denial_for,
     parse_body,
+    path_denial,
     plan_request,
     renew_program,
     undo_ops,
@@ -207,13 +208,8 @@ class QuotaMiddleware:
 
     async def _http(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         settings = rt.settings
-        if len(scope["path"]) + len(scope.get("query_string", b"")) > settings.max_url_bytes:
-            await send_denial(
-                Denial(414, "illegal_argument", f"URL over {settings.max_url_bytes} bytes"), send, started
-            )
-            return
-        if _odd_path(scope):
-            odd = Denial(400, "illegal_argument", "dot segments and encoded slashes are not allowed in a path")
+        odd = path_denial(scope, settings.max_url_bytes)
+        if odd is not None:
             await send_denial(odd, send, started)
             return
         declared, framed = _framing(scope)
@@ -570,16 +566,6 @@ class _Capture:
 
 def _too_large(settings: Settings) -> Denial:
     return Denial(413, "request_too_large", f"request body over {settings.max_body_bytes} bytes")
-
-
-def _odd_path(scope: Scope) -> bool:
-    """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
-    normalisers such as nginx) or encoded slashes and backslashes (decoded by some, not others)."""
-    path: str = scope["path"]
-    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
-        return True
-    raw: bytes = scope.get("raw_path") or b""
-    return b"%" in raw and any(code in raw.lower() for code in (b"%2f", b"%5c", b"%2e"))
 
 
 def _framing(scope: Scope) -> tuple[int | None, bool]:

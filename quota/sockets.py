@@ -12,14 +12,27 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from datetime import date
 from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.decisions import BadInput, Denial, admit, confirm_ops, denial_for, lease_op, plan_request, undo_ops
+from quota.decisions import (
+    BadInput,
+    Denial,
+    activity_ops,
+    admit,
+    confirm_ops,
+    denial_for,
+    lease_op,
+    path_denial,
+    plan_request,
+    select,
+    undo_ops,
+)
 from quota.plans import AppPlan
 from quota.responses import close_websocket
-from quota.store.program import UNLIMITED, Program, ReleaseOp
+from quota.store.program import UNLIMITED, Op, Program, ReleaseOp
 
 if TYPE_CHECKING:
     from quota.middleware import QuotaMiddleware, Runtime
@@ -31,6 +44,10 @@ class SocketHandler:
 
     async def __call__(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         mw = self.mw
+        odd = path_denial(scope, rt.settings.max_url_bytes)
+        if odd is not None:
+            await _refuse(odd, receive, send)
+            return
         match = rt.routes.match("WEBSOCKET", scope["path"])
         today = mw.today(started)
         app = mw.app_of(rt, match, today)
@@ -101,7 +118,9 @@ class SocketHandler:
                 await mw.guard.settle(rt, Program(list(confirm_ops(plan, added))), int(mw.clock() * 1000))
             await send(message)
 
-        renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms)) if rule.connection else None
+        # Who to count active on each later day the connection lives through (a login's user).
+        user = select(rule.user, params, None, rt.ids)[0] if rule.login and rule.user is not None else None
+        renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms, user, today)) if rule.connection else None
         try:
             await mw.app(scope, receive, watch)
         finally:
@@ -115,16 +134,21 @@ class SocketHandler:
                 release.ops.append(ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn))
             await asyncio.shield(mw.guard.settle(rt, release, end))
 
-    async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int) -> None:
+    async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int, user: str | None, counted: date) -> None:
         # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
         mw = self.mw
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = mw.clock()
+            today = mw.today(now)
             # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
             # that lapsed during a storage outage must count again (new connections are refused instead).
-            lease = replace(lease_op(app, mw.today(now), conn, ttl_ms), cap=UNLIMITED, share_bp=0)
-            await mw.guard.settle(rt, Program([lease]), int(now * 1000))
+            ops: list[Op] = [replace(lease_op(app, today, conn, ttl_ms), cap=UNLIMITED, share_bp=0)]
+            if user is not None and today != counted:
+                # Online on a new day (or month): as active as a user who logged in on it.
+                ops += activity_ops(app, today, user)
+            if await mw.guard.settle(rt, Program(ops), int(now * 1000)) is not None:
+                counted = today
 
 
 async def _refuse(denial: Denial, receive: Receive, send: Send) -> None:

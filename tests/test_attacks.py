@@ -879,3 +879,46 @@ async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.Async
     r = await client.post(f"/{PRO}/chatgroups", content=b"[" * 100_000)
     assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
     assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()
+
+
+class TestPathsAGatewayReadsDifferently:
+    """Found by the audit of 2026-11-30: nginx (in front of many gateways) merges slashes and removes
+    dot segments. `/demo//free/...` was a path under no app here (the fallback rate only) and
+    demo#free's there; a WebSocket path skipped the dot-segment check HTTP had."""
+
+    async def test_an_empty_segment_is_refused(self, store: Any, clock: Clock) -> None:
+        """Catches a path with an empty segment reaching the upstream: translation is not in free's
+        plan, and `/demo//free/messages/translate` must not get it by the back door."""
+        seen: list[str] = []
+
+        async def upstream(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope["path"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async with make_client(store, clock, upstream=upstream) as client:
+            mw = middleware_of(client)
+            for path in ("/demo//free/messages/translate", "//demo/free/messages/translate", "/demo/free//users"):
+                sent = await call_raw(mw, http_scope("POST", path), b"{}")
+                assert sent[0]["status"] == 400, path
+            assert seen == []
+
+    async def test_a_websocket_path_with_dot_segments_is_refused(self, store: Any, clock: Clock) -> None:
+        """Catches a connection past online_users and the login count: over WebSocket,
+        `/a//../demo/free/users/bob/connection` was a path under no app, passed to a gateway that
+        serves it, after normalising, as bob's connection."""
+        from tests.test_sockets import Socket
+
+        opened: list[str] = []
+
+        async def upstream(scope: Any, receive: Any, send: Any) -> None:
+            opened.append(scope["path"])
+            await receive()
+            await send({"type": "websocket.accept"})
+
+        async with make_client(store, clock, upstream=upstream) as client:
+            mw = middleware_of(client)
+            for path in ("/a//../demo/free/users/bob/connection", "/x/../demo/free/users/bob/connection"):
+                answer = await Socket(mw, path).open()
+                assert answer["type"] == "websocket.close", (path, answer)
+            assert opened == []

@@ -4,8 +4,11 @@ that dies, hangs or is down, hop-by-hop headers, streaming, WebSocket relaying."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import ipaddress
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -19,14 +22,18 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from quota.config import DEFAULT_DIR
+from quota.proxy import ProxyApp, Upstream
 from quota.proxy.headers import client_response_headers, upstream_request_headers
 from tests.conftest import RedisServer
+from tests.helpers import call_raw, http_scope
 from tests.running import Running, established, gateway, quota, wait_until
 
 pytestmark = pytest.mark.redis
 TOKEN = "proxy-test-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 FREE = "demo/free"
+# A body of 2 bytes, then a request of its own: what a lying Content-Length smuggles.
+SMUGGLING = b"{}GET /echo?smuggled=1 HTTP/1.1\r\nhost: g\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +376,112 @@ class TestHeaderRules:
             b"x-forwarded-host": b"im.example",
         }
 
+    def test_other_forwarding_claims_from_an_untrusted_peer_are_dropped(self) -> None:
+        """Catches `Forwarded` (RFC 7239), X-Real-IP or another X-Forwarded-* of a client's choosing
+        reaching the gateway (found by the audit of 2026-11-30): a gateway reading them would see the
+        address the client chose. From a trusted proxy they cross as sent."""
+        claims: list[tuple[bytes, bytes]] = [
+            (b"forwarded", b"for=198.51.100.77;proto=https"),
+            (b"x-real-ip", b"198.51.100.77"),
+            (b"true-client-ip", b"198.51.100.77"),
+            (b"x-forwarded-port", b"443"),
+            (b"accept", b"*/*"),
+        ]
+        untrusted = dict(upstream_request_headers(claims, peer="203.0.113.9", scheme="http", trusted=()))
+        assert untrusted == {b"accept": b"*/*", b"x-forwarded-for": b"203.0.113.9", b"x-forwarded-proto": b"http"}
+        local = (ipaddress.ip_network("127.0.0.0/8"),)
+        trusted = dict(upstream_request_headers(claims, peer="127.0.0.1", scheme="http", trusted=local))
+        assert trusted[b"forwarded"] == b"for=198.51.100.77;proto=https" and trusted[b"x-real-ip"] == b"198.51.100.77"
+
     def test_response_hop_by_hop(self) -> None:
         """Transfer-Encoding and fields named by Connection are dropped from responses; others kept.
         Catches: connection-level fields of the upstream hop reaching the client."""
         raw = [(b"Transfer-Encoding", b"chunked"), (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"ETag", b"x")]
         assert client_response_headers(raw) == [(b"etag", b"x")]
+
+
+class TestFraming:
+    """Found by the audit of 2026-11-30: under a server that hands over a body both Content-Length
+    and Transfer-Encoding framed (h11), the proxy told the gateway the length and then wrote every
+    byte it got; the bytes past the length were read upstream as a second request nobody checked,
+    and its answer, left on the pooled connection, went to the next client (of any app)."""
+
+    async def test_ambiguous_framing_is_refused(self, odd_upstream: Running) -> None:
+        """Catches two Content-Lengths, or one beside Transfer-Encoding, being forwarded at all."""
+        proxy = ProxyApp(Upstream(odd_upstream.base))
+        try:
+            for headers in (
+                [(b"content-length", b"2"), (b"transfer-encoding", b"chunked")],
+                [(b"content-length", b"2"), (b"content-length", b"46")],
+            ):
+                sent = await call_raw(proxy, http_scope("POST", "/echo", headers=headers), SMUGGLING)
+                assert sent[0]["status"] == 400, headers
+                assert json.loads(sent[1]["body"])["error"] == "illegal_argument"
+        finally:
+            proxy.pool.close()
+
+    async def test_a_body_past_or_short_of_its_length_goes_nowhere(self, odd_upstream: Running) -> None:
+        """Catches a body longer (or shorter) than its Content-Length being written upstream: the
+        next request on the pooled connection must get its own answer, not the smuggled one's."""
+        proxy = ProxyApp(Upstream(odd_upstream.base, connections=1))
+        try:
+            fine = await call_raw(proxy, http_scope("POST", "/echo", headers=[(b"content-length", b"2")]), b"{}")
+            assert fine[0]["status"] == 200 and json.loads(fine[1]["body"])["length"] == 2
+            for declared in (b"2", b"99"):
+                scope = http_scope("POST", "/echo", headers=[(b"content-length", declared)])
+                assert (await call_raw(proxy, scope, SMUGGLING))[0]["status"] == 400, declared
+            after = await call_raw(proxy, http_scope("GET", "/echo"))
+            assert json.loads(after[1]["body"])["query"] == ""
+        finally:
+            proxy.pool.close()
+
+    async def test_an_answer_nobody_asked_for_is_never_handed_on(self) -> None:
+        """Catches an idle pooled connection keeping what the upstream sent unasked (a smuggled
+        request's answer) and handing it to the next request as the start of its answer."""
+        answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nevil!"
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(answer)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(unasked)
+                await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{port}"))
+        try:
+            for _ in range(2):
+                sent = await call_raw(proxy, http_scope("GET", "/x"))
+                assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ok"
+                await asyncio.sleep(0.2)
+        finally:
+            proxy.pool.close()
+            server.close()
+
+    async def test_a_body_that_never_comes_holds_no_upstream_connection(self, odd_upstream: Running) -> None:
+        """Catches a client stalling every other app's requests (found by the audit of 2026-11-30):
+        a pooled connection was taken before the body streamed, and a body that never came held it
+        for good. With one connection in the pool, another client's request must still be answered."""
+        proxy = ProxyApp(Upstream(odd_upstream.base, connections=1))
+
+        async def never() -> dict[str, object]:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def drop(message: object) -> None:
+            return None
+
+        stalled = asyncio.ensure_future(
+            proxy(http_scope("POST", "/echo", headers=[(b"content-length", b"1000")]), never, drop)
+        )
+        try:
+            await asyncio.sleep(0.2)
+            answered = await asyncio.wait_for(call_raw(proxy, http_scope("GET", "/echo", peer="10.9.9.9")), 5)
+            assert answered[0]["status"] == 200
+        finally:
+            stalled.cancel()
+            await asyncio.gather(stalled, return_exceptions=True)
+            proxy.pool.close()

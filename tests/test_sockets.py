@@ -281,3 +281,27 @@ async def test_a_lease_lapsed_in_an_outage_is_taken_again(config_dir: Path) -> N
         await amy.close()
         await bob.close()
         assert await store.online(online, int(clock.now * 1000)) == 0
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
+async def test_a_connection_held_past_midnight_is_active_on_each_new_day(store: Any, config_dir: Path) -> None:
+    """Catches a user who stays connected never counting again (found by the audit of 2026-11-30):
+    the login was counted on the day the connection opened only, so an app that keeps its users'
+    connections open billed no DAU for later days and no MAU for later months. Each renewal that
+    lands on a new day puts the user in that day's DAU and its month's MAU, once."""
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    clock = Clock(datetime(2026, 5, 31, 23, 0, tzinfo=UTC).timestamp(), tick=0)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, "demo/basic", ["amy"])
+        amy = Socket(mw_of(client), "/demo/basic/users/amy/connection")
+        assert (await amy.open())["type"] == "websocket.accept"
+        for day, month in (("20260601", "202606"), ("20260702", "202607")):
+            clock.now = datetime.strptime(day + "12", "%Y%m%d%H").replace(tzinfo=UTC).timestamp()
+            deadline = asyncio.get_running_loop().time() + 5
+            while await raw_members(store, f"q:{{demo#basic}}:dau:{day}") != {"amy"}:
+                assert asyncio.get_running_loop().time() < deadline, f"amy never counted on {day}"
+                await asyncio.sleep(0.1)
+            assert await raw_members(store, f"q:{{demo#basic}}:mau:{month}") == {"amy"}
+        assert await raw_members(store, "q:{demo#basic}:dau:20260531") == {"amy"}
+        assert await raw_members(store, "q:{demo#basic}:dau:20260615") == set()  # no renewal landed on it
+        await amy.close()

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, TOO_LARGE, UpstreamBroken, send_error
+from quota.proxy.errors import BAD_FRAMING, BAD_GATEWAY, GATEWAY_TIMEOUT, TOO_LARGE, UpstreamBroken, send_error
 from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
 from quota.proxy.pool import Pool
 
@@ -64,6 +64,10 @@ class _TooLarge(Exception):
 
 
 class _ClientGone(Exception):
+    pass
+
+
+class _WrongLength(Exception):
     pass
 
 
@@ -129,20 +133,35 @@ class ProxyApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.time()
         limit = self.upstream.max_body_bytes
+        unclear = _ambiguous_framing(scope["headers"])
+        if unclear:
+            # Two framings the upstream could read differently from the server in front: what one
+            # takes for the end of a body the other may take for a second request nobody checked.
+            await send_error(BAD_FRAMING, unclear, send, started)
+            return
         declared = _content_length(scope["headers"])
         if declared is not None and declared > limit:
             await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
             return
         method: str = scope["method"]
         chunked = declared is None and any(n == b"transfer-encoding" for n, _ in scope["headers"])
-        body = _stream(receive, limit) if declared is not None or chunked else None
+        body: AsyncIterator[bytes] | None = None
+        if declared is not None or chunked:
+            # Read whole (bounded) before a pooled connection is taken, as nginx does by default: a
+            # client sending its body slowly, or never, holds no connection to the gateway.
+            try:
+                whole = await _read_body(receive, limit, declared)
+            except _TooLarge:
+                await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
+                return
+            except _WrongLength:
+                await send_error(BAD_FRAMING, "the request body is not as long as its Content-Length", send, started)
+                return
+            except _ClientGone:
+                return
+            body, declared = _once(whole), len(whole)
         try:
             response = await self.pool.request(method, self.target(scope), self.headers_for(scope), body, declared)
-        except _TooLarge:
-            await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
-            return
-        except _ClientGone:
-            return
         except TimeoutError:
             log.warning("upstream timed out: %s %s", method, scope["path"])
             await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer in time", send, started)
@@ -170,6 +189,18 @@ class ProxyApp:
             response.release()
 
 
+def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a request's framing is ambiguous (RFC 9112 §6.3), or "" when it is not."""
+    lengths = [value for name, value in headers if name == b"content-length"]
+    if len(lengths) > 1:
+        return "more than one Content-Length"
+    if lengths and any(name == b"transfer-encoding" for name, _ in headers):
+        return "both Content-Length and Transfer-Encoding"
+    if lengths and not lengths[0].isdigit():
+        return "a Content-Length that is not a number"
+    return ""
+
+
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name == b"content-length":
@@ -177,19 +208,27 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def _stream(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    """The client's body as it arrives, cut off (and the request failed) past `limit` bytes."""
+async def _read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
+    """The client's whole body, refused past `limit` bytes, or past or short of the length it
+    declared: a byte more would start a request of its own upstream."""
+    chunks: list[bytes] = []
     size = 0
     while True:
         message: Message = await receive()
         if message["type"] != "http.request":
-            # The client went away: stop the upstream request too.
             raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _TooLarge
-        if chunk:
-            yield chunk
+        if declared is not None and size > declared:
+            raise _WrongLength
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return
+            if declared is not None and size != declared:
+                raise _WrongLength
+            return b"".join(chunks)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

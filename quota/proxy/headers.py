@@ -32,6 +32,10 @@ WEBSOCKET_HANDSHAKE = frozenset(
     {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
 )
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Other ways a request names its client or its way in (RFC 7239 and the common de facto ones):
+# kept only from a trusted proxy, like X-Forwarded-*, so nobody else can choose what a gateway
+# that reads them sees. Any other X-Forwarded-* (Port, Prefix, Server...) goes the same way.
+CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"x-client-ip", b"x-original-forwarded-for"})
 
 
 def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -53,9 +57,10 @@ def upstream_request_headers(
 ) -> Headers:
     """The client's headers less hop-by-hop ones, Host and framing, with X-Forwarded-For/Proto/Host.
 
-    Forwarding headers a client sent are kept (and For is appended to) only when its peer address is
-    one of quota's trusted proxies; from anyone else they are replaced, so a client cannot forge
-    the address the gateway sees. Content-Length is left to the client that frames the body.
+    Forwarding headers a client sent (X-Forwarded-*, Forwarded, X-Real-IP and the like) are kept (and
+    For is appended to) only when its peer address is one of quota's trusted proxies; from anyone
+    else they are replaced or dropped, so a client cannot forge the address the gateway sees.
+    Content-Length is left to the client that frames the body.
     """
     raw = list(raw)
     dropped = HOP_BY_HOP | REQUEST_ONLY | (WEBSOCKET_HANDSHAKE if websocket else frozenset())
@@ -70,6 +75,8 @@ def upstream_request_headers(
             host = value
         elif name in FORWARDED:
             given[name] = given[name] + b", " + value if name in given else value
+        elif not trusted_peer and (name in CLIENT_CLAIMS or name.startswith(b"x-forwarded-")):
+            continue
         elif name not in dropped:
             out.append((name, value))
     address = peer.encode()

@@ -41,6 +41,7 @@ class _Connection(asyncio.Protocol):
         self.alive = True
         self.received = False
         self.idle_since = 0.0
+        self.idle = False
         self.writable: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -49,6 +50,11 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # An answer nobody asked for: the stream is out of step, and the next request on this
+            # connection would be handed it. The connection is done.
+            self.close()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -109,6 +115,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def reset(self) -> None:
+        self.idle = False
         self.keep_alive = False
         self.headers = []
         self.head = asyncio.get_running_loop().create_future()
@@ -222,7 +229,7 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if conn.alive and now - conn.idle_since < self.keepalive:
+            if conn.alive and not conn.chunks and now - conn.idle_since < self.keepalive:
                 conn.reset()
                 return conn
             conn.close()
@@ -231,6 +238,7 @@ class Pool:
     def put_back(self, conn: _Connection, keep: bool) -> None:
         if keep:
             conn.idle_since = time.monotonic()
+            conn.idle = True
             self.idle.append(conn)
         else:
             conn.close()

@@ -363,11 +363,13 @@ class QuotaMiddleware:
         # Renewed until settled, not only until answered: a removal's tombstones must outlive the
         # drain of the sets it dropped.
         try:
-            if failed is None:
+            if failed is None and not plan.tombstones:
                 await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
             else:
                 # The client went away or the upstream raised. An answer that had already started
                 # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
+                # A removal is settled whatever happens to its request meanwhile (a server that
+                # cancels on disconnect, a shutdown): its drain done and its tombstones lifted.
                 await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
         finally:
             self.renewals.release(ticket)

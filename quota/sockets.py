@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 from typing import TYPE_CHECKING
@@ -120,7 +121,11 @@ class SocketHandler:
 
         # Who to count active on each later day the connection lives through (a login's user).
         user = select(rule.user, params, None, rt.ids)[0] if rule.login and rule.user is not None else None
-        renew = asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms, user, today)) if rule.connection else None
+        renew = (
+            asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms, user, today, lambda: accepted))
+            if rule.connection
+            else None
+        )
         try:
             await mw.app(scope, receive, watch)
         finally:
@@ -134,7 +139,16 @@ class SocketHandler:
                 release.ops.append(ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn))
             await asyncio.shield(mw.guard.settle(rt, release, end))
 
-    async def _renew(self, rt: Runtime, app: AppPlan, conn: str, ttl_ms: int, user: str | None, counted: date) -> None:
+    async def _renew(
+        self,
+        rt: Runtime,
+        app: AppPlan,
+        conn: str,
+        ttl_ms: int,
+        user: str | None,
+        counted: date,
+        accepted: Callable[[], bool],
+    ) -> None:
         # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
         mw = self.mw
         while True:
@@ -144,8 +158,9 @@ class SocketHandler:
             # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
             # that lapsed during a storage outage must count again (new connections are refused instead).
             ops: list[Op] = [replace(lease_op(app, today, conn, ttl_ms), cap=UNLIMITED, share_bp=0)]
-            if user is not None and today != counted:
-                # Online on a new day (or month): as active as a user who logged in on it.
+            if user is not None and today != counted and accepted():
+                # Online on a new day (or month), once the upstream took the connection: as active
+                # as a user who logged in on it.
                 ops += activity_ops(app, today, user)
             if await mw.guard.settle(rt, Program(ops), int(now * 1000)) is not None:
                 counted = today

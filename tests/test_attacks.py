@@ -847,6 +847,26 @@ class TestDrains:
             assert gateway_state(client, FREE).groups[gid]["members"] == {"u"}
             assert await members(client, f"q:{{demo#free}}:s:group_members:o:{gid}") == {"u"}
 
+    async def test_a_deletion_cancelled_mid_drain_still_lifts_its_tombstones(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """Catches a 409 that outlives its removal (audit of 2026-11-30): a deletion whose request
+        was cancelled while its drain ran (a server that cancels on disconnect, a shutdown) never
+        lifted its tombstones, and every add naming the user was refused until they lapsed."""
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["u", "f"])
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            held.relation = "contacts"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users/u"))
+            await asyncio.wait_for(held.held.wait(), 10)
+            deletion.cancel()
+            await asyncio.gather(deletion, return_exceptions=True)
+            held.release.set()
+            await asyncio.sleep(0.2)
+            again = await client.post(f"/{FREE}/users", json={"username": "u"})
+            assert again.status_code == 200, again.text
+
     async def test_a_batch_deletion_takes_a_small_set_out_with_its_drop(
         self, store: Any, clock: Clock, config_dir: Path
     ) -> None:
@@ -922,3 +942,22 @@ class TestPathsAGatewayReadsDifferently:
                 answer = await Socket(mw, path).open()
                 assert answer["type"] == "websocket.close", (path, answer)
             assert opened == []
+
+
+async def test_a_history_export_on_each_side_of_a_minute_edge(store: Any, clock: Clock) -> None:
+    """Catches "once a minute per app" walked past across a window edge: with a sliding window and a
+    limit of 1, the previous window's weighted count rounded down to nothing, so an export at :59.9
+    and another at :00.1 both passed (the suite met it whenever it ran in a minute's last second)."""
+    from datetime import UTC, datetime, timedelta
+
+    clock.tick = 0
+    clock.now = (int(clock.now // 60) + 1) * 60 - 0.1
+    hour = (datetime.fromtimestamp(clock.now, UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
+    async with make_client(store, clock) as client:
+        assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
+        clock.advance(0.2)
+        again = await client.get(f"/{PRO}/chatmessages/{hour}")
+        assert again.status_code == 429 and again.json()["limit"] == "history_export_per_app", again.text
+        assert 59 <= int(again.headers["retry-after"]) <= 61
+        clock.advance(60)
+        assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200

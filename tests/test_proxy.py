@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -400,6 +401,44 @@ class TestHeaderRules:
         assert client_response_headers(raw) == [(b"etag", b"x")]
 
 
+class _RawUpstream:
+    """An upstream written byte by byte (what no well-behaved server sends): `reply(n)` is the answer
+    to its n-th request. Every connection it accepted is closed when the test leaves it."""
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self.count = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.count += 1
+                for part in self.reply(self.count):
+                    if isinstance(part, float):
+                        await asyncio.sleep(part)
+                        continue
+                    writer.write(part)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.sleep(0.05)  # the handlers see their connections end and return
+        await self.server.wait_closed()
+
+
 class TestFraming:
     """Found by the audit of 2026-11-30: under a server that hands over a body both Content-Length
     and Transfer-Encoding framed (h11), the proxy told the gateway the length and then wrote every
@@ -440,26 +479,15 @@ class TestFraming:
         request's answer) and handing it to the next request as the start of its answer."""
         answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
         unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nevil!"
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while await reader.readuntil(b"\r\n\r\n"):
-                writer.write(answer)
-                await writer.drain()
-                await asyncio.sleep(0.05)
-                writer.write(unasked)
-                await writer.drain()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{port}"))
-        try:
-            for _ in range(2):
-                sent = await call_raw(proxy, http_scope("GET", "/x"))
-                assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ok"
-                await asyncio.sleep(0.2)
-        finally:
-            proxy.pool.close()
-            server.close()
+        async with _RawUpstream(lambda n: [answer, 0.05, unasked]) as base:
+            proxy = ProxyApp(Upstream(base))
+            try:
+                for _ in range(2):
+                    sent = await call_raw(proxy, http_scope("GET", "/x"))
+                    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ok"
+                    await asyncio.sleep(0.2)
+            finally:
+                proxy.pool.close()
 
     async def test_a_body_that_never_comes_holds_no_upstream_connection(self, odd_upstream: Running) -> None:
         """Catches a client stalling every other app's requests (found by the audit of 2026-11-30):
@@ -485,3 +513,38 @@ class TestFraming:
             stalled.cancel()
             await asyncio.gather(stalled, return_exceptions=True)
             proxy.pool.close()
+
+
+class TestUnaskedAnswers:
+    """Found by the audit of 2026-11-30 (the third): an answer the upstream sent unasked, arriving in
+    the same read as the asked one, was parsed into the asked response (its body and headers), and
+    one cut short left the pooled connection mid-message for the next client (502)."""
+
+    GOOD = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfine"
+    ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def test_a_whole_unasked_answer_in_the_same_read(self) -> None:
+        """Catches the unasked answer's body and Set-Cookie reaching the client who asked."""
+        unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nset-cookie: session=attacker\r\n\r\nevil!"
+        async with _RawUpstream(lambda n: [self.ANSWER + unasked if n == 1 else self.GOOD]) as base:
+            proxy = ProxyApp(Upstream(base))
+            try:
+                sent = await call_raw(proxy, http_scope("GET", "/x"))
+                assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ok"
+                assert [h for h in sent[0]["headers"] if h[0] == b"set-cookie"] == []
+            finally:
+                proxy.pool.close()
+
+    async def test_a_partial_unasked_answer_never_reaches_the_next_client(self) -> None:
+        """Catches a connection left mid-message being pooled: the next client gets its own answer."""
+        unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 30\r\n\r\nevil"
+        async with _RawUpstream(lambda n: [self.ANSWER + unasked if n == 1 else self.GOOD]) as base:
+            proxy = ProxyApp(Upstream(base, connections=1))
+            try:
+                await call_raw(proxy, http_scope("GET", "/x"))
+                await asyncio.sleep(0.1)
+                victim = await asyncio.wait_for(call_raw(proxy, http_scope("GET", "/y", peer="10.9.9.9")), 5)
+                assert victim[0]["status"] == 200
+                assert b"".join(m.get("body", b"") for m in victim[1:]) == b"fine"
+            finally:
+                proxy.pool.close()

@@ -47,9 +47,9 @@ async def test_fixed_route_rates(store: Any, clock: Clock, method: str, path: st
 
 
 async def test_retry_after_rounds_up(store: Any, clock: Clock) -> None:
-    """Catches Retry-After (and RateLimit-Reset) rounded down: a client told 30 s came back 0.4 s
-    early and was refused again. The history export is 1 per minute per app; one hit 29.6 s into a
-    minute frees the next 30.401 s later (the next minute's first millisecond past its start)."""
+    """Catches Retry-After (and RateLimit-Reset) rounded down: a client told 60 s came back a
+    millisecond early and was refused again. The history export is 1 per minute per app, an exact
+    log: a hit counts while now <= its time + 60 s, so the next is free 60.001 s later (61 s)."""
     clock.tick = 0
     minute = float(int(clock.now) // 60 * 60 + 120)
     clock.now = minute + 29.6
@@ -58,10 +58,10 @@ async def test_retry_after_rounds_up(store: Any, clock: Clock) -> None:
         assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
         r = await client.get(f"/{PRO}/chatmessages/{hour}")
         assert r.status_code == 429
-        assert r.headers["retry-after"] == "31" and r.headers["ratelimit-reset"] == "31"
-        clock.advance(30.4)
+        assert r.headers["retry-after"] == "61" and r.headers["ratelimit-reset"] == "61"
+        clock.advance(60.0)
         assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 429
-        clock.advance(0.001)
+        clock.advance(0.002)
         assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
 
 

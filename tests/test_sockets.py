@@ -15,6 +15,7 @@ import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
+from quota.store.memory import MemoryStore
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, asgi_client, free_port, make_client
 from tests.helpers import SwitchedStore, raw_deadlines, raw_members, register
@@ -305,3 +306,31 @@ async def test_a_connection_held_past_midnight_is_active_on_each_new_day(store: 
         assert await raw_members(store, "q:{demo#basic}:dau:20260531") == {"amy"}
         assert await raw_members(store, "q:{demo#basic}:dau:20260615") == set()  # no renewal landed on it
         await amy.close()
+
+
+async def test_a_connection_never_accepted_is_not_active_on_a_new_day(config_dir: Path) -> None:
+    """Catches a user the gateway refused counted active on the day after the connect (audit of
+    2026-11-30): the renewal that lands on a new day counts only a connection the upstream took."""
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    decide = asyncio.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        # The gateway checks the user slowly, then refuses the connection.
+        assert (await receive())["type"] == "websocket.connect"
+        await decide.wait()
+        await send({"type": "websocket.close", "code": 1008, "reason": "user not found"})
+
+    store = MemoryStore()
+    clock = Clock(datetime(2026, 5, 31, 23, 59, 59, tzinfo=UTC).timestamp(), tick=0)
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
+        ghost = Socket(mw_of(client), "/demo/basic/users/ghost/connection")
+        await ghost.inbox.put({"type": "websocket.connect"})
+        await asyncio.sleep(0.1)
+        clock.now = datetime(2026, 6, 1, 0, 0, 30, tzinfo=UTC).timestamp()
+        await asyncio.sleep(1.5)  # a renewal lands on the new day, the handshake still undecided
+        decide.set()
+        answer = await asyncio.wait_for(ghost.outbox.get(), 5)
+        assert answer["type"] == "websocket.close" and answer["code"] == 1008
+        await asyncio.wait_for(ghost.task, 5)
+        for key in ("dau:20260531", "dau:20260601", "mau:202606"):
+            assert await raw_members(store, f"q:{{demo#basic}}:{key}") == set(), key

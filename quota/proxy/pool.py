@@ -42,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.idle_since = 0.0
         self.idle = False
+        self.extra = False
         self.writable: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -78,10 +79,20 @@ class _Connection(asyncio.Protocol):
         self.writable = None
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.head.done():
+            # A second answer to one request (one that was smuggled, or a broken upstream): none of
+            # it reaches this client, and the connection is not used again.
+            self.extra = True
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.extra:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.extra:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (103 Early Hints...): the final response follows on the connection.
@@ -93,6 +104,8 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(status)
 
     def on_body(self, body: bytes) -> None:
+        if self.extra:
+            return
         self.chunks.append(bytes(body))
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
@@ -100,6 +113,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.extra:
+            return
         if self.head.done():
             self.complete = True
             self._wake()
@@ -116,6 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         self.idle = False
+        self.extra = False
         self.keep_alive = False
         self.headers = []
         self.head = asyncio.get_running_loop().create_future()

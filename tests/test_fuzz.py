@@ -360,8 +360,9 @@ def fuzz(config: Config, backend: Backend, loop: asyncio.AbstractEventLoop, exam
             status, raw = loop.run_until_complete(call(self.app, req, peer))
             assert status < 500, (req, status, raw[:300])
             if req.path.startswith(tuple(a + "/" for a in UNKNOWN_APPS)):
-                # Unknown apps are refused; a path with dot segments is refused before any lookup.
-                odd = any(seg in (".", "..") for seg in req.path.split("?")[0].split("/"))
+                # Unknown apps are refused; a path with dot or empty segments is refused before any lookup.
+                path = req.path.split("?")[0]
+                odd = "//" in path or any(seg in (".", "..") for seg in path.split("/"))
                 assert status == (400 if odd else 404), (req, status, raw[:300])
             after = backend.sets()
             try:

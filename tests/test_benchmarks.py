@@ -117,11 +117,11 @@ def test_costs_drive_only_runs_the_scenario() -> None:
     assert out.stdout == ""
 
 
-def test_costs_on_uvloop_prints_every_scenario() -> None:
-    """`python -m benchmarks.costs --loop uvloop` measures on the loop uvicorn serves on: one line
-    per scenario, each with the upstream's CPU and quota's on memory and on Redis."""
+def _costs_lines(*options: str) -> list[str]:
+    """A tiny `python -m benchmarks.costs` run: its header, then one line per scenario, each with the
+    upstream's CPU and quota's on memory and on Redis."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", "--loop", "uvloop"],
+        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -129,27 +129,21 @@ def test_costs_on_uvloop_prints_every_scenario() -> None:
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert "uvloop" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
     assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout
+    return lines
+
+
+def test_costs_on_uvloop_prints_every_scenario() -> None:
+    """`python -m benchmarks.costs --loop uvloop` measures on the loop uvicorn serves on."""
+    assert "uvloop" in _costs_lines("--loop", "uvloop")[0]
 
 
 def test_costs_over_the_gateway_prints_every_scenario() -> None:
     """`python -m benchmarks.costs --upstream gateway --gc off` measures quota beside the reference
     gateway, with garbage collection off: the header says so, and every scenario has its line."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", "--upstream", "gateway"]
-        + ["--gc", "off"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert "gc off" in lines[0] and "gateway upstream" in lines[0], lines[0]
-    assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
-    assert all(len(line.split()) == 7 for line in lines[1:]), out.stdout
+    header = _costs_lines("--upstream", "gateway", "--gc", "off")[0]
+    assert "gc off" in header and "gateway upstream" in header, header
 
 
 async def test_the_noheaders_variant_differs_only_by_its_headers() -> None:

@@ -68,7 +68,8 @@ class StoreGuard:
                     # Appended: the program's own ops keep their indexes (a refusal names one).
                     program = Program([*program.ops, *waiting[1]])
             try:
-                outcome = await rt.store.run(program, now_ms)
+                memory = rt.memory
+                outcome = memory.decide(program, now_ms) if memory is not None else await rt.store.run(program, now_ms)
             except (TimeoutError, StorageError, OSError) as exc:
                 # Confirms carried by a failed call are not sent again: the script may have run
                 # (a reply lost to a timeout), and a confirm applied twice would settle another

@@ -7,7 +7,6 @@ one script can touch all of them; every value from a URL or a body is escaped be
     q:{org#app}:dau:<yyyymmdd>  :mau:<yyyymm>     users active on a day / in a month
     q:{org#app}:online   :peak                    connection leases (sorted set) / peak online per month
     q:{org#app}:s:<relation>:inflight             pairs added by requests still in flight (hash: claims)
-    q:{org#app}:dau:<yyyymmdd>:holds              login slots held for logins in flight (free plan)
     <set key>:dropped:<token>                     a deleted set, emptied in slices
 """
 
@@ -74,10 +73,6 @@ def pair_field(owner: str, member: str, symmetric: bool) -> str:
     # A symmetric pair (a friendship) is one field whichever side added it.
     a, b = escape(owner), escape(member)
     return f"{min(a, b)}|{max(a, b)}" if symmetric else f"{a}|{b}"
-
-
-def login_holds_key(prefix: str, day: date) -> str:
-    return f"{prefix}dau:{day:%Y%m%d}:holds"
 
 
 def trash_key(owner_key: str, token: str) -> str:

@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,9 @@ class Runtime:
         self.settings: Settings = config.settings
         self.routes = config.routes
         self.store = store
+        # The embedded store answers without I/O: called directly, not awaited (a subclass, such as
+        # a test's store with faults, may await in `run`, and is awaited).
+        self.memory = store if type(store) is MemoryStore else None
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.clients = ClientAddress(config.settings.trusted_proxies, config.settings.ipv6_prefix)
         self.ids = config.settings.identifiers
@@ -231,7 +234,9 @@ class QuotaMiddleware:
                 return
             await _Bounded(receive, settings.max_body_bytes, framed).forward(self.app, scope, send, started)
             return
-        if rule.refuse or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
+        # A WebSocket route named as an HTTP method would hold an online slot with no connection.
+        socket_only = rule.method == "WEBSOCKET"
+        if rule.refuse or socket_only or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
             await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
             return
         if rule.admin:
@@ -256,7 +261,7 @@ class QuotaMiddleware:
         rate = _tightest(outcome.rates) if settings.ratelimit_headers and outcome.rates else None
         bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
         if not plan.settles or outcome.unchecked:
-            await bounded.forward(self.app, scope, send if rate is None else _with_ratelimit(send, rate), started)
+            await bounded.forward(self.app, scope, send if rate is None else _RateHeaders(send, rate), started)
             return
         await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
@@ -348,7 +353,7 @@ class QuotaMiddleware:
     ) -> None:
         now_ms = int(started * 1000)
         # One wrapper on the answer, not two: it watches the status and adds the RateLimit headers.
-        capture = _Capture(rule.reads_response, rate)
+        capture = _Capture(send, rule.reads_response, rate)
         if rule.reads_response:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
@@ -357,7 +362,7 @@ class QuotaMiddleware:
         # re-raises across one (a segfault when a client goes away); hold it and raise it after.
         failed: BaseException | None = None
         try:
-            await bounded.forward(self.app, scope, capture.wrap(send), started)
+            await bounded.forward(self.app, scope, capture, started)
         except BaseException as exc:
             failed = exc
         # Renewed until settled, not only until answered: a removal's tombstones must outlive the
@@ -513,9 +518,12 @@ class _Bounded:
 
 
 class _Capture:
-    """Watches the answer's status and, where the route reads it, keeps a bounded copy of its body."""
+    """The send of a settled answer: watches its status and, where the route reads it, keeps a
+    bounded copy of its body. A plain callable returning the server's own awaitable, like
+    _RateHeaders."""
 
-    def __init__(self, reads: bool, rate: RateState | None = None) -> None:
+    def __init__(self, send: Send, reads: bool, rate: RateState | None = None) -> None:
+        self.send = send
         self.reads = reads
         self.rate = rate
         self.status = 0
@@ -524,26 +532,23 @@ class _Capture:
         self.size = 0
         self.overflow = False
 
-    def wrap(self, send: Send) -> Send:
-        async def capture(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.status = message["status"]
-                if self.reads:
-                    for name, value in message.get("headers", ()):
-                        if name.lower() == b"content-encoding":
-                            self.encoding = value.strip().lower()
-                if self.rate is not None:
-                    message = _with_rate_headers(message, self.rate)
-            elif self.reads and message["type"] == "http.response.body" and 200 <= self.status < 300:
-                chunk = message.get("body", b"")
-                self.size += len(chunk)
-                if self.size <= RESPONSE_CAPTURE_LIMIT:
-                    self.chunks.append(chunk)
-                else:
-                    self.overflow = True
-            await send(message)
-
-        return capture
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.reads:
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-encoding":
+                        self.encoding = value.strip().lower()
+            if self.rate is not None:
+                message = _with_rate_headers(message, self.rate)
+        elif self.reads and message["type"] == "http.response.body" and 200 <= self.status < 300:
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if self.size <= RESPONSE_CAPTURE_LIMIT:
+                self.chunks.append(chunk)
+            else:
+                self.overflow = True
+        return self.send(message)
 
     def json(self) -> Any:
         """The answer as JSON, or None when it cannot be read (too big, compressed unknowably, not JSON)."""
@@ -621,13 +626,18 @@ def _with_rate_headers(message: Message, state: RateState) -> Message:
     return message
 
 
-def _with_ratelimit(send: Send, state: RateState) -> Send:
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = _with_rate_headers(message, state)
-        await send(message)
+class _RateHeaders:
+    """The send of an allowed answer, adding the RateLimit headers to its start. A plain callable
+    that returns the server's own awaitable: no coroutine object of its own per message."""
 
-    return wrapped
+    def __init__(self, send: Send, state: RateState) -> None:
+        self.send = send
+        self.state = state
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            message = _with_rate_headers(message, self.state)
+        return self.send(message)
 
 
 def _with_header(send: Send, name: bytes, value: bytes) -> Send:

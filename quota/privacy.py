@@ -37,8 +37,11 @@ async def forget_user(
     user = (ids or IdPolicy()).canonical("user", user)
     prefix = app_prefix(appkey)
     activity_keys: list[tuple[str, str]] = []
-    for kind, part in (("days", "dau:"), ("months", "mau:")):
-        activity_keys += [(kind, key) for key in await store.scan_prefix(prefix + part)]
+    for kind, part, digits in (("days", "dau:", 8), ("months", "mau:", 6)):
+        # Only the sets themselves (dau:yyyymmdd, mau:yyyymm): another key under the prefix, such
+        # as an earlier version's login holds, is of another type, and a swap in it fails.
+        found = await store.scan_prefix(prefix + part)
+        activity_keys += [(kind, k) for k in found if len(k) == len(prefix + part) + digits and k[-digits:].isdigit()]
     total = len(routes.relations) + len(activity_keys)
     done = 0
 

@@ -294,17 +294,23 @@ class TestForget:
 
 @pytest.mark.redis
 def test_forget_user_cli(redis_server: RedisServer) -> None:
-    """`quota forget-user ORG#APP USER` reports what it removed."""
+    """`quota forget-user ORG#APP USER` reports what it removed. A key of another shape under the
+    activity prefix (the login holds an earlier version kept beside a day's DAU, a sorted set) is
+    no activity set: it was swapped as one, met WRONGTYPE and stopped the deletion partway."""
     import redis as redis_sync
 
     redis_server.flush()
     r = redis_sync.Redis(port=redis_server.port)
     r.sadd("q:{demo#pro}:s:app_users:o:demo%23pro", "zoe", "yan")
+    r.zadd("q:{demo#pro}:dau:20261001:holds", {"zoe": 1})
     r.sadd("q:{demo#pro}:dau:20261001", "zoe", "yan")
+    r.sadd("q:{demo#pro}:mau:202610", "zoe")
     r.close()
     out = run_cli("forget-user", "demo#pro", "zoe", "--json", "--redis", redis_server.url)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["memberships_removed"] == {"app_users": 1}
+    report = json.loads(out.stdout)
+    assert report["memberships_removed"] == {"app_users": 1}
+    assert report["activity_anonymised"] == {"days": 1, "months": 1}
     r = redis_sync.Redis(port=redis_server.port)
     assert r.scard("q:{demo#pro}:dau:20261001") == 2 and not r.sismember("q:{demo#pro}:dau:20261001", "zoe")
     r.close()

@@ -113,6 +113,10 @@ class MemoryStore:
         self.markers: dict[str, int] = {}
 
     async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
+        return self.decide(program, now_ms, dry)
+
+    def decide(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:
+        """`run`, without a coroutine: the middleware's store guard calls it directly."""
         ops = program.ops
         if len(ops) == 1 and isinstance(ops[0], RateOp) and not ops[0].exact and not dry:
             return self._rate_only(ops[0], now_ms)

@@ -415,9 +415,14 @@ class Outcome:
 @dataclass(init=False)
 class Program:
     ops: list[Op] = field(default_factory=list)
+    # A store's encoding of the ops, kept by the store that ran them: a read route's program is
+    # shared by every request of one client (decisions._Compiled) and sent as the same bytes, less
+    # the clock. A program's ops are never changed once it has run.
+    packed: tuple[int, bytes, bytes] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __init__(self, ops: list[Op] | None = None) -> None:
         self.ops = [] if ops is None else ops
+        self.packed = None
 
     def __bool__(self) -> bool:
         return bool(self.ops)

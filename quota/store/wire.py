@@ -51,12 +51,16 @@ _ARRAYS = tuple(b"*%d\r\n" % n for n in range(512))
 _BULKS = tuple(b"$%d\r\n" % n for n in range(512))
 
 
-def pack(command: tuple[Any, ...]) -> bytes:
-    """A command in RESP, as hiredis.pack_command packs it: str as UTF-8, bytes as they are, int in
+def array(count: int) -> bytes:
+    """RESP's header of a command of `count` arguments."""
+    return _ARRAYS[count] if count < 512 else b"*%d\r\n" % count
+
+
+def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
+    """Arguments in RESP, as hiredis.pack_command packs them: str as UTF-8, bytes as they are, int in
     decimal. Anything else is a TypeError (a float or a bool in a command is a bug upstream)."""
-    count = len(command)
-    parts: list[bytes] = [_ARRAYS[count] if count < 512 else b"*%d\r\n" % count]
-    for arg in command:
+    parts: list[bytes] = []
+    for arg in args:
         if isinstance(arg, str):
             data = arg.encode()
         elif isinstance(arg, bytes):
@@ -71,6 +75,11 @@ def pack(command: tuple[Any, ...]) -> bytes:
         parts.append(data)
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def pack(command: tuple[Any, ...]) -> bytes:
+    """A command in RESP (see `bulks`)."""
+    return array(len(command)) + bulks(command)
 
 
 class _Protocol(asyncio.Protocol):
@@ -203,36 +212,44 @@ class Wire:
         self._connecting = None
         return protocol
 
-    def _send(self, protocol: _Protocol, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """A packed command sent now, when connected: its reply's future. None: `call` connects."""
+        protocol = self._protocol
+        if protocol is None or protocol.error is not None:
+            return None
         self.sent += 1
-        return protocol.call(pack(command))
+        return protocol.call(packed)
 
     async def _checked(self, protocol: _Protocol, command: tuple[Any, ...]) -> Any:
-        reply = await self._send(protocol, command)
+        self.sent += 1
+        reply = await protocol.call(pack(command))
         if isinstance(reply, ReplyError):
             raise reply
         return reply
 
-    async def call(self, command: tuple[Any, ...]) -> Any:
-        protocol = self._protocol
-        if protocol is None or protocol.error is not None:
+    async def call(self, command: tuple[Any, ...] | bytes) -> Any:
+        """A command (or one packed already), connecting first if need be: its reply."""
+        packed = command if isinstance(command, bytes) else pack(command)
+        sent = self.send(packed)
+        if sent is None:
             self._protocol = None
-            protocol = await self._connect()
-        return await self._send(protocol, command)
+            await self._connect()
+            sent = self.send(packed)
+            if sent is None:
+                raise WireClosed("redis closed the connection")
+        return await sent
 
-    async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        protocol = self._protocol
-        if protocol is not None and protocol.error is None:
-            reply = await self._send(protocol, command)
-        else:
-            reply = await self.call(command)
+    async def evalsha(self, script: Script, packed: bytes) -> Any:
+        """An EVALSHA of `script`, packed (`script.command`, or a store's cached encoding): its reply.
+        An error reply raises ReplyError."""
+        sent = self.send(packed)
+        reply = await (sent if sent is not None else self.call(packed))
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted (or flushed its scripts): load the script and send the call again, once.
             loaded = await self.call(("SCRIPT", "LOAD", script.source))
             if isinstance(loaded, ReplyError):
                 raise loaded
-            reply = await self.call(command)
+            reply = await self.call(packed)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -247,3 +264,7 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def command(self, keys: list[str], args: list[Any]) -> bytes:
+        """EVALSHA of this script, packed."""
+        return pack(("EVALSHA", self.sha, len(keys), *keys, *args))

@@ -52,6 +52,23 @@ async def test_same_decisions_as_limits(store: Any, seed: int, limit: int) -> No
     assert 0 < sum(ours) < len(ours)
 
 
+@pytest.mark.parametrize("seed", range(2))
+async def test_one_program_sent_again_decides_each_time(store: Any, seed: int) -> None:
+    """A read route's program is built once per client and sent on each of its requests (Redis sends
+    its cached encoding): each run reads its own clock, and a dry run in between counts nothing."""
+    item = RateLimitItemPerSecond(3, 1)
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    program = Program([RateOp("q:{t}:r:again", 3, 1000, 1, "r")])
+    ours, theirs = [], []
+    for now_ms in schedule(seed, 200):
+        with mock.patch("time.time", return_value=now_ms / 1000):
+            theirs.append(await reference.hit(item, "k"))
+        await store.run(program, now_ms, dry=True)
+        ours.append((await store.run(program, now_ms)).allowed)
+    assert ours == theirs
+    assert 0 < sum(ours) < len(ours)
+
+
 async def test_refusal_reports_retry_after(store: Any) -> None:
     """A refused hit says when the next one will pass, and that hit does pass then."""
     op = RateOp("q:{t}:r:x", 3, 1000, 1, "r")

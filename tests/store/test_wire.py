@@ -65,11 +65,12 @@ async def test_noscript_reloads_once(redis_server: RedisServer) -> None:
     """After the server forgets its scripts (a restart, SCRIPT FLUSH) the call loads it and goes through."""
     wire = Wire(redis_server.url, timeout_ms=2000)
     script = Script("return ARGV[1] .. KEYS[1]")
-    assert await wire.evalsha(script, ["k"], ["v"]) == b"vk"
+    assert await wire.evalsha(script, script.command(["k"], ["v"])) == b"vk"
     await wire.call(("SCRIPT", "FLUSH"))
-    assert await wire.evalsha(script, ["k2"], ["w"]) == b"wk2"
+    assert await wire.evalsha(script, script.command(["k2"], ["w"])) == b"wk2"
     with pytest.raises(ReplyError):
-        await wire.evalsha(Script("return redis.call('NOPE')"), ["k"], [])
+        nope = Script("return redis.call('NOPE')")
+        await wire.evalsha(nope, nope.command(["k"], []))
     await wire.close()
 
 
@@ -127,7 +128,9 @@ def test_under_uvloop(redis_server: RedisServer) -> None:
         wire = Wire(redis_server.url, timeout_ms=2000)
         try:
             script = Script("return ARGV[1]")
-            return list(await asyncio.gather(*(wire.evalsha(script, ["k"], [f"u{i}"]) for i in range(200))))
+            return list(
+                await asyncio.gather(*(wire.evalsha(script, script.command(["k"], [f"u{i}"])) for i in range(200)))
+            )
         finally:
             await wire.close()
 

@@ -488,14 +488,17 @@ def _tombstone(
             assert change.members is not None
             members = select(change.members, params, body, ids)
             fields += ["rm:" + pair_field(owner, m, rel.symmetric) for m in members]
-        elif change.op == "drop":
-            fields.append("xo:" + escape(owner))
         else:
-            fields.append(("xo:" if rel.symmetric else "xm:") + escape(owner))
+            fields.append(_dropped_field(change, rel, owner))
     op = TombstoneOp(inflight_key(app.prefix, rel.name), tuple(fields), ttl_ms, rel.symmetric)
     plan.tombstones.append(op)
     plan.before.ops.append(op)
     plan.held.extend((op.inflight_key + ":due", f) for f in fields)
+
+
+def _dropped_field(change: Change, rel: Relation, owner: str) -> str:
+    """The tombstone of a whole set dropped: every pair naming `owner` on the side it is dropped from."""
+    return ("xo:" if change.op == "drop" or rel.symmetric else "xm:") + escape(owner)
 
 
 def _add(plan: RequestPlan, op: AddOp) -> None:
@@ -589,11 +592,13 @@ def after_ops(
     response: Any,
     added: tuple[tuple[str, ...], ...],
     ids: IdPolicy,
+    ttl_ms: int,
 ) -> Settlement:
     """The upstream answered 2xx: confirm this request's claims, bind reservations to the ids it
     returned, lift its tombstones and apply its removals."""
     done = Settlement(Program())
     ops = done.program.ops
+    marks: list[TombstoneOp] = []
     ops.extend(confirm_ops(plan, added))
     for index, change in plan.binds:
         op = plan.before.ops[index]
@@ -623,10 +628,18 @@ def after_ops(
                 # The first slice goes with the drop, atomically: a set of up to a slice is gone from
                 # every member's side before any other program runs. Larger ones drain after.
                 dropped, drain = drop(owner_key, reverse_prefix, owner)
+                if change.owner.source == "response":
+                    # Named only by the answer, so not marked before the upstream call (_tombstone):
+                    # marked in the drop's own script instead, and kept (renewed) until drained.
+                    field = _dropped_field(change, rel, owner)
+                    mark = TombstoneOp(inflight_key(app.prefix, rel.name), (field,), ttl_ms, rel.symmetric, False)
+                    marks.append(mark)
+                    ops.append(mark)
+                    plan.held.append((mark.inflight_key + ":due", field))
                 ops.append(dropped)
                 ops.append(drain)
                 done.drains.append(drain)
-    clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in plan.tombstones]
+    clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in [*plan.tombstones, *marks]]
     if done.drains:
         done.clears = clears
     else:

@@ -401,7 +401,10 @@ class QuotaMiddleware:
             if confirms:
                 self.guard.defer(rt, Program([*confirms]))
             return
-        done = after_ops(rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids)
+        ttl_ms = rt.settings.reservation_ttl_s * 1000
+        done = after_ops(
+            rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids, ttl_ms
+        )
         if done.unbound:
             self.metrics.error("unbound_create")
         if done.program and all(isinstance(op, ConfirmOp) for op in done.program.ops) and not done.drains:

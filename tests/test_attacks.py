@@ -27,6 +27,7 @@ from tests.helpers import (
     gateway_state,
     http_scope,
     middleware_of,
+    raw_deadlines,
     register,
     room_id,
 )
@@ -867,12 +868,13 @@ class TestDrains:
             again = await client.post(f"/{FREE}/users", json={"username": "u"})
             assert again.status_code == 200, again.text
 
-    async def test_a_batch_deletion_takes_a_small_set_out_with_its_drop(
+    async def test_a_batch_deletion_holds_its_users_until_drained(
         self, store: Any, clock: Clock, config_dir: Path
     ) -> None:
-        """Catches the drain of a batch deletion (its users named only by the answer, so no tombstone)
-        left to later scripts: a set of up to a slice leaves every friend's list in the same script
-        that drops it, so a re-add in the gap counts and the cap holds."""
+        """Catches the drain of a batch deletion (its users named only by the answer, so no tombstone
+        before the upstream call) left open to re-adds: a set of up to a slice leaves every friend's
+        list in the script that drops it, which also marks the user; a re-add waits (409) until the
+        drain is done, then counts, and the cap holds."""
         set_cap(config_dir, "free", friends_per_user=1)
         held = _HeldDrains(store)
         async with make_client(held, clock, load_config(config_dir)) as client:
@@ -881,15 +883,45 @@ class TestDrains:
             held.relation = "contacts"
             deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
             await asyncio.wait_for(held.held.wait(), 10)
+            assert await members(client, "q:{demo#free}:s:contacts:o:f") == set()
             await register(client, FREE, ["u"])
-            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
+            early = await client.post(f"/{FREE}/users/f/contacts/users/u")
+            assert early.status_code == 409 and early.json()["error"] == "conflict", early.text
             held.release.set()
             gone = await deletion
             assert gone.status_code == 200 and [e["username"] for e in gone.json()["entities"]] == ["u"]
+            assert (await client.post(f"/{FREE}/users/f/contacts/users/u")).status_code == 200
             over = await client.post(f"/{FREE}/users/f/contacts/users/x")
             assert over.status_code == 403 and over.json()["limit"] == "friends_per_user", over.text
             assert gateway_state(client, FREE).contacts["f"] == {"u"}
             assert await members(client, "q:{demo#free}:s:contacts:o:f") == {"u"}
+
+    async def test_a_batch_deletion_of_a_user_past_one_slice(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches the gap between the slices of a batch deletion (its user named only by the
+        answer, so no tombstone was written before the upstream call): a friend still holding the
+        deleted user when the first slice ran could re-add it then, count nothing, and lose it to
+        the next slice. The drop now writes the tombstone itself: the re-add waits (409)."""
+        set_cap(config_dir, "free", friends_per_user=201)
+        friends = [f"f{i:03d}" for i in range(201)]
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["u", *friends])  # u is the oldest: the batch deletes it
+            for f in friends:
+                assert (await client.post(f"/{FREE}/users/u/contacts/users/{f}")).status_code == 200
+            held.relation = "contacts"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
+            await asyncio.wait_for(held.held.wait(), 10)
+            left = [f for f in friends if "u" in await members(client, f"q:{{demo#free}}:s:contacts:o:{f}")]
+            assert len(left) == 1, left  # one slice of 200 went with the drop
+            await register(client, FREE, ["u"])
+            early = await client.post(f"/{FREE}/users/{left[0]}/contacts/users/u")
+            assert early.status_code == 409 and early.json()["error"] == "conflict", early.text
+            held.release.set()
+            assert (await deletion).status_code == 200
+            assert (await client.post(f"/{FREE}/users/{left[0]}/contacts/users/u")).status_code == 200
+            assert gateway_state(client, FREE).contacts[left[0]] == {"u"}
+            assert await members(client, f"q:{{demo#free}}:s:contacts:o:{left[0]}") == {"u"}
+            assert await members(client, "q:{demo#free}:s:contacts:o:u") == {left[0]}
 
 
 async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.AsyncClient) -> None:
@@ -942,6 +974,24 @@ class TestPathsAGatewayReadsDifferently:
                 answer = await Socket(mw, path).open()
                 assert answer["type"] == "websocket.close", (path, answer)
             assert opened == []
+
+    async def test_an_http_request_never_takes_a_connection_lease(self, store: Any, clock: Clock) -> None:
+        """Catches a plain HTTP request naming the method WEBSOCKET: it matched the connection
+        route, took an online slot (and counted a login) with no connection behind it, held until
+        the lease lapsed. A connection route is served to WebSocket connections only."""
+        seen: list[str] = []
+
+        async def upstream(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope["method"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async with make_client(store, clock, upstream=upstream) as client:
+            for method in ("WEBSOCKET", "websocket"):
+                r = await client.request(method, "/demo/free/users/bob/connection")
+                assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found", (method, r.text)
+            assert seen == []
+            assert await raw_deadlines(store, "q:{demo#free}:online") == {}
 
 
 async def test_a_history_export_on_each_side_of_a_minute_edge(store: Any, clock: Clock) -> None:

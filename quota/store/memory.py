@@ -235,7 +235,7 @@ class MemoryStore:
                     theirs = self.sets.get(op.reverse_prefix + escape(member), set())
                     if op.reverse_value not in theirs and len(theirs) + 1 > op.reverse_cap:
                         return Refusal(index, "member", len(theirs), op.reverse_cap, who=member)
-        elif isinstance(op, TombstoneOp):
+        elif isinstance(op, TombstoneOp) and op.checked:
             # A claim whose request died unanswered must not hold removals for ever.
             self._purge_claims(op.inflight_key, now_ms)
             busy = self._removal_busy(op)

@@ -120,18 +120,24 @@ class ConfirmOp:
 class TombstoneOp:
     """A removal is in flight: until it settles, adds of what it removes are refused, so a late
     removal can never erase an add that happened after the upstream removed (fields in inflight_key,
-    counted, each with a deadline in inflight_key:due, renewed while the request lives)."""
+    counted, each with a deadline in inflight_key:due, renewed while the request lives). Unchecked,
+    it is written whatever is in flight: a removal the upstream has already made, named only by its
+    answer, marked as it is applied."""
 
     inflight_key: str
     fields: tuple[str, ...]
     ttl_ms: int
     symmetric: bool = False
+    checked: bool = True
 
-    def __init__(self, inflight_key: str, fields: tuple[str, ...], ttl_ms: int, symmetric: bool = False) -> None:
+    def __init__(
+        self, inflight_key: str, fields: tuple[str, ...], ttl_ms: int, symmetric: bool = False, checked: bool = True
+    ) -> None:
         self.inflight_key = inflight_key
         self.fields = fields
         self.ttl_ms = ttl_ms
         self.symmetric = symmetric
+        self.checked = checked
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

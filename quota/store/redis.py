@@ -96,7 +96,7 @@ def _encode_op(op: Op) -> list[str | int]:
             *_pairs(op.members, op.fields),
         ]
     if isinstance(op, TombstoneOp):
-        return ["T", op.inflight_key, op.ttl_ms, int(op.symmetric), len(op.fields), *op.fields]
+        return ["T" if op.checked else "t", op.inflight_key, op.ttl_ms, int(op.symmetric), len(op.fields), *op.fields]
     if isinstance(op, ConfirmOp):
         return ["F", op.inflight_key, len(op.fields), *op.fields]
     if isinstance(op, ClearOp):

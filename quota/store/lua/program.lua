@@ -13,6 +13,7 @@
 --                                                                 refused ("busy") under a removal's tombstone
 --   T inflight ttl_ms symmetric n f*n                             tombstones of a removal in flight (refused,
 --                                                                 "busy", while an add of what it removes is)
+--   t inflight ttl_ms symmetric n f*n                             the same, unchecked (a removal already made)
 --   C inflight n f*n                                              clear them (the removal settled)
 --   F inflight n f*n                                              confirm claims (the upstream said 2xx);
 --                                                                 applied first, even when a check refuses
@@ -61,7 +62,7 @@ while i <= n_args do
       op.fields[j] = ARGV[i+11+2*j]
     end
     i = i + 12 + 2 * n
-  elseif code == "T" then
+  elseif code == "T" or code == "t" then
     op.inflight, op.ttl, op.symmetric = ARGV[i+1], tonumber(ARGV[i+2]), ARGV[i+3] == "1"
     local n = tonumber(ARGV[i+4])
     op.fields = {}
@@ -333,7 +334,7 @@ for _, op in ipairs(ops) do
     end
   elseif code == "F" then
     -- Applied before the checks (below).
-  elseif code == "T" then
+  elseif code == "T" or code == "t" then
     for _, f in ipairs(op.fields) do
       redis.call("HINCRBY", op.inflight, f, 1)
       redis.call("ZADD", op.inflight .. ":due", now + op.ttl, f)

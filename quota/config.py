@@ -487,6 +487,9 @@ class _Routes(_Checker):
         connection = bool(self.boolean(node.get("connection", False), f"{key}.connection"))
         if (login or connection) and user is None:
             self.fail(f"{key}.user", "a selector naming the user who logs in", _Said("nothing (missing key)"))
+        if connection and method != "WEBSOCKET":
+            # A lease is released when its connection closes: an HTTP request has none to close.
+            self.fail(f"{key}.connection", "true only on a WEBSOCKET route", _Said(f"a {method} route"))
         shadow = bool(self.boolean(node.get("shadow", False), f"{key}.shadow"))
         outage = node.get("outage")
         if outage not in (None, "open", "closed"):

@@ -562,13 +562,16 @@ class Settlement:
     """What a 2xx answer changes: one atomic program, which drops a deleted set and drains its first
     slice; the rest of each dropped set drained in slices; then, where sets were dropped, the
     removal's tombstones cleared, so that no add naming what is being deleted passes while a later
-    slice could still take it out again."""
+    slice could still take it out again. `unmarks` clear the tombstones the program itself writes
+    (marks): sent only if it ran, since a clear counts a tombstone down, and one without its mark
+    would lift another request's."""
 
     program: Program
     drains: list[DrainOp] = field(default_factory=list)
     # Creates whose answer named no id we could read: their slot stays taken (counted, unnamed).
     unbound: int = 0
     clears: list[Op] = field(default_factory=list)
+    unmarks: list[Op] = field(default_factory=list)
 
     def __init__(
         self,
@@ -576,11 +579,13 @@ class Settlement:
         drains: list[DrainOp] | None = None,
         unbound: int = 0,
         clears: list[Op] | None = None,
+        unmarks: list[Op] | None = None,
     ) -> None:
         self.program = program
         self.drains = [] if drains is None else drains
         self.unbound = unbound
         self.clears = [] if clears is None else clears
+        self.unmarks = [] if unmarks is None else unmarks
 
 
 def after_ops(
@@ -595,10 +600,10 @@ def after_ops(
     ttl_ms: int,
 ) -> Settlement:
     """The upstream answered 2xx: confirm this request's claims, bind reservations to the ids it
-    returned, lift its tombstones and apply its removals."""
+    returned, lift its tombstones and apply its removals. `ttl_ms`: how long a mark lasts from the
+    settlement's clock unless renewed (the plan's `held` names them for the renewals)."""
     done = Settlement(Program())
     ops = done.program.ops
-    marks: list[TombstoneOp] = []
     ops.extend(confirm_ops(plan, added))
     for index, change in plan.binds:
         op = plan.before.ops[index]
@@ -633,13 +638,13 @@ def after_ops(
                     # marked in the drop's own script instead, and kept (renewed) until drained.
                     field = _dropped_field(change, rel, owner)
                     mark = TombstoneOp(inflight_key(app.prefix, rel.name), (field,), ttl_ms, rel.symmetric, False)
-                    marks.append(mark)
+                    done.unmarks.append(ClearOp(mark.inflight_key, mark.fields))
                     ops.append(mark)
                     plan.held.append((mark.inflight_key + ":due", field))
                 ops.append(dropped)
                 ops.append(drain)
                 done.drains.append(drain)
-    clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in [*plan.tombstones, *marks]]
+    clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in plan.tombstones]
     if done.drains:
         done.clears = clears
     else:

@@ -351,13 +351,14 @@ class QuotaMiddleware:
         rate: RateState | None,
         started: float,
     ) -> None:
-        now_ms = int(started * 1000)
         # One wrapper on the answer, not two: it watches the status and adds the RateLimit headers.
         capture = _Capture(send, rule.reads_response, rate)
         if rule.reads_response:
             # The answer must be readable: ask the upstream not to compress it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
-        ticket = self.renewals.hold(rt, plan) if plan.held else 0
+        # A removal is held too, even with nothing held yet: a batch deletion marks the users its
+        # answer names (decisions.after_ops), and those marks live until its drain is done.
+        ticket = self.renewals.hold(rt, plan) if plan.held or plan.after else 0
         # No await inside the except clause: mypyc's compiled coroutine loses the exception it
         # re-raises across one (a segfault when a client goes away); hold it and raise it after.
         failed: BaseException | None = None
@@ -369,13 +370,13 @@ class QuotaMiddleware:
         # drain of the sets it dropped.
         try:
             if failed is None and not plan.tombstones:
-                await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms)
+                await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded)
             else:
                 # The client went away or the upstream raised. An answer that had already started
                 # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
                 # A removal is settled whatever happens to its request meanwhile (a server that
                 # cancels on disconnect, a shutdown): its drain done and its tombstones lifted.
-                await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded, now_ms))
+                await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded))
         finally:
             self.renewals.release(ticket)
         if failed is not None:
@@ -390,8 +391,10 @@ class QuotaMiddleware:
         verdict: _Verdict,
         capture: _Capture,
         bounded: _Bounded,
-        now_ms: int,
     ) -> None:
+        # The clock of the answer, not of the request: what this writes with a deadline (a batch
+        # deletion's marks) must last from now, however long the upstream took.
+        now_ms = int(self.clock() * 1000)
         if not 200 <= capture.status < 300 or bounded.cut:
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
@@ -410,10 +413,11 @@ class QuotaMiddleware:
         if done.program and all(isinstance(op, ConfirmOp) for op in done.program.ops) and not done.drains:
             self.guard.defer(rt, done.program)
             return
-        await self.guard.settle_or_retry(rt, done.program, now_ms)
+        settled = await self.guard.settle_or_retry(rt, done.program, now_ms)
         await self.guard.drain(rt, done.drains, now_ms)
-        if done.clears:
-            await self.guard.settle(rt, Program(done.clears), now_ms)
+        clears = done.clears + (done.unmarks if settled is not None and settled.refusal is None else [])
+        if clears:
+            await self.guard.settle(rt, Program(clears), now_ms)
 
     async def fallback_denial(self, rt: Runtime, who: str, started: float) -> Denial | None:
         """A path under no app is held to the general per-client rate: its refusal, or None."""

@@ -18,7 +18,9 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from quota.config import load_config
 from quota.decisions import SHARED_PLANS
+from quota.errors import StorageError
 from quota.gateway import create_gateway
+from quota.store.program import TombstoneOp
 from tests.conftest import Clock, make_client
 from tests.helpers import (
     SwitchedStore,
@@ -28,6 +30,7 @@ from tests.helpers import (
     http_scope,
     middleware_of,
     raw_deadlines,
+    raw_hash,
     register,
     room_id,
 )
@@ -902,16 +905,13 @@ class TestDrains:
         deleted user when the first slice ran could re-add it then, count nothing, and lose it to
         the next slice. The drop now writes the tombstone itself: the re-add waits (409)."""
         set_cap(config_dir, "free", friends_per_user=201)
-        friends = [f"f{i:03d}" for i in range(201)]
         held = _HeldDrains(store)
         async with make_client(held, clock, load_config(config_dir)) as client:
-            await register(client, FREE, ["u", *friends])  # u is the oldest: the batch deletes it
-            for f in friends:
-                assert (await client.post(f"/{FREE}/users/u/contacts/users/{f}")).status_code == 200
+            await _befriend_many(client)
             held.relation = "contacts"
             deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
             await asyncio.wait_for(held.held.wait(), 10)
-            left = [f for f in friends if "u" in await members(client, f"q:{{demo#free}}:s:contacts:o:{f}")]
+            left = await _still_friends(client)
             assert len(left) == 1, left  # one slice of 200 went with the drop
             await register(client, FREE, ["u"])
             early = await client.post(f"/{FREE}/users/{left[0]}/contacts/users/u")
@@ -922,6 +922,109 @@ class TestDrains:
             assert gateway_state(client, FREE).contacts[left[0]] == {"u"}
             assert await members(client, f"q:{{demo#free}}:s:contacts:o:{left[0]}") == {"u"}
             assert await members(client, "q:{demo#free}:s:contacts:o:u") == {left[0]}
+
+    async def test_a_slow_batch_deletion_marks_its_users_from_its_answer(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """Catches the mark written by the request's start clock (audit of 2026-12-01): a gateway
+        that answered after reservation_ttl_s got a mark already lapsed, purged by the next add,
+        and the re-add between slices counted nothing and lost its friend to the next slice."""
+        set_cap(config_dir, "free", friends_per_user=201)
+        held = _HeldDrains(store)
+        gate = _Gate(create_gateway(), lambda scope: False)
+        async with make_client(held, clock, load_config(config_dir), upstream=gate) as client:
+            await _befriend_many(client)
+            held.relation = "contacts"
+            gate.holds = lambda s: s["method"] == "DELETE" and s["path"].endswith("/users")
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            clock.advance(61)  # the gateway answers after reservation_ttl_s (60 s)
+            gate.holds = lambda s: False
+            gate.release.set()
+            await asyncio.wait_for(held.held.wait(), 10)
+            left = await _still_friends(client)
+            assert len(left) == 1, left
+            await register(client, FREE, ["u"])
+            early = await client.post(f"/{FREE}/users/{left[0]}/contacts/users/u")
+            held.release.set()
+            assert (await deletion).status_code == 200
+            assert early.status_code == 409, early.text
+
+    async def test_a_batch_deletions_mark_is_renewed_while_it_drains(
+        self, store: Any, clock: Clock, config_dir: Path
+    ) -> None:
+        """Catches the mark left to lapse (audit of 2026-12-01): a batch deletion had nothing held
+        before its upstream call, so its plan was never given to the renewals, and the mark
+        outlived the request by reservation_ttl_s at most, however long its drain took."""
+        set_cap(config_dir, "free", friends_per_user=201)
+        (config_dir / "quota.yaml").write_text("reservation_ttl_s: 1\n")
+        held = _HeldDrains(store)
+        async with make_client(held, clock, load_config(config_dir)) as client:
+            await _befriend_many(client)
+            held.relation = "contacts"
+            deletion = asyncio.ensure_future(client.delete(f"/{FREE}/users", params={"limit": "1"}))
+            await asyncio.wait_for(held.held.wait(), 10)
+            due = "q:{demo#free}:s:contacts:inflight:due"
+            first = (await raw_deadlines(store, due))["xo:u"]
+            clock.advance(0.9)
+            loop = asyncio.get_running_loop()
+            until, renewed = loop.time() + 3, False
+            while loop.time() < until and not renewed:
+                renewed = (await raw_deadlines(store, due)).get("xo:u", 0) > first + 500
+                await asyncio.sleep(0.05)
+            held.release.set()
+            assert (await deletion).status_code == 200
+            assert renewed, "the batch deletion's mark was never renewed while its drain was held"
+
+    async def test_a_mark_never_written_is_never_cleared(self, store: Any, clock: Clock) -> None:
+        """Catches a clear without its mark (audit of 2026-12-01): when the settlement that writes a
+        batch deletion's marks failed, their clears went out anyway, and a clear is a count down:
+        it took the tombstone of a single deletion of the same user still in flight."""
+        gate = _Gate(create_gateway(), lambda scope: False)
+        async with make_client(_FailsMarks(store), clock, upstream=gate) as client:
+            await register(client, FREE, ["u", "f"])
+            assert (await client.post(f"/{FREE}/users/u/contacts/users/f")).status_code == 200
+            gate.holds = lambda s: s["method"] == "DELETE" and s["path"].endswith("/users/u")
+            single = asyncio.ensure_future(client.delete(f"/{FREE}/users/u"))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            inflight = "q:{demo#free}:s:contacts:inflight"
+            assert (await raw_hash(store, inflight)).get("xo:u") == 1  # the single deletion's tombstone
+            batch = await client.delete(f"/{FREE}/users", params={"limit": "1"})
+            assert batch.status_code == 200 and [e["username"] for e in batch.json()["entities"]] == ["u"]
+            still = (await raw_hash(store, inflight)).get("xo:u")
+            gate.release.set()
+            await single
+            assert still == 1, f"the single deletion (still in flight) lost its tombstone: xo:u = {still}"
+
+
+MANY_FRIENDS = [f"f{i:03d}" for i in range(201)]
+
+
+async def _befriend_many(client: httpx.AsyncClient) -> None:
+    """u (the oldest user, the one a batch deletion of one takes) with a friend past one drain slice."""
+    await register(client, FREE, ["u", *MANY_FRIENDS])
+    for f in MANY_FRIENDS:
+        assert (await client.post(f"/{FREE}/users/u/contacts/users/{f}")).status_code == 200
+
+
+async def _still_friends(client: httpx.AsyncClient) -> list[str]:
+    return [f for f in MANY_FRIENDS if "u" in await members(client, f"q:{{demo#free}}:s:contacts:o:{f}")]
+
+
+class _FailsMarks:
+    """The test's store: the settlement carrying a batch deletion's marks fails, as a refused
+    connection would (its script never ran); everything else passes through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def run(self, program: Any, now_ms: int, dry: bool = False) -> Any:
+        if any(isinstance(op, TombstoneOp) and not op.checked for op in program.ops):
+            raise StorageError("redis: ConnectionError: connection refused")
+        return await self.inner.run(program, now_ms, dry)
 
 
 async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.AsyncClient) -> None:

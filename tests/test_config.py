@@ -123,6 +123,19 @@ def test_route_named_like_a_built_in_one(config_dir: Path, name: str) -> None:
     assert result.returncode != 0 and "routes[0].name" in result.stderr + result.stdout
 
 
+def test_connection_on_an_http_route(config_dir: Path) -> None:
+    """Catches `connection: true` accepted on an HTTP route: every plain request would take an online
+    slot under one empty connection id, never released by a close (audit of 2026-12-01)."""
+
+    def change(d: dict) -> None:
+        route = next(r for r in d["routes"] if r.get("connection"))
+        route["method"] = "GET"
+
+    edit(config_dir / "routes.yaml", change)
+    text = problems(config_dir)
+    assert ".connection: expected true only on a WEBSOCKET route, found a GET route" in text, text
+
+
 def test_route_bad_selector(config_dir: Path) -> None:
     """A change whose selector names a path parameter the route lacks is an error."""
     edit(

@@ -5,6 +5,11 @@ server), on the memory store and on Redis, from the in-process driver. `python -
 same work costs more there, since the gateway's own code and data leave quota's out of the caches,
 and both allocate toward the same garbage collections (`--gc off` shows that share).
 
+`--steps` times each stage of a read's decision on the memory store alone (the URL checks, the
+route match, the app's plan, the client's address, ids and features, the plan of store ops, the
+deny cache, the store, the metrics) beside a whole request, one request at a time: what the stages
+do not account for is the request's coroutines, the answer's wrappers and headers.
+
 `--profile read` (or write, login, flood) profiles that scenario on the memory store instead: the
 functions where quota's time goes, by own time, and how many calls one request makes. cProfile sees
 only Python functions, so it profiles the pure build (run it with QUOTA_PURE=1). For the compiled
@@ -23,12 +28,14 @@ import gc
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.harness import OwnRedis
-from benchmarks.inprocess import drive
-from benchmarks.variants import config_dir, gateway
+from benchmarks.inprocess import drive, http_scope
+from benchmarks.variants import config_dir, gateway, request_of
 from quota.config import load_config
+from quota.decisions import Denial, admit, path_denial, plan_request
 from quota.serve import build_app
 
 
@@ -65,6 +72,83 @@ def profile(scenario: str, total: int) -> None:
     stats.sort_stats("tottime").print_stats(25)
 
 
+def _us(call: Callable[[], object], total: int) -> float:
+    """µs per call, the best of three runs of `total` calls (each with the loop's own call, ~0.05 µs)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(total):
+            call()
+        best = min(best, time.perf_counter() - started)
+    return best / total * 1e6
+
+
+def steps(total: int) -> None:
+    app = build_app(load_config(config_dir("read")), upstream=trivial)
+    rt, settings = app.runtime, app.runtime.settings
+    method, path, _ = request_of("read")
+    scope = http_scope(method, path)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def requests(target: Any) -> float:
+        for _ in range(2):
+            started = time.perf_counter()
+            for _ in range(total):
+                await target(scope, receive, send)
+            spent = time.perf_counter() - started
+        return spent / total * 1e6
+
+    whole, alone = asyncio.run(requests(app)), asyncio.run(requests(trivial))
+    started = time.time()
+    today = app.today(started)
+    match = rt.routes.match(method, path)
+    found = app.app_of(rt, match, today)
+    assert found is not None and not isinstance(found, Denial)
+    address = rt.clients.address(scope)
+    params = admit(match.rule, found, match.params, address, started, rt.ids)
+    assert isinstance(params, dict)
+    client = rt.clients.key(address)
+    ttl = settings.reservation_ttl_s * 1000
+    plan = plan_request(
+        rt.routes, match.rule, found, params, None, client, 0, ids=rt.ids, lease_ttl_ms=ttl, reservation_ttl_ms=ttl
+    )
+    store, clock = rt.memory, [int(started * 1000)]
+    assert store is not None
+
+    def decide() -> object:
+        clock[0] += 1000  # a fresh window each time: always the allowed path
+        return store.decide(plan.before, clock[0])
+
+    stages = {
+        "URL checks": lambda: path_denial(scope, settings.max_url_bytes),
+        "route match": lambda: rt.routes.match(method, path),
+        "app and plan lookup": lambda: app.app_of(rt, match, today),
+        "client address and key": lambda: rt.clients.key(rt.clients.address(scope)),
+        "ids, allowlist, features": lambda: admit(match.rule, found, match.params, address, started, rt.ids),
+        "store ops (shared plan)": lambda: plan_request(
+            rt.routes, match.rule, found, params, None, client, 0, ids=rt.ids, lease_ttl_ms=ttl, reservation_ttl_ms=ttl
+        ),
+        "deny cache": lambda: rt.denials.check(plan.before, clock[0]),
+        "memory store": decide,
+        "metrics": lambda: app.metrics.decision(match.rule.name, None, found.plan.name, "allowed"),
+    }
+    print(f"read on memory, one request at a time, µs (best of 3 x {total})")
+    print(f"{'a whole request, with quota':40s} {whole:6.2f}")
+    print(f"{'the upstream alone':40s} {alone:6.2f}")
+    spent = 0.0
+    for name, call in stages.items():
+        us = _us(call, total)
+        spent += us
+        print(f"  {name:38s} {us:6.2f}")
+    print(f"  {'the stages together':38s} {spent:6.2f}")
+    print(f"  {'rest (coroutines, wrappers, headers)':38s} {whole - alone - spent:6.2f}")
+
+
 def drive_only(scenario: str, total: int, upstream: str) -> None:
     app = build_app(load_config(config_dir(scenario)), upstream=upstream_of(upstream))
     asyncio.run(drive(app, scenario, 640))
@@ -77,6 +161,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", choices=["read", "write", "login", "flood"])
     p.add_argument("--drive", choices=["read", "write", "login", "flood"])
+    p.add_argument("--steps", action="store_true", help="time each stage of a read's decision (memory store)")
     p.add_argument(
         "--loop",
         choices=["asyncio", "uvloop"],
@@ -102,6 +187,9 @@ def main() -> None:
         return
     if args.drive:
         drive_only(args.drive, args.requests, args.upstream)
+        return
+    if args.steps:
+        steps(args.requests)
         return
     redis = OwnRedis()
     try:

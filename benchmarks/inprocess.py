@@ -11,6 +11,24 @@ from typing import Any
 from benchmarks.variants import request_of
 
 
+def http_scope(method: str, path: str) -> dict[str, Any]:
+    """The scope a server would hand the app for one HTTP/1.1 request from 127.0.0.1."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
+    }
+
+
 async def drive(app: Any, scenario: str, total: int, concurrency: int = 32) -> tuple[float, float, float]:
     """(requests per second, p50 ms, p99 ms) over `total` requests from `concurrency` tasks."""
     method, path, body = request_of(scenario)
@@ -25,20 +43,7 @@ async def drive(app: Any, scenario: str, total: int, concurrency: int = 32) -> t
             p = path.rsplit("/", 1)[0] + f"/u{n % 200}"
         elif scenario == "login":
             b = json.dumps({"username": f"u{n % 2000}"}).encode()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": p,
-            "raw_path": p.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "client": ("127.0.0.1", 5000),
-            "server": ("127.0.0.1", 80),
-            "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
-        }
+        scope = http_scope(method, p)
         sent = False
 
         async def receive() -> dict[str, Any]:

@@ -117,6 +117,28 @@ def test_costs_drive_only_runs_the_scenario() -> None:
     assert out.stdout == ""
 
 
+def test_costs_steps_account_for_a_read() -> None:
+    """`python -m benchmarks.costs --steps` times each stage of a read's decision beside a whole
+    request: every stage has its figure, and the stages with the rest add up to the whole request
+    less the upstream (a stage that raised, or a sum printed wrong, fails it)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.costs", "--steps", "--requests", "500"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    figures = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in out.stdout.splitlines()[1:]}
+    stages = ["URL checks", "route match", "app and plan lookup", "client address and key"]
+    stages += ["ids, allowlist, features", "store ops (shared plan)", "deny cache", "memory store", "metrics"]
+    assert all(figures[name] > 0 for name in stages), figures
+    assert abs(sum(figures[name] for name in stages) - figures["the stages together"]) < 0.05
+    whole, alone = figures["a whole request, with quota"], figures["the upstream alone"]
+    rest = figures["rest (coroutines, wrappers, headers)"]
+    assert abs(whole - alone - figures["the stages together"] - rest) < 0.05, figures
+
+
 def _costs_lines(*options: str) -> list[str]:
     """A tiny `python -m benchmarks.costs` run: its header, then one line per scenario, each with the
     upstream's CPU and quota's on memory and on Redis."""

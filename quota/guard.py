@@ -52,21 +52,50 @@ class StoreGuard:
     async def run(
         self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
     ) -> Outcome | Denial:
+        outcome = self.at_once(rt, program, now_ms)
+        return outcome if outcome is not None else await self.call(rt, program, now_ms, counters, rule)
+
+    def at_once(self, rt: Runtime, program: Program, now_ms: int) -> Outcome | None:
+        """`run`'s outcome when it needs no await: a refusal the deny cache holds, or the memory
+        store's answer when none of the app's confirms is on its way. None: await `call`."""
         cached = rt.denials.check(program, now_ms)
         if cached is not None:
             self.metrics.local_refusals += 1
             return Outcome(cached)
+        memory = rt.memory
+        if memory is None or (self._landing and program) or not self.breaker.allow():
+            return None
+        started = time.perf_counter()
+        program = self._with_waiting(program)
+        return self._answered(rt, program, memory.decide(program, now_ms), now_ms, started)
+
+    def _answered(self, rt: Runtime, program: Program, outcome: Outcome, now_ms: int, started: float) -> Outcome:
+        self.breaker.success()
+        self.metrics.storage(time.perf_counter() - started)
+        if outcome.refusal is not None:
+            rt.denials.remember(program, outcome.refusal, now_ms)
+        return outcome
+
+    def _with_waiting(self, program: Program) -> Program:
+        if self._confirms and program:
+            waiting = self._confirms.pop(program.app_prefix(), None)
+            if waiting is not None:
+                # Appended: the program's own ops keep their indexes (a refusal names one).
+                return Program([*program.ops, *waiting[1]])
+        return program
+
+    async def call(
+        self, rt: Runtime, program: Program, now_ms: int, counters: bool, rule: RouteRule | None
+    ) -> Outcome | Denial:
+        """`run` past the deny cache: the store called behind the breaker, the outage policy if it
+        does not answer."""
         if self._landing and program:
             landing = self._landing.get(program.app_prefix())
             if landing is not None and landing[0] is not asyncio.current_task():
                 await asyncio.shield(landing[1])
         if self.breaker.allow():
             started = time.perf_counter()
-            if self._confirms and program:
-                waiting = self._confirms.pop(program.app_prefix(), None)
-                if waiting is not None:
-                    # Appended: the program's own ops keep their indexes (a refusal names one).
-                    program = Program([*program.ops, *waiting[1]])
+            program = self._with_waiting(program)
             try:
                 memory = rt.memory
                 outcome = memory.decide(program, now_ms) if memory is not None else await rt.store.run(program, now_ms)
@@ -83,11 +112,7 @@ class StoreGuard:
                 self.breaker.probing = False
                 raise
             else:
-                self.breaker.success()
-                self.metrics.storage(time.perf_counter() - started)
-                if outcome.refusal is not None:
-                    rt.denials.remember(program, outcome.refusal, now_ms)
-                return outcome
+                return self._answered(rt, program, outcome, now_ms, started)
         else:
             self._failed("breaker_open", None)
         outage = rule.outage if rule is not None else None

@@ -10,9 +10,19 @@ from typing import Any
 
 from benchmarks.variants import request_of
 
+HEADERS = [(b"host", b"bench"), (b"content-type", b"application/json")]
 
-def http_scope(method: str, path: str) -> dict[str, Any]:
-    """The scope a server would hand the app for one HTTP/1.1 request from 127.0.0.1."""
+
+def http_scope(
+    method: str,
+    path: str,
+    *,
+    peer: str = "127.0.0.1",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    raw_path: bytes | None = None,
+) -> dict[str, Any]:
+    """The scope a server hands the app for one HTTP/1.1 request from `peer` (the tests build theirs
+    here too, for requests httpx cannot send)."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -20,12 +30,12 @@ def http_scope(method: str, path: str) -> dict[str, Any]:
         "method": method,
         "scheme": "http",
         "path": path,
-        "raw_path": path.encode(),
+        "raw_path": path.encode() if raw_path is None else raw_path,
         "root_path": "",
         "query_string": b"",
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-        "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
+        "client": (peer, 40000),
+        "server": ("gateway", 80),
+        "headers": list(HEADERS) if headers is None else headers,
     }
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.inprocess import http_scope as scope_of
 from quota.errors import StorageError
 from quota.store.memory import MemoryStore
 
@@ -74,21 +75,8 @@ def http_scope(
     raw_path: bytes | None = None,
 ) -> dict[str, Any]:
     """An ASGI HTTP scope as a server builds it, for requests httpx cannot send (64 KB paths,
-    undecoded slashes, lying headers)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode() if raw_path is None else raw_path,
-        "root_path": "",
-        "query_string": b"",
-        "client": (peer, 40000),
-        "server": ("gateway", 80),
-        "headers": headers or [],
-    }
+    undecoded slashes, lying headers): from an address no test config trusts, with no headers."""
+    return scope_of(method, path, peer=peer, headers=headers or [], raw_path=raw_path)
 
 
 async def call_raw(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[dict[str, Any]]:

@@ -1036,6 +1036,17 @@ async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.Async
     assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()
 
 
+def _recording(seen: list[str], field: str) -> Any:
+    """An upstream that notes each request's `field` of its scope and answers 200."""
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope[field])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return upstream
+
+
 class TestPathsAGatewayReadsDifferently:
     """Found by the audit of 2026-11-30: nginx (in front of many gateways) merges slashes and removes
     dot segments. `/demo//free/...` was a path under no app here (the fallback rate only) and
@@ -1045,13 +1056,7 @@ class TestPathsAGatewayReadsDifferently:
         """Catches a path with an empty segment reaching the upstream: translation is not in free's
         plan, and `/demo//free/messages/translate` must not get it by the back door."""
         seen: list[str] = []
-
-        async def upstream(scope: Any, receive: Any, send: Any) -> None:
-            seen.append(scope["path"])
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"{}"})
-
-        async with make_client(store, clock, upstream=upstream) as client:
+        async with make_client(store, clock, upstream=_recording(seen, "path")) as client:
             mw = middleware_of(client)
             for path in ("/demo//free/messages/translate", "//demo/free/messages/translate", "/demo/free//users"):
                 sent = await call_raw(mw, http_scope("POST", path), b"{}")
@@ -1083,13 +1088,7 @@ class TestPathsAGatewayReadsDifferently:
         route, took an online slot (and counted a login) with no connection behind it, held until
         the lease lapsed. A connection route is served to WebSocket connections only."""
         seen: list[str] = []
-
-        async def upstream(scope: Any, receive: Any, send: Any) -> None:
-            seen.append(scope["method"])
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"{}"})
-
-        async with make_client(store, clock, upstream=upstream) as client:
+        async with make_client(store, clock, upstream=_recording(seen, "method")) as client:
             for method in ("WEBSOCKET", "websocket"):
                 r = await client.request(method, "/demo/free/users/bob/connection")
                 assert r.status_code == 404 and r.json()["error"] == "service_resource_not_found", (method, r.text)

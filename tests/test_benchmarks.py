@@ -9,15 +9,14 @@ import sys
 from tests.conftest import ROOT
 
 
+def _module(*argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m <argv>` from the checkout, as a user runs it: its exit code and output."""
+    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_quick_json_lines() -> None:
     """`python -m benchmarks --quick` prints one JSON line per scenario and variant, with every figure."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--scenarios", "write,flood", "--variants", "bare,quota-redis"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _module("benchmarks", "--quick", "--scenarios", "write,flood", "--variants", "bare,quota-redis", timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [(r["scenario"], r["variant"]) for r in rows] == [
@@ -78,22 +77,15 @@ def test_proxy_variants_run() -> None:
     """`--only proxy` serves the gateway in its own process behind quota proxy: with checks on, a
     write costs one Redis call; with them off, none (the harness measures what it says it does).
     Catches: proxy variants that do not start, or measure a proxy without quota's checks."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--only",
-            "proxy",
-            "--quick",
-            "--scenarios",
-            "write",
-            "--variants",
-            "bare,proxy-off,proxy-on",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = _module(
+        "benchmarks",
+        "--only",
+        "proxy",
+        "--quick",
+        "--scenarios",
+        "write",
+        "--variants",
+        "bare,proxy-off,proxy-on",
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
@@ -106,13 +98,7 @@ def test_proxy_variants_run() -> None:
 def test_costs_drive_only_runs_the_scenario() -> None:
     """`python -m benchmarks.costs --drive write` (the run a sampling profiler records) drives the
     scenario through quota and prints nothing; an exception on the request path fails it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.costs", "--drive", "write", "--requests", "320"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _module("benchmarks.costs", "--drive", "write", "--requests", "320", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
 
@@ -121,13 +107,7 @@ def test_costs_steps_account_for_a_read() -> None:
     """`python -m benchmarks.costs --steps` times each stage of a read's decision beside a whole
     request: every stage has its figure, and the stages with the rest add up to the whole request
     less the upstream (a stage that raised, or a sum printed wrong, fails it)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.costs", "--steps", "--requests", "500"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _module("benchmarks.costs", "--steps", "--requests", "500", timeout=120)
     assert out.returncode == 0, out.stderr
     figures = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in out.stdout.splitlines()[1:]}
     stages = ["URL checks", "route match", "app and plan lookup", "client address and key"]
@@ -142,13 +122,7 @@ def test_costs_steps_account_for_a_read() -> None:
 def _costs_lines(*options: str) -> list[str]:
     """A tiny `python -m benchmarks.costs` run: its header, then one line per scenario, each with the
     upstream's CPU and quota's on memory and on Redis."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.costs", "--rounds", "1", "--requests", "320", *options],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = _module("benchmarks.costs", "--rounds", "1", "--requests", "320", *options, timeout=180)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["read", "write", "login", "flood"]
@@ -186,11 +160,5 @@ async def test_the_noheaders_variant_differs_only_by_its_headers() -> None:
 
 def test_an_unknown_variant_is_named() -> None:
     """A misspelt variant stops the harness before anything runs, naming it (not a run without it)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--variants", "bare,quota-nohedaers"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _module("benchmarks", "--quick", "--variants", "bare,quota-nohedaers", timeout=60)
     assert out.returncode == 2 and "quota-nohedaers" in out.stderr, out.stderr

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
+from quota.errors import ConflictError
+
 # A frozen account's data is kept this long before it may be purged (seed: 6 个月).
 RETENTION_MONTHS_WHEN_FROZEN = 6
 
@@ -92,7 +94,15 @@ def add_months(day: date, months: int) -> date:
 
 
 def subscribe(account: Account, plan: str, today: date) -> Account:
-    """Subscribing takes effect at once; whatever was open ends today."""
+    """Subscribing takes effect at once, for an account with no plan in force that day (a change of
+    plan waits for the 1st of next month: `change_plan`). A month is billed on the plan in force on
+    its 1st, so a plan started over another mid-month would be served and never billed."""
+    held = account.subscription_on(today)
+    if held is not None:
+        raise ConflictError(
+            f"account {account.name!r} has plan {held.plan!r} in force on {today.isoformat()}: "
+            "change-plan switches it on the 1st of next month"
+        )
     kept = tuple(_close(s, today) for s in account.subscriptions if s.start < today)
     return replace(account, subscriptions=(*kept, Subscription(plan, today)))
 

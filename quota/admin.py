@@ -28,7 +28,7 @@ from quota.billing import bill_account
 from quota.clients import parse_hop
 from quota.config import validate_account, validate_appkey, validate_overrides
 from quota.dashboard import create_dashboard
-from quota.errors import ConfigError, StorageError, UnknownAppError
+from quota.errors import ConfigError, ConflictError, StorageError, UnknownAppError
 from quota.metering import usage_report
 from quota.privacy import forget_user
 from quota.tokens import Scope, Tokens, bearer
@@ -112,7 +112,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
                     "problems": [str(p) for p in exc.problems],
                 }
                 return JSONResponse(body, status_code=400)
-            except Conflict as exc:
+            except ConflictError as exc:
                 return _error(409, "conflict", str(exc))
             except StorageError:
                 return _error(503, "service_unavailable", "quota storage is unavailable")
@@ -273,7 +273,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         name = payload.pop("name", None)
         account = validate_account(rt.config.matrix, name, payload)
         if name in rt.directory.accounts:
-            raise Conflict(f"account {name!r} exists")
+            raise ConflictError(f"account {name!r} exists")
         _check_apps_free(rt, account.name, account.apps)
         await rt.directory.save(account)
         return JSONResponse(account.to_json(), status_code=201)
@@ -364,10 +364,6 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     )
 
 
-class Conflict(Exception):
-    pass
-
-
 def _money(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -376,7 +372,7 @@ def _check_apps_free(rt: Any, name: str, apps: tuple[str, ...]) -> None:
     for app in apps:
         holder = rt.directory.account_of(app)
         if holder is not None and holder.name != name:
-            raise Conflict(f"app {app!r} is held by account {holder.name!r}; detach it there first")
+            raise ConflictError(f"app {app!r} is held by account {holder.name!r}; detach it there first")
 
 
 def openapi(endpoints: list[Endpoint], prefix: str) -> dict[str, Any]:

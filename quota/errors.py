@@ -3,6 +3,7 @@
 QuotaError
  ├── ConfigError      a config file does not validate; carries every Problem found
  ├── UnknownAppError  no account holds this appkey
+ ├── ConflictError    a change contradicts what it applies to (an app another account holds, a plan in force)
  └── StorageError     the store did not answer (timeout, connection, script error)
 """
 
@@ -39,4 +40,8 @@ class UnknownAppError(QuotaError):
 
 
 class StorageError(QuotaError):
+    pass
+
+
+class ConflictError(QuotaError):
     pass

@@ -171,3 +171,37 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
         r = await c.get("/_quota/bills/demo-basic?month=1999-05", headers=AUTH)
         assert r.status_code == 404
         assert r.json()["error_description"] == "account 'demo-basic' had no subscription in 1999-05"
+
+
+async def test_subscribing_over_a_plan_in_force_is_refused(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a plan started over another mid-month: served at once as pro, billed on the plan in
+    force on the 1st (free, 0 元), so a month of pro for nothing. A change of plan waits for the 1st
+    of next month; subscribing is for an account with no plan in force."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=store)
+    app.clock = Clock(datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp())
+    async with asgi_client(app, base_url="http://gw") as c:
+        r = await c.post(
+            "/_quota/accounts/demo-free/subscribe", json={"plan": "pro", "date": "2027-01-02"}, headers=AUTH
+        )
+        assert r.status_code == 409 and r.json()["error"] == "conflict", r.text
+        assert "change-plan" in r.json()["error_description"]
+        await app.runtime.directory.refresh()
+        assert (await c.post("/demo/free/messages/translate", json={})).status_code == 403
+        bill = (await c.get("/_quota/bills/demo-free?month=2027-01", headers=AUTH)).json()
+        assert (bill["plan"], bill["total"]) == ("free", "0.000")
+        # The way to pro: from the 1st of next month, billed whole then.
+        r = await c.post(
+            "/_quota/accounts/demo-free/change-plan", json={"plan": "pro", "date": "2027-01-02"}, headers=AUTH
+        )
+        assert r.is_success, r.text
+        february = (await c.get("/_quota/bills/demo-free?month=2027-02", headers=AUTH)).json()
+        assert (february["plan"], february["total"]) == ("pro", "2888.000")
+        # Once the old plan is cancelled and over, a subscription starts at once, prorated.
+        assert (await c.post("/_quota/accounts/demo-free/cancel", json={"date": "2027-02-03"}, headers=AUTH)).is_success
+        r = await c.post(
+            "/_quota/accounts/demo-free/subscribe", json={"plan": "basic", "date": "2027-03-02"}, headers=AUTH
+        )
+        assert r.is_success, r.text
+        march = (await c.get("/_quota/bills/demo-free?month=2027-03", headers=AUTH)).json()
+        assert (march["plan"], march["prorated_days"], march["total"]) == ("basic", [30, 31], "859.355")

@@ -92,6 +92,17 @@ class _Verdict:
         self.body_read = False
 
 
+def _judged(verdict: _Verdict, result: Outcome | Denial, app: AppPlan) -> _Verdict:
+    if isinstance(result, Denial):
+        verdict.denial = result
+    elif result.refusal is not None:
+        assert verdict.plan is not None
+        verdict.denial = denial_for(result.refusal, verdict.plan, app)
+    else:
+        verdict.outcome = result
+    return verdict
+
+
 class QuotaMiddleware:
     def __init__(
         self,
@@ -242,7 +253,8 @@ class QuotaMiddleware:
         if rule.admin:
             await self.app(scope, receive, send)
             return
-        verdict = await self._decide(rt, match, app, address, receive, started, today)
+        decided = self._decide(rt, match, app, address, receive, started, today)
+        verdict = decided if isinstance(decided, _Verdict) else await decided
         denial = verdict.denial
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or settings.shadow):
@@ -265,9 +277,11 @@ class QuotaMiddleware:
             return
         await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
-    async def _decide(
+    def _decide(
         self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float, today: date
-    ) -> _Verdict:
+    ) -> _Verdict | Awaitable[_Verdict]:
+        """The verdict, at once when nothing needs an await (no body to read, a store that answers
+        at once); else the awaitable of it: most reads cost no coroutine of their own."""
         rule = match.rule
         verdict = _Verdict(receive, match.params)
         admitted = admit(rule, app, match.params, address, started, rt.ids)
@@ -276,22 +290,34 @@ class QuotaMiddleware:
             return verdict
         verdict.params = admitted
         if rule.needs_body or rule.holds:
-            # Read before anything is reserved: a slow body never outlives a reservation.
-            raw, verdict.receive, too_big = await _read_body(receive, rt.settings.max_body_bytes)
-            verdict.body_read = True
-            if too_big:
-                verdict.denial = _too_large(rt.settings)
+            return self._decide_on_body(rt, rule, app, address, verdict, started, today)
+        return self._planned(rt, rule, app, address, verdict, started, today)
+
+    async def _decide_on_body(
+        self, rt: Runtime, rule: RouteRule, app: AppPlan, address: str, verdict: _Verdict, started: float, today: date
+    ) -> _Verdict:
+        # Read before anything is reserved: a slow body never outlives a reservation.
+        raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.settings.max_body_bytes)
+        verdict.body_read = True
+        if too_big:
+            verdict.denial = _too_large(rt.settings)
+            return verdict
+        if rule.needs_body:
+            try:
+                verdict.body = parse_body(raw)
+            except BadInput as exc:
+                verdict.denial = Denial(400, "illegal_argument", str(exc))
                 return verdict
-            if rule.needs_body:
-                try:
-                    verdict.body = parse_body(raw)
-                except BadInput as exc:
-                    verdict.denial = Denial(400, "illegal_argument", str(exc))
-                    return verdict
+        planned = self._planned(rt, rule, app, address, verdict, started, today)
+        return planned if isinstance(planned, _Verdict) else await planned
+
+    def _planned(
+        self, rt: Runtime, rule: RouteRule, app: AppPlan, address: str, verdict: _Verdict, started: float, today: date
+    ) -> _Verdict | Awaitable[_Verdict]:
         now_ms = int(started * 1000)
         settings = rt.settings
         try:
-            verdict.plan = plan_request(
+            plan = verdict.plan = plan_request(
                 rt.routes,
                 rule,
                 app,
@@ -307,18 +333,16 @@ class QuotaMiddleware:
         except BadInput as exc:
             verdict.denial = Denial(400, "illegal_argument", str(exc))
             return verdict
-        before = verdict.plan.before
         # The guard's two halves, not `run`: a store that answers at once costs no coroutine.
-        result: Outcome | Denial | None = self.guard.at_once(rt, before, now_ms)
+        result = self.guard.at_once(rt, plan.before, now_ms)
         if result is None:
-            result = await self.guard.call(rt, before, now_ms, verdict.plan.writes, rule)
-        if isinstance(result, Denial):
-            verdict.denial = result
-        elif result.refusal is not None:
-            verdict.denial = denial_for(result.refusal, verdict.plan, app)
-        else:
-            verdict.outcome = result
-        return verdict
+            return self._asked(rt, rule, app, verdict, plan, now_ms)
+        return _judged(verdict, result, app)
+
+    async def _asked(
+        self, rt: Runtime, rule: RouteRule, app: AppPlan, verdict: _Verdict, plan: RequestPlan, now_ms: int
+    ) -> _Verdict:
+        return _judged(verdict, await self.guard.call(rt, plan.before, now_ms, plan.writes, rule), app)
 
     def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float) -> None:
         metrics, plan_name = self.metrics, app.plan.name

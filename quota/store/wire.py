@@ -56,6 +56,12 @@ def array(count: int) -> bytes:
     return _ARRAYS[count] if count < 512 else b"*%d\r\n" % count
 
 
+def bulk(data: bytes) -> bytes:
+    """One argument, bytes already, in RESP."""
+    size = len(data)
+    return b"".join((_BULKS[size] if size < 512 else b"$%d\r\n" % size, data, b"\r\n"))
+
+
 def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
     """Arguments in RESP, as hiredis.pack_command packs them: str as UTF-8, bytes as they are, int in
     decimal. Anything else is a TypeError (a float or a bool in a command is a bug upstream)."""
@@ -244,12 +250,17 @@ class Wire:
         An error reply raises ReplyError."""
         sent = self.send(packed)
         reply = await (sent if sent is not None else self.call(packed))
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # Redis restarted (or flushed its scripts): load the script and send the call again, once.
-            loaded = await self.call(("SCRIPT", "LOAD", script.source))
-            if isinstance(loaded, ReplyError):
-                raise loaded
-            reply = await self.call(packed)
+        return reply if not isinstance(reply, ReplyError) else await self.recovered(script, packed, reply)
+
+    async def recovered(self, script: Script, packed: bytes, error: ReplyError) -> Any:
+        """The reply of an EVALSHA that answered `error`: NOSCRIPT (Redis restarted, or flushed its
+        scripts) loads the script and sends the call again, once; any other error raises."""
+        if not str(error).startswith("NOSCRIPT"):
+            raise error
+        loaded = await self.call(("SCRIPT", "LOAD", script.source))
+        if isinstance(loaded, ReplyError):
+            raise loaded
+        reply = await self.call(packed)
         if isinstance(reply, ReplyError):
             raise reply
         return reply

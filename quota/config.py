@@ -328,7 +328,7 @@ class _Routes(_Checker):
         unmatched = top.get("unmatched", "refuse")
         if unmatched not in ("refuse", "rate-only"):
             self.fail("unmatched", "refuse or rate-only", unmatched)
-        defaults = self._rates(top.get("default_rates"), "default_rates")
+        defaults = self._rates(top.get("default_rates"), "default_rates", costs=False)
         rules: list[RouteRule] = []
         names: set[str] = set()
         routes_node = top.get("routes", [])
@@ -373,15 +373,28 @@ class _Routes(_Checker):
             out[str(name)] = Param(base, many)
         return out
 
-    def _rates(self, node: Any, key: str) -> tuple[RateUse, ...]:
+    def _rates(self, node: Any, key: str, costs: bool = True) -> tuple[RateUse, ...]:
+        """A route's rates (`costs`: one may count a call as the values its body names)."""
         if not isinstance(node, list):
             self.fail(key, "a list of {rate, by}", node)
             return ()
         out = []
         for i, item in enumerate(node):
-            item = self.mapping(item, f"{key}[{i}]", required=("rate", "by"), optional=("algorithm",))
+            optional = ("algorithm", "cost", "most") if costs else ("algorithm",)
+            item = self.mapping(item, f"{key}[{i}]", required=("rate", "by"), optional=optional)
             rate, by = item.get("rate"), item.get("by")
             algorithm = item.get("algorithm", "sliding")
+            cost = most = None
+            if "cost" in item:
+                cost = self._selector(item["cost"], f"{key}[{i}].cost", ("body",), set())
+                if "most" not in item:
+                    self.fail(f"{key}[{i}].most", "the most values one call may name", _Said("nothing (missing key)"))
+                    continue
+            if "most" in item:
+                if "cost" not in item:
+                    self.fail(f"{key}[{i}].most", "most only beside a cost", item["most"])
+                    continue
+                most = self.whole(item["most"], f"{key}[{i}].most", 1)
             if by not in ("ip", "app", "user"):
                 self.fail(f"{key}[{i}].by", "one of ip, app, user", by)
                 continue
@@ -391,12 +404,16 @@ class _Routes(_Checker):
                 )
                 continue
             if rate in RATE_NAMES:
-                out.append(RateUse(rate, None, None, by, algorithm))
+                out.append(RateUse(rate, None, None, by, algorithm, cost, most))
             else:
                 parsed = self.rate(rate, f"{key}[{i}].rate")
                 if parsed:
                     name = f"{parsed.amount}/{parsed.window_s}s"
-                    out.append(RateUse(name, parsed.amount, parsed.window_s, by, algorithm))
+                    if most is not None and most > parsed.amount:
+                        # A call naming more than the rate ever admits could never pass.
+                        self.fail(f"{key}[{i}].most", f"at most the rate's {parsed.amount}", most)
+                        continue
+                    out.append(RateUse(name, parsed.amount, parsed.window_s, by, algorithm, cost, most))
         return tuple(out)
 
     def _selector(self, node: Any, key: str, sources: tuple[str, ...], params: set[str]) -> Selector | None:

@@ -225,7 +225,12 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) ->
 
 
 def select(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy, response: Any = None) -> list[str]:
-    """The values a selector names, canonical; BadInput when they are missing, not strings or not ids."""
+    """The values a selector names, canonical, each once; BadInput when they are missing, not
+    strings or not ids."""
+    return list(dict.fromkeys(_named(selector, params, body, ids, response)))
+
+
+def _named(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy, response: Any) -> list[str]:
     if selector.source == "path":
         raw = params.get(selector.path[0], "")
         # Path values are canonical already (canonical_params); only declared lists hold commas.
@@ -257,7 +262,7 @@ def select(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy,
             raise BadInput(f"{selector}: {exc}") from exc
     elif any(not v or len(v) > MAX_PARAM for v in values):
         raise BadInput(f"{selector} must be 1 to {MAX_PARAM} characters")
-    return list(dict.fromkeys(values))
+    return values
 
 
 def _cap(app: AppPlan, limit: str | None) -> int:
@@ -326,12 +331,29 @@ class _Compiled:
         self.shared: dict[str, RequestPlan] | None = {} if rule.rates_only else None
 
 
-def _rate_ops(rates: tuple[tuple[RateUse, str, int, int, bool], ...], client: str, user: str | None) -> list[Op]:
+def _rate_ops(
+    rates: tuple[tuple[RateUse, str, int, int, bool], ...],
+    client: str,
+    user: str | None,
+    body: Any,
+    ids: IdPolicy,
+) -> list[Op]:
     ops: list[Op] = []
     for use, prefix, amount, window_ms, exact in rates:
         who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
-        ops.append(RateOp(prefix + escape(who), amount, window_ms, 1, use.name, exact))
+        ops.append(RateOp(prefix + escape(who), amount, window_ms, _cost(use, body, ids), use.name, exact))
     return ops
+
+
+def _cost(use: RateUse, body: Any, ids: IdPolicy) -> int:
+    """The hits one call counts: one, or one per value its cost names, as many times as named (an
+    upstream that sends to a recipient named twice sends twice)."""
+    if use.cost is None:
+        return 1
+    n = len(_named(use.cost, {}, body, ids, None))
+    if use.most is not None and n > use.most:
+        raise BadInput(f"{use.cost} names {n} values; at most {use.most} per call")
+    return n
 
 
 def plan_request(
@@ -360,10 +382,10 @@ def plan_request(
         if found is None:
             if len(shared) >= SHARED_PLANS:
                 shared.clear()
-            found = shared[client] = RequestPlan(Program(_rate_ops(compiled.rates, client, None)))
+            found = shared[client] = RequestPlan(Program(_rate_ops(compiled.rates, client, None, None, ids)))
         return found
     user = select(rule.user, params, body, ids)[0] if rule.user is not None else None
-    plan = RequestPlan(Program(_rate_ops(compiled.rates, client, user)))
+    plan = RequestPlan(Program(_rate_ops(compiled.rates, client, user, body, ids)))
     ops = plan.before.ops
     changes = rule.changes
     for i in range(len(changes)):

@@ -79,6 +79,10 @@ class RateUse:
     window_s: int | None
     by: RateKey
     algorithm: Algorithm = "sliding"
+    # A call counts as many hits as this names values (a message send: one per recipient), each
+    # call naming at most `most`; None: a call is one hit.
+    cost: Selector | None = None
+    most: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,19 +124,20 @@ class RouteRule:
     reads_response: bool = field(init=False, default=False, compare=False, repr=False)
     # Something is reserved before the upstream answers (a counter add, a free plan's login).
     holds: bool = field(init=False, default=False, compare=False, repr=False)
-    # Only rates are counted, none by user: a request's plan depends on its client alone.
+    # Only rates are counted, none by user or body: a request's plan depends on its client alone.
     rates_only: bool = field(init=False, default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         selectors = [c.owner for c in self.changes] + [c.members for c in self.changes if c.members]
         selectors += [s for s in (self.user, self.retention) if s]
+        selectors += [r.cost for r in self.rates if r.cost]
         responds = any(
             c.owner.source == "response" or (c.members and c.members.source == "response") for c in self.changes
         )
         object.__setattr__(self, "needs_body", any(s.source == "body" for s in selectors))
         object.__setattr__(self, "reads_response", responds)
         object.__setattr__(self, "holds", any(c.op == "add" for c in self.changes) or self.login)
-        only = not (self.changes or self.login or self.connection or self.user)
+        only = not (self.changes or self.login or self.connection or self.user or any(r.cost for r in self.rates))
         object.__setattr__(self, "rates_only", only)
 
 

@@ -20,8 +20,9 @@ from quota.config import load_config
 from quota.decisions import SHARED_PLANS
 from quota.errors import StorageError
 from quota.gateway import create_gateway
+from quota.serve import build_app
 from quota.store.program import TombstoneOp
-from tests.conftest import Clock, make_client
+from tests.conftest import Clock, asgi_client, make_client
 from tests.helpers import (
     SwitchedStore,
     call_raw,
@@ -1113,3 +1114,58 @@ async def test_a_history_export_on_each_side_of_a_minute_edge(store: Any, clock:
         assert 59 <= int(again.headers["retry-after"]) <= 61
         clock.advance(60)
         assert (await client.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
+
+
+class TestMessageSends:
+    """A send is held to the app's messages, one per recipient (reference: 6,000 a minute to users,
+    at most 600 a call; 100 a second to chatrooms, at most 10 a call), not only to its calls."""
+
+    @staticmethod
+    def _send(recipients: list[str]) -> dict[str, Any]:
+        return {"from": "admin", "to": recipients, "type": "txt", "body": {"msg": "x"}}
+
+    async def test_each_recipient_of_a_user_send_is_a_message(self, store: Any, clock: Clock) -> None:
+        """Catches the send counted as one call: seven calls of 1,000 recipients in a second sent
+        7,000 messages against 6,000 a minute, each call past the 600 allowed."""
+        clock.tick = 0
+        clock.now = float(int(clock.now // 60) * 60)  # the start of a minute: one window holds it all
+        async with make_client(store, clock) as client:
+            over = await client.post(f"/{FREE}/messages/users", json=self._send([f"u{i}" for i in range(601)]))
+            assert over.status_code == 400 and over.json()["error"] == "illegal_argument", over.text
+            assert "at most 600" in over.json()["error_description"]
+            batch = [f"u{i}" for i in range(600)]
+            for n in range(10):
+                r = await client.post(f"/{FREE}/messages/users", json=self._send(batch))
+                assert r.status_code == 200, (n, r.text)
+            # The 400 above counted nothing; 6,000 messages are spent, and one more is refused.
+            refused = await client.post(f"/{FREE}/messages/users", json=self._send(["u1"]))
+            assert refused.status_code == 429 and refused.json()["limit"] == "6000/60s", refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            clock.advance(120)
+            assert (await client.post(f"/{FREE}/messages/users", json=self._send(batch))).status_code == 200
+
+    async def test_recipients_named_twice_and_clients_spread_do_not_dilute_it(self, store: Any, clock: Clock) -> None:
+        """Catches recipients counted once however often named (an upstream that sends to each
+        entry sends again), and the per-app count kept per client: ten rooms a call, each named
+        ten times over two client addresses, still spend 100 messages a second."""
+        clock.tick = 0
+        clock.now = float(int(clock.now))
+        app = build_app(load_config(), store=store)
+        app.clock = clock
+        rooms = ["1001"] * 10
+        async with asgi_client(app, ("10.0.0.1", 1)) as one, asgi_client(app, ("10.0.0.2", 1)) as two:
+            for n in range(10):
+                r = await (one if n % 2 else two).post(f"/{FREE}/messages/chatrooms", json=self._send(rooms))
+                assert r.status_code == 200, (n, r.text)
+            refused = await one.post(f"/{FREE}/messages/chatrooms", json=self._send(["1002"]))
+            assert refused.status_code == 429 and refused.json()["limit"] == "100/1s", refused.text
+            over = await two.post(f"/{FREE}/messages/chatrooms", json=self._send([str(1000 + i) for i in range(11)]))
+            assert over.status_code == 400, over.text
+
+    @pytest.mark.parametrize("body", [{"to": []}, {"to": [1, 2]}, {"to": [""]}, {"msg": "no recipients"}, [1]])
+    async def test_a_send_whose_recipients_cannot_be_read_is_a_400(self, client: httpx.AsyncClient, body: Any) -> None:
+        """Catches a send whose recipients cannot be counted let through uncounted, or crashing the
+        middleware."""
+        r = await client.post(f"/{FREE}/messages/users", json=body)
+        assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
+        assert "body.to" in r.json()["error_description"]  # quota's refusal, not the gateway's

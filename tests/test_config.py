@@ -80,6 +80,36 @@ def test_bad_rate(config_dir: Path) -> None:
     assert "plans.pro.rates.rest_per_ip: expected a rate such as '100/second'" in problems(config_dir)
 
 
+@pytest.mark.parametrize(
+    ("rate", "where", "said"),
+    [
+        ({"cost": "body.to"}, "most", "expected the most values one call may name, found nothing"),
+        ({"most": 5}, "most", "expected most only beside a cost, found 5"),
+        ({"cost": "body.to", "most": 21}, "most", "expected at most the rate's 20, found 21"),
+        ({"cost": "path.org", "most": 3}, "cost", "expected a selector starting with one of body"),
+        ({"cost": "body.to", "most": 0}, "most", "expected a whole number >= 1, found 0"),
+    ],
+)
+def test_a_rate_counted_per_value_names_its_bound(config_dir: Path, rate: dict, where: str, said: str) -> None:
+    """A rate that counts a call as the values its body names needs `most` (within the rate), and a
+    body selector; `most` alone means nothing."""
+
+    def change(d: dict) -> None:
+        route = next(r for r in d["routes"] if r["name"] == "messages.groups")
+        route["rates"] = [{"rate": "20/second", "by": "app", **rate}]
+
+    edit(config_dir / "routes.yaml", change)
+    text = problems(config_dir)
+    assert "routes.yaml: routes[" in text and f"].rates[0].{where}: {said}" in text, text
+
+
+def test_default_rates_count_calls(config_dir: Path) -> None:
+    """A per-value cost in default_rates would make every route read its body: refused."""
+    edit(config_dir / "routes.yaml", lambda d: d["default_rates"][0].update(cost="body.to", most=5))
+    text = problems(config_dir)
+    assert "routes.yaml: default_rates[0].cost: expected one of the known keys (rate, by, algorithm)" in text, text
+
+
 def test_float_money(config_dir: Path) -> None:
     """Money written as a float is refused: it must stay exact."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["price"].update(monthly_fee=2888.5))

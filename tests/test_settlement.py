@@ -455,14 +455,14 @@ async def test_a_route_with_no_rates_beside_waiting_confirms(store: Any, clock: 
     request's confirms wait for a ride (an empty program has no app to carry them for)."""
     routes = config_dir / "routes.yaml"
     text = routes.read_text()
-    assert "feature: rest_user_messages}" in text
-    routes.write_text(text.replace("feature: rest_user_messages}", "feature: rest_user_messages, rates: []}"))
+    assert "feature: rest_message_recall}" in text
+    routes.write_text(text.replace("feature: rest_message_recall}", "feature: rest_message_recall, rates: []}"))
     async with make_client(store, clock, _confirm_delay(config_dir)) as client:
         await register(client, PRO, ["a", "b"])
-        alone = await client.post(f"/{PRO}/messages/users", json={})  # the gateway's own answer
+        alone = await client.post(f"/{PRO}/messages/recall", json={})  # the gateway's own answer
         assert (await client.post(f"/{PRO}/users/a/contacts/users/b")).status_code == 200
-        beside = await client.post(f"/{PRO}/messages/users", json={})
-        assert (beside.status_code, beside.json()["error"]) == (alone.status_code, alone.json()["error"])
+        beside = await client.post(f"/{PRO}/messages/recall", json={})
+        assert (beside.status_code, beside.json().get("error")) == (alone.status_code, alone.json().get("error"))
         assert set(await raw_deadlines(store, CLAIMS)) == {"a|b"}  # still waiting: nothing carried it
 
 

@@ -11,7 +11,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from quota import accounts as subs
 from quota.api import Quota
 from quota.billing import bill_account
 from quota.clients import parse_hop
-from quota.config import validate_account, validate_appkey, validate_overrides
+from quota.config import one_app_rule, plan_may_hold, validate_account, validate_appkey, validate_overrides
 from quota.dashboard import create_dashboard
 from quota.errors import ConfigError, ConflictError, StorageError, UnknownAppError
 from quota.metering import usage_report
@@ -34,6 +34,7 @@ from quota.privacy import forget_user
 from quota.tokens import Scope, Tokens, bearer
 
 if TYPE_CHECKING:
+    from quota.matrix import Plan
     from quota.middleware import QuotaMiddleware
 
 
@@ -177,7 +178,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             raise ValueError(f"plan must be a string, found {type(plan).__name__}")
         if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:
             raise ValueError(f"plan must be one of {', '.join(rt.config.matrix.plans)}")
-        updated = apply_change(account, action, plan, day)
+        updated = apply_change(account, action, plan, day, rt.config.matrix.plans)
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
@@ -283,6 +284,11 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         appkey = validate_appkey(f"{request.path_params['org']}#{request.path_params['app']}")
         _check_apps_free(rt, account.name, (appkey,))
         updated = replace(account, apps=tuple(dict.fromkeys((*account.apps, appkey))))
+        today = date.today()
+        for sub in account.subscriptions:
+            plan = rt.config.matrix.plans.get(sub.plan)
+            if (sub.end is None or sub.end > today) and plan is not None and not plan_may_hold(plan, len(updated.apps)):
+                raise ConflictError(f"account {account.name!r} holds {account.apps[0]!r}: {one_app_rule(plan)}")
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
@@ -426,7 +432,15 @@ def openapi(endpoints: list[Endpoint], prefix: str) -> dict[str, Any]:
     }
 
 
-def apply_change(account: subs.Account, action: str, plan: str | None, day: date) -> subs.Account:
+def apply_change(
+    account: subs.Account, action: str, plan: str | None, day: date, plans: Mapping[str, Plan]
+) -> subs.Account:
+    """An account after `action`; `plan` (subscribe, change-plan) is one of `plans`."""
+    chosen = plans.get(str(plan)) if action in ("subscribe", "change-plan") else None
+    if chosen is not None and not plan_may_hold(chosen, len(account.apps)):
+        raise ConflictError(
+            f"account {account.name!r} holds {len(account.apps)} apps: {one_app_rule(chosen)}; detach the others first"
+        )
     if action == "subscribe":
         return subs.subscribe(account, str(plan), day)
     if action == "change-plan":

@@ -294,7 +294,7 @@ def cmd_account(args: argparse.Namespace) -> int:
             raise KeyError(f"unknown account {args.account!r}")
         if args.action in ("subscribe", "change-plan") and args.plan not in cfg.matrix.plans:
             raise SystemExit(f"quota: {args.action} needs a plan ({', '.join(cfg.matrix.plans)})")
-        updated = apply_change(account, args.action, args.plan, day)
+        updated = apply_change(account, args.action, args.plan, day, cfg.matrix.plans)
         await directory.save(updated)
         return updated.to_json()
 

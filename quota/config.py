@@ -576,6 +576,8 @@ class _Accounts(_Checker):
                     )
                 else:
                     owner[app] = str(name)
+            if plan is not None and isinstance(apps, list) and len(apps) > 1 and not plan_may_hold(plan, len(apps)):
+                self.fail(f"{key}.apps", one_app_rule(plan), _Said(f"{len(apps)} apps"))
             overrides = self.overrides(node.get("overrides") or {}, f"{key}.overrides", plan)
             start = self._date(node.get("subscribed_on", date(2000, 1, 1)), f"{key}.subscribed_on")
             frozen = self._date(node["frozen_on"], f"{key}.frozen_on") if node.get("frozen_on") else None
@@ -768,6 +770,17 @@ class _Settings(_Checker):
 
 
 # Changes made at run time (admin API, CLI) pass the same checks, with the same messages, as accounts.yaml.
+def plan_may_hold(plan: Plan, apps: int) -> bool:
+    """Whether an account on `plan` may hold this many apps. A plan without overage holds one: its
+    included DAU are the account's (usage sums the apps' peaks), and its ceiling, held per app
+    and exact under concurrency, would let each further app add as many again."""
+    return apps <= 1 or plan.price.overage_per_10k_dau is not None
+
+
+def one_app_rule(plan: Plan) -> str:
+    return f"one app on plan {plan.name} (no overage: its {plan.price.included_dau} DAU are the account's)"
+
+
 def validate_account(matrix: Matrix, name: str, node: Any, source: str = "request body") -> Account:
     """One account in accounts.yaml's shape; raises ConfigError naming every fault."""
     problems: list[Problem] = []

@@ -41,6 +41,32 @@ async def test_lists(admin: httpx.AsyncClient) -> None:
     assert all(a["source"] == "accounts.yaml" for a in accounts)
 
 
+async def test_a_plan_without_overage_holds_one_app(admin: httpx.AsyncClient) -> None:
+    """Catches the free plan's DAU multiplied by apps: its ceiling is held per app, and usage sums
+    the apps' peaks, so each further app of a free account was another 100 DAU at 0 元. An account
+    on a plan without overage holds one app, however it would come to hold a second."""
+    free = {"name": "twins", "plan": "free", "apps": ["twins#a", "twins#b"]}
+    r = await admin.post("/_quota/accounts", json=free, headers=AUTH)
+    assert r.status_code == 400, r.text
+    said = "accounts.twins.apps: expected one app on plan free (no overage: its 100 DAU are the account's)"
+    assert r.json()["problems"] == [f"request body: {said}, found 2 apps"], r.json()
+    r = await admin.put("/_quota/accounts/demo-free/apps/demo/second", headers=AUTH)
+    assert r.status_code == 409 and "one app on plan free" in r.json()["error_description"], r.text
+    assert (await admin.get("/demo/second/users")).status_code == 404
+    # A paid account with two apps cannot move to free (now, or from the 1st) until it holds one.
+    paid = {"name": "pair", "plan": "basic", "apps": ["pair#a", "pair#b"]}
+    assert (await admin.post("/_quota/accounts", json=paid, headers=AUTH)).status_code == 201
+    for action in ("change-plan", "subscribe"):
+        r = await admin.post(f"/_quota/accounts/pair/{action}", json={"plan": "free"}, headers=AUTH)
+        assert r.status_code == 409 and "detach the others first" in r.json()["error_description"], r.text
+    assert (await admin.delete("/_quota/accounts/pair/apps/pair/b", headers=AUTH)).status_code == 200
+    r = await admin.post("/_quota/accounts/pair/change-plan", json={"plan": "free"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    # Free from the 1st: a second app now would be a second free allowance next month.
+    r = await admin.put("/_quota/accounts/pair/apps/pair/b", headers=AUTH)
+    assert r.status_code == 409, r.text
+
+
 async def test_create_attach_override(admin: httpx.AsyncClient) -> None:
     """Catches an account created through the API not enforced, an app attached twice, overrides
     outside what the plan marks custom accepted, or a read token allowed to change things."""

@@ -110,6 +110,13 @@ def test_default_rates_count_calls(config_dir: Path) -> None:
     assert "routes.yaml: default_rates[0].cost: expected one of the known keys (rate, by, algorithm)" in text, text
 
 
+def test_a_free_account_holds_one_app(config_dir: Path) -> None:
+    """Catches a free account given several apps, each with the whole free DAU allowance."""
+    edit(config_dir / "accounts.yaml", lambda d: d["accounts"]["demo-free"]["apps"].append("demo#free2"))
+    expected = "accounts.demo-free.apps: expected one app on plan free (no overage: its 100 DAU are the account's)"
+    assert f"accounts.yaml: {expected}, found 2 apps" in problems(config_dir)
+
+
 def test_float_money(config_dir: Path) -> None:
     """Money written as a float is refused: it must stay exact."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["price"].update(monthly_fee=2888.5))

@@ -26,6 +26,19 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class AppSpan:
+    """An app an account held from `start` (inclusive; None: from the first) to `end` (exclusive)."""
+
+    app: str
+    start: date | None
+    end: date
+
+
+# Detached apps' spans are kept this long for the bills of the months they cover.
+SPANS_KEPT_MONTHS = 24
+
+
+@dataclass(frozen=True)
 class Account:
     name: str
     apps: tuple[str, ...]
@@ -35,6 +48,10 @@ class Account:
     ip_allowlist: tuple[str, ...] = ()
     # SHA-256 (hex) of the token the customer signs in to the dashboard with; the token is never kept.
     dashboard_token_sha256: str | None = None
+    # The day each app attached after the account was made joined it (the others: from the first).
+    attached: dict[str, date] = field(default_factory=dict)
+    # The apps it held before, and when: a month is billed on the apps the account held that month.
+    former: tuple[AppSpan, ...] = ()
 
     def subscription_on(self, day: date) -> Subscription | None:
         for sub in self.subscriptions:
@@ -45,6 +62,16 @@ class Account:
     def plan_on(self, day: date) -> str | None:
         sub = self.subscription_on(day)
         return sub.plan if sub else None
+
+    def held_on(self, app: str, day: date) -> bool:
+        """Whether the account held `app` on `day`: its bill counts that day's activity."""
+        if app in self.apps and (app not in self.attached or self.attached[app] <= day):
+            return True
+        return any(s.app == app and (s.start is None or s.start <= day) and day < s.end for s in self.former)
+
+    def billed_apps(self) -> tuple[str, ...]:
+        """Every app a bill may count: those held now, then those held before."""
+        return tuple(dict.fromkeys((*self.apps, *(s.app for s in self.former))))
 
     @property
     def purge_after(self) -> date | None:
@@ -63,6 +90,11 @@ class Account:
             "purge_after": self.purge_after.isoformat() if self.purge_after else None,
             "ip_allowlist": list(self.ip_allowlist),
             "dashboard_token_sha256": self.dashboard_token_sha256,
+            "attached": {app: day.isoformat() for app, day in self.attached.items()},
+            "former": [
+                {"app": s.app, "start": s.start.isoformat() if s.start else None, "end": s.end.isoformat()}
+                for s in self.former
+            ],
         }
 
     @classmethod
@@ -80,6 +112,12 @@ class Account:
             frozen_on=date.fromisoformat(data["frozen_on"]) if data.get("frozen_on") else None,
             ip_allowlist=tuple(data.get("ip_allowlist") or ()),
             dashboard_token_sha256=data.get("dashboard_token_sha256"),
+            # Records stored before apps were dated hold neither.
+            attached={app: date.fromisoformat(day) for app, day in (data.get("attached") or {}).items()},
+            former=tuple(
+                AppSpan(s["app"], date.fromisoformat(s["start"]) if s["start"] else None, date.fromisoformat(s["end"]))
+                for s in data.get("former") or ()
+            ),
         )
 
 
@@ -117,6 +155,34 @@ def change_plan(account: Account, plan: str, today: date) -> Account:
 def cancel(account: Account, today: date) -> Account:
     switch = first_of_next_month(today)
     return replace(account, subscriptions=tuple(_close(s, switch) for s in account.subscriptions if s.start < switch))
+
+
+def attach(account: Account, app: str, since: date) -> Account:
+    """The account holds `app`, and its bills count the app's activity from `since`."""
+    if app in account.apps:
+        return account
+    return replace(account, apps=(*account.apps, app), attached={**account.attached, app: since})
+
+
+def detach(account: Account, app: str, today: date) -> Account:
+    """The account holds `app` no more; its bills keep the days it did, today included (the day of
+    a move is the old account's: `billed_from`)."""
+    span = AppSpan(app, account.attached.get(app), today + timedelta(days=1))
+    oldest = add_months(today, -SPANS_KEPT_MONTHS)
+    former = tuple(s for s in (*account.former, span) if s.end >= oldest and (s.start is None or s.start < s.end))
+    return replace(
+        account,
+        apps=tuple(a for a in account.apps if a != app),
+        attached={a: d for a, d in account.attached.items() if a != app},
+        former=former,
+    )
+
+
+def billed_from(accounts: list[Account], app: str, today: date) -> date | None:
+    """The first day an account that takes `app` today bills: None when no account held it before
+    (all its activity is the new one's), else the day after the last one's bills end."""
+    ends = [s.end for account in accounts for s in account.former if s.app == app]
+    return max(today, *ends) if ends else None
 
 
 def freeze(account: Account, today: date) -> Account:

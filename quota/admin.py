@@ -276,6 +276,10 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if name in rt.directory.accounts:
             raise ConflictError(f"account {name!r} exists")
         _check_apps_free(rt, account.name, account.apps)
+        # An app another account held bills here from the day after that one's bills end.
+        known = list(rt.directory.accounts.values())
+        since = {app: day for app in account.apps if (day := subs.billed_from(known, app, date.today()))}
+        account = replace(account, attached=since)
         await rt.directory.save(account)
         return JSONResponse(account.to_json(), status_code=201)
 
@@ -283,8 +287,9 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         account = account_or_404(rt, request.path_params["account"])
         appkey = validate_appkey(f"{request.path_params['org']}#{request.path_params['app']}")
         _check_apps_free(rt, account.name, (appkey,))
-        updated = replace(account, apps=tuple(dict.fromkeys((*account.apps, appkey))))
         today = date.today()
+        since = subs.billed_from(list(rt.directory.accounts.values()), appkey, today)
+        updated = subs.attach(account, appkey, since or today)
         for sub in account.subscriptions:
             plan = rt.config.matrix.plans.get(sub.plan)
             if (sub.end is None or sub.end > today) and plan is not None and not plan_may_hold(plan, len(updated.apps)):
@@ -297,7 +302,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
         if appkey not in account.apps:
             raise KeyError(f"account {account.name!r} has no app {appkey!r}")
-        updated = replace(account, apps=tuple(a for a in account.apps if a != appkey))
+        updated = subs.detach(account, appkey, date.today())
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 

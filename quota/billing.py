@@ -1,7 +1,8 @@
 """The monthly bill: fee = plan fee + excess DAU x overage price (元 per 10,000 DAU).
 
 Usage is, for each app of the account, its peak daily DAU in the month, summed over the apps
-(the seed's example: (82,370 + 17,865 - 10,000) x 0.085 + 888 = 8,557.975).
+(the seed's example: (82,370 + 17,865 - 10,000) x 0.085 + 888 = 8,557.975). An app attached or
+detached during the month counts the days the account held it.
 
 A month that starts a subscription pays the fee prorated by days used / days in the month (the
 seed). The included DAU is not prorated: it bounds a daily peak, and a day's peak is no smaller
@@ -136,8 +137,13 @@ async def bill_account(directory: Any, store: Any, name: str, year: int, month: 
     if plan_name is None:
         raise KeyError(f"account {name!r} had no subscription in {year:04d}-{month:02d}")
     peaks = []
-    for appkey in account.apps:
+    # The apps the account held in the month, each on the days it held it: an app detached (or
+    # moved to another account) before the bill is run still counts the days it was this one's.
+    for appkey in account.billed_apps():
         daily = await daily_active(store, app_prefix(appkey), year, month)
-        day, peak = max(daily.items(), key=lambda kv: (kv[1], -kv[0].toordinal()))
+        held = [(d, n) for d, n in daily.items() if account.held_on(appkey, d)]
+        if not held:
+            continue
+        day, peak = max(held, key=lambda kv: (kv[1], -kv[0].toordinal()))
         peaks.append(AppPeak(appkey, peak, day if peak else None))
     return compute_bill(directory.matrix.plans[plan_name], peaks, year, month, account=name, subscribed_on=started)

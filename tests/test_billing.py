@@ -3,12 +3,15 @@ changes over the admin API from activity that logins through the middleware reco
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
@@ -205,3 +208,49 @@ async def test_subscribing_over_a_plan_in_force_is_refused(store: Any, monkeypat
         assert r.is_success, r.text
         march = (await c.get("/_quota/bills/demo-free?month=2027-03", headers=AUTH)).json()
         assert (march["plan"], march["prorated_days"], march["total"]) == ("basic", [30, 31], "859.355")
+
+
+async def test_an_app_moved_away_stays_on_the_bill_of_the_days_it_was_held(
+    store: Any, monkeypatch: pytest.MonkeyPatch, config_dir: Path
+) -> None:
+    """Catches a bill counting the apps an account holds when it is run, not those it held: an app
+    over its included DAU, detached before the bill (and attached to another account), took its
+    usage off the bill, or was billed twice. The day of a move is the old account's; the new one
+    bills from the next day."""
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["basic"]["price"]["included_dau"] = 1
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(config_dir), store=store)
+    # The admin API dates a move by today's date: the logins happen today too.
+    app.clock = Clock(time.time(), tick=0)
+    today = datetime.now(UTC).date()
+    tomorrow = today + timedelta(days=1)
+
+    async def bill(account: str, day: date) -> dict[str, Any]:
+        r = await c.get(f"/_quota/bills/{account}?month={day:%Y-%m}", headers=AUTH)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    async with asgi_client(app, base_url="http://gw") as c:
+        await register(c, "demo/basic", ["a", "b", "c", "d", "e"])
+        for name in ("a", "b", "c"):
+            assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
+        before = await bill("demo-basic", today)
+        assert (before["usage"], before["overage"]) == (3, "0.170"), before
+        assert (await c.delete("/_quota/accounts/demo-basic/apps/demo/basic", headers=AUTH)).status_code == 200
+        after = await bill("demo-basic", today)
+        assert (after["usage"], after["overage"], after["apps"]) == (3, "0.170", before["apps"]), after
+        acme = {"name": "acme", "plan": "basic", "apps": ["demo#basic"]}
+        assert (await c.post("/_quota/accounts", json=acme, headers=AUTH)).status_code == 201
+        # Still today: the old account's day, though the app is enforced under the new one.
+        assert (await c.post("/demo/basic/token", json={"username": "d"})).status_code == 200
+        assert (await bill("demo-basic", today))["usage"] == 4
+        assert (await bill("acme", today))["usage"] == 0
+        app.clock.now += 86400
+        assert (await c.post("/demo/basic/token", json={"username": "e"})).status_code == 200
+        moved = await bill("acme", tomorrow)
+        assert moved["usage"] == 1 and moved["apps"][0]["day"] == tomorrow.isoformat(), moved
+        old = await bill("demo-basic", tomorrow)
+        assert old["usage"] == (4 if tomorrow.month == today.month else 0), old

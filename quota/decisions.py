@@ -164,11 +164,21 @@ def _odd_path(scope: MutableMapping[str, Any]) -> bool:
 
 
 def parse_body(raw: bytes) -> Any:
-    """A request body as JSON (None when empty); raises BadInput when it is not JSON."""
+    """A request body as JSON (None when empty); raises BadInput when it is not JSON, or when an
+    object names a key twice, in any case: parsers differ on which one counts (Python's json takes
+    the last; Go's encoding/json matches fields case-insensitively, `USERNAMES` or `uſernames` as
+    `usernames`), and the gateway must read the ids quota counted."""
     try:
-        return json.loads(raw) if raw else None
+        return json.loads(raw, object_pairs_hook=_object) if raw else None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput("request body is not valid JSON") from exc
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(pairs) > 1 and len({key.casefold() for key in out}) != len(pairs):
+        raise BadInput("request body names a key twice (keys are compared without case)")
+    return out
 
 
 def canonical_params(rule: RouteRule, params: dict[str, str], ids: IdPolicy) -> dict[str, str]:
@@ -208,6 +218,10 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) ->
     if rule.retention is not None:
         raw = params.get(rule.retention.path[0], "")
         try:
+            # Ten ASCII digits: strptime alone reads 9 (`202611105` as Nov 10, 05h) where a gateway
+            # may read another hour (Jan 11), older than the plan keeps.
+            if len(raw) != 10 or not (raw.isascii() and raw.isdigit()):
+                raise ValueError(raw)
             hour = datetime.strptime(raw, "%Y%m%d%H").replace(tzinfo=UTC)
         except ValueError:
             return Denial(400, "illegal_argument", f"time must be yyyyMMddHH, found {raw[:20]!r}")

@@ -385,9 +385,33 @@ class TestForwardedFor:
 
 
 class TestBodies:
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"usernames": ["a"], "USERNAMES": ["b", "c", "d"]}',  # Go's encoding/json: the last, any case
+            b'{"usernames": ["a"], "usernames": ["b", "c", "d"]}',  # most parsers: the last one
+            b'{"usernames": ["a"], "u\\u017fernames": ["b", "c", "d"]}',  # Go folds the long s to s
+        ],
+    )
+    async def test_a_key_named_twice_is_refused(self, store: Any, clock: Clock, config_dir: Path, body: bytes) -> None:
+        """Catches a body quota and a gateway read differently: quota counted the first (or the
+        exactly named) `usernames`, one member, where a gateway in Go adds the three of the last,
+        past members_per_group. Such a body is a 400 that reaches nobody."""
+        set_cap(config_dir, "free", members_per_group=3)
+        seen: list[str] = []
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["o", "a", "b", "c", "d"])
+            gid = room_id(await create_room(client, FREE, "chatgroups", "o"), "chatgroups")
+            mw = middleware_of(client)
+            mw.app = _recording(seen, "path")
+            sent = await call_raw(mw, http_scope("POST", f"/{FREE}/chatgroups/{gid}/users"), body)
+            assert sent[0]["status"] == 400, sent
+            assert b"names a key twice" in sent[1]["body"]
+            assert seen == []
+
     async def test_body_bound_on_a_route_quota_does_not_read(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches max_body_bytes applying only where quota reads the body: a big chunked upload to
-        POST /messages/users reached the upstream whole."""
+        POST /messages/recall reached the upstream whole."""
         (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
         seen = {"bytes": 0}
 
@@ -407,10 +431,10 @@ class TestBodies:
                 for _ in range(1000):
                     yield b"x" * 1000
 
-            r = await client.post(f"/{PRO}/messages/users", content=chunks())
+            r = await client.post(f"/{PRO}/messages/recall", content=chunks())
             assert r.status_code == 413 and r.json()["error"] == "request_too_large"
             assert seen["bytes"] <= 2048
-            r = await client.post(f"/{PRO}/messages/users", content=b"y" * 5000)
+            r = await client.post(f"/{PRO}/messages/recall", content=b"y" * 5000)
             assert r.status_code == 413
 
     @pytest.mark.parametrize(
@@ -1063,6 +1087,14 @@ class TestPathsAGatewayReadsDifferently:
                 sent = await call_raw(mw, http_scope("POST", path), b"{}")
                 assert sent[0]["status"] == 400, path
             assert seen == []
+
+    @pytest.mark.parametrize("hour", ["202611105", "20261110５", "2026111005 ", "+202611105", "20261110050"])
+    async def test_a_history_hour_is_ten_digits(self, client: httpx.AsyncClient, hour: str) -> None:
+        """Catches an hour quota reads one way and a gateway another: strptime took `202611105` as
+        Nov 10, 05h (inside the retention), where a lenient parser may read Jan 11, older than the
+        plan keeps."""
+        r = await client.get(f"/{PRO}/chatmessages/{hour}")
+        assert r.status_code == 400 and "yyyyMMddHH" in r.json()["error_description"], r.text
 
     async def test_a_websocket_path_with_dot_segments_is_refused(self, store: Any, clock: Clock) -> None:
         """Catches a connection past online_users and the login count: over WebSocket,

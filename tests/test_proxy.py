@@ -285,14 +285,23 @@ class TestPassThrough:
     def test_headers(self, odd_proxy: Running) -> None:
         """Hop-by-hop headers stop at the proxy both ways (RFC 9110 §7.6.1); X-Forwarded-* are set;
         the path and query arrive byte for byte.
-        Catches: hop-by-hop fields leaking, a lost client address, a re-encoded path or query."""
+        Catches: hop-by-hop fields or a method override leaking, a lost client address, a
+        re-encoded path or query."""
+        overrides = {"x-http-method-override": "DELETE", "x-http-method": "DELETE", "x-method-override": "PUT"}
         r = httpx.get(
             odd_proxy.base + "/echo?a=1&b=%2F",
-            headers={"connection": "x-secret", "x-secret": "1", "te": "trailers", "x-forwarded-for": "203.0.113.9"},
+            headers={
+                "connection": "x-secret",
+                "x-secret": "1",
+                "te": "trailers",
+                "x-forwarded-for": "203.0.113.9",
+                **overrides,
+            },
         )
         seen = r.json()
         assert seen["query"] == "a=1&b=%2F"
-        for name in ("x-secret", "te", "connection"):
+        # Method overrides too: quota checked the request's own method, not the one they name.
+        for name in ("x-secret", "te", "connection", *overrides):
             assert name not in seen["headers"]
         # The test client's peer (127.0.0.1) is trusted here: its chain is kept and extended.
         assert seen["headers"]["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]

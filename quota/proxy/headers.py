@@ -31,6 +31,9 @@ REQUEST_ONLY = frozenset({b"host", b"expect", b"content-length"})
 WEBSOCKET_HANDSHAKE = frozenset(
     {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
 )
+# A method other than the request's: quota checked the request's own (a POST add), and a gateway
+# framework honouring one of these (Express, Jersey, Rails) would do another (a DELETE, unchecked).
+METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 # Other ways a request names its client or its way in (RFC 7239 and the common de facto ones):
 # kept only from a trusted proxy, like X-Forwarded-*, so nobody else can choose what a gateway
@@ -55,7 +58,8 @@ def upstream_request_headers(
     trusted: Networks,
     websocket: bool = False,
 ) -> Headers:
-    """The client's headers less hop-by-hop ones, Host and framing, with X-Forwarded-For/Proto/Host.
+    """The client's headers less hop-by-hop ones, Host, framing and method overrides, with
+    X-Forwarded-For/Proto/Host.
 
     Forwarding headers a client sent (X-Forwarded-*, Forwarded, X-Real-IP and the like) are kept (and
     For is appended to) only when its peer address is one of quota's trusted proxies; from anyone
@@ -63,7 +67,7 @@ def upstream_request_headers(
     Content-Length is left to the client that frames the body.
     """
     raw = list(raw)
-    dropped = HOP_BY_HOP | REQUEST_ONLY | (WEBSOCKET_HANDSHAKE if websocket else frozenset())
+    dropped = HOP_BY_HOP | REQUEST_ONLY | METHOD_OVERRIDES | (WEBSOCKET_HANDSHAKE if websocket else frozenset())
     if any(name == b"connection" for name, _ in raw):
         dropped = dropped | _named_by_connection(raw)
     trusted_peer = bool(trusted) and _within(peer, trusted)

@@ -78,7 +78,7 @@ class Account:
         return add_months(self.frozen_on, RETENTION_MONTHS_WHEN_FROZEN) if self.frozen_on else None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "apps": list(self.apps),
             "overrides": dict(self.overrides),
@@ -90,12 +90,17 @@ class Account:
             "purge_after": self.purge_after.isoformat() if self.purge_after else None,
             "ip_allowlist": list(self.ip_allowlist),
             "dashboard_token_sha256": self.dashboard_token_sha256,
-            "attached": {app: day.isoformat() for app, day in self.attached.items()},
-            "former": [
+        }
+        # Only when held: a record without them hashes as it did before apps were dated (the
+        # directory's fingerprint of an accounts.yaml entry an overlay was stored over).
+        if self.attached:
+            out["attached"] = {app: day.isoformat() for app, day in self.attached.items()}
+        if self.former:
+            out["former"] = [
                 {"app": s.app, "start": s.start.isoformat() if s.start else None, "end": s.end.isoformat()}
                 for s in self.former
-            ],
-        }
+            ]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Account:
@@ -132,13 +137,14 @@ def add_months(day: date, months: int) -> date:
 
 
 def subscribe(account: Account, plan: str, today: date) -> Account:
-    """Subscribing takes effect at once, for an account with no plan in force that day (a change of
-    plan waits for the 1st of next month: `change_plan`). A month is billed on the plan in force on
+    """Subscribing takes effect at once, for an account with no plan in force that day or later (a
+    change of plan waits for the 1st of next month: `change_plan`). A month is billed on the plan in force on
     its 1st, so a plan started over another mid-month would be served and never billed."""
-    held = account.subscription_on(today)
+    # In force that day or after it (a subscribe dated before a plan that is in force would drop it).
+    held = next((s for s in account.subscriptions if s.end is None or s.end > today), None)
     if held is not None:
         raise ConflictError(
-            f"account {account.name!r} has plan {held.plan!r} in force on {today.isoformat()}: "
+            f"account {account.name!r} has plan {held.plan!r} from {held.start.isoformat()}: "
             "change-plan switches it on the 1st of next month"
         )
     kept = tuple(_close(s, today) for s in account.subscriptions if s.start < today)
@@ -179,8 +185,9 @@ def detach(account: Account, app: str, today: date) -> Account:
 
 
 def billed_from(accounts: list[Account], app: str, today: date) -> date | None:
-    """The first day an account that takes `app` today bills: None when no account held it before
-    (all its activity is the new one's), else the day after the last one's bills end."""
+    """The first day an account that takes `app` today bills, when another held it before: the day
+    after the last one's bills end. None: no account held it (nothing of its activity is billed
+    elsewhere)."""
     ends = [s.end for account in accounts for s in account.former if s.app == app]
     return max(today, *ends) if ends else None
 

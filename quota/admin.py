@@ -42,8 +42,7 @@ def _error(status: int, error: str, description: str) -> JSONResponse:
     return JSONResponse({"error": error, "error_description": description}, status_code=status)
 
 
-def _month(text: str | None) -> tuple[int, int]:
-    today = date.today()
+def _month(text: str | None, today: date) -> tuple[int, int]:
     if not text:
         return today.year, today.month
     year, _, month = text.partition("-")
@@ -86,6 +85,11 @@ class Endpoint:
 def create_admin(middleware: QuotaMiddleware) -> Starlette:
     def runtime() -> Any:
         return middleware.runtime
+
+    def today() -> date:
+        # The middleware's clock, not the system's: one notion of today for what is served and
+        # what is changed (and a test's clock drives both).
+        return middleware.today(middleware.clock())
 
     def guarded(handler: Callable[..., Any], scope: Scope = "read") -> Callable[[Request], Any]:
         async def run(request: Request) -> Response:
@@ -141,13 +145,13 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
 
     async def show_usage(request: Request, rt: Any) -> JSONResponse:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
-        if rt.directory.lookup(appkey, date.today()) is None:
+        if rt.directory.lookup(appkey, today()) is None:
             raise UnknownAppError(appkey)
-        year, month = _month(request.query_params.get("month"))
+        year, month = _month(request.query_params.get("month"), today())
         return JSONResponse(await usage_report(rt.directory, rt.store, appkey, year, month))
 
     async def show_bill(request: Request, rt: Any) -> JSONResponse:
-        year, month = _month(request.query_params.get("month"))
+        year, month = _month(request.query_params.get("month"), today())
         bill = await bill_account(rt.directory, rt.store, request.path_params["account"], year, month)
         return JSONResponse(bill.to_json())
 
@@ -171,13 +175,18 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if raw_day is not None and not isinstance(raw_day, str):
             raise ValueError(f"date must be a string YYYY-MM-DD, found {type(raw_day).__name__}")
         try:
-            day = date.fromisoformat(raw_day) if raw_day else date.today()
+            day = date.fromisoformat(raw_day) if raw_day else today()
         except ValueError as exc:
             raise ValueError(f"date must be YYYY-MM-DD, found {str(raw_day)[:20]!r}") from exc
         if plan is not None and not isinstance(plan, str):
             raise ValueError(f"plan must be a string, found {type(plan).__name__}")
         if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:
             raise ValueError(f"plan must be one of {', '.join(rt.config.matrix.plans)}")
+        first = today().replace(day=1)
+        if action in ("subscribe", "change-plan", "cancel") and day < first:
+            # A plan dated into a month already served would rewrite what that month is billed on
+            # (a cancel dated last month takes this month's bill away). The CLI may record history.
+            raise ValueError(f"date must be {first.isoformat()} or later: earlier months are served already")
         updated = apply_change(account, action, plan, day, rt.config.matrix.plans)
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
@@ -243,12 +252,12 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         return JSONResponse({"plans": plans})
 
     async def list_accounts(request: Request, rt: Any) -> JSONResponse:
-        today = date.today()
+        day = today()
         hidden = set(rt.directory.hidden_edits())
         accounts = [
             {
                 "name": acc.name,
-                "plan": acc.plan_on(today),
+                "plan": acc.plan_on(day),
                 "apps": list(acc.apps),
                 "frozen": acc.frozen_on is not None,
                 "source": ("stored" if name not in rt.directory.configured else "accounts.yaml + stored")
@@ -261,9 +270,9 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         return JSONResponse({"accounts": accounts})
 
     async def list_apps(request: Request, rt: Any) -> JSONResponse:
-        today = date.today()
+        day = today()
         apps = [
-            {"app": app, "account": acc.name, "plan": acc.plan_on(today)}
+            {"app": app, "account": acc.name, "plan": acc.plan_on(day)}
             for acc in rt.directory.accounts.values()
             for app in acc.apps
         ]
@@ -278,7 +287,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         _check_apps_free(rt, account.name, account.apps)
         # An app another account held bills here from the day after that one's bills end.
         known = list(rt.directory.accounts.values())
-        since = {app: day for app in account.apps if (day := subs.billed_from(known, app, date.today()))}
+        since = {app: day for app in account.apps if (day := subs.billed_from(known, app, today()))}
         account = replace(account, attached=since)
         await rt.directory.save(account)
         return JSONResponse(account.to_json(), status_code=201)
@@ -287,13 +296,17 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         account = account_or_404(rt, request.path_params["account"])
         appkey = validate_appkey(f"{request.path_params['org']}#{request.path_params['app']}")
         _check_apps_free(rt, account.name, (appkey,))
-        today = date.today()
-        since = subs.billed_from(list(rt.directory.accounts.values()), appkey, today)
-        updated = subs.attach(account, appkey, since or today)
+        day = today()
+        since = subs.billed_from(list(rt.directory.accounts.values()), appkey, day)
+        updated = subs.attach(account, appkey, since or day)
+        # On a plan without overage, an app held earlier this month counts too: one detached and
+        # another attached would be a second allowance within the month.
+        this_month = {s.app for s in account.former if s.end > day.replace(day=1)}
+        held = len(set(updated.apps) | this_month)
         for sub in account.subscriptions:
             plan = rt.config.matrix.plans.get(sub.plan)
-            if (sub.end is None or sub.end > today) and plan is not None and not plan_may_hold(plan, len(updated.apps)):
-                raise ConflictError(f"account {account.name!r} holds {account.apps[0]!r}: {one_app_rule(plan)}")
+            if (sub.end is None or sub.end > day) and plan is not None and not plan_may_hold(plan, held):
+                raise ConflictError(f"account {account.name!r} held another app this month: {one_app_rule(plan)}")
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
@@ -302,14 +315,14 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
         if appkey not in account.apps:
             raise KeyError(f"account {account.name!r} has no app {appkey!r}")
-        updated = subs.detach(account, appkey, date.today())
+        updated = subs.detach(account, appkey, today())
         await rt.directory.save(updated)
         return JSONResponse(updated.to_json())
 
     async def set_overrides(request: Request, rt: Any) -> JSONResponse:
         account = account_or_404(rt, request.path_params["account"])
         payload = await _payload(request, '{"members_per_group": 8000, "online_users": "unlimited"}')
-        plan = account.plan_on(date.today()) or (account.subscriptions[-1].plan if account.subscriptions else None)
+        plan = account.plan_on(today()) or (account.subscriptions[-1].plan if account.subscriptions else None)
         overrides = validate_overrides(rt.config.matrix, plan, payload)
         updated = replace(account, overrides=overrides)
         await rt.directory.save(updated)

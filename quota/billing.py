@@ -128,6 +128,18 @@ def billing_plan(account: Account, year: int, month: int) -> tuple[str | None, d
     return None, None
 
 
+async def held_daily(store: Any, account: Account, year: int, month: int) -> dict[str, dict[date, int]]:
+    """Each app the account held in the month, with its DAU on the days it held it: an app detached
+    (or moved to another account) before the bill is run still counts the days it was this one's."""
+    out = {}
+    for appkey in account.billed_apps():
+        daily = await daily_active(store, app_prefix(appkey), year, month)
+        held = {d: n for d, n in daily.items() if account.held_on(appkey, d)}
+        if held:
+            out[appkey] = held
+    return out
+
+
 async def bill_account(directory: Any, store: Any, name: str, year: int, month: int) -> Bill:
     """Bill one account's month from stored activity (its apps' daily DAU sets)."""
     account: Account | None = directory.accounts.get(name)
@@ -137,13 +149,7 @@ async def bill_account(directory: Any, store: Any, name: str, year: int, month: 
     if plan_name is None:
         raise KeyError(f"account {name!r} had no subscription in {year:04d}-{month:02d}")
     peaks = []
-    # The apps the account held in the month, each on the days it held it: an app detached (or
-    # moved to another account) before the bill is run still counts the days it was this one's.
-    for appkey in account.billed_apps():
-        daily = await daily_active(store, app_prefix(appkey), year, month)
-        held = [(d, n) for d, n in daily.items() if account.held_on(appkey, d)]
-        if not held:
-            continue
-        day, peak = max(held, key=lambda kv: (kv[1], -kv[0].toordinal()))
+    for appkey, daily in (await held_daily(store, account, year, month)).items():
+        day, peak = max(daily.items(), key=lambda kv: (kv[1], -kv[0].toordinal()))
         peaks.append(AppPeak(appkey, peak, day if peak else None))
     return compute_bill(directory.matrix.plans[plan_name], peaks, year, month, account=name, subscribed_on=started)

@@ -404,6 +404,15 @@ class _Routes(_Checker):
                 )
                 continue
             if rate in RATE_NAMES:
+                amounts: dict[int, str] = {}  # each amount, with the first plan that has it
+                for plan in self.matrix.plans.values():
+                    if rate in plan.rates:
+                        amounts.setdefault(plan.rates[rate].amount, plan.name)
+                least = min(amounts, default=None)
+                if most is not None and least is not None and most > least:
+                    # A call naming more than some plan's rate ever admits could never pass there.
+                    self.fail(f"{key}[{i}].most", f"at most plan {amounts[least]}'s {rate}, {least}", most)
+                    continue
                 out.append(RateUse(rate, None, None, by, algorithm, cost, most))
             else:
                 parsed = self.rate(rate, f"{key}[{i}].rate")
@@ -461,6 +470,8 @@ class _Routes(_Checker):
         if feature is not None and feature not in self.features:
             self.fail(f"{key}.feature", "a feature of the matrix", _Said(f"unknown feature {feature!r}"))
         rates = self._rates(node["rates"], f"{key}.rates") if "rates" in node else defaults
+        if method == "WEBSOCKET" and any(r.cost for r in rates):
+            self.fail(f"{key}.rates", "no cost on a WEBSOCKET route (a connection has no body)", node.get("rates"))
         changes = []
         for j, ch in enumerate(node.get("changes") or []):
             ck = f"{key}.changes[{j}]"

@@ -65,6 +65,12 @@ async def test_a_plan_without_overage_holds_one_app(admin: httpx.AsyncClient) ->
     # Free from the 1st: a second app now would be a second free allowance next month.
     r = await admin.put("/_quota/accounts/pair/apps/pair/b", headers=AUTH)
     assert r.status_code == 409, r.text
+    # An app held earlier this month counts too: one swapped for another is a second allowance.
+    assert (await admin.delete("/_quota/accounts/demo-free/apps/demo/free", headers=AUTH)).status_code == 200
+    r = await admin.put("/_quota/accounts/demo-free/apps/demo/other", headers=AUTH)
+    assert r.status_code == 409 and "held another app this month" in r.json()["error_description"], r.text
+    # Its own app back is no second app.
+    assert (await admin.put("/_quota/accounts/demo-free/apps/demo/free", headers=AUTH)).status_code == 200
 
 
 async def test_create_attach_override(admin: httpx.AsyncClient) -> None:
@@ -157,3 +163,21 @@ def test_accounts_cli_diff_and_reset(redis_server: RedisServer) -> None:
     assert run_cli("accounts", "reset", "demo-basic", "--redis", url).returncode == 0
     out = run_cli("accounts", "diff", "--redis", url)
     assert "no stored changes" in out.stdout
+
+
+async def test_an_overlay_stored_by_an_earlier_version_hides_no_edit(store: Any, admin: httpx.AsyncClient) -> None:
+    """Catches every overlay stored before apps were dated reported as hiding an accounts.yaml
+    edit (and logged so) once the record gained `attached` and `former`: an account's record
+    without them must hash as it did."""
+    import hashlib
+    import json
+
+    mw = admin._transport.app  # type: ignore[attr-defined]
+    entry = mw.runtime.directory.configured["demo-basic"].to_json()
+    assert "attached" not in entry and "former" not in entry
+    base = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    await store.save_account("demo-basic", {**entry, "ip_allowlist": ["10.0.0.0/8"], "base": base})
+    await mw.runtime.directory.refresh()
+    rows = (await admin.get("/_quota/accounts", headers=AUTH)).json()["accounts"]
+    row = next(a for a in rows if a["name"] == "demo-basic")
+    assert (row["source"], row["hides_yaml_edit"]) == ("accounts.yaml + stored", False), row

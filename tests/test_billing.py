@@ -136,10 +136,11 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
     named for an app with no activity, or refusals that do not say what is missing."""
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     app = build_app(load_config(), store=store)
-    app.clock = Clock(datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp())
+    app.clock = Clock(datetime(2026, 12, 10, 10, tzinfo=UTC).timestamp())
     async with asgi_client(app, base_url="http://gw") as c:
         post = c.post
         assert (await post("/_quota/accounts/demo-basic/cancel", json={"date": "2026-12-10"}, headers=AUTH)).is_success
+        app.clock.now = datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp()
         r = await post(
             "/_quota/accounts/demo-basic/subscribe", json={"plan": "basic", "date": "2027-01-02"}, headers=AUTH
         )
@@ -254,3 +255,27 @@ async def test_an_app_moved_away_stays_on_the_bill_of_the_days_it_was_held(
         assert moved["usage"] == 1 and moved["apps"][0]["day"] == tomorrow.isoformat(), moved
         old = await bill("demo-basic", tomorrow)
         assert old["usage"] == (4 if tomorrow.month == today.month else 0), old
+
+
+async def test_a_change_dated_into_a_month_served_is_refused(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a backdated change rewriting a month already served: a subscribe dated before the
+    plan in force dropped it (January served as enterprise, billed as free), a cancel dated last
+    month took this month's bill away. Over the admin API a change is dated this month or later,
+    and a subscribe is refused while any plan runs on or past its date."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=store)
+    app.clock = Clock(datetime(2027, 1, 20, 10, tzinfo=UTC).timestamp())
+    async with asgi_client(app, base_url="http://gw") as c:
+        for action, body in (
+            ("subscribe", {"plan": "free", "date": "1999-12-31"}),
+            ("change-plan", {"plan": "free", "date": "2026-12-31"}),
+            ("cancel", {"date": "2026-12-05"}),
+        ):
+            r = await c.post(f"/_quota/accounts/demo-enterprise/{action}", json=body, headers=AUTH)
+            assert r.status_code == 400 and "2027-01-01 or later" in r.json()["error_description"], (action, r.text)
+        r = await c.post(
+            "/_quota/accounts/demo-enterprise/subscribe", json={"plan": "free", "date": "2027-01-01"}, headers=AUTH
+        )
+        assert r.status_code == 409 and "change-plan" in r.json()["error_description"], r.text
+        bill = (await c.get("/_quota/bills/demo-enterprise?month=2027-01", headers=AUTH)).json()
+        assert bill["plan"] == "enterprise", bill

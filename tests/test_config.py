@@ -88,6 +88,7 @@ def test_bad_rate(config_dir: Path) -> None:
         ({"cost": "body.to", "most": 21}, "most", "expected at most the rate's 20, found 21"),
         ({"cost": "path.org", "most": 3}, "cost", "expected a selector starting with one of body"),
         ({"cost": "body.to", "most": 0}, "most", "expected a whole number >= 1, found 0"),
+        ({"rate": "rest_per_ip", "cost": "body.to", "most": 200}, "most", "expected at most plan free's rest_per_ip"),
     ],
 )
 def test_a_rate_counted_per_value_names_its_bound(config_dir: Path, rate: dict, where: str, said: str) -> None:
@@ -96,11 +97,22 @@ def test_a_rate_counted_per_value_names_its_bound(config_dir: Path, rate: dict, 
 
     def change(d: dict) -> None:
         route = next(r for r in d["routes"] if r["name"] == "messages.groups")
-        route["rates"] = [{"rate": "20/second", "by": "app", **rate}]
+        route["rates"] = [{"rate": "20/second", "by": "app"} | rate]
 
     edit(config_dir / "routes.yaml", change)
     text = problems(config_dir)
     assert "routes.yaml: routes[" in text and f"].rates[0].{where}: {said}" in text, text
+
+
+def test_a_connection_has_no_body_to_count(config_dir: Path) -> None:
+    """Catches a per-value cost on a WEBSOCKET route, which would refuse every connection."""
+
+    def change(d: dict) -> None:
+        route = next(r for r in d["routes"] if r["method"] == "WEBSOCKET")
+        route["rates"] = [{"rate": "20/second", "by": "app", "cost": "body.to", "most": 3}]
+
+    edit(config_dir / "routes.yaml", change)
+    assert "].rates: expected no cost on a WEBSOCKET route (a connection has no body)" in problems(config_dir)
 
 
 def test_default_rates_count_calls(config_dir: Path) -> None:

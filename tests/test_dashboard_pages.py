@@ -262,3 +262,39 @@ def test_request_path_imports_no_dashboard_or_terminal_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def test_the_forecast_counts_the_apps_the_bill_counts(
+    store: object, monkeypatch: pytest.MonkeyPatch, config_dir: Path
+) -> None:
+    """Catches the forecast built from the apps held now while the bill counts those held during
+    the month: an app over its included DAU, detached, left the forecast below the bill already run."""
+    import yaml
+
+    from tests.conftest import Clock
+    from tests.helpers import register
+
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["basic"]["price"]["included_dau"] = 1
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    app = build_app(load_config(config_dir), store=store)
+    app.clock = Clock(time.time(), tick=0)
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    async with asgi_client(app, base_url="http://gw") as c:
+        await register(c, "demo/basic", ["a", "b", "c"])
+        for name in ("a", "b", "c"):
+            assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
+        assert (await c.delete("/_quota/accounts/demo-basic/apps/demo/basic", headers=auth)).status_code == 200
+        bill = (await c.get("/_quota/bills/demo-basic", headers=auth)).json()
+        assert bill["total"] == "888.170", bill
+        assert (await _login(c)).status_code == 303
+        page = (await c.get(f"{BASE}/")).text
+        row = re.search(r'<tr[^>]*data-account="demo-basic"[^>]*>.*?</tr>', page, re.S)
+        assert row, page[:2000]
+        total = re.search(r'data-total="([0-9.]+)"', row.group(0))
+        forecast = re.search(r'data-forecast="([0-9.]+)"', row.group(0))
+        assert total and forecast, row.group(0)
+        assert (total.group(1), forecast.group(1)) == ("888.170", "888.170")

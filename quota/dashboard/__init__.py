@@ -59,11 +59,11 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(body, status_code=status, headers=HEADERS)
 
 
-def _month(request: Request) -> tuple[int, int]:
+def _month(request: Request, today: date) -> tuple[int, int]:
     # The admin API's parser (imported here: admin.py mounts this package, so not at the top).
     from quota.admin import _month as parse
 
-    return parse(request.query_params.get("month"))
+    return parse(request.query_params.get("month"), today)
 
 
 def _same_origin(request: Request) -> bool:
@@ -97,6 +97,10 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
 
     def tokens() -> Tokens:
         return middleware.runtime.tokens
+
+    def served_day() -> date:
+        # The middleware's clock, as the admin API's: what is served and what is shown agree.
+        return middleware.today(middleware.clock())
 
     def accounts() -> dict[str, Account]:
         return middleware.runtime.directory.accounts
@@ -175,8 +179,8 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         return Response(STYLE, media_type="text/css", headers={"cache-control": "max-age=3600"})
 
     async def overview(request: Request, rt: Any, session: sessions.Session) -> Response:
-        year, month = _month(request)
-        today = month_today(year, month, date.today())
+        year, month = _month(request, served_day())
+        today = month_today(year, month, served_day())
         shown = []
         for name in sorted(rt.directory.accounts):
             if session.sees(name):
@@ -186,8 +190,8 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
 
     async def one_app(request: Request, rt: Any, session: sessions.Session) -> Response:
         appkey = f"{request.path_params['org']}#{request.path_params['app']}"
-        year, month = _month(request)
-        today = month_today(year, month, date.today())
+        year, month = _month(request, served_day())
+        today = month_today(year, month, served_day())
         owner = rt.directory.account_of(appkey)
         if owner is None or not session.sees(owner.name):
             raise UnknownAppError(appkey)
@@ -200,8 +204,8 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         account = rt.directory.accounts.get(name)
         if account is None or not session.sees(name):
             raise KeyError(f"unknown account {name!r}")
-        year, month = _month(request)
-        today = month_today(year, month, date.today())
+        year, month = _month(request, served_day())
+        today = month_today(year, month, served_day())
         acc = await account_month(rt.directory, rt.store, account, year, month, today)
         return _html(pages.account_page(acc, year, month, base=base(request), csrf=csrf(session)))
 

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from quota.accounts import Account, first_of_next_month
-from quota.billing import AppPeak, Bill, bill_account, billing_plan, compute_bill
+from quota.billing import AppPeak, Bill, bill_account, billing_plan, compute_bill, held_daily
 from quota.display import day
 from quota.entitlements import ENTITY_COUNTERS, entitlements
 from quota.keys import app_prefix, side_prefix
@@ -147,8 +147,10 @@ def forecast_peak(daily: dict[date, int], today: date) -> int:
     mean_y = sum(y for _, y in recent) / len(recent)
     spread = sum((x - mean_x) ** 2 for x, _ in recent)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in recent) / spread
-    last_day = max(d.day for d in daily)
-    projected = max(mean_y + slope * (x - mean_x) for x in range(today.day, last_day + 1))
+    ahead = range(today.day, max(d.day for d in daily) + 1)
+    if not ahead:
+        return peak  # the days to come are not this account's (an app detached before today)
+    projected = max(mean_y + slope * (x - mean_x) for x in ahead)
     return max(peak, round(projected))
 
 
@@ -181,7 +183,9 @@ async def account_month(
     bill = forecast = None
     if plan is not None:
         bill = await bill_account(directory, store, account.name, year, month)
-        peaks = [AppPeak(a.appkey, forecast_peak(a.daily, today)) for a in apps]
+        # The apps the bill counts, on the days it counts them (not only those held now).
+        held = await held_daily(store, account, year, month)
+        peaks = [AppPeak(appkey, forecast_peak(daily, today)) for appkey, daily in held.items()]
         forecast = compute_bill(
             directory.matrix.plans[plan], peaks, year, month, account=account.name, subscribed_on=started
         )

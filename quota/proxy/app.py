@@ -8,11 +8,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.proxy.errors import BAD_FRAMING, BAD_GATEWAY, GATEWAY_TIMEOUT, TOO_LARGE, UpstreamBroken, send_error
+from quota.proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, ILLEGAL_ARGUMENT, TOO_LARGE, UpstreamBroken, send_error
 from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
 from quota.proxy.pool import Pool
 
@@ -133,11 +133,15 @@ class ProxyApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.time()
         limit = self.upstream.max_body_bytes
+        if _names_a_method(scope.get("query_string", b"")):
+            # As the method-override headers (proxy/headers.py): quota checked the request's method.
+            await send_error(ILLEGAL_ARGUMENT, "the query names a method (_method): send that method", send, started)
+            return
         unclear = _ambiguous_framing(scope["headers"])
         if unclear:
             # Two framings the upstream could read differently from the server in front: what one
             # takes for the end of a body the other may take for a second request nobody checked.
-            await send_error(BAD_FRAMING, unclear, send, started)
+            await send_error(ILLEGAL_ARGUMENT, unclear, send, started)
             return
         declared = _content_length(scope["headers"])
         if declared is not None and declared > limit:
@@ -155,7 +159,8 @@ class ProxyApp:
                 await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
                 return
             except _WrongLength:
-                await send_error(BAD_FRAMING, "the request body is not as long as its Content-Length", send, started)
+                wrong = "the request body is not as long as its Content-Length"
+                await send_error(ILLEGAL_ARGUMENT, wrong, send, started)
                 return
             except _ClientGone:
                 return
@@ -199,6 +204,15 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> str:
     if lengths and not lengths[0].isdigit():
         return "a Content-Length that is not a number"
     return ""
+
+
+def _names_a_method(query: bytes) -> bool:
+    """Whether a query carries `_method=` (Express's method-override, Laravel, Symfony), in any case
+    and however escaped."""
+    if b"method" not in query.lower() and b"%" not in query:
+        return False
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return any(name.strip().lower() == "_method" for name, _ in pairs)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -17,7 +17,7 @@ class UpstreamBroken(Exception):
 BAD_GATEWAY = (502, "bad_gateway", "QuotaBadGatewayException")
 GATEWAY_TIMEOUT = (504, "gateway_timeout", "QuotaGatewayTimeoutException")
 TOO_LARGE = (413, "request_too_large", "QuotaRequestTooLargeException")
-BAD_FRAMING = (400, "illegal_argument", "QuotaIllegalArgumentException")
+ILLEGAL_ARGUMENT = (400, "illegal_argument", "QuotaIllegalArgumentException")
 
 
 async def send_error(kind: tuple[int, str, str], description: str, send: Send, started: float) -> None:

@@ -10,11 +10,12 @@ import hashlib
 import ipaddress
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
 
 from quota.accounts import Account
+from quota.errors import ConflictError
 from quota.keys import app_prefix
 from quota.matrix import LimitValue, Matrix, Plan
 from quota.store import Store
@@ -154,12 +155,22 @@ class Directory:
         return {"fields": changes, "hides_a_yaml_edit": name in self.hidden_edits()}
 
     async def reset(self, name: str) -> bool:
-        """Drop the stored overlay of an account: accounts.yaml applies again (or the account goes)."""
+        """Drop the stored overlay of an account: accounts.yaml applies again (or the account goes),
+        keeping the dated history of apps it held (its bills count them). ConflictError when an app
+        the file gives it is another account's now: two accounts would hold it."""
         if self.store is None or name not in self.stored:
             return False
+        configured, kept = self.configured.get(name), self._accounts[name]
+        for app in configured.apps if configured is not None else ():
+            holder = self.account_of(app)
+            if holder is not None and holder.name != name:
+                raise ConflictError(f"accounts.yaml gives {name!r} the app {app!r}, which {holder.name!r} holds now")
         await self.store.delete_account(name)
         self._warned.discard(name)
         await self.refresh()
+        if configured is not None and kept.former:
+            dated = {app: day for app, day in kept.attached.items() if app in configured.apps}
+            await self.save(replace(configured, former=kept.former, attached=dated))
         return True
 
     async def save(self, account: Account) -> None:

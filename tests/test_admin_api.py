@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,9 @@ import yaml
 from starlette.routing import Route
 
 from quota.config import load_config
-from tests.conftest import Clock, RedisServer, make_client, run_cli
+from quota.serve import build_app
+from tests.conftest import Clock, RedisServer, asgi_client, make_client, run_cli
+from tests.helpers import register
 
 TOKEN = "admin-api-token-0123456789"
 READ = "admin-api-read-0123456789"
@@ -181,3 +185,29 @@ async def test_an_overlay_stored_by_an_earlier_version_hides_no_edit(store: Any,
     rows = (await admin.get("/_quota/accounts", headers=AUTH)).json()["accounts"]
     row = next(a for a in rows if a["name"] == "demo-basic")
     assert (row["source"], row["hides_yaml_edit"]) == ("accounts.yaml + stored", False), row
+
+
+async def test_resetting_an_overlay_keeps_the_bills_and_one_holder(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a reset of stored changes taking a detached app's days off the account's bills (its
+    dated history was in the overlay), and giving back an app another account holds now."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=store)
+    app.clock = Clock(time.time(), tick=0)
+    month = datetime.now(UTC).strftime("%Y-%m")
+    async with asgi_client(app, base_url="http://gw") as c:
+        assert (await c.put("/_quota/accounts/demo-pro/apps/demo/extra", headers=AUTH)).status_code == 200
+        await register(c, "demo/extra", ["a", "b"])
+        for name in ("a", "b"):
+            assert (await c.post("/demo/extra/token", json={"username": name})).status_code == 200
+        assert (await c.delete("/_quota/accounts/demo-pro/apps/demo/extra", headers=AUTH)).status_code == 200
+        assert (await c.delete("/_quota/accounts/demo-pro/apps/demo/pro", headers=AUTH)).status_code == 200
+        acme = {"name": "acme", "plan": "pro", "apps": ["demo#pro"]}
+        assert (await c.post("/_quota/accounts", json=acme, headers=AUTH)).status_code == 201
+        r = await c.delete("/_quota/accounts/demo-pro/overlay", headers=AUTH)
+        assert r.status_code == 409 and "'acme' holds now" in r.json()["error_description"], r.text
+        assert (await c.delete("/_quota/accounts/acme/apps/demo/pro", headers=AUTH)).status_code == 200
+        assert (await c.delete("/_quota/accounts/demo-pro/overlay", headers=AUTH)).status_code == 200
+        account = (await c.get("/_quota/accounts/demo-pro", headers=AUTH)).json()
+        assert account["apps"] == ["demo#pro"], account
+        bill = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=AUTH)).json()
+        assert {a["app"]: a["peak_dau"] for a in bill["apps"]}.get("demo#extra") == 2, bill

@@ -77,6 +77,7 @@ class RateCheck:
     window_s: float
     exact: bool
     remaining: int | None  # after this request, if it were counted; None when it is over
+    cost: int = 1  # the hits this request counts (a send: one per recipient)
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class Quota:
             alone = await rt.store.run(Program([op]), now_ms, dry=True)
             if isinstance(op, RateOp):
                 remaining = alone.rates[0].remaining if alone.refusal is None and alone.rates else None
-                rates.append(RateCheck(op.name, op.limit, op.window_ms / 1000, op.exact, remaining))
+                rates.append(RateCheck(op.name, op.limit, op.window_ms / 1000, op.exact, remaining, op.cost))
             elif isinstance(op, AddOp) and op.limit:
                 cap = None if op.cap < 0 else op.cap
                 if alone.refusal is not None:

@@ -415,7 +415,8 @@ def explanation(found: Any) -> str:
     for r in found.rates:
         left = "none left" if r.remaining is None else f"{r.remaining} left after this one"
         kind = "exact" if r.exact else "sliding"
-        lines.append(f"  rate      {r.name}: {r.limit} per {r.window_s:g} s ({kind}), {left}")
+        counts = "" if r.cost == 1 else f", this one counts {r.cost}"
+        lines.append(f"  rate      {r.name}: {r.limit} per {r.window_s:g} s ({kind}){counts}, {left}")
     for c in found.counters:
         cap = "no cap" if c.cap is None else f"cap {c.cap}"
         lines.append(f"  counter   {c.limit}: {c.used} used, {cap}, this request adds {c.adding}")

@@ -117,6 +117,11 @@ async def test_explain_predicts_the_decision(admin: httpx.AsyncClient, clock: Cl
     rate = await _same(admin, "GET", f"/{PRO}/chatmessages/{fresh}")
     assert rate["decision"]["status"] == 429 and rate["decision"]["retry_after_s"] >= 1
     assert rate["rates"][0]["name"] == "history_export_per_app" and rate["rates"][0]["remaining"] is None
+    # A send counts one per recipient, named twice or not.
+    send = await _same(admin, "POST", f"/{FREE}/messages/users", {"from": "a", "to": ["b", "c", "c"], "body": {}})
+    assert {"name": "6000/60s", "limit": 6000, "window_s": 60.0, "exact": False, "remaining": 5997, "cost": 3} in send[
+        "rates"
+    ], send
     # Explaining twice changes nothing: the join is still the same size.
     again = await _explain(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["c"]})
     assert {"limit": "members_per_group", "cap": 100, "used": 2, "adding": 1} in again["counters"]

@@ -148,7 +148,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if rt.directory.lookup(appkey, today()) is None:
             raise UnknownAppError(appkey)
         year, month = _month(request.query_params.get("month"), today())
-        return JSONResponse(await usage_report(rt.directory, rt.store, appkey, year, month))
+        return JSONResponse(await usage_report(rt.directory, rt.store, appkey, year, month, today()))
 
     async def show_bill(request: Request, rt: Any) -> JSONResponse:
         year, month = _month(request.query_params.get("month"), today())
@@ -336,7 +336,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     async def reset_overlay(request: Request, rt: Any) -> JSONResponse:
         name = request.path_params["account"]
         account_or_404(rt, name)
-        if not await rt.directory.reset(name):
+        if not await rt.directory.reset(name, today()):
             raise KeyError(f"account {name!r} has no stored changes")
         return JSONResponse({"account": name, "reset": True})
 

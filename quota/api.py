@@ -239,7 +239,7 @@ class Quota:
     async def usage(self, appkey: str, month: str | None = None) -> UsageReport:
         today = self._today()
         year, mon = (int(month[:4]), int(month[5:7])) if month else (today.year, today.month)
-        raw = await usage_report(self.runtime.directory, self.runtime.store, appkey, year, mon)
+        raw = await usage_report(self.runtime.directory, self.runtime.store, appkey, year, mon, today)
         limits = {k: Usage(v["used"], v["limit"], v["remaining"]) for k, v in raw["limits"].items()}  # type: ignore[attr-defined]
         return UsageReport(
             app=appkey,

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,14 @@ def _print(data: Any, as_json: bool) -> None:
         print(out.record_text(data, out.symbols()))
 
 
+def utc_today() -> date:
+    """The CLI's today: UTC, as the middleware's clock counts days (not the shell's local date)."""
+    return datetime.now(UTC).date()
+
+
 def _month(text: str | None) -> tuple[int, int]:
     if not text:
-        today = date.today()
+        today = utc_today()
         return today.year, today.month
     try:
         year, month = (int(x) for x in text.split("-"))
@@ -156,7 +161,7 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         if args.action == "reset":
             if not args.name:
                 raise ValueError("accounts reset needs an account name")
-            if not await directory.reset(args.name):
+            if not await directory.reset(args.name, utc_today()):
                 raise KeyError(f"account {args.name!r} has no stored changes")
             return {"account": args.name, "reset": True}
         names = [args.name] if args.name else sorted(directory.stored)
@@ -208,7 +213,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
             from quota.errors import UnknownAppError
 
             raise UnknownAppError(args.app)
-        return await usage_report(directory, store, args.app, year, month)
+        return await usage_report(directory, store, args.app, year, month, utc_today())
 
     report = asyncio.run(_with_store(args, work))
     if args.json:
@@ -286,7 +291,7 @@ def _bill_all(args: argparse.Namespace, year: int, month: int) -> int:
 def cmd_account(args: argparse.Namespace) -> int:
     from quota.admin import apply_change
 
-    day = date.fromisoformat(args.date) if args.date else date.today()
+    day = date.fromisoformat(args.date) if args.date else utc_today()
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
         account = directory.accounts.get(args.account)

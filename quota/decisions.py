@@ -362,20 +362,19 @@ def _rate_ops(
     ops: list[Op] = []
     for use, prefix, amount, window_ms, exact in rates:
         who = client if use.by == "ip" else (user or "") if use.by == "user" else "app"
-        ops.append(RateOp(prefix + escape(who), amount, window_ms, _cost(use, amount, body, ids), use.name, exact))
+        ops.append(RateOp(prefix + escape(who), amount, window_ms, _cost(use, body, ids), use.name, exact))
     return ops
 
 
-def _cost(use: RateUse, amount: int, body: Any, ids: IdPolicy) -> int:
+def _cost(use: RateUse, body: Any, ids: IdPolicy) -> int:
     """The hits one call counts: one, or one per value its cost names, as many times as named (an
     upstream that sends to a recipient named twice sends twice)."""
     if use.cost is None:
         return 1
     n = len(_named(use.cost, {}, body, ids, None))
-    # A call the rate could never admit is a 400, not a 429 to retry forever.
-    most = amount if use.most is None else min(use.most, amount)
-    if n > most:
-        raise BadInput(f"{use.cost} names {n} values; at most {most} per call")
+    # `most` is at most every plan's rate (config): a call past it is a 400, never a 429 forever.
+    if use.most is not None and n > use.most:
+        raise BadInput(f"{use.cost} names {n} values; at most {use.most} per call")
     return n
 
 

@@ -52,14 +52,13 @@ async def entitlements(
     directory: Directory,
     store: Store,
     appkey: str,
-    today: date | None = None,
+    today: date,
     *,
     usage: bool = True,
     entities: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One app's entitlements; with `usage`, each counted limit's use; `entities` adds one user's,
     group's or chatroom's counters ({"user": "alice"})."""
-    today = today or date.today()
     app = directory.lookup(appkey, today)
     if app is None:
         raise UnknownAppError(appkey)

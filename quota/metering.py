@@ -36,8 +36,11 @@ async def peak_online(store: Store, prefix: str, year: int, month: int) -> int:
     return (await store.peaks(peak_key(prefix))).get(f"{year:04d}{month:02d}", 0)
 
 
-async def usage_report(directory: Directory, store: Store, appkey: str, year: int, month: int) -> dict[str, object]:
-    """DAU per day, MAU, peak online, and each counted limit against its cap."""
+async def usage_report(
+    directory: Directory, store: Store, appkey: str, year: int, month: int, today: date
+) -> dict[str, object]:
+    """DAU per day, MAU, peak online, and each counted limit against its cap. `today` is the
+    caller's (the middleware's clock, in UTC), as for everything served."""
     from quota.entitlements import entitlements
     from quota.keys import app_prefix
 
@@ -45,7 +48,7 @@ async def usage_report(directory: Directory, store: Store, appkey: str, year: in
     # The plan as the month ends (or today, for this month): an app subscribed mid-month had no
     # plan on the 1st, and its month still has usage to report.
     last = date(year, month, calendar.monthrange(year, month)[1])
-    day = max(date(year, month, 1), min(date.today(), last))
+    day = max(date(year, month, 1), min(today, last))
     ent = await entitlements(directory, store, appkey, day)
     app = directory.lookup(appkey, day)
     assert app is not None  # entitlements() raised UnknownAppError otherwise

@@ -151,16 +151,28 @@ class Directory:
         if name not in self.configured:
             return {"created": "through the admin API or CLI (not in accounts.yaml)", "account": now}
         was = self.configured[name].to_json()
-        changes = {k: {"accounts.yaml": was[k], "stored": now[k]} for k in now if now[k] != was.get(k)}
+        # Over both records' keys: a key only one has (an app's dated history) is a change too.
+        changes = {
+            k: {"accounts.yaml": was.get(k), "stored": now.get(k)}
+            for k in dict.fromkeys((*was, *now))
+            if now.get(k) != was.get(k)
+        }
         return {"fields": changes, "hides_a_yaml_edit": name in self.hidden_edits()}
 
-    async def reset(self, name: str) -> bool:
+    async def reset(self, name: str, today: date) -> bool:
         """Drop the stored overlay of an account: accounts.yaml applies again (or the account goes),
-        keeping the dated history of apps it held (its bills count them). ConflictError when an app
-        the file gives it is another account's now: two accounts would hold it."""
+        keeping the dated history of apps it held (its bills count them). ConflictError when the
+        file's plan differs from the one a day up to today was served on (the bills of months
+        served would change: change-plan instead), or when an app the file gives it is another
+        account's now (two accounts would hold it)."""
         if self.store is None or name not in self.stored:
             return False
         configured, kept = self.configured.get(name), self._accounts[name]
+        if configured is not None and not same_plans_until(kept, configured, today):
+            raise ConflictError(
+                f"accounts.yaml's plan for {name!r} differs from the one it was served on up to "
+                f"{today.isoformat()}: a reset would rewrite those bills; change-plan instead"
+            )
         for app in configured.apps if configured is not None else ():
             holder = self.account_of(app)
             if holder is not None and holder.name != name:
@@ -184,6 +196,14 @@ class Directory:
         }
         await self.store.save_account(account.name, record)
         await self.refresh()
+
+
+def same_plans_until(a: Account, b: Account, day: date) -> bool:
+    """Whether two accounts had the same plan on every day up to `day`: plans change only where a
+    subscription starts or ends, so those days (and none before the first) are all to compare."""
+    subs = (*a.subscriptions, *b.subscriptions)
+    changes = {s.start for s in subs} | {s.end for s in subs if s.end is not None}
+    return all(a.plan_on(d) == b.plan_on(d) for d in changes if d <= day)
 
 
 def fingerprint(account: Account) -> str:

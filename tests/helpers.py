@@ -31,7 +31,7 @@ async def entitlements(client: httpx.AsyncClient, app: str, **entities: str) -> 
 
     mw = client._transport.app  # type: ignore[attr-defined]
     rt = mw.runtime
-    return await read(rt.directory, rt.store, app.replace("/", "#"), entities=entities)
+    return await read(rt.directory, rt.store, app.replace("/", "#"), mw.today(mw.clock()), entities=entities)
 
 
 def gateway_state(client: httpx.AsyncClient, app: str) -> Any:

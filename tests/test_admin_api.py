@@ -211,3 +211,70 @@ async def test_resetting_an_overlay_keeps_the_bills_and_one_holder(store: Any, m
         assert account["apps"] == ["demo#pro"], account
         bill = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=AUTH)).json()
         assert {a["app"]: a["peak_dau"] for a in bill["apps"]}.get("demo#extra") == 2, bill
+
+
+async def test_an_overlay_with_dated_apps_is_shown(admin: httpx.AsyncClient) -> None:
+    """Catches an overlay whose record has keys the accounts.yaml entry lacks (an app's dated
+    history) failing to show, over the API (a 404) and in `quota accounts diff`."""
+    assert (await admin.put("/_quota/accounts/demo-basic/apps/demo/second", headers=AUTH)).status_code == 200
+    r = await admin.get("/_quota/accounts/demo-basic/overlay", headers=AUTH)
+    assert r.status_code == 200, r.text
+    fields = r.json()["overlay"]["fields"]
+    assert fields["apps"] == {"accounts.yaml": ["demo#basic"], "stored": ["demo#basic", "demo#second"]}
+    assert fields["attached"]["accounts.yaml"] is None and "demo#second" in fields["attached"]["stored"]
+
+
+def test_cli_diff_of_an_overlay_with_a_detached_app(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the CLI, over Redis: `quota accounts diff` of an account whose app was
+    detached exits 0 and names the change."""
+    import asyncio
+
+    from quota.store.redis import RedisStore
+
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+
+    async def detach() -> None:
+        store = RedisStore(redis_server.url, timeout_ms=2000)
+        try:
+            app = build_app(load_config(), store=store)
+            async with asgi_client(app, base_url="http://gw") as c:
+                r = await c.delete("/_quota/accounts/demo-pro/apps/demo/pro", headers=AUTH)
+                assert r.status_code == 200, r.text
+        finally:
+            await store.close()
+
+    redis_server.flush()
+    asyncio.run(detach())
+    out = run_cli("accounts", "diff", "demo-pro", "--redis", redis_server.url)
+    assert out.returncode == 0, out.stderr
+    assert "apps" in out.stdout and "former" in out.stdout, out.stdout
+
+
+async def test_usage_is_reported_on_the_middlewares_day(store: Any, admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches /usage looking an app up on the system's date, not the middleware's: an account
+    subscribed mid-month (by the served clock) had no plan on the 1st, and its usage was a 404."""
+    clock.now = datetime(2031, 3, 20, 10, tzinfo=UTC).timestamp()
+    body = {"name": "late", "plan": "basic", "apps": ["late#chat"], "subscribed_on": "2031-03-10"}
+    assert (await admin.post("/_quota/accounts", json=body, headers=AUTH)).status_code == 201
+    r = await admin.get("/_quota/usage/late/chat?month=2031-03", headers=AUTH)
+    assert r.status_code == 200 and r.json()["plan"] == "basic", r.text
+
+
+async def test_a_reset_that_would_rewrite_a_served_month_is_refused(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches a reset putting back the file's subscription over days already served on the stored
+    one: February served as enterprise was billed as basic. Before the change takes effect, a
+    reset is the way back."""
+    clock.now = datetime(2031, 1, 20, 10, tzinfo=UTC).timestamp()
+    r = await admin.post("/_quota/accounts/demo-basic/change-plan", json={"plan": "enterprise"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    clock.now = datetime(2031, 2, 15, 10, tzinfo=UTC).timestamp()
+    assert (await admin.get("/_quota/entitlements/demo/basic", headers=AUTH)).json()["plan"] == "enterprise"
+    r = await admin.delete("/_quota/accounts/demo-basic/overlay", headers=AUTH)
+    assert r.status_code == 409 and "change-plan instead" in r.json()["error_description"], r.text
+    bill = (await admin.get("/_quota/bills/demo-basic?month=2031-02", headers=AUTH)).json()
+    assert bill["plan"] == "enterprise", bill
+    # A change not yet in force is undone by a reset.
+    r = await admin.post("/_quota/accounts/demo-free/change-plan", json={"plan": "pro"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert (await admin.delete("/_quota/accounts/demo-free/overlay", headers=AUTH)).status_code == 200
+    assert (await admin.get("/_quota/bills/demo-free?month=2031-03", headers=AUTH)).json()["plan"] == "free"

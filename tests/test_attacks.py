@@ -1201,21 +1201,3 @@ class TestMessageSends:
         r = await client.post(f"/{FREE}/messages/users", json=body)
         assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
         assert "body.to" in r.json()["error_description"]  # quota's refusal, not the gateway's
-
-    async def test_a_send_the_rate_could_never_admit_is_a_400(self, store: Any, clock: Clock, config_dir: Path) -> None:
-        """Catches a call naming more than its plan's rate ever admits answered 429 with a
-        Retry-After it could never meet (a plan's rate lowered under the route's `most`)."""
-        plans = config_dir / "plans.yaml"
-        doc = yaml.safe_load(plans.read_text())
-        doc["plans"]["free"]["rates"]["rest_per_ip"] = "5/second"
-        plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
-        routes = config_dir / "routes.yaml"
-        doc = yaml.safe_load(routes.read_text())
-        route = next(r for r in doc["routes"] if r["name"] == "messages.users")
-        route["rates"] = [{"rate": "rest_per_ip", "by": "app", "cost": "body.to", "most": 5}]
-        routes.write_text(yaml.safe_dump(doc, allow_unicode=True))
-        async with make_client(store, clock, load_config(config_dir)) as client:
-            assert (await client.post(f"/{FREE}/messages/users", json=self._send(["a"] * 5))).status_code == 200
-            clock.advance(5)
-            r = await client.post(f"/{FREE}/messages/users", json=self._send(["a"] * 6))
-            assert r.status_code == 400 and "at most 5 per call" in r.json()["error_description"], r.text

@@ -309,13 +309,37 @@ class TestPassThrough:
         assert seen["headers"]["x-forwarded-host"] == [odd_proxy.base.removeprefix("http://")]
         assert "x-hop" not in r.headers and r.headers["x-kept"] == "1"
 
-    @pytest.mark.parametrize("query", ["_method=DELETE", "a=1&%5Fmethod=PUT", "_METHOD=delete", "x=1&_method"])
+    @pytest.mark.parametrize(
+        "query",
+        [
+            "_method=DELETE",
+            "a=1&%5Fmethod=PUT",
+            "_METHOD=delete",
+            "x=1&_method",
+            # As PHP reads names (Laravel, Symfony): `.` and an unclosed `[` are `_`, `[..]` an array.
+            ".method=DELETE",
+            "%2Emethod=DELETE",
+            "[method=DELETE",
+            "a=1&%5Bmethod=PUT",
+            "+_method=DELETE",
+            "_method[]=DELETE",
+        ],
+    )
     def test_a_query_naming_a_method_is_refused(self, odd_proxy: Running, query: str) -> None:
         """Catches `?_method=DELETE` reaching a gateway that honours it (Express's method-override,
         Laravel, Symfony): quota checked the request's own method, the gateway would do another."""
         r = httpx.post(odd_proxy.base + "/echo?" + query, json={})
         assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
-        assert httpx.post(odd_proxy.base + "/echo?method=x&a_method=1", json={}).status_code == 200
+        assert httpx.post(odd_proxy.base + "/echo?method=x&a_method=1&_methods=2", json={}).status_code == 200
+
+    def test_a_form_naming_a_method_is_refused(self, odd_proxy: Running) -> None:
+        """Catches a form's `_method` field (Rack's MethodOverride, Symfony) crossing: the same
+        override as the query's, in the body."""
+        r = httpx.post(odd_proxy.base + "/echo", data={"a": "1", "_method": "DELETE"})
+        assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
+        assert httpx.post(odd_proxy.base + "/echo", data={"a": "1", "method": "x"}).status_code == 200
+        # Only a form: a JSON body naming it is the gateway's data.
+        assert httpx.post(odd_proxy.base + "/echo", json={"_method": "DELETE"}).status_code == 200
 
     def test_head(self, odd_proxy: Running) -> None:
         """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after.

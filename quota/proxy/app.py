@@ -164,6 +164,10 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
+            if _form(scope["headers"]) and _names_a_method(whole):
+                # A form's `_method` field overrides the method as the query's does (Rack, Symfony).
+                await send_error(ILLEGAL_ARGUMENT, "the form names a method (_method): send that method", send, started)
+                return
             body, declared = _once(whole), len(whole)
         try:
             response = await self.pool.request(method, self.target(scope), self.headers_for(scope), body, declared)
@@ -207,12 +211,28 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 def _names_a_method(query: bytes) -> bool:
-    """Whether a query carries `_method=` (Express's method-override, Laravel, Symfony), in any case
-    and however escaped."""
+    """Whether a query (or a form body) carries `_method=` (Express's method-override, Rack,
+    Laravel, Symfony), in any case, however escaped, and as PHP reads names: leading spaces
+    dropped, `.`, ` ` and an unclosed `[` made `_` (`.method`, `[method`), `_method[...]` an array."""
     if b"method" not in query.lower() and b"%" not in query:
         return False
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    return any(name.strip().lower() == "_method" for name, _ in pairs)
+    return any(_php_name(name).lower() == "_method" for name, _ in pairs)
+
+
+def _form(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        n == b"content-type" and v.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded"
+        for n, v in headers
+    )
+
+
+def _php_name(name: str) -> str:
+    name = name.lstrip(" ")
+    bracket = name.find("[")
+    if bracket >= 0 and "]" in name[bracket:]:
+        name = name[:bracket]
+    return name.replace(" ", "_").replace(".", "_").replace("[", "_")
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -167,7 +167,8 @@ def parse_body(raw: bytes) -> Any:
     """A request body as JSON (None when empty); raises BadInput when it is not JSON, or when an
     object names a key twice, in any case: parsers differ on which one counts (Python's json takes
     the last; Go's encoding/json matches fields case-insensitively, `USERNAMES` or `uſernames` as
-    `usernames`), and the gateway must read the ids quota counted."""
+    `usernames`), and the gateway must read the ids quota counted. NaN and Infinity, which Python
+    reads and JSON (RFC 8259) does not, are refused as a strict gateway refuses them."""
     if not raw:
         return None
     try:
@@ -185,7 +186,11 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+def _constant(name: str) -> Any:
+    raise BadInput(f"request body is not valid JSON ({name[:10]} is not a JSON number)")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
 
 
 def canonical_params(rule: RouteRule, params: dict[str, str], ids: IdPolicy) -> dict[str, str]:

@@ -409,6 +409,22 @@ class TestBodies:
             assert b"names a key twice" in sent[1]["body"]
             assert seen == []
 
+    @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+    async def test_a_number_json_has_not_is_refused(self, store: Any, clock: Clock, constant: bytes) -> None:
+        """Catches a body Python reads and JSON does not (RFC 8259 has no NaN): quota would count
+        what a strict gateway refuses, or a lenient one reads otherwise. A 400 that reaches nobody."""
+        seen: list[str] = []
+        async with make_client(store, clock) as client:
+            await register(client, FREE, ["o", "a"])
+            gid = room_id(await create_room(client, FREE, "chatgroups", "o"), "chatgroups")
+            mw = middleware_of(client)
+            mw.app = _recording(seen, "path")
+            body = b'{"usernames": ["a"], "x": ' + constant + b"}"
+            sent = await call_raw(mw, http_scope("POST", f"/{FREE}/chatgroups/{gid}/users"), body)
+            assert sent[0]["status"] == 400, sent
+            assert b"not a JSON number" in sent[1]["body"]
+            assert seen == []
+
     async def test_body_bound_on_a_route_quota_does_not_read(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches max_body_bytes applying only where quota reads the body: a big chunked upload to
         POST /messages/recall reached the upstream whole."""

@@ -341,6 +341,40 @@ class TestPassThrough:
         # Only a form: a JSON body naming it is the gateway's data.
         assert httpx.post(odd_proxy.base + "/echo", json={"_method": "DELETE"}).status_code == 200
 
+    @pytest.mark.parametrize(
+        "disposition",
+        [
+            'form-data; name="_method"',
+            "form-data; name=_method",
+            'Form-Data; NAME="_METHOD"',
+            'form-data; name=".method"',
+            'form-data; name="_\\method"',  # a quoted name's backslash escape
+            "form-data; name*=utf-8''%5Fmethod",  # RFC 2231
+            'form-data; name="%5Fmethod"',  # a parser that percent-decodes names
+            'form-data; name="_method[]"',
+        ],
+    )
+    def test_a_multipart_form_naming_a_method_is_refused(self, odd_proxy: Running, disposition: str) -> None:
+        """Catches a multipart form's `_method` part crossing, as the urlencoded field did: Rack and
+        Symfony read a multipart field as a form's."""
+        body = (
+            b'--XyZ\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+            b"--XyZ\r\ncontent-disposition: " + disposition.encode() + b"\r\n\r\nDELETE\r\n--XyZ--\r\n"
+        )
+        headers = {"content-type": 'multipart/form-data; boundary="XyZ"'}
+        r = httpx.post(odd_proxy.base + "/echo", content=body, headers=headers)
+        assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
+
+    def test_a_multipart_form_without_a_method_crosses(self, odd_proxy: Running) -> None:
+        """The check reads part names, not contents: a file that holds `name="_method"`, or a field
+        called `filename_method`, reaches the gateway whole."""
+        r = httpx.post(
+            odd_proxy.base + "/echo",
+            files={"file": ("_method", b'Content-Disposition: form-data; name="x"\r\n\r\n_method=DELETE')},
+            data={"method": "x", "a_method": "1"},
+        )
+        assert r.status_code == 200, r.text
+
     def test_head(self, odd_proxy: Running) -> None:
         """HEAD answers carry headers and no body: the proxy neither waits for one nor hangs after.
         Catches: a pool waiting for the body a HEAD answer never has."""

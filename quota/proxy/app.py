@@ -5,10 +5,11 @@ by `quota proxy`."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -164,7 +165,7 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
-            if _form(scope["headers"]) and _names_a_method(whole):
+            if _form_names_a_method(scope["headers"], whole):
                 # A form's `_method` field overrides the method as the query's does (Rack, Symfony).
                 await send_error(ILLEGAL_ARGUMENT, "the form names a method (_method): send that method", send, started)
                 return
@@ -220,11 +221,52 @@ def _names_a_method(query: bytes) -> bool:
     return any(_php_name(name).lower() == "_method" for name, _ in pairs)
 
 
-def _form(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(
-        n == b"content-type" and v.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded"
-        for n, v in headers
-    )
+def _form_names_a_method(headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    """Whether a form body carries a `_method` field: urlencoded as a query is, or a multipart
+    part named so. Every Content-Type the request names is read as the gateway might read it."""
+    for name, value in headers:
+        if name != b"content-type":
+            continue
+        kind, _, params = value.partition(b";")
+        kind = kind.strip().lower()
+        if kind == b"application/x-www-form-urlencoded" and _names_a_method(body):
+            return True
+        if kind == b"multipart/form-data" and _parts_name_a_method(body, _boundary(params)):
+            return True
+    return False
+
+
+_BOUNDARY = re.compile(rb'(?:^|;)\s*boundary\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+# A part's field name as multipart parsers read it: quoted (with backslash escapes) or bare, or
+# RFC 2231's `name*=charset'lang'percent-encoded`.
+_PART_NAME = re.compile(r'(?:^|;)\s*name(\*?)\s*=\s*(?:"((?:\\.|[^"\\])*)"|([^;\s]*))', re.IGNORECASE)
+
+
+def _boundary(params: bytes) -> bytes:
+    found = _BOUNDARY.search(params)
+    return (found.group(1) or found.group(2) or b"") if found else b""
+
+
+def _parts_name_a_method(body: bytes, boundary: bytes) -> bool:
+    """Whether any part of a multipart body is named `_method` (Rack and Symfony read a multipart
+    form's field as a urlencoded one's), however its name is quoted, escaped or encoded. With no
+    boundary there are no parts: a gateway cannot read the form either."""
+    if not boundary:
+        return False
+    for part in body.split(b"--" + boundary)[1:]:
+        head = re.split(rb"\r?\n\r?\n", part, maxsplit=1)[0].decode("latin-1")
+        for line in head.splitlines():
+            field, _, value = line.partition(":")
+            if field.strip().lower() != "content-disposition":
+                continue
+            for star, quoted, bare in _PART_NAME.findall(value):
+                raw = re.sub(r"\\(.)", r"\1", quoted) if quoted else bare
+                if star:
+                    raw = raw.split("'", 2)[-1]
+                for reading in (raw, unquote(raw, "latin-1")):
+                    if _php_name(reading).lower() == "_method":
+                        return True
+    return False
 
 
 def _php_name(name: str) -> str:

@@ -146,16 +146,23 @@ def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial |
     if len(scope["path"]) + len(scope.get("query_string", b"")) > max_url_bytes:
         return Denial(414, "illegal_argument", f"URL over {max_url_bytes} bytes")
     if _odd_path(scope):
-        return Denial(400, "illegal_argument", "dot segments, empty segments and encoded slashes are not allowed")
+        return Denial(
+            400,
+            "illegal_argument",
+            "dot segments, empty segments, backslashes and encoded slashes or percents are not allowed",
+        )
     return None
 
 
 def _odd_path(scope: MutableMapping[str, Any]) -> bool:
     """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
     normalisers such as nginx), empty segments (merged by nginx: `/demo//free` would be under no app
-    here and under demo#free there) or encoded slashes and backslashes (decoded by some, not others)."""
+    here and under demo#free there), encoded slashes, backslashes raw or encoded (a WHATWG URL
+    parser, as Node, Deno and Bun use, reads `\\` as `/`: `/demo\\free\\x` is one segment here,
+    demo#free's path there), or a percent left after decoding (a gateway decoding twice reads
+    `%252F` as a slash). No id of the API holds any of them."""
     path: str = scope["path"]
-    if "//" in path:
+    if "//" in path or "\\" in path or "%" in path:
         return True
     if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
         return True

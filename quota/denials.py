@@ -6,6 +6,10 @@ earlier, so until then the store would refuse as well; and a refused request cou
 store either way. Serving those refusals locally therefore lets no extra request through and
 refuses none that would pass: it only saves the round trip (envoy's over_limit local cache and
 upstash's ephemeral cache do the same).
+
+A refusal holds for what it was computed for: a hit of its cost. A call that costs more (a send to
+more recipients) cannot fit sooner and is refused too; one that costs less may fit now, and is
+asked of the store.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ SWEEP_EVERY = 1 << 10
 class DenyCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self.until: dict[str, int] = {}
+        # Rate key -> (the instant the refused hit could fit, that hit's cost).
+        self.until: dict[str, tuple[int, int]] = {}
         self._remembered = 0
 
     def check(self, program: Program, now_ms: int) -> Refusal | None:
@@ -29,12 +34,14 @@ class DenyCache:
             return None
         for index, op in enumerate(program.ops):
             if isinstance(op, RateOp):
-                until = self.until.get(op.key)
-                if until is not None:
-                    if now_ms < until:
+                entry = self.until.get(op.key)
+                if entry is not None:
+                    until, cost = entry
+                    if now_ms >= until:
+                        del self.until[op.key]
+                    elif op.cost >= cost:
                         reset = op.window_ms - now_ms % op.window_ms
                         return Refusal(index, "rate", op.limit, op.limit, retry_after_ms=until - now_ms, reset_ms=reset)
-                    del self.until[op.key]
         return None
 
     def remember(self, program: Program, refusal: Refusal, now_ms: int) -> None:
@@ -44,7 +51,10 @@ class DenyCache:
         assert isinstance(op, RateOp)
         self._remembered += 1
         if len(self.until) >= self.max_entries or self._remembered % SWEEP_EVERY == 0:
-            self.until = {k: t for k, t in self.until.items() if t > now_ms}
+            self.until = {k: e for k, e in self.until.items() if e[0] > now_ms}
             if len(self.until) >= self.max_entries:
                 self.until.clear()
-        self.until[op.key] = now_ms + refusal.retry_after_ms
+        known = self.until.get(op.key)
+        if known is None or op.cost <= known[1] or now_ms >= known[0]:
+            # The cheaper refusal is kept: it speaks for more calls.
+            self.until[op.key] = (now_ms + refusal.retry_after_ms, op.cost)

@@ -1104,7 +1104,48 @@ class TestPathsAGatewayReadsDifferently:
                 assert sent[0]["status"] == 400, path
             assert seen == []
 
-    @pytest.mark.parametrize("hour", ["202611105", "20261110５"])
+    @pytest.mark.parametrize(
+        ("path", "raw"),
+        [
+            # A WHATWG URL parser (Node's `new URL`, Deno, Bun) reads a backslash as a slash: one
+            # segment here, so a path under no app (the fallback rate only), demo#free's there.
+            ("/demo\\free\\messages\\translate", "/demo\\free\\messages\\translate"),
+            ("/demo/free\\messages/translate", "/demo/free%5Cmessages/translate"),
+            # Encoded twice: a gateway that decodes twice reads a slash.
+            ("/demo%2Ffree/messages/translate", "/demo%252Ffree/messages/translate"),
+        ],
+    )
+    async def test_a_backslash_or_a_percent_left_is_refused(
+        self, store: Any, clock: Clock, path: str, raw: str
+    ) -> None:
+        """Catches the free app's translation (not in its plan) reached through a path quota reads
+        as under no app: the audit of 2026-12-01 showed the reference gateway, behind a WHATWG URL
+        parser, run it for `/demo\\free\\messages\\translate`."""
+        seen: list[str] = []
+        async with make_client(store, clock, upstream=_recording(seen, "path")) as client:
+            mw = middleware_of(client)
+            sent = await call_raw(mw, http_scope("POST", path, raw_path=raw.encode()), b"{}")
+            assert sent[0]["status"] == 400, (path, sent)
+            assert seen == []
+
+    async def test_a_websocket_path_with_a_backslash_is_refused(self, store: Any, clock: Clock) -> None:
+        """Catches a connection with no online lease and no login counted: with backslashes for
+        slashes, bob's connection route was a path under no app here, bob's to a WHATWG-URL gateway."""
+        from tests.test_sockets import Socket
+
+        opened: list[str] = []
+
+        async def upstream(scope: Any, receive: Any, send: Any) -> None:
+            opened.append(scope["path"])
+            await receive()
+            await send({"type": "websocket.accept"})
+
+        async with make_client(store, clock, upstream=upstream) as client:
+            answer = await Socket(middleware_of(client), "/demo\\free\\users\\bob\\connection").open()
+            assert answer["type"] == "websocket.close", answer
+            assert opened == []
+
+    @pytest.mark.parametrize("hour", ["202611105", "20261110５", "202611100５"])
     async def test_a_history_hour_is_ten_digits(self, client: httpx.AsyncClient, hour: str) -> None:
         """Catches an hour quota reads one way and a gateway another: strptime took `202611105` as
         Nov 10, 05h (inside the retention), where a lenient parser may read Jan 11, older than the
@@ -1191,6 +1232,25 @@ class TestMessageSends:
             assert int(refused.headers["retry-after"]) >= 1
             clock.advance(120)
             assert (await client.post(f"/{FREE}/messages/users", json=self._send(batch))).status_code == 200
+
+    async def test_a_refused_big_send_does_not_refuse_a_small_one_that_fits(self, store: Any, clock: Clock) -> None:
+        """Catches the deny cache (quota/denials.py) keeping a refusal for any call of its rate:
+        refused 600 recipients, an app could send to no one until all 600 would fit, though the
+        store admitted one recipient at once. Found by the audit of 2026-12-01."""
+        clock.tick = 0
+        clock.now = float(int(clock.now // 60) * 60)
+        batch = [f"u{i}" for i in range(600)]
+        async with make_client(store, clock) as client:
+            for _ in range(10):
+                assert (await client.post(f"/{FREE}/messages/users", json=self._send(batch))).status_code == 200
+            clock.advance(61)  # the next minute, 1 s in: 5,900 of 6,000 still weigh, room for 100
+            for n in range(3):
+                big = await client.post(f"/{FREE}/messages/users", json=self._send(batch))
+                assert big.status_code == 429, big.text
+                small = await client.post(f"/{FREE}/messages/users", json=self._send([f"u{n}"]))
+                assert small.status_code == 200, (n, small.text)
+            # A refusal still speaks for the calls it covers: as many recipients, or more.
+            assert (await client.post(f"/{FREE}/messages/users", json=self._send(batch))).status_code == 429
 
     async def test_recipients_named_twice_and_clients_spread_do_not_dilute_it(self, store: Any, clock: Clock) -> None:
         """Catches recipients counted once however often named (an upstream that sends to each

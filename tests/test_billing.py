@@ -207,6 +207,12 @@ async def test_subscribing_over_a_plan_in_force_is_refused(store: Any, monkeypat
             "/_quota/accounts/demo-free/subscribe", json={"plan": "basic", "date": "2027-03-02"}, headers=AUTH
         )
         assert r.is_success, r.text
+        # A plan starting later holds too: a subscribe dated before it, on a day no plan covers
+        # (pro ends as March begins), would drop it.
+        r = await c.post(
+            "/_quota/accounts/demo-free/subscribe", json={"plan": "pro", "date": "2027-03-01"}, headers=AUTH
+        )
+        assert r.status_code == 409, r.text
         march = (await c.get("/_quota/bills/demo-free?month=2027-03", headers=AUTH)).json()
         assert (march["plan"], march["prorated_days"], march["total"]) == ("basic", [30, 31], "859.355")
 
@@ -255,6 +261,29 @@ async def test_an_app_moved_away_stays_on_the_bill_of_the_days_it_was_held(
         assert moved["usage"] == 1 and moved["apps"][0]["day"] == tomorrow.isoformat(), moved
         old = await bill("demo-basic", tomorrow)
         assert old["usage"] == (4 if tomorrow.month == today.month else 0), old
+
+
+async def test_an_app_attached_to_another_account_bills_there_from_the_next_day(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a move by the attach endpoint (`PUT .../apps/{org}/{app}`) dated today: the day of a
+    move is the old account's, and the new one billed it too, twice over."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=store)
+    app.clock = Clock(datetime(2027, 1, 5, 10, tzinfo=UTC).timestamp(), tick=0)
+    async with asgi_client(app, base_url="http://gw") as c:
+        await register(c, "demo/basic", ["a", "b"])
+        for name in ("a", "b"):
+            assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
+        assert (await c.delete("/_quota/accounts/demo-basic/apps/demo/basic", headers=AUTH)).status_code == 200
+        assert (await c.put("/_quota/accounts/demo-pro/apps/demo/basic", headers=AUTH)).status_code == 200
+        pro = (await c.get("/_quota/bills/demo-pro?month=2027-01", headers=AUTH)).json()
+        assert {a["app"]: a["peak_dau"] for a in pro["apps"]}.get("demo#basic", 0) == 0, pro
+        assert (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()["usage"] == 2
+        app.clock.now += 86400
+        assert (await c.post("/demo/basic/token", json={"username": "a"})).status_code == 200
+        pro = (await c.get("/_quota/bills/demo-pro?month=2027-01", headers=AUTH)).json()
+        assert {a["app"]: a["peak_dau"] for a in pro["apps"]}["demo#basic"] == 1, pro
 
 
 async def test_a_change_dated_into_a_month_served_is_refused(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -323,6 +323,7 @@ class TestPassThrough:
             "a=1&%5Bmethod=PUT",
             "+_method=DELETE",
             "_method[]=DELETE",
+            "_%6Dethod=DELETE",  # a letter of the name escaped
         ],
     )
     def test_a_query_naming_a_method_is_refused(self, odd_proxy: Running, query: str) -> None:
@@ -337,6 +338,9 @@ class TestPassThrough:
         override as the query's, in the body."""
         r = httpx.post(odd_proxy.base + "/echo", data={"a": "1", "_method": "DELETE"})
         assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
+        escaped = {"content-type": "application/x-www-form-urlencoded"}
+        r = httpx.post(odd_proxy.base + "/echo", content=b"a=1&_%6Dethod=DELETE", headers=escaped)
+        assert r.status_code == 400, r.text
         assert httpx.post(odd_proxy.base + "/echo", data={"a": "1", "method": "x"}).status_code == 200
         # Only a form: a JSON body naming it is the gateway's data.
         assert httpx.post(odd_proxy.base + "/echo", json={"_method": "DELETE"}).status_code == 200
@@ -364,6 +368,9 @@ class TestPassThrough:
         headers = {"content-type": 'multipart/form-data; boundary="XyZ"'}
         r = httpx.post(odd_proxy.base + "/echo", content=body, headers=headers)
         assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
+        # As a client library writes it (`Content-Disposition`, its own boundary).
+        r = httpx.post(odd_proxy.base + "/echo", files={"_method": (None, b"DELETE")})
+        assert r.status_code == 400, r.text
 
     def test_a_multipart_form_without_a_method_crosses(self, odd_proxy: Running) -> None:
         """The check reads part names, not contents: a file that holds `name="_method"`, or a field

@@ -195,7 +195,9 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         owner = rt.directory.account_of(appkey)
         if owner is None or not session.sees(owner.name):
             raise UnknownAppError(appkey)
-        app = await app_month(rt.directory, rt.store, appkey, year, month, today)
+        # A customer sees the app's days as its account's; an operator, the app's whole history.
+        holder = owner if session.account is not None else None
+        app = await app_month(rt.directory, rt.store, appkey, year, month, today, holder)
         refusals = middleware.metrics.refusals.last_hour(appkey, time.time())
         return _html(pages.app_page(app, refusals, year, month, base=base(request), csrf=csrf(session)))
 

@@ -160,6 +160,11 @@ def _tile(label: str, value: object, name: str, hot: bool = False) -> Safe:
     )
 
 
+def _unsplit(n: int | None) -> str:
+    # A month-wide figure of a month the app was partly another account's: not this account's to see.
+    return grouped(n) if n is not None else "— (held by another account part of the month)"
+
+
 def app_page(
     app: AppMonth, refusals: dict[tuple[str, str, str], list[int]], year: int, month: int, *, base: str, csrf: str
 ) -> Safe:
@@ -170,15 +175,15 @@ def app_page(
         _tile("Plan", app.plan, "plan"),
         _tile(f"DAU on {day(app.today)}", f"{grouped(app.today_dau)} / {grouped(app.included_dau)}", "today_dau"),
         _tile("Peak DAU", grouped(app.peak_dau), "peak_dau"),
-        _tile("MAU", grouped(app.mau), "mau"),
+        _tile("MAU", _unsplit(app.mau), "mau"),
         _tile(
             "Online now / cap", f"{grouped(app.online_now)} / {cap_text}", "online", Cap("", app.online_now, cap).hot
         ),
         _tile(
             "Peak online this month / cap",
-            f"{grouped(app.peak_online)} / {cap_text}",
+            f"{_unsplit(app.peak_online)} / {cap_text}",
             "peak_online",
-            Cap("", app.peak_online, cap).hot,
+            Cap("", app.peak_online or 0, cap).hot,
         ),
         class_="tiles",
     )

@@ -47,8 +47,10 @@ class AppMonth:
     today: date
     daily: dict[date, int]
     included_dau: int
-    mau: int = 0
-    peak_online: int = 0
+    # None: not shown, the app having been another account's part of the month (both are counted
+    # over the whole month, not per day).
+    mau: int | None = 0
+    peak_online: int | None = 0
     online_now: int = 0
     online_cap: int | None = None
     caps: tuple[Cap, ...] = ()
@@ -105,10 +107,21 @@ async def nearest_entities(store: Store, appkey: str, limits: dict[str, Any]) ->
     return found
 
 
-async def app_month(directory: Directory, store: Store, appkey: str, year: int, month: int, today: date) -> AppMonth:
+async def app_month(
+    directory: Directory, store: Store, appkey: str, year: int, month: int, today: date, holder: Account | None = None
+) -> AppMonth:
+    """One app's month; seen as `holder`'s (a customer's, or an account page's row), only the days
+    that account held it: what another account held before is that one's."""
     ent = await entitlements(directory, store, appkey, today)
     prefix = app_prefix(appkey)
     daily = await daily_active(store, prefix, year, month)
+    whole = True
+    if holder is not None:
+        daily = {d: n for d, n in daily.items() if holder.held_on(appkey, d)}
+        first = date(year, month, 1)
+        whole = all(
+            holder.held_on(appkey, date.fromordinal(n)) for n in range(first.toordinal(), today.toordinal() + 1)
+        )
     app = directory.lookup(appkey, today)
     assert app is not None  # entitlements() raised UnknownAppError otherwise
     caps = [Cap(name, u["used"], u["limit"]) for name, u in ent["usage"].items()]
@@ -124,8 +137,8 @@ async def app_month(directory: Directory, store: Store, appkey: str, year: int, 
         today=today,
         daily=daily,
         included_dau=included,
-        mau=await monthly_active(store, prefix, year, month),
-        peak_online=await peak_online(store, prefix, year, month),
+        mau=await monthly_active(store, prefix, year, month) if whole else None,
+        peak_online=await peak_online(store, prefix, year, month) if whole else None,
         online_now=online["used"],
         online_cap=online["limit"],
         caps=tuple(caps),
@@ -179,7 +192,7 @@ async def account_month(
     apps = []
     for appkey in account.apps:
         if directory.lookup(appkey, today) is not None:
-            apps.append(await app_month(directory, store, appkey, year, month, today))
+            apps.append(await app_month(directory, store, appkey, year, month, today, account))
     bill = forecast = None
     if plan is not None:
         bill = await bill_account(directory, store, account.name, year, month)

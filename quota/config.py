@@ -457,6 +457,7 @@ class _Routes(_Checker):
                 "shadow",
                 "prefix",
                 "admin",
+                "refuses",
             ),
         )
         method, template = node.get("method"), node.get("path")
@@ -519,6 +520,17 @@ class _Routes(_Checker):
             # A lease is released when its connection closes: an HTTP request has none to close.
             self.fail(f"{key}.connection", "true only on a WEBSOCKET route", _Said(f"a {method} route"))
         shadow = bool(self.boolean(node.get("shadow", False), f"{key}.shadow"))
+        refuses: list[str] = []
+        listed = node.get("refuses", [])
+        if not isinstance(listed, list):
+            self.fail(f"{key}.refuses", "a list of body fields (body.members)", listed)
+            listed = []
+        for j, item in enumerate(listed):
+            found = self._selector(item, f"{key}.refuses[{j}]", ("body",), params)
+            if found is not None and len(found.path) != 1:
+                self.fail(f"{key}.refuses[{j}]", "a field at the top of the body (body.members)", item)
+            elif found is not None:
+                refuses.append(found.path[0])
         outage = node.get("outage")
         if outage not in (None, "open", "closed"):
             self.fail(f"{key}.outage", "open or closed", outage)
@@ -538,6 +550,7 @@ class _Routes(_Checker):
             prefix=bool(self.boolean(node.get("prefix", False), f"{key}.prefix")),
             admin=bool(self.boolean(node.get("admin", False), f"{key}.admin")),
             params=route_params,
+            refuses=tuple(refuses),
         )
 
     def _kind(self, selector: Selector | None, kind: Kind | None, key: str) -> Selector | None:

@@ -378,12 +378,26 @@ def _rate_ops(
     return ops
 
 
+def _refused(rule: RouteRule, body: dict[str, Any]) -> None:
+    named = {key.casefold() for key in body}
+    for field_name in rule.refuses:
+        if field_name.casefold() in named:
+            raise BadInput(
+                f"body.{field_name} is not accepted by {rule.name}: what it would change is counted on "
+                "its own route (members: add them once the group or room exists)"
+            )
+
+
 def _cost(use: RateUse, body: Any, ids: IdPolicy) -> int:
     """The hits one call counts: one, or one per value its cost names, as many times as named (an
     upstream that sends to a recipient named twice sends twice)."""
     if use.cost is None:
         return 1
-    n = len(_named(use.cost, {}, body, ids, None))
+    named = _named(use.cost, {}, body, ids, None)
+    if any("," in value for value in named):
+        # No id holds a comma: a gateway splitting one would send to more than quota counted.
+        raise BadInput(f"{use.cost} names one id an entry; a comma would split it")
+    n = len(named)
     # `most` is at most every plan's rate (config): a call past it is a 400, never a 429 forever.
     if use.most is not None and n > use.most:
         raise BadInput(f"{use.cost} names {n} values; at most {use.most} per call")
@@ -405,8 +419,10 @@ def plan_request(
     conn_id: str = "",
     today: date | None = None,
 ) -> RequestPlan:
-    """Build the ops of one request; raises BadInput when the body lacks what a counted route needs.
-    `client` is the client's rate key (its address, or its IPv6 network)."""
+    """Build the ops of one request; raises BadInput when the body lacks what a counted route needs,
+    or names what it refuses. `client` is the client's rate key (its address, or its IPv6 network)."""
+    if rule.refuses and isinstance(body, dict):
+        _refused(rule, body)
     compiled = app.compiled.get(rule.name)
     if compiled is None:
         compiled = app.compiled[rule.name] = _Compiled(routes, rule, app)

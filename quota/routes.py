@@ -116,6 +116,9 @@ class RouteRule:
     params: tuple[tuple[str, Param], ...] = ()
     # unmatched: the rule a path under an app gets when no route names it.
     refuse: bool = False
+    # Body fields a request may not name (compared without case): what the gateway would do with
+    # them is counted on another route (a create's initial members, on the member routes).
+    refuses: tuple[str, ...] = ()
 
     # Asked on every request: computed once, when the rule is built (a cached_property costs a
     # descriptor call per read, several times a plain attribute's).
@@ -134,10 +137,11 @@ class RouteRule:
         responds = any(
             c.owner.source == "response" or (c.members and c.members.source == "response") for c in self.changes
         )
-        object.__setattr__(self, "needs_body", any(s.source == "body" for s in selectors))
+        object.__setattr__(self, "needs_body", bool(self.refuses) or any(s.source == "body" for s in selectors))
         object.__setattr__(self, "reads_response", responds)
         object.__setattr__(self, "holds", any(c.op == "add" for c in self.changes) or self.login)
-        only = not (self.changes or self.login or self.connection or self.user or any(r.cost for r in self.rates))
+        counted = self.changes or self.login or self.connection or self.user or self.refuses
+        only = not (counted or any(r.cost for r in self.rates))
         object.__setattr__(self, "rates_only", only)
 
 

@@ -425,6 +425,25 @@ class TestBodies:
             assert b"not a JSON number" in sent[1]["body"]
             assert seen == []
 
+    @pytest.mark.parametrize("kind", ["chatgroups", "chatrooms"])
+    async def test_a_create_naming_its_members_is_refused(self, store: Any, clock: Clock, kind: str) -> None:
+        """Catches a create's initial members (the vendor's `members`) reaching a gateway that adds
+        them: counted nowhere, 101 users joined a free group of 100 at most, each past their own
+        groups_per_user. Found by the audit of 2026-12-01. Members join by the member routes."""
+        seen: list[str] = []
+        async with make_client(store, clock) as client:
+            await register(client, FREE, ["o"])
+            mw = middleware_of(client)
+            gateway, mw.app = mw.app, _recording(seen, "path")
+            members = [f"m{i}" for i in range(101)]
+            for name in ("members", "Members", "MEMBERS"):
+                body = json.dumps({"name": "g", "owner": "o", name: members}).encode()
+                sent = await call_raw(mw, http_scope("POST", f"/{FREE}/{kind}"), body)
+                assert sent[0]["status"] == 400 and b"members" in sent[1]["body"], (name, sent)
+            assert seen == []
+            mw.app = gateway
+            assert (await client.post(f"/{FREE}/{kind}", json={"name": "g", "owner": "o"})).status_code == 200
+
     async def test_body_bound_on_a_route_quota_does_not_read(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches max_body_bytes applying only where quota reads the body: a big chunked upload to
         POST /messages/recall reached the upstream whole."""
@@ -1251,6 +1270,19 @@ class TestMessageSends:
                 assert small.status_code == 200, (n, small.text)
             # A refusal still speaks for the calls it covers: as many recipients, or more.
             assert (await client.post(f"/{FREE}/messages/users", json=self._send(batch))).status_code == 429
+
+    @pytest.mark.parametrize("to", ["u1,u2,u3", ["u1", "u2,u3"]])
+    async def test_a_comma_never_splits_a_recipient(self, store: Any, clock: Clock, to: Any) -> None:
+        """Catches `"to": "u1,u2,u3"` counted as one message where a gateway that splits on commas
+        sends three (no recipient id holds a comma). Found by the audit of 2026-12-01."""
+        seen: list[str] = []
+        async with make_client(store, clock) as client:
+            mw = middleware_of(client)
+            mw.app = _recording(seen, "path")
+            body = json.dumps({"from": "admin", "to": to, "type": "txt", "body": {"msg": "x"}}).encode()
+            sent = await call_raw(mw, http_scope("POST", f"/{FREE}/messages/users"), body)
+            assert sent[0]["status"] == 400 and b"comma" in sent[1]["body"], sent
+            assert seen == []
 
     async def test_recipients_named_twice_and_clients_spread_do_not_dilute_it(self, store: Any, clock: Clock) -> None:
         """Catches recipients counted once however often named (an upstream that sends to each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -113,6 +114,26 @@ def test_a_connection_has_no_body_to_count(config_dir: Path) -> None:
 
     edit(config_dir / "routes.yaml", change)
     assert "].rates: expected no cost on a WEBSOCKET route (a connection has no body)" in problems(config_dir)
+
+
+@pytest.mark.parametrize(
+    ("refuses", "said"),
+    [
+        ("body.members", "refuses: expected a list of body fields (body.members), found 'body.members'"),
+        (["path.org"], "refuses[0]: expected a selector starting with one of body, found 'path.org'"),
+        (["body.a.b"], "refuses[0]: expected a field at the top of the body (body.members), found 'body.a.b'"),
+    ],
+)
+def test_a_refused_field_is_one_at_the_top_of_the_body(config_dir: Path, refuses: Any, said: str) -> None:
+    """Catches a `refuses` entry that could never match (a path value, a nested field) passing as
+    if it guarded something."""
+
+    def change(d: dict) -> None:
+        next(r for r in d["routes"] if r["name"] == "groups.create")["refuses"] = refuses
+
+    edit(config_dir / "routes.yaml", change)
+    text = problems(config_dir)
+    assert "]." + said in text, text
 
 
 def test_default_rates_count_calls(config_dir: Path) -> None:

@@ -149,7 +149,9 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
 # Bounded work per script on Redis
 
 MEMBERS = 200_000
-MAX_PREEMPTED = 2
+# 1% of the drain's 1,000 slices: four were seen preempted past 5 ms while both builds' suites ran
+# side by side on two cores, as CI runs them.
+MAX_PREEMPTED = 10
 APP = "q:{demo#enterprise}:"
 
 
@@ -175,8 +177,8 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
     Found: drain slices of 500 members took 1.5 ms each (up to 3.5 ms) on an idle host and 5.2 ms
     on a busy one; slices are 200 now (0.6 ms, at most 1.3 ms idle). The slowlog measures wall time,
     so on a host with more runnable processes than cores a slice can be preempted past 5 ms however
-    small it is (a SPOP alone was seen at 8 ms there): up to MAX_PREEMPTED such entries, each under
-    50 ms, are tolerated. One script draining the room takes hundreds of milliseconds, and slices
+    small it is (a SPOP alone was seen at 8 ms there): up to MAX_PREEMPTED such entries (1% of the
+    slices), each under 50 ms, are tolerated. One script draining the room takes hundreds of milliseconds, and slices
     doing too much work land in the slowlog by the dozen: both still fail."""
     raw = redis_sync.Redis(port=own_redis.port)
     raw.flushdb()

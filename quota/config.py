@@ -22,6 +22,7 @@ import yaml
 from limits import parse as parse_rate
 
 from quota.accounts import Account, Subscription
+from quota.display import masked_url
 from quota.errors import ConfigError, Problem
 from quota.identifiers import DEFAULT_RULES, KINDS, IdPolicy, IdRule, Kind
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
@@ -31,6 +32,9 @@ from quota.tokens import MIN_LENGTH
 # quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
 # the files it points to into the package, so an installed quota finds its default config there.
 DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
+# Webhook retries: a delivery gives up within minutes (at most 10 attempts, waits doubling from
+# at most 60 s, each wait at most MAX_WEBHOOK_WAIT_S in quota/webhooks.py).
+MAX_WEBHOOK_ATTEMPTS, MAX_WEBHOOK_RETRY_MS = 10, 60_000
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
@@ -740,7 +744,9 @@ class _Settings(_Checker):
         )
         urls = node.get("urls")
         if not isinstance(urls, list) or not all(isinstance(u, str) and re.match(r"https?://[^\s]+$", u) for u in urls):
-            self.fail("webhooks.urls", "a list of http(s) URLs", urls)
+            # Shown masked: a URL may carry a password or a token.
+            shown = [masked_url(u) if isinstance(u, str) else u for u in urls] if isinstance(urls, list) else urls
+            self.fail("webhooks.urls", "a list of http(s) URLs", shown)
             urls = []
         thresholds = node.get("thresholds", [80, 100])
         if (
@@ -758,8 +764,15 @@ class _Settings(_Checker):
                 f"the name of an environment variable holding a signing secret of {MIN_LENGTH}+ characters",
                 _Said(f"{env!r}, which holds {len(secret)} characters"),
             )
+        # Bounded: a delivery's retries end within minutes, and a shutdown waits for none longer.
         attempts = self.whole(node.get("attempts", 5), "webhooks.attempts", 1) or 5
+        if attempts > MAX_WEBHOOK_ATTEMPTS:
+            self.fail("webhooks.attempts", f"at most {MAX_WEBHOOK_ATTEMPTS}", attempts)
+            attempts = 5
         base = self.whole(node.get("retry_base_ms", 500), "webhooks.retry_base_ms", 1) or 500
+        if base > MAX_WEBHOOK_RETRY_MS:
+            self.fail("webhooks.retry_base_ms", f"at most {MAX_WEBHOOK_RETRY_MS}", base)
+            base = 500
         return Webhooks(tuple(urls), secret, tuple(sorted(set(thresholds))), attempts, base)
 
     def _prefix(self, node: Any) -> int:

@@ -149,7 +149,7 @@ def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial |
         return Denial(
             400,
             "illegal_argument",
-            "dot segments, empty segments, backslashes and encoded slashes or percents are not allowed",
+            "a path starts with / and has no dot or empty segments, backslashes, encoded slashes or percents",
         )
     return None
 
@@ -160,9 +160,11 @@ def _odd_path(scope: MutableMapping[str, Any]) -> bool:
     here and under demo#free there), encoded slashes, backslashes raw or encoded (a WHATWG URL
     parser, as Node, Deno and Bun use, reads `\\` as `/`: `/demo\\free\\x` is one segment here,
     demo#free's path there), or a percent left after decoding (a gateway decoding twice reads
-    `%252F` as a slash). No id of the API holds any of them."""
+    `%252F` as a slash). No id of the API holds any of them. A path not starting with `/` (what an
+    h11 server passes on of the target `http:/demo/...`) is under no app here, and the path
+    `/demo/...` to a gateway that parses the target as a URL."""
     path: str = scope["path"]
-    if "//" in path or "\\" in path or "%" in path:
+    if not path.startswith("/") or "//" in path or "\\" in path or "%" in path:
         return True
     if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
         return True

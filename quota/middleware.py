@@ -183,11 +183,14 @@ class QuotaMiddleware:
     async def shutdown(self) -> None:
         """What a server's lifespan shutdown runs (call it when embedding without lifespan): the
         accounts watcher stopped and waited for, so no store call of it outlives the store, then the
-        confirms still waiting for a ride sent."""
+        confirms still waiting for a ride sent, then the threshold webhooks still on their way."""
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self.guard.flush()
+        if self.notifier is not None:
+            # Deliveries in flight get a bounded wait (quota/webhooks.py), then are dropped.
+            await self.notifier.close()
 
     def today(self, now_s: float) -> date:
         # The UTC date changes once a day: build it once a day, not once a request.

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from quota.admin import create_admin
 from quota.config import Config, Settings, load_config
+from quota.display import masked_url
 from quota.errors import ConfigError, StorageError
 from quota.middleware import QuotaMiddleware
 from quota.probes import Probes
@@ -117,14 +118,7 @@ def outage_policy(cfg: Config) -> str:
 
 def masked(url: str | None) -> str:
     """A store URL fit for a log line: any password replaced by ***."""
-    if not url:
-        return "memory (this process only)"
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    return masked_url(url) if url else "memory (this process only)"
 
 
 def describe(options: Options, cfg: Config) -> str:

@@ -24,12 +24,17 @@ from typing import Any
 import httpx
 
 from quota.config import Webhooks
+from quota.display import masked_url
 from quota.keys import app_prefix, escape
 from quota.store import Store
 
 log = logging.getLogger("quota")
 # Thresholds already sent by this process, per period: a bounded set (periods roll over).
 MAX_SENT = 1 << 14
+# A wait between attempts doubles up to this; a shutdown waits this long for deliveries in flight,
+# then drops them (logged): a dead receiver never holds the server.
+MAX_WEBHOOK_WAIT_S = 60.0
+CLOSE_WAIT_S = 10.0
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -110,15 +115,26 @@ class ThresholdNotifier:
                 failure = exc.__class__.__name__
             if attempt < self.settings.attempts:
                 await asyncio.sleep(delay)
-                delay *= 2
-        log.warning("webhook to %s failed %d times (last: %s); dropped", url, self.settings.attempts, failure)
+                delay = min(delay * 2, MAX_WEBHOOK_WAIT_S)
+        shown = masked_url(url)
+        log.warning("webhook to %s failed %d times (last: %s); dropped", shown, self.settings.attempts, failure)
 
     async def drain(self) -> None:
         """Wait for deliveries in flight (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def close(self) -> None:
-        await self.drain()
+    async def close(self, wait_s: float | None = None) -> None:
+        """Wait for deliveries in flight, at most `wait_s` (CLOSE_WAIT_S); what is left then is
+        dropped (logged). The middleware's shutdown calls it."""
+        left: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            # asyncio.wait, not wait_for over a gather: a timeout must not cancel them before they are counted.
+            _, left = await asyncio.wait(set(self._tasks), timeout=CLOSE_WAIT_S if wait_s is None else wait_s)
+        if left:
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            log.warning("webhook: %d deliveries still retrying at shutdown; dropped", len(left))
         if self._client is not None:
             await self._client.aclose()

@@ -1132,6 +1132,9 @@ class TestPathsAGatewayReadsDifferently:
             ("/demo/free\\messages/translate", "/demo/free%5Cmessages/translate"),
             # Encoded twice: a gateway that decodes twice reads a slash.
             ("/demo%2Ffree/messages/translate", "/demo%252Ffree/messages/translate"),
+            # The target `http:/demo/...`, as an h11 server passes it on: under no app here, the
+            # path /demo/... to a gateway that parses the target as a URL (Go's net/http).
+            ("http:/demo/free/messages/translate", "http:/demo/free/messages/translate"),
         ],
     )
     async def test_a_backslash_or_a_percent_left_is_refused(
@@ -1175,6 +1178,7 @@ class TestPathsAGatewayReadsDifferently:
                 "/a//../demo/free/users/bob/connection",
                 "/x/../demo/free/users/bob/connection",
                 "/demo\\free\\users\\bob\\connection",
+                "http:/demo/free/users/bob/connection",
             ):
                 answer = await Socket(mw, path).open()
                 assert answer["type"] == "websocket.close", (path, answer)

@@ -342,8 +342,17 @@ class TestPassThrough:
         r = httpx.post(odd_proxy.base + "/echo", content=b"a=1&_%6Dethod=DELETE", headers=escaped)
         assert r.status_code == 400, r.text
         assert httpx.post(odd_proxy.base + "/echo", data={"a": "1", "method": "x"}).status_code == 200
-        # Only a form: a JSON body naming it is the gateway's data.
-        assert httpx.post(odd_proxy.base + "/echo", json={"_method": "DELETE"}).status_code == 200
+        # A JSON object's key too (Laravel reads it as a form's), in any case, however escaped;
+        # a value, a nested key, or a body that is not JSON is the gateway's data.
+        for body in (b'{"_method": "DELETE"}', b'{"a": 1, "_METHOD": "PUT"}', b'{"\\u005fmethod": "DELETE"}'):
+            r = httpx.post(odd_proxy.base + "/echo", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+        r = httpx.post(odd_proxy.base + "/echo", content=b'{"_method": 1}', headers={"content-type": "text/x+json"})
+        assert r.status_code == 400, r.text
+        for data in ({"a": "_method"}, {"a": {"_method": "DELETE"}}, [{"_method": "DELETE"}]):
+            assert httpx.post(odd_proxy.base + "/echo", json=data).status_code == 200, data
+        plain = httpx.post(odd_proxy.base + "/echo", content=b"_method", headers={"content-type": "application/json"})
+        assert plain.status_code == 200
 
     @pytest.mark.parametrize(
         "disposition",

@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,68 @@ def test_webhooks_need_a_secret(config_dir: Path, monkeypatch: pytest.MonkeyPatc
     (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": {"urls": ["http://127.0.0.1:9/h"]}}))
     with pytest.raises(ConfigError, match="webhooks.secret_env"):
         load_config(config_dir)
+
+
+def test_retries_are_bounded(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches retries without an end: 40 attempts from 1 ms, doubling, waited 2^38 ms (eight years)
+    before the last, and a shutdown waiting for them never ended. Found by the audit of 2026-12-01."""
+    from quota.errors import ConfigError
+
+    monkeypatch.setenv("QUOTA_WEBHOOK_SECRET", SECRET)
+    for hooks, said in (
+        ({"attempts": 40}, "webhooks.attempts: expected at most 10, found 40"),
+        ({"retry_base_ms": 3_600_000}, "webhooks.retry_base_ms: expected at most 60000, found 3600000"),
+        # A URL refused is shown without its password.
+        (
+            {"urls": ["ftp://u:hunter2@x/h"]},
+            "webhooks.urls: expected a list of http(s) URLs, found ['ftp://u:***@x/h']",
+        ),
+    ):
+        (config_dir / "quota.yaml").write_text(
+            yaml.safe_dump({"webhooks": {"urls": ["http://127.0.0.1:9/h"], **hooks}})
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(config_dir)
+        assert said in str(info.value) and "hunter2" not in str(info.value), str(info.value)
+
+
+async def test_a_dead_receiver_neither_holds_the_shutdown_nor_leaks_the_urls_secrets(
+    store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a failed delivery logging its URL whole (a receiver's password and query token in
+    every log pipeline), and a lifespan shutdown waiting on a receiver that never answers: its
+    deliveries get CLOSE_WAIT_S, then are dropped and said to be. Found by the audit of 2026-12-01."""
+    import logging
+
+    from quota import webhooks
+
+    monkeypatch.setenv("QUOTA_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setattr(webhooks, "CLOSE_WAIT_S", 0.5)
+    dead = f"http://hookuser:S3cret-passw0rd@127.0.0.1:{free_port()}/hook?token=qs-S3cret"
+    hooks = {"urls": [dead], "thresholds": [80], "attempts": 10, "retry_base_ms": 60_000}
+    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": hooks}))
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    doc["plans"]["basic"]["price"]["included_dau"] = 1
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    with caplog.at_level(logging.WARNING, logger="quota"):
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, "demo/basic", ["u0"])
+            assert (await client.post("/demo/basic/token", json={"username": "u0"})).status_code == 200
+            mw = client._transport.app  # type: ignore[attr-defined]
+            for _ in range(200):  # the first attempt fails at once (nothing listens), then it waits 60 s
+                if any("webhook" in r.getMessage() for r in caplog.records) or mw.notifier._tasks:
+                    break
+                await asyncio.sleep(0.01)
+            assert mw.notifier._tasks, "no delivery in flight"
+            await asyncio.wait_for(mw.shutdown(), 5)
+        assert not mw.notifier._tasks
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "1 deliveries still retrying at shutdown; dropped" in logged, logged
+        # A delivery that ran out of attempts names its receiver masked.
+        notifier = webhooks.ThresholdNotifier(replace(mw.runtime.settings.webhooks, attempts=1), store)
+        notifier.observe("demo#basic", "demo-basic", "basic", "groups_per_app", 5, 5, time.time())
+        await notifier.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "webhook to http://hookuser:***@127.0.0.1:" in logged and "/hook?*** failed 1 times" in logged, logged
+    assert "S3cret" not in logged, logged

@@ -4,6 +4,7 @@ by `quota proxy`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -222,8 +223,9 @@ def _names_a_method(query: bytes) -> bool:
 
 
 def _form_names_a_method(headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-    """Whether a form body carries a `_method` field: urlencoded as a query is, or a multipart
-    part named so. Every Content-Type the request names is read as the gateway might read it."""
+    """Whether a body carries a `_method` field: urlencoded as a query is, a multipart part named
+    so, or a JSON object's key (Laravel reads a JSON body's `_method` as a form's). Every
+    Content-Type the request names is read as the gateway might read it."""
     for name, value in headers:
         if name != b"content-type":
             continue
@@ -233,7 +235,20 @@ def _form_names_a_method(headers: list[tuple[bytes, bytes]], body: bytes) -> boo
             return True
         if kind == b"multipart/form-data" and _parts_name_a_method(body, _boundary(params)):
             return True
+        # Laravel takes any type naming /json or +json, parameters included, for JSON.
+        if (b"/json" in value.lower() or b"+json" in value.lower()) and _json_names_a_method(body):
+            return True
     return False
+
+
+def _json_names_a_method(body: bytes) -> bool:
+    if b"method" not in body.lower() and b"\\u" not in body:
+        return False
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False  # not JSON: no gateway reads a field of it as JSON
+    return isinstance(doc, dict) and any(key.casefold() == "_method" for key in doc)
 
 
 _BOUNDARY = re.compile(rb'(?:^|;)\s*boundary\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)

@@ -22,12 +22,11 @@ import yaml
 from limits import parse as parse_rate
 
 from quota.accounts import Account, Subscription
-from quota.display import masked_url
 from quota.errors import ConfigError, Problem
 from quota.identifiers import DEFAULT_RULES, KINDS, IdPolicy, IdRule, Kind
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
 from quota.routes import Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
-from quota.tokens import MIN_LENGTH
+from quota.tokens import MIN_LENGTH, masked_url
 
 # quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
 # the files it points to into the package, so an installed quota finds its default config there.

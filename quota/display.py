@@ -1,5 +1,4 @@
-"""How numbers, money, dates, lists and URLs read to people: shared by the CLI, the dashboard and
-the log lines.
+"""How numbers, money, dates and lists read to people: shared by the CLI and the dashboard.
 
 Plain functions of the standard library only; the request path never needs them.
 """
@@ -9,23 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
-from urllib.parse import urlsplit, urlunsplit
 
 YUAN = "元"
-
-
-def masked_url(url: str) -> str:
-    """A URL fit for a log line or an error: its password and its query (where tokens ride) shown
-    as ***, the rest as written."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.partition("://")[0] + "://***"
-    netloc = parts.netloc
-    creds, at, host = netloc.rpartition("@")
-    if at:
-        netloc = f"{creds.partition(':')[0]}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def grouped(n: int) -> str:

@@ -19,12 +19,12 @@ from starlette.types import ASGIApp
 
 from quota.admin import create_admin
 from quota.config import Config, Settings, load_config
-from quota.display import masked_url
 from quota.errors import ConfigError, StorageError
 from quota.middleware import QuotaMiddleware
 from quota.probes import Probes
 from quota.served_metrics import ServedMetrics, attach
 from quota.store import Store, store_from_url
+from quota.tokens import masked_url
 
 log = logging.getLogger("quota")
 OPTIONS_ENV = "QUOTA_SERVE_OPTIONS"

@@ -1,4 +1,4 @@
-"""Admin tokens and their scopes.
+"""Admin tokens and their scopes, and URLs shown without the secrets they carry.
 
 Two scopes, each with its own token:
     read   metrics, entitlements, usage, bills, account records, the dashboard
@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from quota.errors import ConfigError, Problem
 
@@ -68,3 +69,17 @@ def resolve(admin: str | None, read: str | None, environ: Mapping[str, str] | No
     if problems:
         raise ConfigError(problems)
     return Tokens(admin=found["admin"], read=found["read"])
+
+
+def masked_url(url: str) -> str:
+    """A URL fit for a log line or an error: its password and its query (where tokens ride) shown
+    as ***, the rest as written."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.partition("://")[0] + "://***"
+    netloc = parts.netloc
+    creds, at, host = netloc.rpartition("@")
+    if at:
+        netloc = f"{creds.partition(':')[0]}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))

@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 
 from quota.config import Webhooks
-from quota.display import masked_url
 from quota.keys import app_prefix, escape
 from quota.store import Store
+from quota.tokens import masked_url
 
 log = logging.getLogger("quota")
 # Thresholds already sent by this process, per period: a bounded set (periods roll over).

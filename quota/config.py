@@ -25,7 +25,7 @@ from quota.accounts import Account, Subscription
 from quota.errors import ConfigError, Problem
 from quota.identifiers import DEFAULT_RULES, KINDS, IdPolicy, IdRule, Kind
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
-from quota.routes import Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
+from quota.routes import ANY, HTTP_METHODS, Change, Param, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.tokens import MIN_LENGTH, masked_url
 
 # quota/defaults is a symlink to the checkout's config/ (the one copy in git); building a wheel copies
@@ -36,7 +36,7 @@ DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 MAX_WEBHOOK_ATTEMPTS, MAX_WEBHOOK_RETRY_MS = 10, 60_000
 APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "WEBSOCKET")
+METHODS = (*HTTP_METHODS, "WEBSOCKET", ANY)
 # The built-in routes: what a path under no app, and a path under an app no route names, are held to.
 RESERVED_ROUTE_NAMES = ("other", "unmatched")
 

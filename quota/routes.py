@@ -19,6 +19,10 @@ Algorithm = Literal["sliding", "exact"]
 # drop: the owner is deleted (a group); drop_member: the member is deleted (a user leaving every group).
 Op = Literal["add", "remove", "drop", "drop_member"]
 Unmatched = Literal["refuse", "rate-only"]
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+# A route's method that stands for every HTTP method no other route on its path takes (a feature
+# gate over a path, whatever the method).
+ANY = "ANY"
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,13 @@ class RouteMap:
                     node = node.param
                 else:
                     node = node.literal.setdefault(seg, _Node())
-            (node.prefix_rules if rule.prefix else node.rules)[rule.method] = (rule, tuple(names))
+            rules = node.prefix_rules if rule.prefix else node.rules
+            if rule.method == ANY:
+                # Every HTTP method a route of its own on the same path does not take.
+                for method in HTTP_METHODS:
+                    rules.setdefault(method, (rule, tuple(names)))
+            else:
+                rules[rule.method] = (rule, tuple(names))
 
     def match(self, method: str, path: str) -> Match:
         if method == "HEAD":

@@ -276,6 +276,33 @@ class TestUnnamedPaths:
             r = await client.put(f"/{FREE}{path}", json={})
             assert r.status_code == 403 and r.json()["error"] == "forbidden_op", r.text
 
+    @pytest.mark.parametrize(
+        ("method", "path", "feature"),
+        [
+            ("POST", "/callbacks", "message_event_callbacks"),
+            ("GET", "/callbacks", "message_event_callbacks"),
+            ("DELETE", "/callbacks/pre_send", "pre_send_callbacks"),
+            ("POST", "/callbacks/user_status/x", "user_status_callbacks"),
+            ("POST", "/moderation/text", "text_moderation"),
+            ("PATCH", "/moderation/user_id_filter", "realtime_moderation"),
+            ("GET", "/chatgroups/1/read_receipts", "group_read_receipts"),
+            ("POST", "/messages/translate/batch", "translation"),
+            ("DELETE", "/messages/report", "message_report"),
+        ],
+    )
+    async def test_a_gate_holds_for_every_method(
+        self, store: Any, clock: Clock, config_dir: Path, method: str, path: str, feature: str
+    ) -> None:
+        """Catches feature gates that matched PUT (or POST) alone: under `unmatched: rate-only` a
+        free app's `POST /callbacks` or `GET .../read_receipts` passed on the per-IP rate alone.
+        Found by the review of the plan matrix of 2026-12-01."""
+        edit = yaml.safe_load((config_dir / "routes.yaml").read_text())
+        edit["unmatched"] = "rate-only"
+        (config_dir / "routes.yaml").write_text(yaml.safe_dump(edit, allow_unicode=True))
+        async with make_client(store, clock, load_config(config_dir), upstream=_everything_ok) as client:
+            r = await client.request(method, f"/{FREE}{path}", json={} if method != "GET" else None)
+            assert r.status_code == 403 and r.json()["limit"] == feature, r.text
+
     async def test_trailing_slash_does_not_skip_the_gate(self, store: Any, clock: Clock) -> None:
         """Catches `POST /messages/translate/` passing the feature gate on an upstream that serves it."""
         async with make_client(store, clock, upstream=_everything_ok) as client:

@@ -4,10 +4,13 @@ the test's `Clock` (tick 0: it moves only when the test moves it)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from quota.config import load_config
 from tests.conftest import Clock, make_client
 from tests.helpers import raw_members, register
 
@@ -29,6 +32,10 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
         ("GET", "/users/a/joined_chatgroups", 50),
         ("GET", "/users/a/joined_chatrooms", 50),
         ("GET", "/chatrooms", 50),
+        ("POST", "/users/batch/status", 50),
+        ("GET", "/users/a/blocks/users", 50),
+        ("POST", "/users/a/blocks/users", 50),
+        ("DELETE", "/users/a/blocks/users/b", 50),
     ],
 )
 async def test_fixed_route_rates(store: Any, clock: Clock, method: str, path: str, amount: int) -> None:
@@ -102,3 +109,59 @@ async def test_bad_id_is_a_400_that_says_why(store: Any, clock: Clock) -> None:
             r.json()["error_description"]
             == "body.username: user id 'a{b}' is not valid: expected (?!\\.\\.?$)[a-z0-9_.\\-]{1,64}"
         )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "feature"),
+    [
+        ("POST", "/users/a/deactivate", "rest_ban_users"),
+        ("POST", "/users/a/activate", "rest_ban_users"),
+        ("GET", "/users/a/status", "rest_user_status"),
+        ("POST", "/users/batch/status", "rest_user_status"),
+        ("GET", "/users/a/blocks/users", "rest_block_users"),
+        ("POST", "/users/a/blocks/users", "rest_block_users"),
+        ("DELETE", "/users/a/blocks/users/b", "rest_block_users"),
+        ("POST", "/messages/msg_recall", "rest_message_recall"),
+        ("POST", "/messages/chatrooms/broadcast", "chatroom_broadcast"),
+    ],
+)
+async def test_the_sheets_rest_features_have_routes(
+    store: Any, clock: Clock, config_dir: Path, method: str, path: str, feature: str
+) -> None:
+    """Catches a REST feature of the plan sheet (on in every plan) refused as an unnamed path (a
+    gateway behind `quota proxy` serving the vendor's API lost it), or served without its gate:
+    a plan with the feature off is refused it."""
+    async with make_client(store, clock, upstream=_ok) as client:
+        r = await client.request(method, f"/{PRO}{path}", json={} if method == "POST" else None)
+        assert r.status_code == 200, r.text
+    plans = config_dir / "plans.yaml"
+    doc = yaml.safe_load(plans.read_text())
+    for group in doc["plans"]["pro"]["features"].values():
+        if feature in group:
+            group[feature] = False
+    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    async with make_client(store, clock, load_config(config_dir), upstream=_ok) as client:
+        r = await client.request(method, f"/{PRO}{path}", json={} if method == "POST" else None)
+        assert r.status_code == 403 and feature in r.text, r.text
+
+
+async def test_a_broadcast_is_held_to_ten_a_minute_and_a_hundred_a_day(store: Any, clock: Clock) -> None:
+    """Catches the chatroom broadcast (the reference: 10 a minute and 100 a day per app) held only
+    to the per-client rate, or to a sliding minute that admits more across its edge."""
+    clock.tick = 0
+    clock.now = float(int(clock.now // 86400) * 86400) + 59.5  # half a second before a minute's edge
+    async with make_client(store, clock, upstream=_ok) as client:
+        path = f"/{PRO}/messages/chatrooms/broadcast"
+        assert [(await client.post(path, json={})).status_code for _ in range(11)] == [200] * 10 + [429]
+        clock.advance(1)  # the next minute: the ten are still within 60 s
+        refused = await client.post(path, json={})
+        assert refused.status_code == 429 and refused.json()["limit"] == "10/60s", refused.text
+        sent = 10
+        while sent < 100:
+            clock.advance(61)  # a hit counts for 60 s, its 60th included
+            codes = [(await client.post(path, json={})).status_code for _ in range(10)]
+            assert codes == [200] * 10, (sent, codes)
+            sent += 10
+        clock.advance(61)
+        day = await client.post(path, json={})
+        assert day.status_code == 429 and day.json()["limit"] == "100/86400s", day.text

@@ -63,15 +63,18 @@ def test_literal_beats_parameter_and_prefix(routes: RouteMap) -> None:
 
 
 def test_prefix_routes_cover_deeper_paths(routes: RouteMap) -> None:
-    """Catches a feature gate over a prefix that stops at one level: any depth under `/moderation`
-    and `/callbacks` needs the prefix route's feature, and the bare prefix itself is covered."""
+    """Catches a feature gate over a prefix that stops at one level, or at one method: any depth
+    under `/moderation` and `/callbacks`, by any method, needs the prefix route's feature (or the
+    nearer kind's), and the bare prefix itself is covered."""
     assert name(routes, "PUT", "/demo/pro/moderation/other") == "moderation.other"
     assert name(routes, "PUT", "/demo/pro/moderation/a/b/c/d") == "moderation.other"
     assert name(routes, "PUT", "/demo/pro/moderation") == "moderation.other"
-    assert name(routes, "PUT", "/demo/pro/moderation/text/deeper") == "moderation.other"
+    assert name(routes, "PUT", "/demo/pro/moderation/text/deeper") == "moderation.text"
     assert name(routes, "PUT", "/demo/pro/callbacks/x/y/") == "callbacks.other"
-    # The prefix is per method: a GET under it is no PUT route.
-    assert name(routes, "GET", "/demo/pro/moderation/text") == "unmatched"
+    assert name(routes, "GET", "/demo/pro/moderation/text") == "moderation.text"
+    assert name(routes, "DELETE", "/demo/pro/callbacks/pre_send") == "callbacks.pre_send"
+    # A method no route names stays unmatched (ANY stands for the HTTP methods quota knows).
+    assert name(routes, "OPTIONS", "/demo/pro/moderation/text") == "unmatched"
 
 
 def overlapping() -> RouteMap:
@@ -90,6 +93,22 @@ def overlapping() -> RouteMap:
         for i, (method, template, prefix) in enumerate(templates)
     )
     return RouteMap({}, rules, RouteRule("other", "*", "", rates=()), RouteRule("unmatched", "*", "", rates=()))
+
+
+@pytest.mark.parametrize("any_first", [True, False])
+def test_a_route_of_any_method_yields_to_a_named_one(any_first: bool) -> None:
+    """Catches `method: ANY` taking a method another route on the same path names (whichever comes
+    first in the file), or missing one it should take."""
+    listed = [
+        RouteRule("any", "ANY", "/{org}/{app}/things", rates=()),
+        RouteRule("put", "PUT", "/{org}/{app}/things", rates=()),
+    ]
+    rules = tuple(listed if any_first else reversed(listed))
+    routes = RouteMap({}, rules, RouteRule("other", "*", "", rates=()), RouteRule("unmatched", "*", "", rates=()))
+    assert name(routes, "PUT", "/demo/pro/things") == "put"
+    for method in ("GET", "HEAD", "POST", "DELETE", "PATCH"):
+        assert name(routes, method, "/demo/pro/things") == "any", method
+    assert name(routes, "OPTIONS", "/demo/pro/things") == "unmatched"
 
 
 @pytest.mark.parametrize("which", ["configured", "overlapping"])

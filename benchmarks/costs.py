@@ -5,9 +5,10 @@ server), on the memory store and on Redis, from the in-process driver. `python -
 same work costs more there, since the gateway's own code and data leave quota's out of the caches,
 and both allocate toward the same garbage collections (`--gc off` shows that share).
 
-`--steps` times each stage of a read's decision on the memory store alone (the URL checks, the
-route match, the app's plan, the client's address, ids and features, the plan of store ops, the
-deny cache, the store, the metrics) beside a whole request, one request at a time: what the stages
+`--steps` times each stage of a read's decision on the memory store alone beside a whole request,
+one request at a time: the checks a lane holds (the URL checks, the route match, the app's plan,
+ids and features, the plan of store ops: run for a path's first request from a client only), then
+every request's (the client's address, the lane, the deny cache, the store, the metrics); what those
 do not account for is the request's coroutines, the answer's wrappers and headers.
 
 `--profile read` (or write, login, flood) profiles that scenario on the memory store instead: the
@@ -124,28 +125,38 @@ def steps(total: int) -> None:
         clock[0] += 1000  # a fresh window each time: always the allowed path
         return store.decide(plan.before, clock[0])
 
+    lanes = rt.directory.lanes(today)
+    lane_key = (method, path, scope.get("raw_path"), address)
+    assert lane_key in lanes, "the requests above took a lane"
     stages = {
         "URL checks": lambda: path_denial(scope, settings.max_url_bytes),
         "route match": lambda: rt.routes.match(method, path),
         "app and plan lookup": lambda: app.app_of(rt, match, today),
-        "client address and key": lambda: rt.clients.key(rt.clients.address(scope)),
         "ids, allowlist, features": lambda: admit(match.rule, found, match.params, address, started, rt.ids),
         "store ops (shared plan)": lambda: plan_request(
             rt.routes, match.rule, found, params, None, client, 0, ids=rt.ids, lease_ttl_ms=ttl, reservation_ttl_ms=ttl
         ),
+        "client address and key": lambda: rt.clients.key(rt.clients.address(scope)),
+        "lane lookup": lambda: rt.directory.lanes(today).get((method, path, scope.get("raw_path"), address)),
         "deny cache": lambda: rt.denials.check(plan.before, clock[0]),
         "memory store": decide,
         "metrics": lambda: app.metrics.decision(match.rule.name, None, found.plan.name, "allowed"),
     }
+    # A request like the one before it takes its lane: the first five stages ran for the first only.
+    on_lane = list(stages)[5:]
     print(f"read on memory, one request at a time, µs (best of 3 x {total})")
     print(f"{'a whole request, with quota':40s} {whole:6.2f}")
     print(f"{'the upstream alone':40s} {alone:6.2f}")
+    print("  the checks a lane holds (a path's first request only):")
+    for name in list(stages)[:5]:
+        print(f"    {name:36s} {_us(stages[name], total):6.2f}")
+    print("  every request's:")
     spent = 0.0
-    for name, call in stages.items():
-        us = _us(call, total)
+    for name in on_lane:
+        us = _us(stages[name], total)
         spent += us
-        print(f"  {name:38s} {us:6.2f}")
-    print(f"  {'the stages together':38s} {spent:6.2f}")
+        print(f"    {name:36s} {us:6.2f}")
+    print(f"  {'those together':38s} {spent:6.2f}")
     print(f"  {'rest (coroutines, wrappers, headers)':38s} {whole - alone - spent:6.2f}")
 
 

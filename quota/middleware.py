@@ -103,6 +103,45 @@ def _judged(verdict: _Verdict, result: Outcome | Denial, app: AppPlan) -> _Verdi
     return verdict
 
 
+# Lanes: at most this many a day and directory, each on a path of at most this many characters.
+# Past the bound they are emptied, as the shared plans are: a client naming a fresh path on every
+# request only ever takes the long way.
+LANES = 1024
+LANE_PATH = 256
+
+
+class _Lane:
+    """What a request's checks decided before its store call, for a route that counts nothing but
+    rates: its rule, app, canonical ids and (shared) plan of store ops. All of it depends on the
+    method, path, raw path and client address alone, and on the day's apps: a lane lives in the
+    directory's memo of today (Directory.lanes), emptied with its apps. Retention, the one check that
+    reads the clock, never takes a lane (_lane_of)."""
+
+    __slots__ = ("rule", "app", "params", "plan")
+
+    def __init__(self, rule: RouteRule, app: AppPlan, verdict: _Verdict) -> None:
+        assert verdict.plan is not None
+        self.rule, self.app, self.params, self.plan = rule, app, verdict.params, verdict.plan
+
+
+def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
+    """A request whose checks passed and whose plan is the same for every request of its path and
+    client: its next requests may take a lane."""
+    return (
+        verdict.plan is not None
+        and rule.rates_only
+        and rule.retention is None
+        and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
+    )
+
+
+def _fits(scope: Scope, settings: Settings, declared: int | None) -> bool:
+    """What the lane does not hold: the query's share of the URL's size, and the declared body."""
+    return len(scope["path"]) + len(scope.get("query_string", b"")) <= settings.max_url_bytes and (
+        declared is None or declared <= settings.max_body_bytes
+    )
+
+
 class QuotaMiddleware:
     def __init__(
         self,
@@ -225,39 +264,45 @@ class QuotaMiddleware:
 
     async def _http(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         settings = rt.settings
-        odd = path_denial(scope, settings.max_url_bytes)
-        if odd is not None:
-            await send_denial(odd, send, started)
-            return
         declared, framed = _framing(scope)
-        if declared is not None and declared > settings.max_body_bytes:
-            await send_denial(_too_large(settings), send, started)
-            return
-        match = rt.routes.match(scope["method"], scope["path"])
-        rule = match.rule
-        today = self.today(started)
-        app = self.app_of(rt, match, today)
-        if isinstance(app, Denial):
-            await send_denial(app, send, started)
-            return
         address = rt.clients.address(scope)
-        if app is None:
-            refused = await self.fallback_denial(rt, rt.clients.key(address), started)
-            if refused is not None:
-                await send_denial(refused, send, started)
+        today = self.today(started)
+        # A request on a lane skips the checks its path already passed today (see _lane_of).
+        lanes = rt.directory.lanes(today)
+        path: str = scope["path"]
+        lane_key = (scope["method"], path, scope.get("raw_path"), address)
+        lane: _Lane | None = lanes.get(lane_key)
+        if lane is not None and _fits(scope, settings, declared):
+            rule, app = lane.rule, lane.app
+            decided = self._on_lane(rt, lane, receive, started)
+        else:
+            routed = self._route(rt, scope, declared, today)
+            if isinstance(routed, Denial):
+                await send_denial(routed, send, started)
                 return
-            await _Bounded(receive, settings.max_body_bytes, framed).forward(self.app, scope, send, started)
-            return
-        # A WebSocket route named as an HTTP method would hold an online slot with no connection.
-        socket_only = rule.method == "WEBSOCKET"
-        if rule.refuse or socket_only or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
-            await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
-            return
-        if rule.admin:
-            await self.app(scope, receive, send)
-            return
-        decided = self._decide(rt, match, app, address, receive, started, today)
+            if routed is None:
+                refused = await self.fallback_denial(rt, rt.clients.key(address), started)
+                if refused is not None:
+                    await send_denial(refused, send, started)
+                    return
+                await _Bounded(receive, settings.max_body_bytes, framed).forward(self.app, scope, send, started)
+                return
+            match, app = routed
+            rule = match.rule
+            # A WebSocket route named as an HTTP method would hold an online slot with no connection.
+            socket_only = rule.method == "WEBSOCKET"
+            if rule.refuse or socket_only or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
+                await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
+                return
+            if rule.admin:
+                await self.app(scope, receive, send)
+                return
+            decided = self._decide(rt, match, app, address, receive, started, today)
         verdict = decided if isinstance(decided, _Verdict) else await decided
+        if lane is None and _lane_of(rule, verdict) and len(path) <= LANE_PATH:
+            if len(lanes) >= LANES:
+                lanes.clear()
+            lanes[lane_key] = _Lane(rule, app, verdict)
         denial = verdict.denial
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or settings.shadow):
@@ -278,7 +323,29 @@ class QuotaMiddleware:
         if not plan.settles or outcome.unchecked:
             await bounded.forward(self.app, scope, send if rate is None else _RateHeaders(send, rate), started)
             return
-        await self._forward_settled(rt, match.rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
+        await self._forward_settled(rt, rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
+
+    def _route(
+        self, rt: Runtime, scope: Scope, declared: int | None, today: date
+    ) -> Denial | tuple[Match, AppPlan] | None:
+        """The route and app of a request, or its refusal (an odd or long URL, a body declared too
+        large, an unknown app); None when its path is under no app."""
+        settings = rt.settings
+        odd = path_denial(scope, settings.max_url_bytes)
+        if odd is not None:
+            return odd
+        if declared is not None and declared > settings.max_body_bytes:
+            return _too_large(settings)
+        match = rt.routes.match(scope["method"], scope["path"])
+        app = self.app_of(rt, match, today)
+        if app is None or isinstance(app, Denial):
+            return app
+        return match, app
+
+    def _on_lane(self, rt: Runtime, lane: _Lane, receive: Receive, started: float) -> _Verdict | Awaitable[_Verdict]:
+        verdict = _Verdict(receive, lane.params)
+        verdict.plan = lane.plan
+        return self._run(rt, lane.rule, lane.app, verdict, lane.plan, int(started * 1000))
 
     def _decide(
         self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float, today: date
@@ -336,6 +403,11 @@ class QuotaMiddleware:
         except BadInput as exc:
             verdict.denial = Denial(400, "illegal_argument", str(exc))
             return verdict
+        return self._run(rt, rule, app, verdict, plan, now_ms)
+
+    def _run(
+        self, rt: Runtime, rule: RouteRule, app: AppPlan, verdict: _Verdict, plan: RequestPlan, now_ms: int
+    ) -> _Verdict | Awaitable[_Verdict]:
         # The guard's two halves, not `run`: a store that answers at once costs no coroutine.
         result = self.guard.at_once(rt, plan.before, now_ms)
         if result is None:

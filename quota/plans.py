@@ -68,6 +68,9 @@ class Directory:
         self._accounts = dict(accounts)
         self._apps: dict[str, str] = {}
         self._cache: dict[str, AppPlan | None] = {}
+        # What the request path memoises of its own checks on what this directory answers (see
+        # QuotaMiddleware's lanes): it lives and dies with the apps it was worked out from.
+        self._lanes: dict[Any, Any] = {}
         self._day: date | None = None
         # Names with a stored overlay -> the fingerprint of the accounts.yaml entry it was made on.
         self.stored: dict[str, str | None] = {}
@@ -76,7 +79,7 @@ class Directory:
 
     def _index(self) -> None:
         self._apps = {app: acc.name for acc in self._accounts.values() for app in acc.apps}
-        self._cache = {}
+        self._cache, self._lanes = {}, {}
 
     @property
     def accounts(self) -> dict[str, Account]:
@@ -86,9 +89,15 @@ class Directory:
         name = self._apps.get(appkey)
         return self._accounts.get(name) if name else None
 
+    def lanes(self, today: date) -> dict[Any, Any]:
+        """The request path's memo of today's apps: emptied with them (a day, a change of accounts)."""
+        if today != self._day:
+            self._cache, self._lanes, self._day = {}, {}, today
+        return self._lanes
+
     def lookup(self, appkey: str, today: date) -> AppPlan | None:
         if today != self._day:
-            self._cache, self._day = {}, today
+            self._cache, self._lanes, self._day = {}, {}, today
         try:
             return self._cache[appkey]
         except KeyError:

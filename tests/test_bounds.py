@@ -19,6 +19,7 @@ from quota import clients, denials
 from quota.config import DEFAULT_DIR, load_config
 from quota.gateway.app import AppState
 from quota.keys import escape
+from quota.middleware import LANES
 from quota.serve import build_app
 from quota.store import memory
 from quota.store.memory import MemoryStore
@@ -91,6 +92,7 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
             "logs": len(store.logs),
             "expiry": len(store._expiry),
             "directory": len(rt.directory._cache),
+            "lanes": len(rt.directory._lanes),
             "denials": len(rt.denials.until),
             "peers": len(rt.clients._peers),
             "client_keys": rt.clients._key.cache_info().currsize,
@@ -140,6 +142,7 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
     assert peaks["expiry"] <= 3 * memory.SWEEP_EVERY, peaks
     assert peaks["logs"] > 0 and peaks["denials"] > 0, peaks  # both were exercised
     assert peaks["directory"] <= len(rt.directory._apps), peaks  # the apps that have a plan, no more
+    assert 0 < peaks["lanes"] <= LANES, peaks  # a lane per path and client, emptied past LANES
     assert peaks["denials"] <= 2 * denials.SWEEP_EVERY, peaks
     assert peaks["peers"] <= clients.PEER_CACHE and peaks["client_keys"] <= clients.PEER_CACHE, peaks
     assert peaks["escape"] <= escape.cache_info().maxsize, peaks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,18 @@ import httpx
 import pytest
 import yaml
 
-from quota.config import load_config
+from quota.config import DEFAULT_DIR, load_config
 from quota.decisions import plan_request
 from quota.gateway import create_gateway
 from quota.identifiers import IdPolicy
+from quota.middleware import LANES
+from quota.store.memory import MemoryStore
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, entitlements, gateway_state, raw_members, register, room_id
+from tests.helpers import create_room, entitlements, gateway_state, middleware_of, raw_members, register, room_id
 
 FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
+LANE_TOKEN = "lanes-admin-token-0123456789"
 IM_ERROR_KEYS = {"error", "exception", "timestamp", "duration", "error_description"}
 
 
@@ -644,3 +648,66 @@ class TestClientIp:
             for i in range(100):
                 await direct.get(f"/{PRO}/users", headers={"x-forwarded-for": f"3.3.3.{i}"})
             assert (await direct.get(f"/{PRO}/users", headers={"x-forwarded-for": "4.4.4.4"})).status_code == 429
+
+
+class TestLanes:
+    """A request like an earlier one (method, path, client address) takes its lane: the checks that
+    need no I/O are not run again. Each test catches a lane that outlives what it was decided on."""
+
+    async def test_the_url_and_body_bounds_still_hold(self, clock: Clock) -> None:
+        """Catches a lane skipping the query's share of the URL bound or the declared body bound."""
+        async with make_client(MemoryStore(), clock) as c:
+            for _ in range(2):
+                assert (await c.get(f"/{PRO}/users")).status_code == 200
+            assert (await c.get(f"/{PRO}/users", params={"q": "x" * 9000})).status_code == 414
+            r = await c.request("GET", f"/{PRO}/users", headers={"content-length": str(1 << 30)})
+            assert r.status_code == 413
+
+    async def test_one_clients_lane_is_not_anothers(self, tmp_path: Path, clock: Clock) -> None:
+        """Catches a lane keyed without the client's address: an allowlisted client's lane would let
+        every other address through the same path."""
+        target = tmp_path / "config"
+        shutil.copytree(DEFAULT_DIR, target)
+        doc = yaml.safe_load((target / "accounts.yaml").read_text())
+        doc["accounts"]["demo-pro"]["ip_allowlist"] = ["1.1.1.1"]
+        (target / "accounts.yaml").write_text(yaml.safe_dump(doc))
+        async with make_client(MemoryStore(), clock, config=load_config(target), client_ip="127.0.0.1") as proxy:
+            for _ in range(3):
+                r = await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})
+                assert r.status_code == 200, r.text
+            r = await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "2.2.2.2"})
+            assert_refused(r, 403, "forbidden_op", "2.2.2.2 is not in the app's IP allowlist")
+
+    async def test_a_lane_ends_with_its_day(self, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Catches a lane kept past midnight: demo-pro moves down to free (through the admin API),
+        which lands at the month's end; on the month's last day its translation is allowed on a lane,
+        and refused once the clock reaches the next month."""
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
+        auth = {"authorization": f"Bearer {LANE_TOKEN}"}
+        this_month = datetime.now(UTC).date().replace(day=1)
+        next_month = (this_month + timedelta(days=32)).replace(day=1)
+        clock.tick = 0
+        clock.now = datetime(next_month.year, next_month.month, 1, tzinfo=UTC).timestamp() - 12 * 3600
+        translate = f"/{PRO}/messages/translate"
+        async with make_client(MemoryStore(), clock) as c:
+            r = await c.post(
+                "/_quota/accounts/demo-pro/change-plan",
+                json={"plan": "free", "date": this_month.isoformat()},
+                headers=auth,
+            )
+            assert r.status_code == 200, r.text
+            for _ in range(3):
+                assert (await c.post(translate, json={"text": "hi"})).status_code == 200
+            clock.advance(86400)
+            r = await c.post(translate, json={"text": "hi"})
+            assert_refused(r, 403, "forbidden_op", "translation", "free")
+
+    async def test_lanes_are_bounded(self, clock: Clock) -> None:
+        """Catches lanes growing with every path a client names: past LANES they are emptied."""
+        async with make_client(MemoryStore(), clock) as c:
+            mw = middleware_of(c)
+            for i in range(LANES + 50):
+                # A registered user's joined groups: a read route, one lane a user id.
+                assert (await c.get(f"/{PRO}/users/u{i}/joined_chatgroups")).status_code in (200, 404)
+            lanes = mw.runtime.directory.lanes(mw.today(clock.now))
+            assert 0 < len(lanes) <= LANES

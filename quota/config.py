@@ -116,12 +116,38 @@ def _read(path: Path, problems: list[Problem], *, required: bool) -> Any:
             problems.append(Problem(str(path), "(file)", "a YAML file", _Said("no such file")))
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         problems.append(Problem(str(path), where, "valid YAML", _Said(str(getattr(exc, "problem", exc)))))
         return None
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: it would keep the last
+    silently (a plan's `friends_per_user: 100` then `friends_per_user: 100000` is 100000)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            twice = key in seen
+        except TypeError:  # an unhashable key: construct_mapping says so
+            continue
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"key {key!r} is written twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+_RATE_SHAPE = re.compile(r"(\d{1,12})\s*(?:/|per)\s*(?:(\d{1,12})\s*)?[a-zA-Z]+")
 
 
 class _Said(str):
@@ -183,12 +209,15 @@ class _Checker:
         return value
 
     def rate(self, node: Any, key: str) -> Rate | None:
+        # One rate, checked here before `limits` parses it: it keeps the first of a list
+        # ("100/second, 1000/hour") and reads a multiple of 0 ("10/0 seconds") as 1.
+        shape = _RATE_SHAPE.fullmatch(node.strip()) if isinstance(node, str) else None
         try:
-            if not isinstance(node, str) or ";" in node:
+            if shape is None or int(shape[1]) < 1 or (shape[2] is not None and int(shape[2]) < 1):
                 raise ValueError
             item = parse_rate(node)
         except ValueError:
-            self.fail(key, "a rate such as '100/second' or '1/minute'", node)
+            self.fail(key, "one rate such as '100/second' or '10/2 minutes' (at least 1, per at least 1 unit)", node)
             return None
         return Rate(item.amount, item.get_expiry(), node)
 
@@ -323,7 +352,7 @@ class _Routes(_Checker):
                 str(name),
                 node.get("owner_limit"),
                 node.get("member_limit"),
-                bool(node.get("symmetric", False)),
+                self.boolean(node.get("symmetric", False), f"{key}.symmetric") or False,
                 None if owners == "app" else owners,
                 members if members in KINDS else "user",
             )
@@ -687,7 +716,10 @@ class _Settings(_Checker):
         )
         base = Settings()
         proxies = []
-        for i, net in enumerate(node.get("trusted_proxies") or []):
+        listed = node.get("trusted_proxies")
+        if listed is not None and not isinstance(listed, list):
+            self.fail("trusted_proxies", "a list of IP addresses or networks", listed)
+        for i, net in enumerate(listed if isinstance(listed, list) else []):
             try:
                 proxies.append(ipaddress.ip_network(str(net), strict=False))
             except ValueError:

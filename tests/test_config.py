@@ -78,7 +78,58 @@ def test_missing_limit(config_dir: Path) -> None:
 def test_bad_rate(config_dir: Path) -> None:
     """A rate string that does not parse is named."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["rates"].update(rest_per_ip="100 per sec"))
-    assert "plans.pro.rates.rest_per_ip: expected a rate such as '100/second'" in problems(config_dir)
+    assert "plans.pro.rates.rest_per_ip: expected one rate such as '100/second'" in problems(config_dir)
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [
+        "100/second, 1000/hour",  # `limits` would keep the first of the list, silently
+        "100/second|5/minute",
+        "10/0 seconds",  # `limits` reads a multiple of 0 as 1
+        "0/second",  # refuses every call for ever: a feature switch is the way to close a route
+        "100 per",
+    ],
+)
+def test_a_rate_is_one_rate_of_at_least_one(config_dir: Path, rate: str) -> None:
+    """Catches a rate loading as something other than what the operator wrote."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["rates"].update(rest_per_ip=rate))
+    assert "plans.pro.rates.rest_per_ip: expected one rate such as '100/second'" in problems(config_dir)
+    edit(config_dir / "quota.yaml", lambda d: d.update(fallback_rate=rate))
+    assert "quota.yaml: fallback_rate: expected one rate" in problems(config_dir)
+
+
+def test_a_key_written_twice_is_refused(config_dir: Path) -> None:
+    """Catches YAML's last-one-wins on a key written twice: free's friends cap, 100 then 100000,
+    would load as 100000. The file, the line and the key are named."""
+    path = config_dir / "plans.yaml"
+    text = path.read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("friends_per_user:"))
+    indent = line[: len(line) - len(line.lstrip())]
+    path.write_text(text.replace(line, f"{line}\n{indent}friends_per_user: 100000", 1))
+    said = problems(config_dir)
+    number = text.splitlines().index(line) + 2
+    assert f"plans.yaml: line {number}, column {len(indent) + 1}: expected valid YAML" in said
+    assert "key 'friends_per_user' is written twice" in said
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "said"),
+    [
+        (
+            "routes.yaml",
+            lambda d: d["relations"]["group_members"].update(symmetric="false"),
+            "relations.group_members.symmetric: expected true or false, found 'false'",
+        ),
+        ("quota.yaml", lambda d: d.update(trusted_proxies="10.0.0.1"), "trusted_proxies: expected a list"),
+        ("quota.yaml", lambda d: d.update(trusted_proxies=0), "trusted_proxies: expected a list"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_named(config_dir: Path, file: str, change: Any, said: str) -> None:
+    """Catches values read loosely: the string "false" taken as true, a string of one proxy read
+    character by character, a 0 read as no proxies."""
+    edit(config_dir / file, change)
+    assert said in problems(config_dir)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import date
@@ -214,7 +213,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if rt.directory.account_of(appkey) is None:
             raise UnknownAppError(appkey)
         user = request.path_params["user"]
-        report = await forget_user(rt.store, rt.routes, appkey, user, int(time.time() * 1000))
+        report = await forget_user(rt.store, rt.routes, appkey, user, int(middleware.clock() * 1000))
         return JSONResponse(report)
 
     async def reload(request: Request, rt: Any) -> JSONResponse:

@@ -7,9 +7,10 @@ store either way. Serving those refusals locally therefore lets no extra request
 refuses none that would pass: it only saves the round trip (envoy's over_limit local cache and
 upstash's ephemeral cache do the same).
 
-A refusal holds for what it was computed for: a hit of its cost. A call that costs more (a send to
-more recipients) cannot fit sooner and is refused too; one that costs less may fit now, and is
-asked of the store.
+A refusal holds for what it was computed for: a hit of its cost, under its limit and window. A call
+that costs more (a send to more recipients) cannot fit sooner and is refused too; one that costs
+less may fit now, and is asked of the store, as is one under a higher limit or a shorter window (a
+plan changed since: an upgrade takes effect at once, not when the refusal would have ended).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ SWEEP_EVERY = 1 << 10
 class DenyCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        # Rate key -> (the instant the refused hit could fit, that hit's cost).
-        self.until: dict[str, tuple[int, int]] = {}
+        # Rate key -> (the instant the refused hit could fit, that hit's cost, its limit and window).
+        self.until: dict[str, tuple[int, int, int, int]] = {}
         self._remembered = 0
 
     def check(self, program: Program, now_ms: int) -> Refusal | None:
@@ -36,10 +37,10 @@ class DenyCache:
             if isinstance(op, RateOp):
                 entry = self.until.get(op.key)
                 if entry is not None:
-                    until, cost = entry
+                    until, cost, limit, window_ms = entry
                     if now_ms >= until:
                         del self.until[op.key]
-                    elif op.cost >= cost:
+                    elif op.cost >= cost and op.limit <= limit and op.window_ms >= window_ms:
                         reset = op.window_ms - now_ms % op.window_ms
                         return Refusal(index, "rate", op.limit, op.limit, retry_after_ms=until - now_ms, reset_ms=reset)
         return None
@@ -57,4 +58,4 @@ class DenyCache:
         known = self.until.get(op.key)
         if known is None or op.cost <= known[1] or now_ms >= known[0]:
             # The cheaper refusal is kept: it speaks for more calls.
-            self.until[op.key] = (now_ms + refusal.retry_after_ms, op.cost)
+            self.until[op.key] = (now_ms + refusal.retry_after_ms, op.cost, op.limit, op.window_ms)

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 UNAVAILABLE = Denial(503, "service_unavailable", "quota storage is unavailable; retry shortly")
 LOG_EVERY_S = 10.0
-# Binds that the store did not take are retried this many times, from this delay, doubling.
-RETRIES, RETRY_FIRST_S = 6, 0.25
+# Binds that the store did not take are retried until it takes them, from this delay, doubling up
+# to the most: a create the upstream made is counted once the store is back, however long it was
+# down (its placeholder may have lapsed by then; the bind adds its id all the same). At most this
+# many at once: past it a bind is dropped, logged, and `quota reconcile` repairs the count.
+RETRY_FIRST_S, RETRY_MOST_S, RETRYING_MOST = 0.25, 60.0, 10_000
 log = logging.getLogger("quota")
 
 
@@ -167,6 +170,14 @@ class StoreGuard:
             await self._send(rt, confirms)
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._retries:
+            log.warning(
+                "quota storage: %d binds still waiting for the store at shutdown; `quota reconcile` repairs the count",
+                len(self._retries),
+            )
+            for task in self._retries:
+                task.cancel()
+            await asyncio.gather(*self._retries, return_exceptions=True)
 
     async def settle(self, rt: Runtime, program: Program, now_ms: int) -> Outcome | None:
         """Changes decided after the upstream answered. They never fail the client's request: a
@@ -178,28 +189,30 @@ class StoreGuard:
 
     async def settle_or_retry(self, rt: Runtime, program: Program, now_ms: int) -> Outcome | None:
         """Settle; if the store did not answer, retry its binds in the background (they are
-        idempotent): a create the upstream made must not go uncounted because of one storage blip."""
+        idempotent): a create the upstream made must not go uncounted because of an outage."""
         outcome = await self.settle(rt, program, now_ms)
         if outcome is None and program:
             binds = Program([op for op in program.ops if isinstance(op, BindOp)])
-            if binds:
+            if binds and len(self._retries) >= RETRYING_MOST:
+                log.warning(
+                    "quota storage: %d binds dropped (too many waiting); `quota reconcile` repairs the count",
+                    len(binds.ops),
+                )
+            elif binds:
                 task = asyncio.ensure_future(self._retry(rt, binds, now_ms))
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
         return outcome
 
     async def _retry(self, rt: Runtime, program: Program, now_ms: int) -> None:
+        # The clock of the answer, kept: the bind lands as it would have then (its placeholder, if
+        # still stored, is swapped for the id, not counted twice).
         delay = RETRY_FIRST_S
-        for _ in range(RETRIES):
+        while True:
             await asyncio.sleep(delay)
             if await self.settle(rt, program, now_ms) is not None:
                 return
-            delay *= 2
-        log.warning(
-            "quota storage: %d binds lost after %d retries; `quota reconcile` repairs the count",
-            len(program.ops),
-            RETRIES,
-        )
+            delay = min(delay * 2, RETRY_MOST_S)
 
     async def drain(self, rt: Runtime, drains: list[DrainOp], now_ms: int) -> None:
         # Slices of a dropped set, one short script each, so a 200,000-member room never stalls Redis.

@@ -162,6 +162,9 @@ class QuotaMiddleware:
         self.sockets = SocketHandler(self)
         self.renewals = _Renewals(self)
         self._watcher: asyncio.Task[None] | None = None
+        # The first read of the stored accounts, and whether it is done (_first_load).
+        self._loading: asyncio.Future[None] | None = None
+        self._loaded = False
         # The usage-threshold webhooks, when configured (quota/serve.py): held for their flush.
         self.notifier: Any = None
         self._day, self._date = -1, date(1970, 1, 1)
@@ -176,7 +179,9 @@ class QuotaMiddleware:
         old = self.runtime
         cfg = load_config(directory or old.config.directory)
         new = Runtime(cfg, old.store)
-        new.directory.version = -1
+        # The stored changes known so far hold from the first request: the new runtime does not
+        # serve accounts.yaml alone while it reads them again (reload_async, the watcher).
+        new.directory.carry(old.directory)
         self.runtime = new
         return cfg
 
@@ -197,8 +202,8 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         rt = self.runtime
-        if self._watcher is None and rt.directory.store is not None:
-            self._watcher = asyncio.ensure_future(self._watch())
+        if not self._loaded and rt.directory.store is not None:
+            await self._first_load()
         path: str = scope["path"]
         prefix = rt.settings.admin_prefix
         if self.admin is not None and (path == prefix or path.startswith(rt.admin_under)):
@@ -209,6 +214,28 @@ class QuotaMiddleware:
             await self.sockets(rt, scope, receive, send, started)
         else:
             await self._http(rt, scope, receive, send, started)
+
+    async def _first_load(self) -> None:
+        """Nothing is served before the stored account changes (a freeze, an allowlist, a plan set
+        through the admin API or CLI) are read: a process just started would serve accounts.yaml
+        alone until its watcher's first poll. One read for every request waiting on it; if the
+        store does not answer, accounts.yaml serves and the watcher reads them once it does."""
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load())
+            self._watcher = asyncio.ensure_future(self._watch())
+        await asyncio.shield(self._loading)
+
+    async def _load(self) -> None:
+        try:
+            rt = None
+            # A reload during the read carried an overlay not read yet: read the new runtime's too.
+            while rt is not self.runtime:
+                rt = self.runtime
+                await rt.directory.refresh()
+        except StorageError:
+            self.metrics.error("storage_unavailable")
+        finally:
+            self._loaded = True
 
     def _on_shutdown(self, receive: Receive) -> Receive:
         async def wrapped() -> Message:
@@ -378,7 +405,10 @@ class QuotaMiddleware:
             except BadInput as exc:
                 verdict.denial = Denial(400, "illegal_argument", str(exc))
                 return verdict
-        planned = self._planned(rt, rule, app, address, verdict, started, today)
+        # The store counts the request when its body is in, not when its headers were: a client
+        # holding its bodies back would date its hits in windows long gone, each found empty. The
+        # day stays the headers': the app and plan it was admitted under, the day it was active.
+        planned = self._planned(rt, rule, app, address, verdict, self.clock(), today)
         return planned if isinstance(planned, _Verdict) else await planned
 
     def _planned(

@@ -119,6 +119,14 @@ class Directory:
             self._cache[appkey] = found
         return found
 
+    def carry(self, old: Directory) -> None:
+        """Start from the stored changes another directory holds (a reload's new directory from the
+        old one's), over this one's accounts.yaml; `refresh` reads them again (version -1)."""
+        stored = {name: old._accounts[name] for name in old.stored if name in old._accounts}
+        self._accounts = {**self.configured, **stored}
+        self.stored, self.version = dict(old.stored), -1
+        self._index()
+
     async def refresh(self) -> None:
         """Reload accounts changed at run time. Stored changes are an overlay on accounts.yaml: a
         stored record wins over the file's account of the same name, until `reset` drops it. When

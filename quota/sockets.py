@@ -33,6 +33,7 @@ from quota.decisions import (
 )
 from quota.plans import AppPlan
 from quota.responses import close_websocket
+from quota.routes import RouteRule
 from quota.store.program import UNLIMITED, Op, Program, ReleaseOp
 
 if TYPE_CHECKING:
@@ -110,9 +111,12 @@ class SocketHandler:
             return
         mw.metrics.decision(rule.name, None, app.plan.name, "allowed")
         accepted = False
+        link = _Link(receive, send)
 
         async def watch(message: Message) -> None:
             nonlocal accepted
+            if link.ended:
+                return  # the connection was ended by quota (_Link.end): the upstream speaks to no one
             if message["type"] == "websocket.accept" and not accepted:
                 # The upstream took the connection: the login counted before is settled.
                 accepted = True
@@ -121,13 +125,10 @@ class SocketHandler:
 
         # Who to count active on each later day the connection lives through (a login's user).
         user = select(rule.user, params, None, rt.ids)[0] if rule.login and rule.user is not None else None
-        renew = (
-            asyncio.ensure_future(self._renew(rt, app, conn, ttl_ms, user, today, lambda: accepted))
-            if rule.connection
-            else None
-        )
+        held = _Held(rule, app, params, address, conn, ttl_ms, user, today)
+        renew = asyncio.ensure_future(self._renew(rt, held, link, lambda: accepted)) if rule.connection else None
         try:
-            await mw.app(scope, receive, watch)
+            await mw.app(scope, link.receive, watch)
         finally:
             if renew is not None:
                 renew.cancel()
@@ -139,31 +140,83 @@ class SocketHandler:
                 release.ops.append(ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn))
             await asyncio.shield(mw.guard.settle(rt, release, end))
 
-    async def _renew(
-        self,
-        rt: Runtime,
-        app: AppPlan,
-        conn: str,
-        ttl_ms: int,
-        user: str | None,
-        counted: date,
-        accepted: Callable[[], bool],
-    ) -> None:
+    async def _renew(self, rt: Runtime, held: _Held, link: _Link, accepted: Callable[[], bool]) -> None:
         # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
         mw = self.mw
+        app, conn, ttl_ms, counted = held.app, held.conn, held.ttl_ms, held.today
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = mw.clock()
             today = mw.today(now)
+            # Held to the account as it is now, not as it was at the handshake: a connection of an
+            # account frozen, cancelled, detached or put behind an allowlist since is ended, as its
+            # HTTP requests are refused (the caps, not re-checked, are a connection's for life).
+            ended = _revoked(mw.runtime, held, now, today)
+            if ended is not None:
+                end = Program([ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn)])
+                await link.end(ended)
+                await mw.guard.settle(rt, end, int(now * 1000))
+                return
             # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
             # that lapsed during a storage outage must count again (new connections are refused instead).
             ops: list[Op] = [replace(lease_op(app, today, conn, ttl_ms), cap=UNLIMITED, share_bp=0)]
-            if user is not None and today != counted and accepted():
+            if held.user is not None and today != counted and accepted():
                 # Online on a new day (or month), once the upstream took the connection: as active
                 # as a user who logged in on it.
-                ops += activity_ops(app, today, user)
+                ops += activity_ops(app, today, held.user)
             if await mw.guard.settle(rt, Program(ops), int(now * 1000)) is not None:
                 counted = today
+
+
+class _Held:
+    """A connection's standing, as its renewals check it again."""
+
+    def __init__(
+        self,
+        rule: RouteRule,
+        app: AppPlan,
+        params: dict[str, str],
+        address: str,
+        conn: str,
+        ttl_ms: int,
+        user: str | None,
+        today: date,
+    ) -> None:
+        self.rule, self.app, self.params, self.address = rule, app, params, address
+        self.conn, self.ttl_ms, self.user, self.today = conn, ttl_ms, user, today
+
+
+def _revoked(rt: Runtime, held: _Held, now: float, today: date) -> Denial | None:
+    """Why the account no longer holds the connection (what its handshake would be refused now for,
+    the caps aside), or None."""
+    app = rt.directory.lookup(held.app.appkey, today)
+    if app is None:
+        return Denial(404, "service_resource_not_found", f"app {held.app.appkey} has no plan here")
+    admitted = admit(held.rule, app, held.params, held.address, now, rt.ids)
+    return admitted if isinstance(admitted, Denial) else None
+
+
+class _Link:
+    """The client's side of a connection, which quota may end: the client is sent the close, and the
+    upstream reads the client gone at its next receive, whatever the client sends meanwhile (its
+    sends go nowhere: see `watch`). A client that never answers the close is cut by its server's
+    close timeout; its lease is released at once."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+        self.ended = False
+
+    async def receive(self) -> Message:
+        if not self.ended:
+            message = await self._receive()
+            # What the client sent while the close was on its way is not delivered.
+            if not self.ended:
+                return message
+        return {"type": "websocket.disconnect", "code": 1008}
+
+    async def end(self, denial: Denial) -> None:
+        self.ended = True
+        await close_websocket(denial, self._send)
 
 
 async def _refuse(denial: Denial, receive: Receive, send: Send) -> None:

@@ -21,6 +21,7 @@ from quota.decisions import SHARED_PLANS
 from quota.errors import StorageError
 from quota.gateway import create_gateway
 from quota.serve import build_app
+from quota.store.memory import MemoryStore
 from quota.store.program import TombstoneOp
 from tests.conftest import Clock, asgi_client, make_client
 from tests.helpers import (
@@ -1328,3 +1329,57 @@ class TestMessageSends:
         r = await client.post(f"/{FREE}/messages/users", json=body)
         assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
         assert "body.to" in r.json()["error_description"]  # quota's refusal, not the gateway's
+
+
+async def test_a_body_held_back_is_counted_when_it_arrives() -> None:
+    """Catches a request's rate hits dated by its headers: a client sends the headers of ten sends of
+    600 recipients in each of two earlier minutes and holds their bodies, then spends the app's
+    6,000 a minute live and releases them all at once. Dated by their headers, each found its
+    long-gone window empty and 18,000 messages passed in one instant; dated by their bodies, none
+    of the held ones passes."""
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    clock = Clock(1_790_000_000.0, tick=0)
+    app = build_app(load_config(), store=MemoryStore(), upstream=upstream)
+    app.clock = clock
+    path = f"/{PRO}/messages/users"
+
+    def send_of(n: int, tag: str) -> bytes:
+        return json.dumps(
+            {"target_type": "users", "to": [f"{tag}{i}" for i in range(n)], "msg": {"msg": "hi"}}
+        ).encode()
+
+    async def request(body: bytes, gate: asyncio.Event) -> int:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            await gate.wait()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(http_scope("POST", path, headers=headers), receive, send)
+        return statuses[0]
+
+    held, release = [], asyncio.Event()
+    for minute in range(2):
+        held += [asyncio.ensure_future(request(send_of(600, f"m{minute}r{k}x"), release)) for k in range(10)]
+        await asyncio.sleep(0.01)  # their headers are in: each waits for its body
+        clock.advance(130)
+    clock.advance(300)
+    now = asyncio.Event()
+    now.set()
+    live = [await request(send_of(600, f"live{k}x"), now) for k in range(10)]
+    assert live == [200] * 10
+    release.set()
+    late = await asyncio.gather(*held)
+    await app.shutdown()
+    assert late == [429] * 20, late

@@ -207,6 +207,25 @@ async def test_values_are_escaped_and_headers_strict(gateway: httpx.AsyncClient)
     assert el("a", "x", href='"><b') == '<a href="&quot;&gt;&lt;b">x</a>'
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/apps/{markup}/x",  # not found: an unknown app, named as the URL spelled it
+        "/accounts/{markup}",  # not found: an unknown account
+        "/apps/demo/free?month={markup}",  # bad request: a month that is no month
+    ],
+)
+async def test_an_error_page_shows_the_url_as_text(gateway: httpx.AsyncClient, path: str) -> None:
+    """Catches the error pages putting what the URL said into the page as markup (found by the
+    audit of 2026-12-01): a link naming an app as a meta refresh sent a signed-in operator's
+    browser elsewhere (no CSP directive governs a meta refresh)."""
+    await _login(gateway)
+    markup = '<meta http-equiv="refresh" content="0;url=https:\\\\evil.example">'
+    r = await gateway.get(BASE + path.format(markup=markup.replace(" ", "%20")))
+    assert r.status_code in (400, 404), r.text
+    assert "<meta" not in r.text and "&lt;meta" in r.text, r.text
+
+
 async def test_app_page_shows_its_own_refusals_only(gateway: httpx.AsyncClient) -> None:
     """Refusals recorded for an app appear on its page by route and limit, and never on another
     app's page. Catches: refusals shown unattributed, or one app's traffic on another's page."""

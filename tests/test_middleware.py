@@ -346,6 +346,35 @@ class TestRates:
             clock.advance(120)
             assert (await two.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
 
+    async def test_a_refusal_remembered_ends_with_its_plan(
+        self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Catches the deny cache holding a refusal past a change of plan: demo-free moves to a pro
+        plan whose history export is 10 a minute (from the 1st of next month, through the admin API);
+        refused at 23:59:30 on free's once a minute, the export is let through at 00:00:10 on pro,
+        not refused from memory until free's minute is over."""
+        doc = yaml.safe_load((config_dir / "plans.yaml").read_text())
+        doc["plans"]["pro"]["rates"]["history_export_per_app"] = "10/minute"
+        (config_dir / "plans.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
+        this_month = datetime.now(UTC).date().replace(day=1)
+        next_month = (this_month + timedelta(days=32)).replace(day=1)
+        clock.tick = 0
+        clock.now = datetime(next_month.year, next_month.month, 1, tzinfo=UTC).timestamp() - 30
+        hour = (datetime.fromtimestamp(clock.now, UTC) - timedelta(hours=2)).strftime("%Y%m%d%H")
+        async with make_client(MemoryStore(), clock, config=load_config(config_dir)) as c:
+            r = await c.post(
+                "/_quota/accounts/demo-free/change-plan",
+                json={"plan": "pro", "date": this_month.isoformat()},
+                headers={"authorization": f"Bearer {LANE_TOKEN}"},
+            )
+            assert r.status_code == 200, r.text
+            assert (await c.get(f"/{FREE}/chatmessages/{hour}")).status_code == 200
+            assert_refused(await c.get(f"/{FREE}/chatmessages/{hour}"), 429, "reach_limit", "history_export_per_app")
+            clock.advance(40)
+            r = await c.get(f"/{FREE}/chatmessages/{hour}")
+            assert r.status_code == 200, r.text
+
     async def test_route_figure_from_reference(self, client: httpx.AsyncClient, clock: Clock) -> None:
         """Per-endpoint figures of the reference apply: group messages at 20/s."""
         for _ in range(20):

@@ -113,6 +113,62 @@ async def test_accounts_reach_every_process(store: Any, monkeypatch: pytest.Monk
         assert await b_answers(200) < 5
 
 
+async def test_a_new_process_serves_the_stored_accounts_from_its_first_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches a process serving accounts.yaml alone until its watcher's first poll (found by the
+    audit of 2026-12-01): a worker started after an account was frozen through another served the
+    frozen account's first requests, one restart after another."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    store = MemoryStore()  # stands for the Redis every process shares
+    clock = Clock(time.time())
+    async with make_client(store, clock) as a:
+        assert (await a.post("/_quota/accounts/demo-pro/freeze", headers=AUTH)).status_code == 200
+    async with make_client(store, clock) as b:
+        answers = await asyncio.gather(*(b.get("/demo/pro/users") for _ in range(5)))
+        assert [r.status_code for r in answers] == [403] * 5
+
+
+class SlowAccounts(MemoryStore):
+    """A memory store whose accounts read takes a round trip's time, as on Redis."""
+
+    async def load_accounts(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        await asyncio.sleep(0.05)
+        return await super().load_accounts()
+
+
+async def test_a_reload_keeps_the_stored_accounts_while_it_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a reload serving accounts.yaml alone while it reads the stored changes again (found by
+    the audit of 2026-12-01): a frozen account was served during the read, and until the watcher's
+    next poll if the read failed."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    async with make_client(SlowAccounts(), Clock(time.time())) as client:
+        assert (await client.post("/_quota/accounts/demo-pro/freeze", headers=AUTH)).status_code == 200
+        assert (await client.get("/demo/pro/users")).status_code == 403
+        reload = asyncio.ensure_future(client.post("/_quota/reload", headers=AUTH))
+        await asyncio.sleep(0.01)  # the reload is reading the stored accounts
+        during = await client.get("/demo/pro/users")
+        assert (await reload).status_code == 200
+        assert during.status_code == 403
+        assert (await client.get("/demo/pro/users")).status_code == 403
+
+
+async def test_a_reload_during_the_first_read_reads_the_new_runtimes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a reload (SIGHUP) landing while a new process reads the stored accounts: the new
+    runtime carried an overlay not read yet, and served accounts.yaml alone until the next poll."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    store = SlowAccounts()
+    clock = Clock(time.time())
+    async with make_client(store, clock) as a:
+        assert (await a.post("/_quota/accounts/demo-pro/freeze", headers=AUTH)).status_code == 200
+    async with make_client(store, clock) as b:
+        first = asyncio.ensure_future(b.get("/demo/pro/users"))
+        await asyncio.sleep(0.01)  # the first read is on its way
+        middleware_of(b).reload()
+        assert (await first).status_code == 403
+        assert (await b.get("/demo/pro/users")).status_code == 403
+
+
 class SwallowingStore(MemoryStore):
     """A memory store whose version poll answers the way Python 3.11's wait_for does (redis-py sends
     through it) when a cancel lands as the send completes: with the value, the cancel swallowed."""

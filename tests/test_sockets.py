@@ -20,6 +20,8 @@ from quota.store.redis import RedisStore
 from tests.conftest import Clock, asgi_client, free_port, make_client
 from tests.helpers import SwitchedStore, raw_deadlines, raw_members, register
 
+SOCKET_TOKEN = "sockets-admin-token-0123456789"
+
 
 class Socket:
     """One WebSocket connection to the middleware: the client's side of the ASGI messages."""
@@ -334,3 +336,41 @@ async def test_a_connection_never_accepted_is_not_active_on_a_new_day(config_dir
         await asyncio.wait_for(ghost.task, 5)
         for key in ("dau:20260531", "dau:20260601", "mau:202606"):
             assert await raw_members(store, f"q:{{demo#basic}}:{key}") == set(), key
+
+
+@pytest.mark.parametrize("change", ["freeze", "allowlist"])
+async def test_a_connection_ends_when_its_account_no_longer_holds_it(
+    change: str, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a connection outliving its account's standing (found by the audit of 2026-12-01): the
+    account was checked at the handshake only, so a client of an account frozen (or put behind an
+    allowlist) since kept its connection, renewed as online, for as long as it liked, while HTTP
+    was refused. The next renewal closes it with 1008 naming why, the upstream reads the client
+    gone, and the lease is released."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", SOCKET_TOKEN)
+    auth = {"authorization": f"Bearer {SOCKET_TOKEN}"}
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    store = MemoryStore()
+    clock = Clock(tick=0)
+    online = "q:{demo#pro}:online"
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, "demo/pro", ["amy"])
+        amy = Socket(mw_of(client), "/demo/pro/users/amy/connection")
+        assert (await amy.open())["type"] == "websocket.accept"
+        await amy.inbox.put({"type": "websocket.receive", "text": "before"})
+        assert await asyncio.wait_for(amy.outbox.get(), 5) == {"type": "websocket.send", "text": "before"}
+        if change == "freeze":
+            r = await client.post("/_quota/accounts/demo-pro/freeze", headers=auth)
+        else:
+            r = await client.put(
+                "/_quota/accounts/demo-pro/allowlist", json={"ip_allowlist": ["192.0.2.1"]}, headers=auth
+            )
+        assert r.status_code == 200, r.text
+        closed = await asyncio.wait_for(amy.outbox.get(), 5)  # within a renewal (a second)
+        assert closed["type"] == "websocket.close" and closed["code"] == 1008, closed
+        assert ("frozen" if change == "freeze" else "allowlist") in closed["reason"], closed
+        # Nothing the client sends after the close is answered, and the upstream reads the client gone.
+        await amy.inbox.put({"type": "websocket.receive", "text": "after"})
+        await asyncio.wait_for(amy.task, 5)
+        assert amy.outbox.empty()
+        assert await store.online(online, int(clock.now * 1000)) == 0

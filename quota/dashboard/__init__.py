@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from quota.accounts import Account
 from quota.dashboard import pages, sessions
+from quota.dashboard.html import text
 from quota.dashboard.reports import account_month, app_month, month_today
 from quota.errors import StorageError, UnknownAppError
 from quota.tokens import Tokens
@@ -56,7 +57,13 @@ Page = Callable[[Request, Any, sessions.Session], Awaitable[Response]]
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:
+    """A page built by quota.dashboard.pages (every value in it escaped there)."""
     return HTMLResponse(body, status_code=status, headers=HEADERS)
+
+
+def _said(message: str, status: int) -> HTMLResponse:
+    """A message, escaped: it may hold what the URL said (an org, an app, a month)."""
+    return HTMLResponse(text(message), status_code=status, headers=HEADERS)
 
 
 def _month(request: Request, today: date) -> tuple[int, int]:
@@ -117,31 +124,31 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
     def page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             if not tokens().enabled:
-                return _html("the dashboard is off: no token configured", 404)
+                return _said("the dashboard is off: no token configured", 404)
             session = session_of(request)
             if session is None:
                 return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
             try:
                 return await handler(request, middleware.runtime, session)
             except (UnknownAppError, KeyError) as exc:
-                return _html(f"not found: {exc}", 404)
+                return _said(f"not found: {exc}", 404)
             except ValueError as exc:
-                return _html(f"bad request: {exc}", 400)
+                return _said(f"bad request: {exc}", 400)
             except StorageError:
-                return _html("quota storage is unavailable; retry shortly", 503)
+                return _said("quota storage is unavailable; retry shortly", 503)
 
         return run
 
     async def login_form(request: Request) -> Response:
         if not tokens().enabled:
-            return _html("the dashboard is off: no token configured", 404)
+            return _said("the dashboard is off: no token configured", 404)
         return _html(pages.login(base(request)))
 
     async def login(request: Request) -> Response:
         if not tokens().enabled:
-            return _html("the dashboard is off: no token configured", 404)
+            return _said("the dashboard is off: no token configured", 404)
         if not _same_origin(request):
-            return _html("cross-site form refused", 403)
+            return _said("cross-site form refused", 403)
         try:
             form = await _form(request)
         except ValueError:
@@ -170,7 +177,7 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         except ValueError:
             form = {}
         if not sessions.csrf_ok(tokens(), accounts(), session, form.get("csrf", "")):
-            return _html("logout refused: the form did not come from this dashboard", 403)
+            return _said("logout refused: the form did not come from this dashboard", 403)
         response = RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         response.delete_cookie(sessions.COOKIE, path=cookie_path(request), httponly=True, samesite="strict")
         return response

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from mypy_extensions import mypyc_attr
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from quota.errors import StorageError
 from quota.store.program import (
@@ -250,7 +250,9 @@ class RedisStore:
                     reply = await wire.recovered(self.program, packed, reply)
             else:
                 reply = await self.script(keys=[program.route_key()], args=encode(program, now_ms, dry))
-        except (RedisError, OSError, ReplyError) as exc:
+        # A cluster with every node down, or a slot no node covers, raises RedisClusterException,
+        # which is no RedisError: an outage all the same (policy, breaker), never a 500.
+        except (RedisError, RedisClusterException, OSError, ReplyError) as exc:
             raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
         return decode(program, now_ms, reply)
 
@@ -278,7 +280,7 @@ class RedisStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
 
     async def cardinalities(self, keys: list[str]) -> list[int]:

@@ -213,7 +213,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if rt.directory.account_of(appkey) is None:
             raise UnknownAppError(appkey)
         user = request.path_params["user"]
-        report = await forget_user(rt.store, rt.routes, appkey, user, int(middleware.clock() * 1000))
+        report = await forget_user(rt.store, rt.routes, appkey, user, int(middleware.clock() * 1000), ids=rt.ids)
         return JSONResponse(report)
 
     async def reload(request: Request, rt: Any) -> JSONResponse:

@@ -33,7 +33,7 @@ from quota.middleware import QuotaMiddleware, Runtime
 from quota.plans import AppPlan
 from quota.store import Store
 from quota.store.memory import MemoryStore
-from quota.store.program import AddOp, Program, RateOp
+from quota.store.program import UNLIMITED, AddOp, Program, RateOp
 
 ENTITY_KINDS = {"user": "user", "group": "room", "chatroom": "room"}
 
@@ -188,8 +188,7 @@ class Quota:
             return _usage(used, cap if isinstance(cap, int) else None)
         if name == "included_dau":
             (used,) = await rt.store.cardinalities([dau_key(prefix, self._today())])
-            no_overage = app.plan.price.overage_per_10k_dau is None
-            return _usage(used, app.plan.price.included_dau if no_overage else None)
+            return _usage(used, None if app.dau_cap == UNLIMITED else app.dau_cap)
         if name == "online_users":
             online = await rt.store.online(online_key(prefix), int(self.clock() * 1000))
             if isinstance(cap, MauShare):

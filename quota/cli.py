@@ -234,9 +234,19 @@ def cmd_bill(args: argparse.Namespace) -> int:
             raise SystemExit(f"quota: unknown plan {args.plan!r} ({', '.join(cfg.matrix.plans)})")
         if not args.peak_dau:
             raise SystemExit("quota: give --peak-dau N once per app")
-        since = date.fromisoformat(args.subscribed_on) if args.subscribed_on else None
+        if any(n < 0 for n in args.peak_dau):
+            raise SystemExit(f"quota: --peak-dau is a number of users (0 or more), found {min(args.peak_dau)}")
+        try:
+            since = date.fromisoformat(args.subscribed_on) if args.subscribed_on else None
+        except ValueError:
+            raise SystemExit(f"quota: --subscribed-on must be YYYY-MM-DD, found {args.subscribed_on!r}") from None
         if since is not None and not args.month:
             year, month = since.year, since.month
+        if since is not None and (since.year, since.month) > (year, month):
+            raise SystemExit(
+                f"quota: --subscribed-on {since.isoformat()} is after the month {year:04d}-{month:02d}: "
+                "a plan not started yet bills nothing"
+            )
         peaks = [AppPeak(f"app{i + 1}", n) for i, n in enumerate(args.peak_dau)]
         bill = compute_bill(plan, peaks, year, month, subscribed_on=since)
     else:
@@ -318,7 +328,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             raise UnknownAppError(args.app)
         progress = out.Progress(f"forgetting {args.user}")
         try:
-            return await forget_user(store, cfg.routes, args.app, args.user, int(time.time() * 1000), progress)
+            return await forget_user(
+                store, cfg.routes, args.app, args.user, int(time.time() * 1000), progress, ids=cfg.settings.identifiers
+            )
         finally:
             progress.close()
 

@@ -487,8 +487,7 @@ def plan_request(
         # A login is counted as it happens and undone if the upstream refuses it, like any add:
         # a user's id in today's and this month's activity, claimed while the upstream answers.
         # A plan that cannot bill overage refuses new users past its included DAU.
-        no_overage = app.plan.price.overage_per_10k_dau is None
-        dau_cap = app.plan.price.included_dau if no_overage else UNLIMITED
+        dau_cap = app.dau_cap
         activity = inflight_key(app.prefix, "activity")
         for key, limit, cap in (
             (dau_key(app.prefix, today), "included_dau", dau_cap),

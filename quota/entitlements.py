@@ -7,10 +7,11 @@ from datetime import date
 from typing import Any
 
 from quota.errors import UnknownAppError
-from quota.keys import app_prefix, online_key, set_key
+from quota.keys import app_prefix, dau_key, online_key, set_key
 from quota.matrix import MauShare, limit_to_json
 from quota.plans import AppPlan, Directory
 from quota.store import Store
+from quota.store.program import UNLIMITED
 
 # Counted limits kept per app: limit -> (relation, side).
 APP_COUNTERS = {
@@ -67,8 +68,10 @@ async def entitlements(
         return out
     prefix = app_prefix(appkey)
     keys = [set_key(prefix, rel, side, appkey) for rel, side in APP_COUNTERS.values()]
-    counts = await store.cardinalities(keys)
+    *counts, dau = await store.cardinalities([*keys, dau_key(prefix, today)])
     used: dict[str, Any] = {name: _usage(app.limits.get(name), n) for name, n in zip(APP_COUNTERS, counts, strict=True)}
+    # Today's users against the day's ceiling of new ones (the free plan's; none where overage is billed).
+    used["included_dau"] = _usage(None if app.dau_cap == UNLIMITED else app.dau_cap, dau)
     online = await store.online(online_key(prefix), int(time.time() * 1000))
     cap = app.limits.get("online_users")
     if isinstance(cap, MauShare):

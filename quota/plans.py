@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
 
-from quota.accounts import Account
+from quota.accounts import Account, detach
 from quota.errors import ConflictError
 from quota.keys import app_prefix
 from quota.matrix import LimitValue, Matrix, Plan
 from quota.store import Store
+from quota.store.program import UNLIMITED
 
 log = logging.getLogger("quota")
 
@@ -33,6 +34,8 @@ class AppPlan:
     limits: dict[str, LimitValue]
     # Parsed once per snapshot: the request path only tests membership.
     allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # New users past this many a day are refused (UNLIMITED: none): see Directory._dau_cap.
+    dau_cap: int = UNLIMITED
     # What decisions.plan_request derives from a route and this app's plan, once per route: an
     # AppPlan is rebuilt whenever its plan, account or config changes, and the cache goes with it.
     compiled: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -59,6 +62,12 @@ def effective_limits(plan: Plan, account: Account) -> dict[str, LimitValue]:
     return limits
 
 
+def dau_ceiling(plan: Plan) -> int:
+    """A plan that cannot bill overage refuses new users past its included DAU; one that can has no
+    ceiling (UNLIMITED)."""
+    return plan.price.included_dau if plan.price.overage_per_10k_dau is None else UNLIMITED
+
+
 class Directory:
     def __init__(self, matrix: Matrix, accounts: dict[str, Account], store: Store | None = None) -> None:
         self.matrix = matrix
@@ -79,6 +88,11 @@ class Directory:
 
     def _index(self) -> None:
         self._apps = {app: acc.name for acc in self._accounts.values() for app in acc.apps}
+        # App -> the accounts that held it before (a lookup asks them only, not every account).
+        self._formerly: dict[str, list[Account]] = {}
+        for acc in self._accounts.values():
+            for app in dict.fromkeys(span.app for span in acc.former):
+                self._formerly.setdefault(app, []).append(acc)
         self._cache, self._lanes = {}, {}
 
     @property
@@ -112,12 +126,30 @@ class Directory:
             plan = self.matrix.plans.get(plan_name) if plan_name else None
             if plan is not None:
                 allow = tuple(ipaddress.ip_network(n, strict=False) for n in account.ip_allowlist)
-                found = AppPlan(appkey, app_prefix(appkey), account, plan, effective_limits(plan, account), allow)
+                limits = effective_limits(plan, account)
+                cap = self._dau_cap(appkey, account, plan, today)
+                found = AppPlan(appkey, app_prefix(appkey), account, plan, limits, allow, cap)
         # Only apps with a plan are cached: a miss costs two dict lookups, and caching misses let a
         # client grow the cache without bound by naming a fresh unknown app on every request.
         if found is not None:
             self._cache[appkey] = found
         return found
+
+    def _dau_cap(self, appkey: str, account: Account, plan: Plan, today: date) -> int:
+        """The day's ceiling of new users: the plan's, and on the day an app moved, the lower of it
+        and that of the account the day is billed to (the one it left: accounts.billed_from). A day
+        is served as it is billed: an app moved from a free account to a paid one is not served
+        without a ceiling on a day billed to a plan that bills no overage."""
+        cap = dau_ceiling(plan)
+        for other in self._formerly.get(appkey, ()):
+            if other.name == account.name or not other.held_on(appkey, today):
+                continue
+            held_plan = other.plan_on(today)
+            billed = self.matrix.plans.get(held_plan) if held_plan else None
+            theirs = dau_ceiling(billed) if billed is not None else UNLIMITED
+            if theirs != UNLIMITED and (cap == UNLIMITED or theirs < cap):
+                cap = theirs
+        return cap
 
     def carry(self, old: Directory) -> None:
         """Start from the stored changes another directory holds (a reload's new directory from the
@@ -185,6 +217,11 @@ class Directory:
         if self.store is None or name not in self.stored:
             return False
         configured, kept = self.configured.get(name), self._accounts[name]
+        if configured is None and any(sub.start <= today for sub in kept.subscriptions):
+            raise ConflictError(
+                f"{name!r} exists only through the admin API or CLI and was served up to "
+                f"{today.isoformat()}: a reset would delete it and its bills; cancel it instead"
+            )
         if configured is not None and not same_plans_until(kept, configured, today):
             raise ConflictError(
                 f"accounts.yaml's plan for {name!r} differs from the one it was served on up to "
@@ -197,9 +234,14 @@ class Directory:
         await self.store.delete_account(name)
         self._warned.discard(name)
         await self.refresh()
-        if configured is not None and kept.former:
-            dated = {app: day for app, day in kept.attached.items() if app in configured.apps}
-            await self.save(replace(configured, former=kept.former, attached=dated))
+        if configured is not None:
+            # An app only the overlay gave it leaves today, its days kept as any detached app's.
+            for app in kept.apps:
+                if app not in configured.apps:
+                    kept = detach(kept, app, today)
+            if kept.former:
+                dated = {app: day for app, day in kept.attached.items() if app in configured.apps}
+                await self.save(replace(configured, former=kept.former, attached=dated))
         return True
 
     async def save(self, account: Account) -> None:

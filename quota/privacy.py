@@ -30,11 +30,13 @@ async def forget_user(
     user: str,
     now_ms: int,
     progress: Callable[[int, int], None] | None = None,
-    ids: IdPolicy | None = None,
+    *,
+    ids: IdPolicy,
 ) -> dict[str, Any]:
     """Forget `user` in `appkey`; `progress(done, total)` is told after each relation and activity set.
     Raises ValueError (InvalidId) for a user id the policy refuses: nothing could hold it."""
-    user = (ids or IdPolicy()).canonical("user", user)
+    # The configured policy (quota.yaml's identifiers): the id as the request path spelled it.
+    user = ids.canonical("user", user)
     prefix = app_prefix(appkey)
     activity_keys: list[tuple[str, str]] = []
     for kind, part, digits in (("days", "dau:", 8), ("months", "mau:", 6)):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
+from quota.store.memory import MemoryStore
 from tests.conftest import ROOT, Clock, RedisServer, asgi_client, free_port, run_cli
 from tests.helpers import create_room, entitlements, register, room_id
 
@@ -290,6 +292,26 @@ class TestForget:
         ent = await entitlements(admin, FREE, user="friend", group=rid)
         assert ent["entities"]["user:friend"]["friends_per_user"]["used"] == 0
         assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 0
+
+    async def test_forget_reads_the_id_as_the_configured_policy_does(
+        self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Catches forget canonicalising the id by the default policy, not quota.yaml's: with ids
+        whose case matters, forgetting `Bob` forgot `bob`, another user, and kept Bob."""
+        edit(
+            config_dir / "quota.yaml",
+            lambda d: d["identifiers"].update(user={"pattern": "[A-Za-z0-9_]{1,64}", "fold_case": False}),
+        )
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+        store = MemoryStore()
+        app = build_app(load_config(config_dir), store=store)
+        app.clock = clock
+        day = datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%d")
+        store.sets[f"q:{{demo#pro}}:dau:{day}"] = {"Bob", "bob"}
+        async with asgi_client(app, base_url="http://gw") as c:
+            assert (await c.post("/_quota/forget/demo/pro/Bob", headers=AUTH)).status_code == 200
+        assert "bob" in store.sets[f"q:{{demo#pro}}:dau:{day}"]
+        assert "Bob" not in store.sets[f"q:{{demo#pro}}:dau:{day}"]
 
 
 @pytest.mark.redis

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from quota.config import load_config
 from quota.serve import build_app
+from quota.store.memory import MemoryStore
 from tests.conftest import Clock, RedisServer, asgi_client, make_client, run_cli
 from tests.helpers import register
 
@@ -211,6 +212,58 @@ async def test_resetting_an_overlay_keeps_the_bills_and_one_holder(store: Any, m
         assert account["apps"] == ["demo#pro"], account
         bill = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=AUTH)).json()
         assert {a["app"]: a["peak_dau"] for a in bill["apps"]}.get("demo#extra") == 2, bill
+
+
+async def test_a_reset_keeps_the_days_of_an_app_only_the_overlay_gave(admin: httpx.AsyncClient) -> None:
+    """Catches a reset dropping the days of an app attached through the admin API and never
+    detached (found by the audit of 2026-12-01): it lived in the overlay's apps only, and its
+    served days left the account's bill. The reset detaches it today, its days kept."""
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert (await admin.put("/_quota/accounts/demo-basic/apps/demo/second", headers=AUTH)).status_code == 200
+    await register(admin, "demo/second", ["a", "b"])
+    for name in ("a", "b"):
+        assert (await admin.post("/demo/second/token", json={"username": name})).status_code == 200
+    assert (await admin.delete("/_quota/accounts/demo-basic/overlay", headers=AUTH)).status_code == 200
+    account = (await admin.get("/_quota/accounts/demo-basic", headers=AUTH)).json()
+    assert account["apps"] == ["demo#basic"], account
+    bill = (await admin.get(f"/_quota/bills/demo-basic?month={month}", headers=AUTH)).json()
+    assert {a["app"]: a["peak_dau"] for a in bill["apps"]}.get("demo#second") == 2, bill
+
+
+async def test_an_account_only_the_api_made_is_not_reset_away(admin: httpx.AsyncClient) -> None:
+    """Catches a reset deleting an account created through the admin API (no accounts.yaml entry to
+    compare its plan with) and its served month with it: its bill became a 404."""
+    month = datetime.now(UTC).strftime("%Y-%m")
+    acme = {"name": "acme", "plan": "basic", "apps": ["acme#chat"]}
+    assert (await admin.post("/_quota/accounts", json=acme, headers=AUTH)).status_code == 201
+    r = await admin.delete("/_quota/accounts/acme/overlay", headers=AUTH)
+    assert r.status_code == 409 and "cancel it instead" in r.json()["error_description"], r.text
+    assert (await admin.get(f"/_quota/bills/acme?month={month}", headers=AUTH)).status_code == 200
+
+
+async def test_the_day_an_app_moves_is_served_as_it_is_billed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a move day served without the ceiling of the plan it is billed to (found by the audit
+    of 2026-12-01): the day of a move is the old account's bill, so an app moved from a free account
+    to a paid one was served past free's 100 DAU on a day billed to free, which bills no overage:
+    no one paid for them. That day it keeps free's ceiling; the next, basic has none."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    app = build_app(load_config(), store=MemoryStore())
+    clock = Clock(datetime(2031, 1, 5, 9, tzinfo=UTC).timestamp())
+    app.clock = clock
+    async with asgi_client(app, base_url="http://gw") as c:
+        users = [f"u{i}" for i in range(102)]
+        await register(c, "demo/free", users)
+        assert (await c.delete("/_quota/accounts/demo-free/apps/demo/free", headers=AUTH)).status_code == 200
+        assert (await c.put("/_quota/accounts/demo-basic/apps/demo/free", headers=AUTH)).status_code == 200
+        statuses = [(await c.post("/demo/free/token", json={"username": u})).status_code for u in users]
+        assert statuses == [200] * 100 + [403] * 2, statuses
+        usage = (await c.get("/_quota/entitlements/demo/free", headers=AUTH)).json()["usage"]
+        assert usage["included_dau"]["limit"] == 100, usage
+        clock.advance(86400)
+        statuses = [(await c.post("/demo/free/token", json={"username": u})).status_code for u in users]
+        assert statuses == [200] * 102, statuses
+        usage = (await c.get("/_quota/entitlements/demo/free", headers=AUTH)).json()["usage"]
+        assert usage["included_dau"]["limit"] is None, usage
 
 
 async def test_an_overlay_with_dated_apps_is_shown(admin: httpx.AsyncClient) -> None:

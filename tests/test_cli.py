@@ -79,3 +79,20 @@ def test_version_and_bad_upstream() -> None:
     assert out.returncode != 0 and "http(s)://host[:port][/prefix]" in out.stderr
     out = run_cli("proxy", "--upstream", "http://gateway:8080", "--read-timeout", "0")
     assert out.returncode != 0 and "--read-timeout must be above 0" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--peak-dau", "20000", "--peak-dau", "-10000"], "--peak-dau is a number of users (0 or more), found -10000"),
+        (["--peak-dau", "100", "--subscribed-on", "2026-12-05", "--month", "2026-11"], "is after the month 2026-11"),
+        (["--peak-dau", "100", "--subscribed-on", "the 5th"], "--subscribed-on must be YYYY-MM-DD, found 'the 5th'"),
+    ],
+)
+def test_a_what_if_bill_refuses_what_no_account_could_be_billed(args: list[str], said: str) -> None:
+    """Catches a what-if bill taking a negative peak (one app's negative DAU cancelled another's
+    overage: 888 元 for 20,000 DAU on basic), billing a month before its plan started, or a date that
+    is no date with a traceback."""
+    out = run_cli("bill", "--plan", "basic", *args)
+    assert out.returncode != 0 and said in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -124,19 +124,18 @@ async def app_month(
         )
     app = directory.lookup(appkey, today)
     assert app is not None  # entitlements() raised UnknownAppError otherwise
-    caps = [Cap(name, u["used"], u["limit"]) for name, u in ent["usage"].items()]
+    usage = ent["usage"]
+    if holder is not None and not holder.held_on(appkey, today):
+        usage.pop("included_dau")  # today's users are the account that held the app this morning's
+    caps = [Cap(name, u["used"], u["limit"]) for name, u in usage.items()]
     caps += await nearest_entities(store, appkey, app.limits)
-    included = app.plan.price.included_dau
-    if app.plan.price.overage_per_10k_dau is None:
-        # No overage price: the included DAU is a ceiling (free), so it is a cap like the others.
-        caps.append(Cap("daily_active_users", daily.get(today, 0), included))
     online = ent["usage"]["online_users"]
     return AppMonth(
         appkey=appkey,
         plan=ent["plan"],
         today=today,
         daily=daily,
-        included_dau=included,
+        included_dau=app.plan.price.included_dau,
         mau=await monthly_active(store, prefix, year, month) if whole else None,
         peak_online=await peak_online(store, prefix, year, month) if whole else None,
         online_now=online["used"],

@@ -339,6 +339,25 @@ def test_forget_user_cli(redis_server: RedisServer) -> None:
 
 
 @pytest.mark.redis
+def test_forget_user_cli_reads_the_id_by_the_configured_policy(redis_server: RedisServer, config_dir: Path) -> None:
+    """Catches the CLI's forget canonicalising by the default policy: with ids whose case matters,
+    `quota forget-user demo#pro Bob` forgot `bob`, another user."""
+    import redis as redis_sync
+
+    edit(
+        config_dir / "quota.yaml",
+        lambda d: d["identifiers"].update(user={"pattern": "[A-Za-z0-9_]{1,64}", "fold_case": False}),
+    )
+    redis_server.flush()
+    r = redis_sync.Redis(port=redis_server.port)
+    r.sadd("q:{demo#pro}:dau:20261001", "Bob", "bob")
+    out = run_cli("forget-user", "demo#pro", "Bob", "--config", str(config_dir), "--redis", redis_server.url)
+    assert out.returncode == 0, out.stderr
+    assert r.sismember("q:{demo#pro}:dau:20261001", "bob") and not r.sismember("q:{demo#pro}:dau:20261001", "Bob")
+    r.close()
+
+
+@pytest.mark.redis
 def test_reconcile_from_file_and_http(redis_server: RedisServer, tmp_path: Path) -> None:
     """`quota reconcile` rebuilds drifted counters from a JSON file, or from the gateway's /_state over HTTP."""
     import redis as redis_sync

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -230,15 +230,22 @@ async def test_a_reset_keeps_the_days_of_an_app_only_the_overlay_gave(admin: htt
     assert {a["app"]: a["peak_dau"] for a in bill["apps"]}.get("demo#second") == 2, bill
 
 
-async def test_an_account_only_the_api_made_is_not_reset_away(admin: httpx.AsyncClient) -> None:
+async def test_an_account_only_the_api_made_is_not_reset_away(admin: httpx.AsyncClient, clock: Clock) -> None:
     """Catches a reset deleting an account created through the admin API (no accounts.yaml entry to
     compare its plan with) and its served month with it: its bill became a 404."""
-    month = datetime.now(UTC).strftime("%Y-%m")
+    today = datetime.fromtimestamp(clock.now, UTC).date()
+    month = today.strftime("%Y-%m")
     acme = {"name": "acme", "plan": "basic", "apps": ["acme#chat"]}
     assert (await admin.post("/_quota/accounts", json=acme, headers=AUTH)).status_code == 201
     r = await admin.delete("/_quota/accounts/acme/overlay", headers=AUTH)
     assert r.status_code == 409 and "cancel it instead" in r.json()["error_description"], r.text
     assert (await admin.get(f"/_quota/bills/acme?month={month}", headers=AUTH)).status_code == 200
+    # Served from today: refused too. Not served yet (it starts next month): a reset deletes it.
+    for name, start, status in (("acme-today", today, 409), ("acme-later", (today + timedelta(days=32)), 200)):
+        body = {"name": name, "plan": "basic", "apps": [f"{name}#chat"], "subscribed_on": start.isoformat()}
+        assert (await admin.post("/_quota/accounts", json=body, headers=AUTH)).status_code == 201
+        r = await admin.delete(f"/_quota/accounts/{name}/overlay", headers=AUTH)
+        assert r.status_code == status, (name, r.text)
 
 
 async def test_the_day_an_app_moves_is_served_as_it_is_billed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from quota.config import DEFAULT_DIR, load_config
 from quota.decisions import plan_request
 from quota.gateway import create_gateway
 from quota.identifiers import IdPolicy
-from quota.middleware import LANES
+from quota.middleware import LANE_PATH, LANES
 from quota.store.memory import MemoryStore
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
@@ -346,15 +346,17 @@ class TestRates:
             clock.advance(120)
             assert (await two.get(f"/{PRO}/chatmessages/{hour}")).status_code == 200
 
+    @pytest.mark.parametrize("pro_rate", ["10/minute", "1/second"])
     async def test_a_refusal_remembered_ends_with_its_plan(
-        self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+        self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch, pro_rate: str
     ) -> None:
         """Catches the deny cache holding a refusal past a change of plan: demo-free moves to a pro
-        plan whose history export is 10 a minute (from the 1st of next month, through the admin API);
-        refused at 23:59:30 on free's once a minute, the export is let through at 00:00:10 on pro,
-        not refused from memory until free's minute is over."""
+        plan whose history export is 10 a minute, or once a second (a higher limit, or a shorter
+        window), from the 1st of next month through the admin API; refused at 23:59:30 on free's
+        once a minute, the export is let through at 00:00:10 on pro, not refused from memory until
+        free's minute is over."""
         doc = yaml.safe_load((config_dir / "plans.yaml").read_text())
-        doc["plans"]["pro"]["rates"]["history_export_per_app"] = "10/minute"
+        doc["plans"]["pro"]["rates"]["history_export_per_app"] = pro_rate
         (config_dir / "plans.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
         monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
         this_month = datetime.now(UTC).date().replace(day=1)
@@ -732,7 +734,8 @@ class TestLanes:
             assert_refused(r, 403, "forbidden_op", "translation", "free")
 
     async def test_lanes_are_bounded(self, clock: Clock) -> None:
-        """Catches lanes growing with every path a client names: past LANES they are emptied."""
+        """Catches lanes growing with every path a client names (past LANES they are emptied), and a
+        lane kept on a long path (a prefix route takes any depth: 1,024 lanes of 8 KB paths)."""
         async with make_client(MemoryStore(), clock) as c:
             mw = middleware_of(c)
             for i in range(LANES + 50):
@@ -740,3 +743,8 @@ class TestLanes:
                 assert (await c.get(f"/{PRO}/users/u{i}/joined_chatgroups")).status_code in (200, 404)
             lanes = mw.runtime.directory.lanes(mw.today(clock.now))
             assert 0 < len(lanes) <= LANES
+            lanes.clear()
+            for depth in (10, LANE_PATH):
+                r = await c.post(f"/{PRO}/messages/translate/" + "x" * depth, json={"text": "hi"})
+                assert r.status_code in (200, 404), r.text
+            assert [len(key[1]) for key in lanes] == [len(f"/{PRO}/messages/translate/") + 10]

@@ -21,6 +21,7 @@ from tests.helpers import SwitchedStore, register
 
 pytestmark = pytest.mark.redis
 PRO, FREE = "demo/pro", "demo/free"
+ADMIN = "outages-admin-token-0123456789"
 
 
 class CountingStore(RedisStore):
@@ -144,11 +145,12 @@ async def test_per_rule_outage_policy(config_dir: Any) -> None:
         server.stop()
 
 
-async def test_a_cluster_with_every_node_down_is_an_outage() -> None:
+async def test_a_cluster_with_every_node_down_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches redis-py's cluster errors passing as something other than an outage: with every node
     of a Redis Cluster down it raises RedisClusterException, no RedisError, which reached the client
     as a bare 500 with the breaker never told. Reads fail open and counted writes get 503, as on a
     single Redis; the breaker counts the failures."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
     cluster = RedisCluster()
     cluster.start()
     store = RedisStore(cluster.url, timeout_ms=500)
@@ -163,6 +165,10 @@ async def test_a_cluster_with_every_node_down_is_an_outage() -> None:
             w = await client.post(f"/{PRO}/users/a/contacts/users/b")
             assert w.status_code == 503 and w.json()["error"] == "service_unavailable", w.text
             assert app.breaker.failures > 0
+            # The store's other calls (counts, accounts) are outages too: the admin API says 503.
+            auth = {"authorization": f"Bearer {ADMIN}"}
+            e = await client.get(f"/_quota/entitlements/{PRO}", headers=auth)
+            assert e.status_code == 503, e.text
     finally:
         await store.close()
         cluster.stop()

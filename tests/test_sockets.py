@@ -353,8 +353,27 @@ async def test_a_connection_ends_when_its_account_no_longer_holds_it(
     store = MemoryStore()
     clock = Clock(tick=0)
     online = "q:{demo#pro}:online"
-    async with make_client(store, clock, load_config(config_dir)) as client:
-        await register(client, "demo/pro", ["amy"])
+    heard: list[str] = []
+    speak, spoke = asyncio.Event(), asyncio.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        # The upstream records what reaches it, echoes it, and speaks unasked when told to.
+        assert scope["type"] == "websocket"
+        await receive()
+        await send({"type": "websocket.accept"})
+
+        async def unasked() -> None:
+            await speak.wait()
+            await send({"type": "websocket.send", "text": "unasked"})
+            spoke.set()
+
+        talker = asyncio.ensure_future(unasked())
+        while (message := await receive())["type"] == "websocket.receive":
+            heard.append(message["text"])
+            await send({"type": "websocket.send", "text": message["text"]})
+        await talker
+
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
         amy = Socket(mw_of(client), "/demo/pro/users/amy/connection")
         assert (await amy.open())["type"] == "websocket.accept"
         await amy.inbox.put({"type": "websocket.receive", "text": "before"})
@@ -369,8 +388,16 @@ async def test_a_connection_ends_when_its_account_no_longer_holds_it(
         closed = await asyncio.wait_for(amy.outbox.get(), 5)  # within a renewal (a second)
         assert closed["type"] == "websocket.close" and closed["code"] == 1008, closed
         assert ("frozen" if change == "freeze" else "allowlist") in closed["reason"], closed
-        # Nothing the client sends after the close is answered, and the upstream reads the client gone.
+        # The lease is released at once, while the upstream still waits on the client.
+        deadline = asyncio.get_running_loop().time() + 2
+        while await store.online(online, int(clock.now * 1000)) != 0:
+            assert asyncio.get_running_loop().time() < deadline, "the lease outlived the close"
+            await asyncio.sleep(0.01)
+        assert not amy.task.done()
+        # What the client sends after the close never reaches the upstream, which reads the client
+        # gone; nothing the upstream says reaches the client.
+        speak.set()
+        await asyncio.wait_for(spoke.wait(), 5)
         await amy.inbox.put({"type": "websocket.receive", "text": "after"})
         await asyncio.wait_for(amy.task, 5)
-        assert amy.outbox.empty()
-        assert await store.online(online, int(clock.now * 1000)) == 0
+        assert heard == ["before"] and amy.outbox.empty()

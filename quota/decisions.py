@@ -140,10 +140,14 @@ def admit(
     return gate(rule, app, canonical, now_s) or canonical
 
 
+def url_fits(scope: MutableMapping[str, Any], max_url_bytes: int) -> bool:
+    return len(scope["path"]) + len(scope.get("query_string", b"")) <= max_url_bytes
+
+
 def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial | None:
     """The checks every request and WebSocket connection passes first: the URL's size, and a path
     an upstream may route differently from quota."""
-    if len(scope["path"]) + len(scope.get("query_string", b"")) > max_url_bytes:
+    if not url_fits(scope, max_url_bytes):
         return Denial(414, "illegal_argument", f"URL over {max_url_bytes} bytes")
     if _odd_path(scope):
         return Denial(

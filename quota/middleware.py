@@ -37,6 +37,7 @@ from quota.decisions import (
     plan_request,
     renew_program,
     undo_ops,
+    url_fits,
 )
 from quota.denials import DenyCache
 from quota.errors import StorageError
@@ -137,9 +138,7 @@ def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
 
 def _fits(scope: Scope, settings: Settings, declared: int | None) -> bool:
     """What the lane does not hold: the query's share of the URL's size, and the declared body."""
-    return len(scope["path"]) + len(scope.get("query_string", b"")) <= settings.max_url_bytes and (
-        declared is None or declared <= settings.max_body_bytes
-    )
+    return url_fits(scope, settings.max_url_bytes) and (declared is None or declared <= settings.max_body_bytes)
 
 
 class QuotaMiddleware:

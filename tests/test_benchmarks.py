@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -164,3 +166,25 @@ def test_an_unknown_variant_is_named() -> None:
     """A misspelt variant stops the harness before anything runs, naming it (not a run without it)."""
     out = _module("benchmarks", "--quick", "--variants", "bare,quota-nohedaers", timeout=60)
     assert out.returncode == 2 and "quota-nohedaers" in out.stderr, out.stderr
+
+
+def test_instructions_child_drives_quota_on_redis() -> None:
+    """`python -m benchmarks.instructions` counts its children under callgrind; a child (here without
+    valgrind, which takes minutes) drives the scenario through quota on its own Redis and prints
+    nothing: an exception on the request path, or a Redis it failed to start, fails it."""
+    argv = ("--child", "redis", "--scenario", "write", "--requests", "200")
+    out = _module("benchmarks.instructions", *argv, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+
+
+def test_instructions_per_request_from_callgrind_counts() -> None:
+    """One request's count is the difference of the N and 3N runs over 2N (start-up cancels out),
+    read from the line callgrind prints at exit; a run that printed none is an error, not a zero."""
+    from benchmarks.instructions import collected, per_request
+
+    stderr = "==71== Events    : Ir\n==71== Collected : 2027680292\n==71==\n==71== I   refs:      2,027,680,292\n"
+    assert collected(stderr) == 2027680292
+    assert per_request(1991740477, 2027680292, 1000) == (2027680292 - 1991740477) / 2000
+    with pytest.raises(RuntimeError, match="no count"):
+        collected("==71== valgrind: failed to start tool\n")

@@ -48,6 +48,13 @@ SWEEP_EVERY = 1 << 12
 PURGE_BATCH = 256
 
 
+def _split(now_ms: int, window_ms: int) -> tuple[int, int]:
+    """divmod(now_ms, window_ms) (the window's index, the time into it), in native integer ops:
+    compiled, divmod is a generic call that builds its tuple of boxed ints."""
+    index = now_ms // window_ms
+    return index, now_ms - index * window_ms
+
+
 class Deadlines:
     """A sorted set of deadlines (member -> time), as Redis keeps leases, reservations and claims:
     a dict for lookups and a heap for expiry in deadline order (stale heap entries are skipped)."""
@@ -154,7 +161,7 @@ class MemoryStore:
 
     def _rate_only(self, op: RateOp, now_ms: int) -> Outcome:
         # The commonest program (a read route): one window, checked and counted in one pass.
-        index, elapsed = divmod(now_ms, op.window_ms)
+        index, elapsed = _split(now_ms, op.window_ms)
         slots = self.windows.get(op.key)
         if slots is None:
             slots = self.windows[op.key] = {}
@@ -171,7 +178,7 @@ class MemoryStore:
         return Outcome(rates=(RateState(op.name, op.limit, op.limit - used - op.cost, op.window_ms - elapsed),))
 
     def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int, int]:
-        index, elapsed = divmod(now_ms, op.window_ms)
+        index, elapsed = _split(now_ms, op.window_ms)
         slots = self.windows.get(op.key, {})
         return index, elapsed, slots.get(index - 1, 0), slots.get(index, 0)
 

@@ -23,6 +23,7 @@ import collections
 import hashlib
 import ssl as ssl_module
 import time
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -101,24 +102,32 @@ class _Protocol(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
         self.error: Exception | None = None
+        # Bound once: each is called per request, and a bound method saves a lookup by name per call.
+        self.gets: Callable[[], Any] = self.reader.gets
+        self.feed: Callable[[bytes], None] = self.reader.feed
+        self.popleft: Callable[[], tuple[asyncio.Future[Any], float]] = self.waiting.popleft
+        self.push: Callable[[tuple[asyncio.Future[Any], float]], None] = self.waiting.append
+        self.create_future: Callable[[], asyncio.Future[Any]] = loop.create_future
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        waiting = self.waiting
+        self.feed(data)
+        waiting, gets, popleft = self.waiting, self.gets, self.popleft
         while True:
-            reply = self.reader.gets()
+            reply = gets()
             if reply is False:
                 break
             if not waiting:
                 # A reply nobody asked for: the stream is out of step, so nothing after it can be trusted.
                 self._fail(WireClosed("redis sent an unexpected reply"))
                 return
-            future, _ = waiting.popleft()
-            if not future.done():
+            future, _ = popleft()
+            try:
                 future.set_result(reply)
+            except asyncio.InvalidStateError:
+                pass  # its caller is gone (cancelled): the reply is dropped, the stream stays in step
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc if isinstance(exc, Exception) else WireClosed("redis closed the connection"))
@@ -138,11 +147,11 @@ class _Protocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     def call(self, packed: bytes) -> asyncio.Future[Any]:
-        future = self.loop.create_future()
+        future = self.create_future()
         if self.error is not None:
             future.set_exception(self.error)
             return future
-        self.waiting.append((future, time.monotonic() + self.timeout_s))
+        self.push((future, time.monotonic() + self.timeout_s))
         self.buffer.append(packed)
         if len(self.buffer) >= FLUSH_EVERY:
             self.flush()

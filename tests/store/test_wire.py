@@ -27,6 +27,21 @@ async def test_concurrent_calls_get_their_own_replies(redis_server: RedisServer)
     await wire.close()
 
 
+async def test_a_reply_to_a_caller_gone_is_dropped_in_step(redis_server: RedisServer) -> None:
+    """A caller cancelled while its command is in flight (a client gone mid-request): its reply is
+    dropped when it comes, the connection stays up, and the calls after it get their own replies."""
+    wire = Wire(redis_server.url, timeout_ms=2000)
+    await wire.call(("PING",))
+    gone = [wire.send(pack(("ECHO", f"gone{i}"))) for i in range(3)]
+    kept = [wire.send(pack(("ECHO", f"kept{i}"))) for i in range(3)]
+    for future in gone:
+        assert future is not None
+        future.cancel()
+    assert await asyncio.gather(*kept) == [b"kept0", b"kept1", b"kept2"]
+    assert await wire.call(("ECHO", "after")) == b"after"
+    await wire.close()
+
+
 ARGUMENT = st.one_of(st.text(), st.binary(), st.integers(min_value=-(10**40), max_value=10**40))
 
 

@@ -1,0 +1,144 @@
+"""Instructions per request, counted by valgrind's callgrind: what quota costs, whatever else the
+machine is doing. `python -m benchmarks.instructions`
+
+Timings on a shared machine move by a third from one run to the next; an instruction count of the
+same build and inputs moves by about one per cent. So a change to the request path is judged here
+first, and under load (`python -m benchmarks`) when the machine is quiet.
+
+Each store is driven twice under callgrind, N requests and 3N (after the same warm-up), in the
+in-process driver (32 concurrent, uvloop); the difference over 2N is one request's count, start-up
+and warm-up cancelled out. `bare` is the upstream alone, so quota's own count is a store's less
+bare's. Redis runs outside valgrind: its work is not counted, only quota's side of the wire. Under
+valgrind a program runs some fifty times slower, so a store call seems slow to quota: the latency
+histogram's buckets and the pipelining of replies differ from a real run's."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.costs import upstream_of
+from benchmarks.harness import OwnRedis
+from benchmarks.inprocess import drive
+from benchmarks.variants import config_dir
+from quota.build import BUILD
+
+STORES = ("bare", "memory", "redis")
+WARM_UP = 640
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def collected(stderr: str) -> int:
+    """The instructions callgrind counted, from what it printed at exit."""
+    found = _COLLECTED.search(stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no count:\n{stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def per_request(small: int, large: int, requests: int) -> float:
+    """One request's count: runs of `requests` and of 3 x `requests`, differenced."""
+    return (large - small) / (2 * requests)
+
+
+def child(store: str, scenario: str, total: int, upstream: str) -> None:
+    """The run callgrind counts: one app, warmed up, then `total` requests."""
+    import uvloop
+
+    from quota.config import load_config
+    from quota.serve import build_app
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    inner = upstream_of(upstream)
+    redis = OwnRedis() if store == "redis" else None
+    try:
+        if store == "bare":
+            app: Any = inner
+        else:
+            url = redis.url if redis is not None else None
+            app = build_app(load_config(config_dir(scenario)), upstream=inner, redis_url=url)
+
+        async def run() -> None:
+            await drive(app, scenario, WARM_UP)
+            await drive(app, scenario, total)
+            if hasattr(app, "shutdown"):
+                await app.shutdown()
+
+        asyncio.run(run())
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def counted(store: str, scenario: str, total: int, upstream: str) -> int:
+    """The instructions of one child run under callgrind (its output file thrown away)."""
+    with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={Path(tmp) / 'out'}",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            "--child",
+            store,
+            "--scenario",
+            scenario,
+            "--requests",
+            str(total),
+            "--upstream",
+            upstream,
+        ]
+        # A fixed hash seed: dict and set layouts, and so the count, the same from run to run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        return collected(done.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
+    p.add_argument("--scenario", choices=["read", "write", "login", "flood"], default="read")
+    p.add_argument("--stores", default=",".join(STORES), help="of " + ", ".join(STORES))
+    p.add_argument("--requests", type=int, default=1000, help="N: the runs are N and 3N requests")
+    p.add_argument("--upstream", choices=["trivial", "gateway"], default="trivial")
+    p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.scenario, args.requests, args.upstream)
+        return 0
+    stores = [s for s in args.stores.split(",") if s]
+    unknown = [s for s in stores if s not in STORES]
+    if unknown:
+        p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(STORES)}")
+    if shutil.which("valgrind") is None:
+        p.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    print(
+        f"instructions per request, {args.scenario} on a {args.upstream} upstream, {BUILD} build "
+        f"(runs of {args.requests} and {3 * args.requests} requests)"
+    )
+    bare: float | None = None
+    for store in stores:
+        small = counted(store, args.scenario, args.requests, args.upstream)
+        large = counted(store, args.scenario, 3 * args.requests, args.upstream)
+        count = per_request(small, large, args.requests)
+        if store == "bare":
+            bare = count
+            print(f"  {store:7s} {count:9.0f}")
+        else:
+            own = f"   quota's own {count - bare:9.0f}" if bare is not None else ""
+            print(f"  {store:7s} {count:9.0f}{own}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

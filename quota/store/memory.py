@@ -50,9 +50,9 @@ PURGE_BATCH = 256
 
 def _split(now_ms: int, window_ms: int) -> tuple[int, int]:
     """divmod(now_ms, window_ms) (the window's index, the time into it), in native integer ops:
-    compiled, divmod is a generic call that builds its tuple of boxed ints."""
-    index = now_ms // window_ms
-    return index, now_ms - index * window_ms
+    compiled, divmod is a generic call that builds its tuple of boxed ints. No product of the
+    index: mypyc multiplies natively only factors under 2**31, and a clock's index is not."""
+    return now_ms // window_ms, now_ms % window_ms
 
 
 class Deadlines:
@@ -174,7 +174,8 @@ class MemoryStore:
         if len(slots) > 2:
             for old in [i for i in slots if i < index - 1]:
                 del slots[old]
-        self._counted(op.key, (index + 2) * op.window_ms, now_ms)
+        # The end of the next window, (index + 2) * window, from the clock (see _split).
+        self._counted(op.key, now_ms - elapsed + 2 * op.window_ms, now_ms)
         return Outcome(rates=(RateState(op.name, op.limit, op.limit - used - op.cost, op.window_ms - elapsed),))
 
     def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int, int]:
@@ -263,12 +264,12 @@ class MemoryStore:
                     insort(hits, now_ms)
                 self._counted(op.key, now_ms + op.window_ms + 1, now_ms)
                 return ()
-            index, _, _, _ = self._window(op, now_ms)
+            index, elapsed, _, _ = self._window(op, now_ms)
             slots = self.windows.setdefault(op.key, {})
             slots[index] = slots.get(index, 0) + op.cost
             for old in [i for i in slots if i < index - 1]:
                 del slots[old]
-            self._counted(op.key, (index + 2) * op.window_ms, now_ms)
+            self._counted(op.key, now_ms - elapsed + 2 * op.window_ms, now_ms)
         elif isinstance(op, AddOp):
             return self._add(op, now_ms)
         elif isinstance(op, UndoOp):

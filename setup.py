@@ -1,7 +1,9 @@
 """The build: quota's request path compiled by mypyc when it can be, pure Python when not.
 
-QUOTA_COMPILE=0 skips the compile. A compile that fails (no C compiler, no Python headers) leaves
-the pure build, with setuptools' warning; quota/build.py picks the build at import."""
+QUOTA_COMPILE=0 skips the compile; QUOTA_OPT_LEVEL (0-3, default 3) is the C compiler's
+optimisation level, lowered only by the wheel's test, whose wheel holds the same files in half the
+build time. A compile that fails (no C compiler, no Python headers) leaves the pure build, with
+setuptools' warning; quota/build.py picks the build at import."""
 
 from __future__ import annotations
 
@@ -38,13 +40,16 @@ def extensions() -> list[Any]:
         from mypyc.build import mypycify
     except ImportError:
         return []
+    level = os.environ.get("QUOTA_OPT_LEVEL", "3")
+    if level not in ("0", "1", "2", "3"):
+        raise SystemExit(f"QUOTA_OPT_LEVEL={level!r}: an optimisation level is 0, 1, 2 or 3")
     sources = [str(BUILD["source_of"](m, Path())) for m in BUILD["COMPILED"]]
     # pip builds in an environment without quota's dependencies: their types are unknown (Any)
     # there, which the project's strict mypy settings would refuse. `mypy quota` checks those.
     config = Path(tempfile.mkdtemp(prefix="quota-mypyc-")) / "mypy.ini"
     config.write_text("[mypy]\nignore_missing_imports = True\n")
     try:
-        modules = mypycify(["--config-file", str(config), *sources], opt_level="3", group_name="quota_compiled")
+        modules = mypycify(["--config-file", str(config), *sources], opt_level=level, group_name="quota_compiled")
     except (Exception, SystemExit) as exc:  # mypyc exits on what it cannot compile
         print(f"quota: mypyc cannot compile the request path ({exc}); installing the pure-Python build")
         return []

@@ -284,6 +284,30 @@ async def test_sweep_keeps_live_windows_on_both_paths(with_counter: bool) -> Non
     assert (await store.run(program(KEY), now + 2000)).allowed
 
 
+@pytest.mark.parametrize("with_counter", [False, True])
+async def test_a_window_is_kept_while_it_counts_and_no_longer(with_counter: bool) -> None:
+    """Catches a rate key's expiry off by a window, on the rate-only path and on the program path: a
+    hit in window i still counts in window i + 1, so a sweep in that window's last millisecond keeps
+    it, and one at the start of window i + 2 forgets it."""
+    store = MemoryStore()
+    window = 1000
+    index = 7_200_000
+    extra = [AddOp("", "q:{demo#pro}:s:x:o:y", UNLIMITED, ("m",))] if with_counter else []
+    hit = RateOp(KEY, 5, window, 1, "rest_per_ip")
+    assert (await store.run(Program([hit, *extra]), index * window + 300)).allowed
+
+    async def sweep_at(now: int, tag: str) -> None:
+        # SWEEP_EVERY hits of other clients: at least one of them sweeps, at `now`.
+        for i in range(SWEEP_EVERY):
+            other = RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:{tag}{i}", 5, window, 1, "rest_per_ip")
+            await store.run(Program([other, *extra]), now)
+
+    await sweep_at((index + 2) * window - 1, "a")
+    assert KEY in store.windows
+    await sweep_at((index + 2) * window, "b")
+    assert KEY not in store.windows
+
+
 async def test_refusals_say_which_side() -> None:
     """Catches a counter refusal's kind or count mis-reported: the owner's own cap ("owner", its
     size), a member's cap ("member", that member's count), the online cap ("online")."""

@@ -51,7 +51,7 @@ PURGE_BATCH = 256
 def _split(now_ms: int, window_ms: int) -> tuple[int, int]:
     """divmod(now_ms, window_ms) (the window's index, the time into it), in native integer ops:
     compiled, divmod is a generic call that builds its tuple of boxed ints. No product of the
-    index: mypyc multiplies natively only factors under 2**31, and a clock's index is not."""
+    index: mypyc multiplies natively only factors under 2**30, and a clock's index is not."""
     return now_ms // window_ms, now_ms % window_ms
 
 

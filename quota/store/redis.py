@@ -241,8 +241,9 @@ class RedisStore:
         self.program = Script(PROGRAM_LUA)
         # A program's route key -> its packed EVALSHA head (see _packed).
         self._heads: dict[str, bytes] = {}
+        # Always a pair: the clock and its encoding (-1 is a clock like any other).
         self._clock_ms = -1
-        self._clock = b""
+        self._clock = bulk(b"-1")
         self.swap = self.client.register_script(SWAP_LUA)
 
     async def run(self, program: Program, now_ms: int, dry: bool = False) -> Outcome:

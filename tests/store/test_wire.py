@@ -13,6 +13,8 @@ import redis as redis_sync
 from hypothesis import given
 from hypothesis import strategies as st
 
+from quota.store.program import Program, RateOp
+from quota.store.redis import RedisStore
 from quota.store.wire import ReplyError, Script, Wire, pack
 from tests.conftest import RedisServer
 
@@ -74,6 +76,21 @@ async def test_packed_commands_reach_redis_whole(redis_server: RedisServer) -> N
     finally:
         await wire.call(("DEL", key))
         await wire.close()
+
+
+async def test_a_store_packs_every_clock_whole(redis_server: RedisServer) -> None:
+    """Catches the store's cached clock encoding served for a clock it does not hold: -1 as the first
+    clock (the cache's starting value) must go out as -1, not as nothing, or the command arrives one
+    argument short and the pipeline falls out of step."""
+    store = RedisStore(redis_server.url, timeout_ms=2000)
+    rate = RateOp("q:{wire-clock}:r:users.get:rest_per_ip:c", 100, 1000, 1, "rest_per_ip")
+    try:
+        for now_ms in (-1, 0, -1, 5):
+            outcome = await store.run(Program([rate]), now_ms)
+            assert outcome.allowed and outcome.rates[0].remaining < 100
+    finally:
+        await store.client.delete(rate.key)
+        await store.close()
 
 
 async def test_noscript_reloads_once(redis_server: RedisServer) -> None:

@@ -158,15 +158,6 @@ class RedisCluster:
             shutil.rmtree(node.dir, ignore_errors=True)
 
 
-# The wheel's test compiles the request path (minutes of one core). Run first, it overlaps the rest
-# of the suite and the other build's suite beside it (run-tests); run last, it ran alone.
-FIRST = ("tests/test_wheel.py",)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
-
-
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     cluster = RedisCluster()

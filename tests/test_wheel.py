@@ -38,7 +38,7 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
         timeout=300,
-        # Compiled at -O0: the same files as -O3 (what is checked here), in half the suite's time.
+        # Compiled at -O0: the same files as -O3 (what is checked here), for a shorter compile.
         env={**os.environ, "QUOTA_COMPILE": "1" if build == "compiled" else "0", "QUOTA_OPT_LEVEL": "0"},
     )
     (wheel,) = dist.glob("quota-*.whl")
@@ -95,3 +95,23 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_metadata_alone_compiles_nothing(tmp_path: Path) -> None:
+    """pip asks for a package's metadata in a process of its own before it builds: setup.py must not
+    run mypyc there (its type check and C code, a third of a build, thrown away). Catches the
+    metadata step compiling: mypyc writes its C sources under build/ when it runs."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL))
+    (tmp_path / "meta").mkdir()
+    out = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path / "meta")],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "QUOTA_COMPILE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "meta" / "quota.egg-info" / "PKG-INFO").is_file()
+    assert not list(source.glob("build/**/*.c"))

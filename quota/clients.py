@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-
-from starlette.types import Scope
+from typing import Any
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,7 +63,7 @@ class ClientAddress:
             self._peers[peer] = known
         return known
 
-    def address(self, scope: Scope) -> str:
+    def address(self, scope: dict[str, Any]) -> str:
         """The client's address as text (the peer's, unless a trusted proxy forwarded the request)."""
         client = scope.get("client")
         peer = self._canonical(str(client[0])) if client else ""

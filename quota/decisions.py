@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -140,11 +139,11 @@ def admit(
     return gate(rule, app, canonical, now_s) or canonical
 
 
-def url_fits(scope: MutableMapping[str, Any], max_url_bytes: int) -> bool:
+def url_fits(scope: dict[str, Any], max_url_bytes: int) -> bool:
     return len(scope["path"]) + len(scope.get("query_string", b"")) <= max_url_bytes
 
 
-def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial | None:
+def path_denial(scope: dict[str, Any], max_url_bytes: int) -> Denial | None:
     """The checks every request and WebSocket connection passes first: the URL's size, and a path
     an upstream may route differently from quota."""
     if not url_fits(scope, max_url_bytes):
@@ -158,7 +157,7 @@ def path_denial(scope: MutableMapping[str, Any], max_url_bytes: int) -> Denial |
     return None
 
 
-def _odd_path(scope: MutableMapping[str, Any]) -> bool:
+def _odd_path(scope: dict[str, Any]) -> bool:
     """A path an upstream may route differently from quota: dot segments (removed by RFC 3986
     normalisers such as nginx), empty segments (merged by nginx: `/demo//free` would be under no app
     here and under demo#free there), encoded slashes, backslashes raw or encoded (a WHATWG URL

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from quota.breaker import CircuitBreaker
@@ -68,13 +69,13 @@ class StoreGuard:
         memory = rt.memory
         if memory is None or (self._landing and program) or not self.breaker.allow():
             return None
-        started = time.perf_counter()
+        started = perf_counter()
         program = self._with_waiting(program)
         return self._answered(rt, program, memory.decide(program, now_ms), now_ms, started)
 
     def _answered(self, rt: Runtime, program: Program, outcome: Outcome, now_ms: int, started: float) -> Outcome:
         self.breaker.success()
-        self.metrics.storage(time.perf_counter() - started)
+        self.metrics.storage(perf_counter() - started)
         if outcome.refusal is not None:
             rt.denials.remember(program, outcome.refusal, now_ms)
         return outcome
@@ -97,7 +98,7 @@ class StoreGuard:
             if landing is not None and landing[0] is not asyncio.current_task():
                 await asyncio.shield(landing[1])
         if self.breaker.allow():
-            started = time.perf_counter()
+            started = perf_counter()
             program = self._with_waiting(program)
             try:
                 memory = rt.memory

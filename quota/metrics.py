@@ -32,6 +32,10 @@ REFUSAL_KEYS_PER_MINUTE = 4096
 BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+def decision_key(route: str, limit: str | None, plan: str, outcome: str) -> tuple[str, str, str, str]:
+    return (route, limit or "", plan, outcome)
+
+
 # Served metrics extend it (quota/served_metrics.py), and it is compiled (quota/build.py).
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Metrics:
@@ -53,10 +57,14 @@ class Metrics:
     ) -> None:
         """Count one decision; a refusal (or a shadow one) of a named `app` also goes into the
         per-minute log. `now` saves a clock read when the caller has the request's start time."""
-        key = (route, limit or "", plan, outcome)
-        self.decisions[key] = self.decisions.get(key, 0) + 1
+        self.count(decision_key(route, limit, plan, outcome))
         if app is not None and outcome in ("refused", "shadow"):
             self.refusals.add(app, route, limit or "", outcome, time.time() if now is None else now)
+
+    def count(self, key: tuple[str, str, str, str]) -> None:
+        """Count one decision under a key built by decision_key (a request's lane holds its own)."""
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
 
     def near(self, route: str, limit: str, plan: str, used: int, cap: int) -> None:
         if cap > 0 and used >= NEAR_LIMIT_RATIO * cap:

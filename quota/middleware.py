@@ -43,7 +43,7 @@ from quota.denials import DenyCache
 from quota.errors import StorageError
 from quota.guard import StoreGuard
 from quota.keys import rate_key
-from quota.metrics import Metrics
+from quota.metrics import Metrics, decision_key
 from quota.plans import AppPlan, Directory
 from quota.responses import send_denial
 from quota.routes import Match, RouteRule
@@ -73,7 +73,14 @@ class Runtime:
         self.directory = directory or Directory(config.matrix, config.accounts, store)
         self.clients = ClientAddress(config.settings.trusted_proxies, config.settings.ipv6_prefix)
         self.ids = config.settings.identifiers
+        # What every request reads of the settings, held natively: Settings is a plain dataclass,
+        # and reading its attributes from compiled code is a dictionary lookup each.
+        self.admin_prefix = config.settings.admin_prefix
         self.admin_under = config.settings.admin_prefix + "/"
+        self.max_url_bytes = config.settings.max_url_bytes
+        self.max_body_bytes = config.settings.max_body_bytes
+        self.rate_headers = config.settings.ratelimit_headers
+        self.shadow = config.settings.shadow
         # Resolved once per config: a short token (in quota.yaml or the environment) stops the start.
         self.tokens = resolve(config.settings.admin_token, config.settings.read_token)
         # Per runtime: a reload may change the limits the cached refusals were computed from.
@@ -118,11 +125,13 @@ class _Lane:
     directory's memo of today (Directory.lanes), emptied with its apps. Retention, the one check that
     reads the clock, never takes a lane (_lane_of)."""
 
-    __slots__ = ("rule", "app", "params", "plan")
+    __slots__ = ("rule", "app", "params", "plan", "allowed")
 
     def __init__(self, rule: RouteRule, app: AppPlan, verdict: _Verdict) -> None:
         assert verdict.plan is not None
         self.rule, self.app, self.params, self.plan = rule, app, verdict.params, verdict.plan
+        # The metric its allowed requests count under, built once: one key object, found by identity.
+        self.allowed = decision_key(rule.name, None, app.plan.name, "allowed")
 
 
 def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
@@ -136,9 +145,9 @@ def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
     )
 
 
-def _fits(scope: Scope, settings: Settings, declared: int | None) -> bool:
+def _fits(scope: dict[str, Any], rt: Runtime, declared: int | None) -> bool:
     """What the lane does not hold: the query's share of the URL's size, and the declared body."""
-    return url_fits(scope, settings.max_url_bytes) and (declared is None or declared <= settings.max_body_bytes)
+    return url_fits(scope, rt.max_url_bytes) and (declared is None or declared <= rt.max_body_bytes)
 
 
 class QuotaMiddleware:
@@ -200,19 +209,22 @@ class QuotaMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        # Every server hands a dict; typed as one, compiled code reads it without a method call.
+        # Any other mapping is copied once, and the copy goes on to the app.
+        http: dict[str, Any] = scope if isinstance(scope, dict) else dict(scope)
         rt = self.runtime
         if not self._loaded and rt.directory.store is not None:
             await self._first_load()
-        path: str = scope["path"]
-        prefix = rt.settings.admin_prefix
+        path: str = http["path"]
+        prefix = rt.admin_prefix
         if self.admin is not None and (path == prefix or path.startswith(rt.admin_under)):
-            await self.admin({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
+            await self.admin({**http, "root_path": http.get("root_path", "") + prefix}, receive, send)
             return
         started = self.clock()
         if kind == "websocket":
-            await self.sockets(rt, scope, receive, send, started)
+            await self.sockets(rt, http, receive, send, started)
         else:
-            await self._http(rt, scope, receive, send, started)
+            await self._http(rt, http, receive, send, started)
 
     async def _first_load(self) -> None:
         """Nothing is served before the stored account changes (a freeze, an allowlist, a plan set
@@ -288,8 +300,7 @@ class QuotaMiddleware:
             return Denial(404, NOT_FOUND, f"app {org[:64]}#{app[:64]} has no plan here")
         return found
 
-    async def _http(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        settings = rt.settings
+    async def _http(self, rt: Runtime, scope: dict[str, Any], receive: Receive, send: Send, started: float) -> None:
         declared, framed = _framing(scope)
         address = rt.clients.address(scope)
         today = self.today(started)
@@ -298,7 +309,7 @@ class QuotaMiddleware:
         path: str = scope["path"]
         lane_key = (scope["method"], path, scope.get("raw_path"), address)
         lane: _Lane | None = lanes.get(lane_key)
-        if lane is not None and _fits(scope, settings, declared):
+        if lane is not None and _fits(scope, rt, declared):
             rule, app = lane.rule, lane.app
             decided = self._on_lane(rt, lane, receive, started)
         else:
@@ -311,7 +322,7 @@ class QuotaMiddleware:
                 if refused is not None:
                     await send_denial(refused, send, started)
                     return
-                await _Bounded(receive, settings.max_body_bytes, framed).forward(self.app, scope, send, started)
+                await _Bounded(receive, rt.max_body_bytes, framed).forward(self.app, scope, send, started)
                 return
             match, app = routed
             rule = match.rule
@@ -331,11 +342,11 @@ class QuotaMiddleware:
             lanes[lane_key] = _Lane(rule, app, verdict)
         denial = verdict.denial
         if denial is not None:
-            if denial.status in (403, 429) and (rule.shadow or settings.shadow):
+            if denial.status in (403, 429) and (rule.shadow or rt.shadow):
                 # Shadow: report the refusal, count nothing, let the request through and say so.
                 self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow", app=app.appkey, now=started)
                 note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
-                bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
+                bounded = _Bounded(verdict.receive, rt.max_body_bytes, verdict.body_read or framed)
                 await bounded.forward(self.app, scope, _with_header(send, SHADOW_HEADER, note), started)
                 return
             self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
@@ -343,25 +354,24 @@ class QuotaMiddleware:
             return
         plan, outcome = verdict.plan, verdict.outcome
         assert plan is not None and outcome is not None
-        self._report(rule, app, plan, outcome, started)
-        rate = _tightest(outcome.rates) if settings.ratelimit_headers and outcome.rates else None
-        bounded = _Bounded(verdict.receive, settings.max_body_bytes, verdict.body_read or framed)
+        self._report(rule, app, plan, outcome, started, lane)
+        rate = _tightest(outcome.rates) if rt.rate_headers and outcome.rates else None
+        bounded = _Bounded(verdict.receive, rt.max_body_bytes, verdict.body_read or framed)
         if not plan.settles or outcome.unchecked:
             await bounded.forward(self.app, scope, send if rate is None else _RateHeaders(send, rate), started)
             return
         await self._forward_settled(rt, rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
     def _route(
-        self, rt: Runtime, scope: Scope, declared: int | None, today: date
+        self, rt: Runtime, scope: dict[str, Any], declared: int | None, today: date
     ) -> Denial | tuple[Match, AppPlan] | None:
         """The route and app of a request, or its refusal (an odd or long URL, a body declared too
         large, an unknown app); None when its path is under no app."""
-        settings = rt.settings
-        odd = path_denial(scope, settings.max_url_bytes)
+        odd = path_denial(scope, rt.max_url_bytes)
         if odd is not None:
             return odd
-        if declared is not None and declared > settings.max_body_bytes:
-            return _too_large(settings)
+        if declared is not None and declared > rt.max_body_bytes:
+            return _too_large(rt.max_body_bytes)
         match = rt.routes.match(scope["method"], scope["path"])
         app = self.app_of(rt, match, today)
         if app is None or isinstance(app, Denial):
@@ -393,10 +403,10 @@ class QuotaMiddleware:
         self, rt: Runtime, rule: RouteRule, app: AppPlan, address: str, verdict: _Verdict, started: float, today: date
     ) -> _Verdict:
         # Read before anything is reserved: a slow body never outlives a reservation.
-        raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.settings.max_body_bytes)
+        raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.max_body_bytes)
         verdict.body_read = True
         if too_big:
-            verdict.denial = _too_large(rt.settings)
+            verdict.denial = _too_large(rt.max_body_bytes)
             return verdict
         if rule.needs_body:
             try:
@@ -448,12 +458,17 @@ class QuotaMiddleware:
     ) -> _Verdict:
         return _judged(verdict, await self.guard.call(rt, plan.before, now_ms, plan.writes, rule), app)
 
-    def _report(self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float) -> None:
-        metrics, plan_name = self.metrics, app.plan.name
-        metrics.decision(rule.name, None, plan_name, "unchecked" if outcome.unchecked else "allowed")
+    def _report(
+        self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float, lane: _Lane | None
+    ) -> None:
+        metrics = self.metrics
+        if lane is not None and not outcome.unchecked:
+            metrics.count(lane.allowed)
+        else:
+            metrics.decision(rule.name, None, app.plan.name, "unchecked" if outcome.unchecked else "allowed")
         for state in outcome.rates:
             if state.remaining * 5 <= state.limit:
-                metrics.near(rule.name, state.name, plan_name, state.limit - state.remaining, state.limit)
+                metrics.near(rule.name, state.name, app.plan.name, state.limit - state.remaining, state.limit)
         # A fail-open outcome reports no sizes: stop at the shorter (indexes: see decisions.undo_ops).
         for i in range(min(len(plan.adds), len(outcome.sizes))):
             op, size = plan.before.ops[plan.adds[i]], outcome.sizes[i]
@@ -464,6 +479,7 @@ class QuotaMiddleware:
                 # Plans that bill overage have no DAU cap, but their included DAU is still the mark.
                 cap = app.plan.price.included_dau
             if limit and cap > 0:
+                plan_name = app.plan.name
                 metrics.near(rule.name, limit, plan_name, size, cap)
                 for listener in metrics.listeners:
                     listener(app.appkey, app.account.name, plan_name, limit, size, cap, now)
@@ -655,7 +671,7 @@ class _Bounded:
             if not self.cut:
                 raise
         if self.cut and not started_response:
-            await send_denial(Denial(413, "request_too_large", f"request body over {self.limit} bytes"), send, started)
+            await send_denial(_too_large(self.limit), send, started)
 
 
 class _Capture:
@@ -712,18 +728,24 @@ class _Capture:
             return None
 
 
-def _too_large(settings: Settings) -> Denial:
-    return Denial(413, "request_too_large", f"request body over {settings.max_body_bytes} bytes")
+def _too_large(limit: int) -> Denial:
+    return Denial(413, "request_too_large", f"request body over {limit} bytes")
 
 
-def _framing(scope: Scope) -> tuple[int | None, bool]:
+def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
     """(the declared Content-Length, whether HTTP/1 framing bounds the body by it). An HTTP/1 request
     with no Transfer-Encoding carries exactly Content-Length bytes, or none: the server's parser
     ends the body there, so it needs no counting as it streams. Anything else is counted."""
     declared, unframed = None, False
-    for name, value in scope["headers"]:
+    for header in scope["headers"]:
+        # Indexed, and the name narrowed to bytes: compiled, that compares lengths and memory where
+        # unpacking and comparing objects cost a thousand instructions a request.
+        name = header[0]
+        if not isinstance(name, bytes):
+            continue
         if name == b"content-length":
-            if not value.isdigit():
+            value = header[1]
+            if not isinstance(value, bytes) or not value.isdigit():
                 return None, False
             # Longer than any real size (and int() of 4,300+ digits raises): too large.
             length = int(value) if len(value) <= 18 else 1 << 62
@@ -732,10 +754,11 @@ def _framing(scope: Scope) -> tuple[int | None, bool]:
             declared = length if declared is None else max(declared, length)
         elif name == b"transfer-encoding":
             unframed = True
-    return declared, not unframed and scope.get("http_version") in ("1.0", "1.1")
+    version = scope.get("http_version")
+    return declared, not unframed and isinstance(version, str) and version in ("1.0", "1.1")
 
 
-def _authorization(scope: Scope) -> str:
+def _authorization(scope: dict[str, Any]) -> str:
     for name, value in scope["headers"]:
         if name == b"authorization":
             return bearer(value.decode("latin-1"))

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Send
 
 from quota.decisions import (
     BadInput,
@@ -44,9 +44,9 @@ class SocketHandler:
     def __init__(self, middleware: QuotaMiddleware) -> None:
         self.mw = middleware
 
-    async def __call__(self, rt: Runtime, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+    async def __call__(self, rt: Runtime, scope: dict[str, Any], receive: Receive, send: Send, started: float) -> None:
         mw = self.mw
-        odd = path_denial(scope, rt.settings.max_url_bytes)
+        odd = path_denial(scope, rt.max_url_bytes)
         if odd is not None:
             await _refuse(odd, receive, send)
             return

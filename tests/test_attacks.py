@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from collections import UserDict
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +529,34 @@ class TestBodies:
             scope = {**http_scope("POST", f"/{PRO}/messages/users", headers=headers), "http_version": version}
             sent = await call_raw(middleware_of(client), scope, b"z" * 5000)
             assert sent[0]["status"] == 413 and seen["bytes"] == 0
+
+    @pytest.mark.parametrize("mapping", [False, True])
+    async def test_framing_is_read_from_every_shape_asgi_allows(
+        self, store: Any, clock: Clock, config_dir: Path, mapping: bool
+    ) -> None:
+        """ASGI gives headers as an iterable of pairs (a server may hand lists) in a scope that is a
+        mapping (not always a dict). Catches a request path that reads only dicts of tuples: a
+        crash, or a Transfer-Encoding missed and 5,000 bytes behind a declared 10 reaching the upstream."""
+        (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
+        seen = {"bytes": 0}
+
+        async def counting(scope: Any, receive: Any, send: Any) -> None:
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            await _everything_ok(scope, receive, send)
+
+        async with make_client(store, clock, load_config(config_dir), upstream=counting) as client:
+            scope: Any = http_scope("POST", f"/{PRO}/messages/users")
+            scope["headers"] = [[b"content-length", b"10"], [b"transfer-encoding", b"chunked"]]
+            sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope, b"z" * 5000)
+            assert sent[0]["status"] == 413 and seen["bytes"] == 0
+            scope["headers"] = [[b"content-length", b"4096"]]
+            sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope)
+            assert sent[0]["status"] == 413 and seen["bytes"] == 0
+            scope["headers"] = []
+            body = b'{"from": "admin", "to": ["u1"], "type": "txt", "body": {"msg": "x"}}'
+            sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope, body)
+            assert sent[0]["status"] == 200 and seen["bytes"] == len(body)
 
     async def test_create_with_big_body_counts_nothing(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches creates with unbounded bodies (and a slot taken by a refused one)."""

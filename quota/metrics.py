@@ -32,7 +32,13 @@ REFUSAL_KEYS_PER_MINUTE = 4096
 BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def decision_key(route: str, limit: str | None, plan: str, outcome: str) -> tuple[str, str, str, str]:
+# Keys typed as tuple[str, ...], not tuple[str, str, str, str]: compiled, a fixed-size tuple is a C
+# struct, boxed into a new tuple (hashed and compared anew) at every dict call; a boxed key is built
+# once, and the dict finds a lane's own key object by identity.
+DecisionKey = tuple[str, ...]
+
+
+def decision_key(route: str, limit: str | None, plan: str, outcome: str) -> DecisionKey:
     return (route, limit or "", plan, outcome)
 
 
@@ -40,7 +46,7 @@ def decision_key(route: str, limit: str | None, plan: str, outcome: str) -> tupl
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Metrics:
     def __init__(self) -> None:
-        self.decisions: dict[tuple[str, str, str, str], int] = {}
+        self.decisions: dict[DecisionKey, int] = {}
         self.near_limit: dict[tuple[str, str, str], int] = {}
         self.errors: dict[str, int] = {}
         self.local_refusals = 0
@@ -61,7 +67,7 @@ class Metrics:
         if app is not None and outcome in ("refused", "shadow"):
             self.refusals.add(app, route, limit or "", outcome, time.time() if now is None else now)
 
-    def count(self, key: tuple[str, str, str, str]) -> None:
+    def count(self, key: DecisionKey) -> None:
         """Count one decision under a key built by decision_key (a request's lane holds its own)."""
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1

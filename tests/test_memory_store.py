@@ -90,6 +90,24 @@ async def test_sweep_keeps_live_windows() -> None:
     assert KEY not in store.windows and len(store.windows) <= SWEEP_EVERY + 1
 
 
+@pytest.mark.parametrize("alone", [True, False])
+async def test_a_late_hit_keeps_its_window_alive(alone: bool) -> None:
+    """Catches a hit dated a window late (its body came in slowly) shortening its key's life: the
+    sweep then dropped a window that still counted, and a client near its limit had a fresh budget."""
+    store = MemoryStore()
+    base = 7_000_000_000
+    busy = RateOp(KEY, 5, 1000, 1, "rest_per_ip")
+    beside = [] if alone else [RateOp(f"{KEY}:beside", 1 << 20, 60_000, 1, "rest_per_ip")]
+    for now_ms in (base + 1100, base + 1100, base + 1100, base + 900):
+        assert (await store.run(Program([busy, *beside]), now_ms)).allowed
+    for i in range(SWEEP_EVERY):
+        other = RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:c{i}", 5, 1000, 1, "rest_per_ip")
+        await store.run(Program([other]), base + 2001)
+    # 1 ms into the next window the three weigh 3 x 999/1000, 2: two more fit (five, swept).
+    outcome = await store.run(Program([busy]), base + 2001)
+    assert outcome.allowed and outcome.rates[0].remaining == 2
+
+
 @pytest.mark.parametrize("with_counter", [False, True])
 async def test_rate_state_is_bounded(with_counter: bool) -> None:
     """Catches MAX_RATE_KEYS not enforced (memory grows with every client): past the bound the

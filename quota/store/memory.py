@@ -55,6 +55,43 @@ def _split(now_ms: int, window_ms: int) -> tuple[int, int]:
     return now_ms // window_ms, now_ms % window_ms
 
 
+class Window:
+    """A sliding-window counter's state: the count of the newest window written (`index`) and of
+    the one before it, all that can still count. Native ints on one object, where a dict of window
+    index -> count boxed the clock-sized index and both counts at every hit. It answers as that dict
+    did, a hit dated a window late included (a body that came in slowly): it counts in the window
+    before, and older ones count nowhere."""
+
+    __slots__ = ("index", "prev", "cur")
+
+    def __init__(self) -> None:
+        # Index -2: no window yet, so the first hit's window is neither this one nor the next.
+        self.index, self.prev, self.cur = -2, 0, 0
+
+    def counts(self, index: int) -> tuple[int, int]:
+        """(the previous window's count, window `index`'s)."""
+        if index == self.index:
+            return self.prev, self.cur
+        if index == self.index + 1:
+            return self.cur, 0
+        if index == self.index - 1:
+            return 0, self.prev
+        return 0, 0
+
+    def add(self, index: int, cost: int) -> bool:
+        """Count `cost` in window `index`; True when that moved the window on (the key's expiry with it)."""
+        if index == self.index:
+            self.cur += cost
+            return False
+        if index > self.index:
+            self.prev = self.cur if index == self.index + 1 else 0
+            self.index, self.cur = index, cost
+            return True
+        if index == self.index - 1:
+            self.prev += cost
+        return False
+
+
 class Deadlines:
     """A sorted set of deadlines (member -> time), as Redis keeps leases, reservations and claims:
     a dict for lookups and a heap for expiry in deadline order (stale heap entries are skipped)."""
@@ -103,8 +140,8 @@ class Deadlines:
 class MemoryStore:
     def __init__(self, max_rate_keys: int = MAX_RATE_KEYS) -> None:
         self.sets: dict[str, set[str]] = {}
-        # Rate state: key -> (window index -> count) for sliding windows, key -> hit times for logs.
-        self.windows: dict[str, dict[int, int]] = {}
+        # Rate state: key -> its windows for sliding windows, key -> hit times for logs.
+        self.windows: dict[str, Window] = {}
         self.logs: dict[str, list[int]] = {}
         self._expiry: dict[str, int] = {}
         self.max_rate_keys = max_rate_keys
@@ -162,26 +199,29 @@ class MemoryStore:
     def _rate_only(self, op: RateOp, now_ms: int) -> Outcome:
         # The commonest program (a read route): one window, checked and counted in one pass.
         index, elapsed = _split(now_ms, op.window_ms)
-        slots = self.windows.get(op.key)
-        if slots is None:
-            slots = self.windows[op.key] = {}
-        prev, cur = slots.get(index - 1, 0), slots.get(index, 0)
+        window = self.windows.get(op.key)
+        prev, cur = window.counts(index) if window is not None else (0, 0)
         used = prev * (op.window_ms - elapsed) // op.window_ms + cur
         if used + op.cost > op.limit:
             retry = retry_after_ms(prev, cur, elapsed, op.window_ms, op.limit, op.cost)
             return Outcome(Refusal(0, "rate", used, op.limit, retry_after_ms=retry, reset_ms=op.window_ms - elapsed))
-        slots[index] = cur + op.cost
-        if len(slots) > 2:
-            for old in [i for i in slots if i < index - 1]:
-                del slots[old]
-        # The end of the next window, (index + 2) * window, from the clock (see _split).
-        self._counted(op.key, now_ms - elapsed + 2 * op.window_ms, now_ms)
+        self._count(op, window, index, elapsed, now_ms)
         return Outcome(rates=(RateState(op.name, op.limit, op.limit - used - op.cost, op.window_ms - elapsed),))
 
-    def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int, int]:
+    def _count(self, op: RateOp, window: Window | None, index: int, elapsed: int, now_ms: int) -> None:
+        if window is None:
+            window = self.windows[op.key] = Window()
+        if window.add(index, op.cost):
+            # The end of the next window, (index + 2) * window, from the clock (see _split). Set
+            # when the window moves on, the only time it changes: not at every hit.
+            self._counted(op.key, now_ms - elapsed + 2 * op.window_ms, now_ms)
+
+    def _window(self, op: RateOp, now_ms: int) -> tuple[int, int, int]:
+        """(the time into the current window, the previous window's count, the current one's)."""
         index, elapsed = _split(now_ms, op.window_ms)
-        slots = self.windows.get(op.key, {})
-        return index, elapsed, slots.get(index - 1, 0), slots.get(index, 0)
+        window = self.windows.get(op.key)
+        prev, cur = window.counts(index) if window is not None else (0, 0)
+        return elapsed, prev, cur
 
     def _hits(self, op: RateOp, now_ms: int) -> list[int]:
         hits = self.logs.get(op.key, [])
@@ -218,7 +258,7 @@ class MemoryStore:
                 reset = (hits[0] if hits else now_ms) + op.window_ms + 1 - now_ms
                 rates.append(RateState(op.name, op.limit, op.limit - len(hits) - op.cost, reset))
                 return None
-            _, elapsed, prev, cur = self._window(op, now_ms)
+            elapsed, prev, cur = self._window(op, now_ms)
             used = sliding_window(prev, cur, elapsed, op.window_ms)
             if used + op.cost > op.limit:
                 retry = retry_after_ms(prev, cur, elapsed, op.window_ms, op.limit, op.cost)
@@ -264,12 +304,8 @@ class MemoryStore:
                     insort(hits, now_ms)
                 self._counted(op.key, now_ms + op.window_ms + 1, now_ms)
                 return ()
-            index, elapsed, _, _ = self._window(op, now_ms)
-            slots = self.windows.setdefault(op.key, {})
-            slots[index] = slots.get(index, 0) + op.cost
-            for old in [i for i in slots if i < index - 1]:
-                del slots[old]
-            self._counted(op.key, now_ms - elapsed + 2 * op.window_ms, now_ms)
+            index, elapsed = _split(now_ms, op.window_ms)
+            self._count(op, self.windows.get(op.key), index, elapsed, now_ms)
         elif isinstance(op, AddOp):
             return self._add(op, now_ms)
         elif isinstance(op, UndoOp):

@@ -37,16 +37,19 @@ def schedule(seed: int, n: int = 400) -> list[int]:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("limit", [1, 3, 5])
-async def test_same_decisions_as_limits(store: Any, seed: int, limit: int) -> None:
-    """Every hit of a random schedule is allowed or refused exactly as limits' sliding window decides."""
+@pytest.mark.parametrize("alone", [True, False])
+async def test_same_decisions_as_limits(store: Any, seed: int, limit: int, alone: bool) -> None:
+    """Every hit of a random schedule is allowed or refused exactly as limits' sliding window decides:
+    a rate alone (the memory store's shortcut) and a rate beside another (a program's checks and writes)."""
     item = RateLimitItemPerSecond(limit, 1)
     ours, theirs = [], []
     reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    beside = [] if alone else [RateOp("q:{t}:r:other", 1 << 20, 60_000, 1, "r")]
     for now_ms in schedule(seed):
         # limits reads the wall clock; feed it the same instant, in whole milliseconds.
         with mock.patch("time.time", return_value=now_ms / 1000):
             theirs.append(await reference.hit(item, "k"))
-        outcome = await store.run(Program([RateOp("q:{t}:r:k", limit, 1000, 1, "r")]), now_ms)
+        outcome = await store.run(Program([RateOp("q:{t}:r:k", limit, 1000, 1, "r"), *beside]), now_ms)
         ours.append(outcome.allowed)
     assert ours == theirs
     assert 0 < sum(ours) < len(ours)
@@ -67,6 +70,22 @@ async def test_one_program_sent_again_decides_each_time(store: Any, seed: int) -
         ours.append((await store.run(program, now_ms)).allowed)
     assert ours == theirs
     assert 0 < sum(ours) < len(ours)
+
+
+@pytest.mark.parametrize("alone", [True, False])
+async def test_a_late_hit_counts_in_its_own_window(store: Any, alone: bool) -> None:
+    """A hit dated a window late (a body that came in slowly, its clock read after it) counts in the
+    window it is dated in, which the next window weighs: catches it dropped, or counted as a hit of now."""
+    base = 7_000_000_000
+    op = RateOp("q:{t}:r:k", 5, 1000, 1, "r")
+    beside = [] if alone else [RateOp("q:{t}:r:other", 1 << 20, 60_000, 1, "r")]
+    remaining = []
+    for now_ms in (base + 1100, base + 1100, base + 1100, base + 900, base + 900, base + 1100):
+        outcome = await store.run(Program([op, *beside]), now_ms)
+        assert outcome.allowed
+        remaining.append(outcome.rates[0].remaining)
+    # The two late ones saw their own window empty (4, 3 left); then they weigh 2 x 900/1000, 1.
+    assert remaining == [4, 3, 2, 4, 3, 0]
 
 
 async def test_refusal_reports_retry_after(store: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 from prometheus_client import CollectorRegistry, generate_latest
@@ -28,13 +29,13 @@ REFUSAL_MINUTES = 60
 # Apps, routes and limits all come from the config, so keys are bounded already; this bounds a
 # minute anyway, should a config hold thousands of apps all refusing at once.
 REFUSAL_KEYS_PER_MINUTE = 4096
-# Not Final: mypyc inlines a Final tuple as a literal, building it (and its floats) anew at each use.
-BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Final, so compiled code reads it from a C static (a plain global is looked up by name at each use),
+# and built by a call: mypyc inlines a Final tuple *literal*, building it and its floats at each use.
+BUCKETS: Final = tuple([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
 
 
-# Keys typed as tuple[str, ...], not tuple[str, str, str, str]: compiled, a fixed-size tuple is a C
-# struct, boxed into a new tuple (hashed and compared anew) at every dict call; a boxed key is built
-# once, and the dict finds a lane's own key object by identity.
+# Typed as tuple[str, ...], not tuple[str, str, str, str]: compiled, a fixed-size tuple is a C struct,
+# boxed into a new tuple (hashed and compared anew) at every dict call.
 DecisionKey = tuple[str, ...]
 
 
@@ -47,6 +48,10 @@ def decision_key(route: str, limit: str | None, plan: str, outcome: str) -> Deci
 class Metrics:
     def __init__(self) -> None:
         self.decisions: dict[DecisionKey, int] = {}
+        # Decisions counted often under one key (a request lane's allowed ones) have a slot of their
+        # own: a list index, no key hashed per request. decision_counts() folds them in.
+        self._slots: dict[DecisionKey, int] = {}
+        self._tally: list[int] = []
         self.near_limit: dict[tuple[str, str, str], int] = {}
         self.errors: dict[str, int] = {}
         self.local_refusals = 0
@@ -63,14 +68,32 @@ class Metrics:
     ) -> None:
         """Count one decision; a refusal (or a shadow one) of a named `app` also goes into the
         per-minute log. `now` saves a clock read when the caller has the request's start time."""
-        self.count(decision_key(route, limit, plan, outcome))
+        key = decision_key(route, limit, plan, outcome)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
         if app is not None and outcome in ("refused", "shadow"):
             self.refusals.add(app, route, limit or "", outcome, time.time() if now is None else now)
 
-    def count(self, key: DecisionKey) -> None:
-        """Count one decision under a key built by decision_key (a request's lane holds its own)."""
-        decisions = self.decisions
-        decisions[key] = decisions.get(key, 0) + 1
+    def slot(self, key: DecisionKey) -> int:
+        """The slot that counts decisions under `key` (see tick)."""
+        found = self._slots.get(key)
+        if found is None:
+            found = self._slots[key] = len(self._tally)
+            self._tally.append(0)
+        return found
+
+    def tick(self, slot: int) -> None:
+        """Count one decision in its slot."""
+        self._tally[slot] += 1
+
+    def decision_counts(self) -> dict[DecisionKey, int]:
+        """Every decision counted, by `decision` and in slots. Only reads (copies of) what the request
+        path writes: the snapshot thread calls it too."""
+        counts = dict(self.decisions)
+        for key, slot in list(self._slots.items()):
+            ticked = self._tally[slot]
+            if ticked:
+                counts[key] = counts.get(key, 0) + ticked
+        return counts
 
     def near(self, route: str, limit: str, plan: str, used: int, cap: int) -> None:
         if cap > 0 and used >= NEAR_LIMIT_RATIO * cap:
@@ -144,7 +167,7 @@ class _Collector:
             "Decisions taken, by route, limit, plan and outcome.",
             labels=["route", "limit", "plan", "outcome"],
         )
-        for key, value in m.decisions.items():
+        for key, value in m.decision_counts().items():
             decisions.add_metric(list(key), value)
         yield decisions
         near = CounterMetricFamily(

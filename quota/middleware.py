@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,8 +114,8 @@ def _judged(verdict: _Verdict, result: Outcome | Denial, app: AppPlan) -> _Verdi
 # Lanes: at most this many a day and directory, each on a path of at most this many characters.
 # Past the bound they are emptied, as the shared plans are: a client naming a fresh path on every
 # request only ever takes the long way.
-LANES = 1024
-LANE_PATH = 256
+LANES: Final = 1024
+LANE_PATH: Final = 256
 
 
 class _Lane:
@@ -127,11 +127,11 @@ class _Lane:
 
     __slots__ = ("rule", "app", "params", "plan", "allowed")
 
-    def __init__(self, rule: RouteRule, app: AppPlan, verdict: _Verdict) -> None:
+    def __init__(self, rule: RouteRule, app: AppPlan, verdict: _Verdict, metrics: Metrics) -> None:
         assert verdict.plan is not None
         self.rule, self.app, self.params, self.plan = rule, app, verdict.params, verdict.plan
-        # The metric its allowed requests count under, built once: one key object, found by identity.
-        self.allowed = decision_key(rule.name, None, app.plan.name, "allowed")
+        # Where its allowed requests are counted: a slot, no key built and hashed per request.
+        self.allowed = metrics.slot(decision_key(rule.name, None, app.plan.name, "allowed"))
 
 
 def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
@@ -175,7 +175,8 @@ class QuotaMiddleware:
         self._loaded = False
         # The usage-threshold webhooks, when configured (quota/serve.py): held for their flush.
         self.notifier: Any = None
-        self._day, self._date = -1, date(1970, 1, 1)
+        # The UTC day of the last request, as the seconds it spans: a clock inside them is today.
+        self._day_starts, self._day_ends, self._date = 0.0, 0.0, date(1970, 1, 1)
 
     @property
     def breaker(self) -> Any:
@@ -203,11 +204,9 @@ class QuotaMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self.app(scope, self._on_shutdown(receive), send)
-            return
-        if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
+        # Narrowed to str: compiled, a comparison of text, not a generic one of objects.
+        if not isinstance(kind, str) or kind not in ("http", "websocket"):
+            await self.app(scope, self._on_shutdown(receive) if kind == "lifespan" else receive, send)
             return
         # Every server hands a dict; typed as one, compiled code reads it without a method call.
         # Any other mapping is copied once, and the copy goes on to the app.
@@ -270,10 +269,12 @@ class QuotaMiddleware:
             await self.notifier.close()
 
     def today(self, now_s: float) -> date:
-        # The UTC date changes once a day: build it once a day, not once a request.
-        day = int(now_s // 86400)
-        if day != self._day:
-            self._day, self._date = day, datetime.fromtimestamp(day * 86400, UTC).date()
+        # The UTC date changes once a day: build it once a day, not once a request (two float
+        # comparisons, where a floor division costs a call to fmod).
+        if not self._day_starts <= now_s < self._day_ends:
+            day = int(now_s // 86400)
+            self._day_starts, self._day_ends = day * 86400.0, (day + 1) * 86400.0
+            self._date = datetime.fromtimestamp(day * 86400, UTC).date()
         return self._date
 
     async def _watch(self) -> None:
@@ -322,7 +323,7 @@ class QuotaMiddleware:
                 if refused is not None:
                     await send_denial(refused, send, started)
                     return
-                await _Bounded(receive, rt.max_body_bytes, framed).forward(self.app, scope, send, started)
+                await _forward(self.app, scope, receive, send, rt.max_body_bytes, framed, started)
                 return
             match, app = routed
             rule = match.rule
@@ -339,15 +340,17 @@ class QuotaMiddleware:
         if lane is None and _lane_of(rule, verdict) and len(path) <= LANE_PATH:
             if len(lanes) >= LANES:
                 lanes.clear()
-            lanes[lane_key] = _Lane(rule, app, verdict)
+            lanes[lane_key] = _Lane(rule, app, verdict, self.metrics)
+        # Its body bounded by its framing, or read whole already: nothing to count as it streams.
+        checked = verdict.body_read or framed
         denial = verdict.denial
         if denial is not None:
             if denial.status in (403, 429) and (rule.shadow or rt.shadow):
                 # Shadow: report the refusal, count nothing, let the request through and say so.
                 self.metrics.decision(rule.name, denial.limit, app.plan.name, "shadow", app=app.appkey, now=started)
                 note = f"{denial.status} {denial.error} {denial.limit or ''}".strip().encode()
-                bounded = _Bounded(verdict.receive, rt.max_body_bytes, verdict.body_read or framed)
-                await bounded.forward(self.app, scope, _with_header(send, SHADOW_HEADER, note), started)
+                shadowed = _with_header(send, SHADOW_HEADER, note)
+                await _forward(self.app, scope, verdict.receive, shadowed, rt.max_body_bytes, checked, started)
                 return
             self.metrics.decision(rule.name, denial.limit, app.plan.name, "refused", app=app.appkey, now=started)
             await send_denial(denial, send, started)
@@ -356,10 +359,11 @@ class QuotaMiddleware:
         assert plan is not None and outcome is not None
         self._report(rule, app, plan, outcome, started, lane)
         rate = _tightest(outcome.rates) if rt.rate_headers and outcome.rates else None
-        bounded = _Bounded(verdict.receive, rt.max_body_bytes, verdict.body_read or framed)
         if not plan.settles or outcome.unchecked:
-            await bounded.forward(self.app, scope, send if rate is None else _RateHeaders(send, rate), started)
+            sender = send if rate is None else _RateHeaders(send, rate)
+            await _forward(self.app, scope, verdict.receive, sender, rt.max_body_bytes, checked, started)
             return
+        bounded = _Bounded(verdict.receive, rt.max_body_bytes, checked)
         await self._forward_settled(rt, rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
     def _route(
@@ -463,7 +467,7 @@ class QuotaMiddleware:
     ) -> None:
         metrics = self.metrics
         if lane is not None and not outcome.unchecked:
-            metrics.count(lane.allowed)
+            metrics.tick(lane.allowed)
         else:
             metrics.decision(rule.name, None, app.plan.name, "unchecked" if outcome.unchecked else "allowed")
         for state in outcome.rates:
@@ -630,6 +634,16 @@ class _Renewals:
         self.handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
 
 
+def _forward(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int, checked: bool, started: float
+) -> Awaitable[None]:
+    """The request passed on, unsettled: as it came when its framing bounds its body (`checked`),
+    else through a _Bounded that counts it."""
+    if checked:
+        return app(scope, receive, send)
+    return _Bounded(receive, limit, False).forward(app, scope, send, started)
+
+
 class _Bounded:
     """Counts request body bytes as they stream to the upstream; past the limit the upstream sees the
     client go away and the client gets 413 (if no answer has started)."""
@@ -737,7 +751,9 @@ def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
     with no Transfer-Encoding carries exactly Content-Length bytes, or none: the server's parser
     ends the body there, so it needs no counting as it streams. Anything else is counted."""
     declared, unframed = None, False
-    for header in scope["headers"]:
+    headers = scope["headers"]
+    # A list (what servers hand) is walked natively; any other iterable of pairs is listed first.
+    for header in headers if isinstance(headers, list) else list(headers):
         # Indexed, and the name narrowed to bytes: compiled, that compares lengths and memory where
         # unpacking and comparing objects cost a thousand instructions a request.
         name = header[0]
@@ -755,7 +771,7 @@ def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
         elif name == b"transfer-encoding":
             unframed = True
     version = scope.get("http_version")
-    return declared, not unframed and isinstance(version, str) and version in ("1.0", "1.1")
+    return declared, not unframed and isinstance(version, str) and version in ("1.1", "1.0")
 
 
 def _authorization(scope: dict[str, Any]) -> str:
@@ -767,7 +783,8 @@ def _authorization(scope: dict[str, Any]) -> str:
 
 # The numbers RateLimit headers carry most (a limit of 100/s, what is left of it, a second to reset),
 # encoded once: three str().encode() a response cost more than the dict and list around them.
-_DIGITS = tuple(str(n).encode() for n in range(1024))
+# Final, so compiled code reads it from a C static, not the module's dict by name at every call.
+_DIGITS: Final = tuple(str(n).encode() for n in range(1024))
 
 
 def _digits(n: int) -> bytes:
@@ -796,11 +813,14 @@ class _RateHeaders:
 
     def __init__(self, send: Send, state: RateState) -> None:
         self.send = send
-        self.state = state
+        self.state: RateState | None = state
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.start":
-            message = _with_rate_headers(message, self.state)
+        # One start per answer: once it has its headers, the body's messages go by unread.
+        state = self.state
+        if state is not None and message["type"] == "http.response.start":
+            self.state = None
+            message = _with_rate_headers(message, state)
         return self.send(message)
 
 

@@ -105,7 +105,9 @@ class Directory:
 
     def lanes(self, today: date) -> dict[Any, Any]:
         """The request path's memo of today's apps: emptied with them (a day, a change of accounts)."""
-        if today != self._day:
+        # The middleware hands the same date object all day: identity first, a date comparison
+        # (a generic call, compiled) only when it changed.
+        if today is not self._day and today != self._day:
             self._cache, self._lanes, self._day = {}, {}, today
         return self._lanes
 

@@ -57,7 +57,7 @@ class ServedMetrics(Metrics):
     def snapshot(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
-            "decisions": [[*k, v] for k, v in list(self.decisions.items())],
+            "decisions": [[*k, v] for k, v in self.decision_counts().items()],
             "near_limit": [[*k, v] for k, v in list(self.near_limit.items())],
             "errors": dict(self.errors),
             "local_refusals": self.local_refusals,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from quota.decisions import plan_request
 from quota.gateway import create_gateway
 from quota.identifiers import IdPolicy
 from quota.middleware import LANE_PATH, LANES
+from quota.served_metrics import ServedMetrics, attach
 from quota.store.memory import MemoryStore
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
@@ -732,6 +734,29 @@ class TestLanes:
             clock.advance(86400)
             r = await c.post(translate, json={"text": "hi"})
             assert_refused(r, 403, "forbidden_op", "translation", "free")
+
+    @pytest.mark.parametrize("served", [False, True])
+    async def test_a_lanes_decisions_are_counted(
+        self, clock: Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, served: bool
+    ) -> None:
+        """Catches allowed requests on a lane missing from quota_decisions_total (a lane counts in a
+        slot of its own, folded in when read) or counted twice: in one process, and as `quota serve`
+        scrapes its workers, through the snapshot each writes for the others."""
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
+        auth = {"authorization": f"Bearer {LANE_TOKEN}"}
+        async with make_client(MemoryStore(), clock) as c:
+            if served:
+                attach(middleware_of(c), ServedMetrics(outage=lambda: "", shared_dir=tmp_path))
+            for _ in range(7):
+                assert (await c.get(f"/{PRO}/users")).status_code == 200
+            for _ in range(2):
+                assert (await c.get(f"/{FREE}/users")).status_code == 200
+            text = (await c.get("/_quota/metrics", headers=auth)).text
+            assert 'quota_decisions_total{limit="",outcome="allowed",plan="pro",route="users.list"} 7.0' in text
+            assert 'quota_decisions_total{limit="",outcome="allowed",plan="free",route="users.list"} 2.0' in text
+            if served:
+                written = json.loads(next(tmp_path.glob("worker-*.json")).read_text())
+                assert ["users.list", "", "pro", "allowed", 7] in written["decisions"]
 
     async def test_lanes_are_bounded(self, clock: Clock) -> None:
         """Catches lanes growing with every path a client names (past LANES they are emptied), and a

@@ -48,6 +48,21 @@ async def test_free_dau_ceiling_resets_the_next_day(store: Any) -> None:
         assert len(await raw_members(store, "q:{demo#free}:mau:202701")) == 101
 
 
+async def test_a_clock_stepped_back_over_midnight_counts_on_the_day_it_reads(store: Any) -> None:
+    """Catches the day kept from an earlier reading of the clock: a clock stepped back across
+    midnight (NTP) counts its logins on the day it reads, and midnight itself is the new day's."""
+    clock = at("2027-01-16 00:00:00", tick=0)
+    async with make_client(store, clock) as client:
+        await register(client, "demo/free", ["a", "b", "c"])
+        assert await login(client, "demo/free", "a") == 200
+        clock.now = at("2027-01-15 23:59:59.999", tick=0).now
+        assert await login(client, "demo/free", "b") == 200
+        clock.now = at("2027-01-16 00:00:00", tick=0).now
+        assert await login(client, "demo/free", "c") == 200
+        assert await raw_members(store, "q:{demo#free}:dau:20270116") == {"a", "c"}
+        assert await raw_members(store, "q:{demo#free}:dau:20270115") == {"b"}
+
+
 async def test_mau_is_per_month(store: Any) -> None:
     """Catches MAU not rolling over with the month: logins on January 31st and February 1st land in
     mau:202701 and mau:202702 respectively."""

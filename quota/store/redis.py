@@ -137,7 +137,8 @@ def _text(v: Any) -> str:
 
 def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
     """The script's reply: a status first; a refusal's details are decoded only for a refusal."""
-    if int(reply[0]) == 0:
+    status: int = reply[0]
+    if status == 0:
         text = _text
         index, kind, used, cap = int(reply[1]), text(reply[2]), int(reply[3]), int(reply[4])
         a, b, c, who = int(reply[5]), int(reply[6]), int(reply[7]), text(reply[8])
@@ -150,7 +151,10 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
             return Outcome(Refusal(index, "rate", used, cap, retry_after_ms=a, reset_ms=a))
         return Outcome(Refusal(index, kind, used, cap, room=a, who=who))
     # Integers arrive as ints and members as bytes (hiredis); decoded here, once, without layers.
-    online, remaining, n_rates = reply[1], reply[2], reply[3]
+    # Counts typed as ints: compiled, their arithmetic and the indexes they make are native.
+    online: int = reply[1]
+    remaining: int = reply[2]
+    n_rates: int = reply[3]
     rates: tuple[RateState, ...] = ()
     if n_rates:
         states: list[RateState] = []
@@ -162,13 +166,14 @@ def decode(program: Program, now_ms: int, reply: list[Any]) -> Outcome:
                     break
         rates = tuple(states)
     pos = 4 + 2 * n_rates
-    if not reply[pos]:
+    n_added: int = reply[pos]
+    if not n_added:
         # Nothing added (a read): no lists to build.
         return Outcome(rates=rates, online=online, remaining=remaining)
     added: list[tuple[str, ...]] = []
     sizes: list[int] = []
-    for _ in range(reply[pos]):
-        k = reply[pos + 1]
+    for _ in range(n_added):
+        k: int = reply[pos + 1]
         sizes.append(reply[pos + 2])
         added.append(tuple(m.decode() for m in reply[pos + 3 : pos + 3 + k]))
         pos += 2 + k

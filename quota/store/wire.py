@@ -24,7 +24,7 @@ import hashlib
 import ssl as ssl_module
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 from mypy_extensions import mypyc_attr
@@ -44,12 +44,12 @@ class WireClosed(ConnectionError):
 # Flush once this many commands are buffered, else at the end of the loop tick. Per-tick flushing
 # alone puts concurrent requests in lockstep and leaves the CPU idle between ticks; per-command
 # writes cost a syscall each.
-FLUSH_EVERY = 4
+FLUSH_EVERY: Final = 4
 
 
 # RESP's "*<count>\r\n" and "$<length>\r\n" for the counts and lengths commands mostly have, built once.
-_ARRAYS = tuple(b"*%d\r\n" % n for n in range(512))
-_BULKS = tuple(b"$%d\r\n" % n for n in range(512))
+_ARRAYS: Final = tuple(b"*%d\r\n" % n for n in range(512))
+_BULKS: Final = tuple(b"$%d\r\n" % n for n in range(512))
 
 
 def array(count: int) -> bytes:
@@ -87,6 +87,10 @@ def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
 def pack(command: tuple[Any, ...]) -> bytes:
     """A command in RESP (see `bulks`)."""
     return array(len(command)) + bulks(command)
+
+
+# Final: compiled code calls it from a C static, where `time.monotonic` is two lookups by name.
+monotonic: Final = time.monotonic
 
 
 class _Protocol(asyncio.Protocol):
@@ -151,7 +155,7 @@ class _Protocol(asyncio.Protocol):
         if self.error is not None:
             future.set_exception(self.error)
             return future
-        self.push((future, time.monotonic() + self.timeout_s))
+        self.push((future, monotonic() + self.timeout_s))
         self.buffer.append(packed)
         if len(self.buffer) >= FLUSH_EVERY:
             self.flush()
@@ -174,7 +178,7 @@ class _Protocol(asyncio.Protocol):
         if not self.waiting:
             return
         deadline = self.waiting[0][1]
-        now = time.monotonic()
+        now = monotonic()
         if now >= deadline:
             self._fail(TimeoutError(f"redis did not answer within {self.timeout_s * 1000:.0f} ms"))
             return

@@ -56,40 +56,56 @@ def _split(now_ms: int, window_ms: int) -> tuple[int, int]:
 
 
 class Window:
-    """A sliding-window counter's state: the count of the newest window written (`index`) and of
-    the one before it, all that can still count. Native ints on one object, where a dict of window
-    index -> count boxed the clock-sized index and both counts at every hit. It answers as that dict
-    did, a hit dated a window late included (a body that came in slowly): it counts in the window
-    before, and older ones count nowhere."""
+    """A sliding-window counter's state: the counts of the newest window written (`index`) and of
+    the two before it. Native ints on one object, where a dict of window index -> count boxed the
+    clock-sized index and each count at every hit.
 
-    __slots__ = ("index", "prev", "cur")
+    A hit dated a window or two before the newest (a call that waited on the way, its clock read
+    before) counts in its own window, and reads the one before it, as the Redis script's keys per
+    window do. A hit dated further back means the clock stepped back, or the window grew under the
+    same key (a plan's rate changed from per second to per minute): the counts start over from it,
+    as they do in Redis, where such a window's key is new. Never dropped: every hit counts somewhere."""
+
+    __slots__ = ("index", "cur", "prev", "prev2")
 
     def __init__(self) -> None:
-        # Index -2: no window yet, so the first hit's window is neither this one nor the next.
-        self.index, self.prev, self.cur = -2, 0, 0
+        # Index -3: no window yet, so the first hit's window is none of these three nor the next.
+        self.index, self.cur, self.prev, self.prev2 = -3, 0, 0, 0
 
     def counts(self, index: int) -> tuple[int, int]:
-        """(the previous window's count, window `index`'s)."""
-        if index == self.index:
+        """(the count of the window before `index`, window `index`'s)."""
+        newest = self.index
+        if index == newest:
             return self.prev, self.cur
-        if index == self.index + 1:
+        if index == newest + 1:
             return self.cur, 0
-        if index == self.index - 1:
-            return 0, self.prev
+        if index == newest - 1:
+            return self.prev2, self.prev
+        if index == newest - 2:
+            return 0, self.prev2
         return 0, 0
 
     def add(self, index: int, cost: int) -> bool:
-        """Count `cost` in window `index`; True when that moved the window on (the key's expiry with it)."""
-        if index == self.index:
+        """Count `cost` in window `index`; True when its newest window changed (its key's expiry with it)."""
+        newest = self.index
+        if index == newest:
             self.cur += cost
             return False
-        if index > self.index:
-            self.prev = self.cur if index == self.index + 1 else 0
-            self.index, self.cur = index, cost
-            return True
-        if index == self.index - 1:
+        if index == newest - 1:
             self.prev += cost
-        return False
+            return False
+        if index == newest - 2:
+            self.prev2 += cost
+            return False
+        if index == newest + 1:
+            self.prev2, self.prev = self.prev, self.cur
+        elif index == newest + 2:
+            self.prev2, self.prev = self.cur, 0
+        else:
+            # Far ahead (nothing counted in between), or far behind (a clock or window changed).
+            self.prev2, self.prev = 0, 0
+        self.index, self.cur = index, cost
+        return True
 
 
 class Deadlines:

@@ -12,7 +12,10 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
+from quota.store.memory import MemoryStore
 from quota.store.program import Program, RateOp
+from quota.store.redis import RedisStore
+from tests.conftest import RedisServer
 
 
 def schedule(seed: int, n: int = 400) -> list[int]:
@@ -86,6 +89,63 @@ async def test_a_late_hit_counts_in_its_own_window(store: Any, alone: bool) -> N
         remaining.append(outcome.rates[0].remaining)
     # The two late ones saw their own window empty (4, 3 left); then they weigh 2 x 900/1000, 1.
     assert remaining == [4, 3, 2, 4, 3, 0]
+
+
+async def allowed_of(store: Any, op: RateOp, now_ms: int, tries: int) -> int:
+    return sum([(await store.run(Program([op]), now_ms)).allowed for _ in range(tries)])
+
+
+async def test_a_clock_stepped_back_still_counts(store: Any) -> None:
+    """Catches hits dated well before the newest window (the clock stepped back: NTP, a VM resumed)
+    counted nowhere, the limit gone until the clock catches up: 5 of 50, as in a fresh window."""
+    base = 7_000_000_000
+    op = RateOp("q:{t}:r:k", 5, 1000, 1, "r")
+    assert (await store.run(Program([op]), base + 5500)).allowed
+    assert await allowed_of(store, op, base + 2500, 50) == 5
+
+
+@pytest.mark.parametrize("windows", [(1000, 60_000), (60_000, 1000)])
+async def test_a_window_changed_under_one_key_still_limits(store: Any, windows: tuple[int, int]) -> None:
+    """Catches a rate whose window grew (or shrank) under the same name, a plan changed from per
+    second to per minute, counting nowhere: its windows start afresh, and hold at the limit."""
+    base = 7_000_000_000
+    before, after = (RateOp("q:{t}:r:k", 5, window, 1, "r") for window in windows)
+    assert await allowed_of(store, before, base + 500, 3) == 3
+    assert await allowed_of(store, after, base + 600, 20) == 5
+
+
+async def test_a_late_hit_reads_the_window_before_its_own(store: Any) -> None:
+    """A hit dated in the window before the newest, the newest two windows after the last busy one,
+    weighs that busy window: 4 x 750/1000, 3 of 5, so two more fit. Catches it read as empty."""
+    base = 7_000_000_000
+    op = RateOp("q:{t}:r:k", 5, 1000, 1, "r")
+    for now_ms in (base + 100, base + 100, base + 100, base + 100, base + 2100):
+        assert (await store.run(Program([op]), now_ms)).allowed
+    assert await allowed_of(store, op, base + 1250, 50) == 2
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("seed", range(4))
+async def test_late_hits_decide_as_in_redis(redis_server: RedisServer, seed: int) -> None:
+    """Hits arriving up to a window late (calls reordered on their way), across window boundaries
+    and gaps: the memory store allows and refuses each exactly as the Redis script does."""
+    redis_server.flush()
+    redis = RedisStore(redis_server.url, timeout_ms=2000)
+    memory = MemoryStore()
+    rng = random.Random(seed)
+    newest, decided = 7_000_000_000, []
+    try:
+        for _ in range(300):
+            newest += rng.choice([0, 3, 40, 300, 900, 1700, 2600])
+            now_ms = newest - rng.choice([0, 0, 0, 5, 250, 999])
+            op = RateOp("q:{t}:r:late", 4, 1000, 1, "r")
+            ours = await memory.run(Program([op]), now_ms)
+            theirs = await redis.run(Program([op]), now_ms)
+            decided.append(ours.allowed)
+            assert (ours.allowed, ours.rates) == (theirs.allowed, theirs.rates), (now_ms, len(decided))
+    finally:
+        await redis.close()
+    assert 0 < sum(decided) < len(decided)
 
 
 async def test_refusal_reports_retry_after(store: Any) -> None:

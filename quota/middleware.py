@@ -125,13 +125,14 @@ class _Lane:
     directory's memo of today (Directory.lanes), emptied with its apps. Retention, the one check that
     reads the clock, never takes a lane (_lane_of)."""
 
-    __slots__ = ("rule", "app", "params", "plan", "allowed")
+    __slots__ = ("rule", "app", "params", "plan", "metrics", "allowed")
 
     def __init__(self, rule: RouteRule, app: AppPlan, verdict: _Verdict, metrics: Metrics) -> None:
         assert verdict.plan is not None
         self.rule, self.app, self.params, self.plan = rule, app, verdict.params, verdict.plan
-        # Where its allowed requests are counted: a slot, no key built and hashed per request.
-        self.allowed = metrics.slot(decision_key(rule.name, None, app.plan.name, "allowed"))
+        # Where its allowed requests are counted: a slot, no key built and hashed per request; of
+        # these metrics only (others attached since count them the long way).
+        self.metrics, self.allowed = metrics, metrics.slot(decision_key(rule.name, None, app.plan.name, "allowed"))
 
 
 def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
@@ -466,7 +467,7 @@ class QuotaMiddleware:
         self, rule: RouteRule, app: AppPlan, plan: RequestPlan, outcome: Outcome, now: float, lane: _Lane | None
     ) -> None:
         metrics = self.metrics
-        if lane is not None and not outcome.unchecked:
+        if lane is not None and lane.metrics is metrics and not outcome.unchecked:
             metrics.tick(lane.allowed)
         else:
             metrics.decision(rule.name, None, app.plan.name, "unchecked" if outcome.unchecked else "allowed")

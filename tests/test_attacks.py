@@ -260,6 +260,17 @@ async def _everything_ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
+def _counting(seen: dict[str, int]) -> Any:
+    """An upstream that counts the body bytes of its first message into `seen`, then answers 200."""
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        seen["bytes"] += len(message.get("body", b""))
+        await _everything_ok(scope, receive, send)
+
+    return counting
+
+
 class TestUnnamedPaths:
     @pytest.mark.parametrize(
         "path",
@@ -519,13 +530,7 @@ class TestBodies:
         declared 10 reaching the upstream past max_body_bytes)."""
         (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
         seen = {"bytes": 0}
-
-        async def counting(scope: Any, receive: Any, send: Any) -> None:
-            message = await receive()
-            seen["bytes"] += len(message.get("body", b""))
-            await _everything_ok(scope, receive, send)
-
-        async with make_client(store, clock, load_config(config_dir), upstream=counting) as client:
+        async with make_client(store, clock, load_config(config_dir), upstream=_counting(seen)) as client:
             scope = {**http_scope("POST", f"/{PRO}/messages/users", headers=headers), "http_version": version}
             sent = await call_raw(middleware_of(client), scope, b"z" * 5000)
             assert sent[0]["status"] == 413 and seen["bytes"] == 0
@@ -539,13 +544,7 @@ class TestBodies:
         crash, or a Transfer-Encoding missed and 5,000 bytes behind a declared 10 reaching the upstream."""
         (config_dir / "quota.yaml").write_text("max_body_bytes: 1024\n")
         seen = {"bytes": 0}
-
-        async def counting(scope: Any, receive: Any, send: Any) -> None:
-            message = await receive()
-            seen["bytes"] += len(message.get("body", b""))
-            await _everything_ok(scope, receive, send)
-
-        async with make_client(store, clock, load_config(config_dir), upstream=counting) as client:
+        async with make_client(store, clock, load_config(config_dir), upstream=_counting(seen)) as client:
             scope: Any = http_scope("POST", f"/{PRO}/messages/users")
             scope["headers"] = [[b"content-length", b"10"], [b"transfer-encoding", b"chunked"]]
             sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope, b"z" * 5000)

@@ -39,20 +39,24 @@ def http_scope(
     }
 
 
+def request_for(scenario: str, n: int) -> tuple[str, str, bytes]:
+    """(method, path, body) of the `n`th request, varied as wrk's scripts vary it (benchmarks/load.py)."""
+    method, path, body = request_of(scenario)
+    if scenario == "write":
+        return method, path.rsplit("/", 1)[0] + f"/u{n % 200}", b""
+    if scenario == "login":
+        return method, path, json.dumps({"username": f"u{n % 2000}"}).encode()
+    return method, path, (body or "").encode()
+
+
 async def drive(app: Any, scenario: str, total: int, concurrency: int = 32) -> tuple[float, float, float]:
     """(requests per second, p50 ms, p99 ms) over `total` requests from `concurrency` tasks."""
-    method, path, body = request_of(scenario)
     latencies: list[float] = []
     counter = [0]
 
     async def one() -> None:
         counter[0] += 1
-        n = counter[0]
-        p, b = path, (body or "").encode()
-        if scenario == "write":
-            p = path.rsplit("/", 1)[0] + f"/u{n % 200}"
-        elif scenario == "login":
-            b = json.dumps({"username": f"u{n % 2000}"}).encode()
+        method, p, b = request_for(scenario, counter[0])
         scope = http_scope(method, p)
         sent = False
 

@@ -10,7 +10,14 @@ in-process driver (32 concurrent, uvloop); the difference over 2N is one request
 and warm-up cancelled out. `bare` is the upstream alone, so quota's own count is a store's less
 bare's. Redis runs outside valgrind: its work is not counted, only quota's side of the wire. Under
 valgrind a program runs some fifty times slower, so a store call seems slow to quota: the latency
-histogram's buckets and the pipelining of replies differ from a real run's."""
+histogram's buckets and the pipelining of replies differ from a real run's.
+
+`--served` counts what the load runs time: the server process of `python -m benchmarks` (uvicorn,
+httptools, uvloop) under callgrind, fed over HTTP by a client outside it (32 keep-alive connections,
+the requests wrk sends), N and 3N requests after the same warm-up. Its ratio, bare's count over a
+variant's, is what a load run's ratio would be if an instruction cost the same everywhere; uvicorn's
+parsing, its checks of each response header and the event loop are in it, and the idle ticks of
+uvicorn's clock add a little noise (some hundreds of instructions a request)."""
 
 from __future__ import annotations
 
@@ -26,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.costs import upstream_of
-from benchmarks.harness import OwnRedis
-from benchmarks.inprocess import drive
+from benchmarks.harness import OwnRedis, free_port
+from benchmarks.inprocess import drive, request_for
 from benchmarks.variants import config_dir
 from quota.build import BUILD
 
 STORES = ("bare", "memory", "redis")
+SERVED = {"bare": "bare", "memory": "quota-memory", "redis": "quota-redis"}
 WARM_UP = 640
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -105,12 +113,99 @@ def counted(store: str, scenario: str, total: int, upstream: str) -> int:
         return collected(done.stderr)
 
 
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    """One request on a kept-alive connection; its answer's status, the whole answer read."""
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        elif name.strip().lower() == b"transfer-encoding":
+            raise RuntimeError("a chunked answer: the benchmark upstreams send their length")
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def feed(port: int, scenario: str, total: int, concurrency: int = 32) -> None:
+    """`total` requests of `scenario` over `concurrency` connections, as wrk sends them."""
+    host = f"127.0.0.1:{port}".encode()
+    counter = [0]
+
+    async def worker(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(count):
+                counter[0] += 1
+                method, path, body = request_for(scenario, counter[0])
+                head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode(), host)
+                if body:
+                    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+                status = await _exchange(reader, writer, head + b"\r\n" + body)
+                if status >= 400:
+                    raise RuntimeError(f"{method} {path} answered {status}: the count would not be of the work")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+
+
+def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
+    """The instructions of the load runs' server under callgrind, fed `total` requests after a warm-up."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={Path(tmp) / 'out'}",
+            sys.executable,
+            "-m",
+            "benchmarks.server",
+            SERVED[store],
+            scenario,
+            str(port),
+            redis.url,
+        ]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            asyncio.run(_started(port, proc))
+            asyncio.run(feed(port, scenario, WARM_UP))
+            asyncio.run(feed(port, scenario, total))
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=120)
+        return collected(err)
+
+
+async def _started(port: int, proc: subprocess.Popen[str], patience: float = 600) -> None:
+    # Under valgrind, importing quota and the app takes a minute or more.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if proc.poll() is not None or loop.time() > deadline:
+                raise RuntimeError(f"the server under callgrind did not start ({proc.returncode})") from None
+            await asyncio.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument("--scenario", choices=["read", "write", "login", "flood"], default="read")
     p.add_argument("--stores", default=",".join(STORES), help="of " + ", ".join(STORES))
     p.add_argument("--requests", type=int, default=1000, help="N: the runs are N and 3N requests")
     p.add_argument("--upstream", choices=["trivial", "gateway"], default="trivial")
+    p.add_argument(
+        "--served",
+        action="store_true",
+        help="count the load runs' uvicorn server fed over HTTP (the scenario names the upstream: trivial, "
+        "else the gateway), not the in-process driver",
+    )
     p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -122,21 +217,36 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(STORES)}")
     if shutil.which("valgrind") is None:
         p.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    if args.served:
+        where = "under uvicorn, fed over HTTP"
+        scenario = "trivial" if args.scenario == "read" and args.upstream == "trivial" else args.scenario
+    else:
+        where = f"on a {args.upstream} upstream, in-process"
+        scenario = args.scenario
     print(
-        f"instructions per request, {args.scenario} on a {args.upstream} upstream, {BUILD} build "
+        f"instructions per request, {scenario} {where}, {BUILD} build "
         f"(runs of {args.requests} and {3 * args.requests} requests)"
     )
-    bare: float | None = None
-    for store in stores:
-        small = counted(store, args.scenario, args.requests, args.upstream)
-        large = counted(store, args.scenario, 3 * args.requests, args.upstream)
-        count = per_request(small, large, args.requests)
-        if store == "bare":
-            bare = count
-            print(f"  {store:7s} {count:9.0f}")
-        else:
-            own = f"   quota's own {count - bare:9.0f}" if bare is not None else ""
-            print(f"  {store:7s} {count:9.0f}{own}")
+    redis = OwnRedis() if args.served else None
+    try:
+        bare: float | None = None
+        for store in stores:
+            if redis is not None:
+                small = served(store, scenario, args.requests, redis)
+                large = served(store, scenario, 3 * args.requests, redis)
+            else:
+                small = counted(store, scenario, args.requests, args.upstream)
+                large = counted(store, scenario, 3 * args.requests, args.upstream)
+            count = per_request(small, large, args.requests)
+            if store == "bare":
+                bare = count
+                print(f"  {store:7s} {count:9.0f}")
+            else:
+                own = f"   quota's own {count - bare:9.0f}   ratio {bare / count:.2f}" if bare is not None else ""
+                print(f"  {store:7s} {count:9.0f}{own}")
+    finally:
+        if redis is not None:
+            redis.stop()
     return 0
 
 

@@ -98,6 +98,9 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def wrk(base: str, scenario: str, seconds: float, connections: int) -> LoadResult:

@@ -188,3 +188,26 @@ def test_instructions_per_request_from_callgrind_counts() -> None:
     assert per_request(1991740477, 2027680292, 1000) == (2027680292 - 1991740477) / 2000
     with pytest.raises(RuntimeError, match="no count"):
         collected("==71== valgrind: failed to start tool\n")
+
+
+def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
+    """`--served` feeds the load runs' uvicorn server as wrk does, over kept-alive connections; a
+    read and a write each come back whole, and a refusal (the flood's 429s) stops the count rather
+    than counting a refusal's cheaper work as the request's."""
+    import asyncio
+
+    from benchmarks.harness import free_port
+    from benchmarks.instructions import feed
+    from benchmarks.load import Server
+
+    for scenario in ("trivial", "write", "flood"):
+        server = Server("quota-memory", scenario, free_port(), "redis://127.0.0.1:1/0")
+        port = int(server.base.rsplit(":", 1)[1])
+        try:
+            if scenario == "flood":
+                with pytest.raises(RuntimeError, match="answered 429"):
+                    asyncio.run(asyncio.wait_for(feed(port, scenario, 640), 60))
+            else:
+                asyncio.run(asyncio.wait_for(feed(port, scenario, 96), 60))
+        finally:
+            server.stop()

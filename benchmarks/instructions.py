@@ -39,7 +39,8 @@ from benchmarks.variants import config_dir
 from quota.build import BUILD
 
 STORES = ("bare", "memory", "redis")
-SERVED = {"bare": "bare", "memory": "quota-memory", "redis": "quota-redis"}
+# --served runs the load runs' variants; `noheaders` is quota on memory without the RateLimit headers.
+SERVED = {"bare": "bare", "memory": "quota-memory", "redis": "quota-redis", "noheaders": "quota-noheaders"}
 WARM_UP = 640
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -106,7 +107,7 @@ def counted(store: str, scenario: str, total: int, upstream: str) -> int:
             upstream,
         ]
         # A fixed hash seed: dict and set layouts, and so the count, the same from run to run.
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        env = {**os.environ, "PYTHONHASHSEED": "0", "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -167,7 +168,7 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
             str(port),
             redis.url,
         ]
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        env = {**os.environ, "PYTHONHASHSEED": "0", "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         try:
             asyncio.run(_started(port, proc))
@@ -197,7 +198,7 @@ async def _started(port: int, proc: subprocess.Popen[str], patience: float = 600
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument("--scenario", choices=["read", "write", "login", "flood"], default="read")
-    p.add_argument("--stores", default=",".join(STORES), help="of " + ", ".join(STORES))
+    p.add_argument("--stores", default=",".join(STORES), help=f"of {', '.join(STORES)}; with --served, also noheaders")
     p.add_argument("--requests", type=int, default=1000, help="N: the runs are N and 3N requests")
     p.add_argument("--upstream", choices=["trivial", "gateway"], default="trivial")
     p.add_argument(
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.scenario, args.requests, args.upstream)
         return 0
     stores = [s for s in args.stores.split(",") if s]
-    unknown = [s for s in stores if s not in STORES]
+    known = SERVED if args.served else STORES
+    unknown = [s for s in stores if s not in known]
     if unknown:
-        p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(STORES)}")
+        p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(known)}")
     if shutil.which("valgrind") is None:
         p.error("valgrind is not installed (Debian: apt-get install valgrind)")
     if args.served:

@@ -211,3 +211,16 @@ def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
                 asyncio.run(asyncio.wait_for(feed(port, scenario, 96), 60))
         finally:
             server.stop()
+
+
+def test_a_counted_run_waits_for_its_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under callgrind a store call seems some fifty times slower: the counted runs' config waits a
+    minute for it (a 503 would count the refusal's work, not the request's); load runs keep the
+    default 250 ms."""
+    from benchmarks.variants import config_dir
+    from quota.config import load_config
+
+    monkeypatch.delenv("QUOTA_BENCH_STORAGE_TIMEOUT_MS", raising=False)
+    assert load_config(config_dir("write")).settings.storage_timeout_ms == 250
+    monkeypatch.setenv("QUOTA_BENCH_STORAGE_TIMEOUT_MS", "60000")
+    assert load_config(config_dir("write")).settings.storage_timeout_ms == 60000

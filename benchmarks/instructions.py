@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             count = per_request(small, large, args.requests)
             if store == "bare":
                 bare = count
-                print(f"  {store:7s} {count:9.0f}")
+                print(f"  {store:9s} {count:9.0f}")
             else:
                 own = f"   quota's own {count - bare:9.0f}   ratio {bare / count:.2f}" if bare is not None else ""
-                print(f"  {store:7s} {count:9.0f}{own}")
+                print(f"  {store:9s} {count:9.0f}{own}")
     finally:
         if redis is not None:
             redis.stop()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from quota.store.program import Program, RateOp
 from quota.store.redis import RedisStore
-from quota.store.wire import ReplyError, Script, Wire, pack
+from quota.store.wire import _PACKED, PACKED_KEPT, PACKED_LONGEST, ReplyError, Script, Wire, pack
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -58,9 +58,24 @@ def test_commands_are_packed_as_hiredis_packs_them(command: list[str | bytes | i
 
 @pytest.mark.parametrize("odd", [1.5, True, None, ["k"]])
 def test_a_command_refuses_what_redis_would_get_wrong(odd: object) -> None:
-    """Catches a float or a bool sent as whatever its text happens to be: a bug upstream, said so."""
+    """Catches a float or a bool sent as whatever its text happens to be: a bug upstream, said so;
+    also once the int it equals (True == 1 == 1.0) was packed, and its bulk kept."""
+    pack(("SET", "k", 1))
     with pytest.raises(TypeError, match="str, bytes or int"):
         pack(("SET", "k", odd))
+
+
+def test_kept_bulks_are_bounded_and_packed_alike() -> None:
+    """Arguments' bulks are kept between commands (a write's keys and caps recur): a command packs
+    the same from the kept bulks as fresh; the kept ones stay at most PACKED_KEPT, and an argument
+    too long to keep is packed all the same."""
+    command = ("EVALSHA", "q:{demo#pro}:g:777", 200, "é" * 100, "x" * (PACKED_LONGEST + 1), b"raw")
+    first = pack(command)
+    assert pack(command) == first == hiredis.pack_command(command)
+    for i in range(PACKED_KEPT + 100):
+        pack(("SADD", f"member-{i}", i))
+        assert len(_PACKED) <= PACKED_KEPT
+    assert pack(command) == first
 
 
 async def test_packed_commands_reach_redis_whole(redis_server: RedisServer) -> None:

@@ -39,6 +39,11 @@ def http_scope(
     }
 
 
+def shares(total: int, concurrency: int) -> list[int]:
+    """`total` requests split over `concurrency` workers, exactly: counts per request divide by it."""
+    return [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+
+
 def request_for(scenario: str, n: int) -> tuple[str, str, bytes]:
     """(method, path, body) of the `n`th request, varied as wrk's scripts vary it (benchmarks/load.py)."""
     method, path, body = request_of(scenario)
@@ -80,7 +85,7 @@ async def drive(app: Any, scenario: str, total: int, concurrency: int = 32) -> t
             await one()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+    await asyncio.gather(*(worker(count) for count in shares(total, concurrency)))
     elapsed = time.perf_counter() - started
     latencies.sort()
     done = len(latencies)

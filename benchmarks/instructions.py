@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.costs import upstream_of
 from benchmarks.harness import OwnRedis, free_port
-from benchmarks.inprocess import drive, request_for
+from benchmarks.inprocess import drive, request_for, shares
 from benchmarks.variants import config_dir
 from quota.build import BUILD
 
@@ -149,7 +149,7 @@ async def feed(port: int, scenario: str, total: int, concurrency: int = 32) -> N
         finally:
             writer.close()
 
-    await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+    await asyncio.gather(*(worker(count) for count in shares(total, concurrency)))
 
 
 def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
@@ -176,7 +176,12 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
             asyncio.run(feed(port, scenario, total))
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=120)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
         return collected(err)
 
 
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(known)}")
     if shutil.which("valgrind") is None:
         p.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    if args.served and args.scenario == "flood":
+        p.error("--served counts allowed requests; a flood is refused by design (count it in-process)")
     if args.served:
         where = "under uvicorn, fed over HTTP"
         scenario = "trivial" if args.scenario == "read" and args.upstream == "trivial" else args.scenario

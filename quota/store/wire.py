@@ -79,19 +79,24 @@ def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
     for arg in args:
         if isinstance(arg, bytes):
             data = arg
-        elif isinstance(arg, str) or (isinstance(arg, int) and not isinstance(arg, bool)):
-            # Typed first: a bool would find its int's entry (True == 1) and pass as "1".
+        elif type(arg) is str or type(arg) is int:
+            # Exact types only: a bool would find its int's entry (True == 1), and any subclass may
+            # spell itself otherwise (an int enum's str is its name); the kept bytes are everyone's.
             one = packed.get(arg)
             if one is not None:
                 parts.append(one)
                 continue
-            data = arg.encode() if isinstance(arg, str) else str(arg).encode()
+            data = arg.encode() if type(arg) is str else str(arg).encode()
             if len(data) <= PACKED_LONGEST:
                 if len(packed) >= PACKED_KEPT:
                     packed.clear()
                 one = packed[arg] = b"".join((_BULKS[len(data)], data, b"\r\n"))
                 parts.append(one)
                 continue
+        elif isinstance(arg, str):
+            data = str.encode(arg)  # a subclass's own encode() is not the wire's
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = str(int(arg)).encode()
         else:
             raise TypeError(f"a redis command takes str, bytes or int, not {type(arg).__name__}")
         size = len(data)

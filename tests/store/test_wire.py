@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import signal
 import time
@@ -56,7 +57,7 @@ def test_commands_are_packed_as_hiredis_packs_them(command: list[str | bytes | i
     assert pack(tuple(command)) == hiredis.pack_command(tuple(command))
 
 
-@pytest.mark.parametrize("odd", [1.5, True, None, ["k"]])
+@pytest.mark.parametrize("odd", [1.5, 1.0, True, None, ["k"]])
 def test_a_command_refuses_what_redis_would_get_wrong(odd: object) -> None:
     """Catches a float or a bool sent as whatever its text happens to be: a bug upstream, said so;
     also once the int it equals (True == 1 == 1.0) was packed, and its bulk kept."""
@@ -65,13 +66,34 @@ def test_a_command_refuses_what_redis_would_get_wrong(odd: object) -> None:
         pack(("SET", "k", odd))
 
 
+def test_a_subclass_is_packed_by_its_value_and_never_kept() -> None:
+    """An int enum spells itself by name and a str subclass may encode itself otherwise: packed by
+    value, never kept, so a plain 1 or "k" packed after them is packed as itself."""
+
+    class Level(enum.IntEnum):
+        ONE = 1
+
+    class Odd(str):
+        def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+            return b"evil"
+
+    _PACKED.clear()
+    assert pack(("SET", Odd("k"), Level.ONE)) == pack(("SET", "k", 1)) == hiredis.pack_command(("SET", "k", 1))
+
+
 def test_kept_bulks_are_bounded_and_packed_alike() -> None:
     """Arguments' bulks are kept between commands (a write's keys and caps recur): a command packs
     the same from the kept bulks as fresh; the kept ones stay at most PACKED_KEPT, and an argument
     too long to keep is packed all the same."""
     command = ("EVALSHA", "q:{demo#pro}:g:777", 200, "é" * 100, "x" * (PACKED_LONGEST + 1), b"raw")
+    _PACKED.clear()
     first = pack(command)
+    assert "q:{demo#pro}:g:777" in _PACKED and 200 in _PACKED and "é" * 100 in _PACKED
+    assert "x" * (PACKED_LONGEST + 1) not in _PACKED
     assert pack(command) == first == hiredis.pack_command(command)
+    _PACKED["q:{demo#pro}:g:777"] = b"$3\r\nhit\r\n"  # what a kept bulk is, it is sent as
+    assert b"$3\r\nhit\r\n" in pack(command)
+    _PACKED.clear()
     for i in range(PACKED_KEPT + 100):
         pack(("SADD", f"member-{i}", i))
         assert len(_PACKED) <= PACKED_KEPT

@@ -87,27 +87,19 @@ def child(store: str, scenario: str, total: int, upstream: str) -> None:
             redis.stop()
 
 
+def _under_callgrind(tmp: str, *module: str) -> tuple[list[str], dict[str, str]]:
+    """`python -m <module...>` under callgrind, its output file in `tmp`, and its environment."""
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={Path(tmp) / 'out'}", sys.executable, "-m", *module]
+    # A fixed hash seed: dict and set layouts, and so the count, the same from run to run. A store
+    # that waits: under valgrind its calls seem fifty times slower (benchmarks/variants.py).
+    return argv, {**os.environ, "PYTHONHASHSEED": "0", "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
+
+
 def counted(store: str, scenario: str, total: int, upstream: str) -> int:
     """The instructions of one child run under callgrind (its output file thrown away)."""
     with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
-        argv = [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={Path(tmp) / 'out'}",
-            sys.executable,
-            "-m",
-            "benchmarks.instructions",
-            "--child",
-            store,
-            "--scenario",
-            scenario,
-            "--requests",
-            str(total),
-            "--upstream",
-            upstream,
-        ]
-        # A fixed hash seed: dict and set layouts, and so the count, the same from run to run.
-        env = {**os.environ, "PYTHONHASHSEED": "0", "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
+        child = ("--child", store, "--scenario", scenario, "--requests", str(total), "--upstream", upstream)
+        argv, env = _under_callgrind(tmp, "benchmarks.instructions", *child)
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -156,19 +148,7 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
     """The instructions of the load runs' server under callgrind, fed `total` requests after a warm-up."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
-        argv = [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={Path(tmp) / 'out'}",
-            sys.executable,
-            "-m",
-            "benchmarks.server",
-            SERVED[store],
-            scenario,
-            str(port),
-            redis.url,
-        ]
-        env = {**os.environ, "PYTHONHASHSEED": "0", "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
+        argv, env = _under_callgrind(tmp, "benchmarks.server", SERVED[store], scenario, str(port), redis.url)
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         try:
             asyncio.run(_started(port, proc))

@@ -90,7 +90,7 @@ def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
             if len(data) <= PACKED_LONGEST:
                 if len(packed) >= PACKED_KEPT:
                     packed.clear()
-                one = packed[arg] = b"".join((_BULKS[len(data)], data, b"\r\n"))
+                one = packed[arg] = bulk(data)
                 parts.append(one)
                 continue
         elif isinstance(arg, str):

@@ -39,8 +39,8 @@ from benchmarks.variants import config_dir
 from quota.build import BUILD
 
 STORES = ("bare", "memory", "redis")
-# --served runs the load runs' variants; `noheaders` is quota on memory without the RateLimit headers.
-SERVED = {"bare": "bare", "memory": "quota-memory", "redis": "quota-redis", "noheaders": "quota-noheaders"}
+# --served runs the load runs' variants; `headers` is quota on memory with the RateLimit headers.
+SERVED = {"bare": "bare", "memory": "quota-memory", "redis": "quota-redis", "headers": "quota-headers"}
 WARM_UP = 640
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -183,7 +183,7 @@ async def _started(port: int, proc: subprocess.Popen[str], patience: float = 600
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument("--scenario", choices=["read", "write", "login", "flood"], default="read")
-    p.add_argument("--stores", default=",".join(STORES), help=f"of {', '.join(STORES)}; with --served, also noheaders")
+    p.add_argument("--stores", default=",".join(STORES), help=f"of {', '.join(STORES)}; with --served, also headers")
     p.add_argument("--requests", type=int, default=1000, help="N: the runs are N and 3N requests")
     p.add_argument("--upstream", choices=["trivial", "gateway"], default="trivial")
     p.add_argument(

@@ -8,8 +8,8 @@ quota-redis   wrapped in QuotaMiddleware on Redis
 slowapi       SlowAPIASGIMiddleware with an equivalent default limit on the same Redis
 limits-asgi   a minimal pure-ASGI middleware calling limits' async sliding-window hit once
 
-Run only when named (`--variants bare,quota-memory,quota-noheaders`):
-quota-noheaders  quota-memory with `ratelimit_headers: false` (what the RateLimit headers cost)
+Run only when named (`--variants bare,quota-memory,quota-headers`):
+quota-headers  quota-memory with `ratelimit_headers: true` (what the RateLimit headers cost)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from quota.gateway import create_gateway
 from quota.serve import build_app
 
 VARIANTS = ("bare", "quota-memory", "quota-redis", "slowapi", "limits-asgi")
-EXTRA_VARIANTS = ("quota-noheaders",)
+EXTRA_VARIANTS = ("quota-headers",)
 SCENARIOS = ("trivial", "read", "write", "login", "flood")
 TRIVIAL_BODY = b'{"action":"get","entities":[{"username":"u001"}]}'
 assert len(TRIVIAL_BODY) == 49
@@ -102,9 +102,9 @@ def build(variant: str, scenario: str, redis_url: str) -> Any:
     if variant in ("quota-memory", "quota-redis"):
         cfg = load_config(config_dir(scenario))
         return build_app(cfg, redis_url=redis_url if variant == "quota-redis" else None, upstream=upstream)
-    if variant == "quota-noheaders":
+    if variant == "quota-headers":
         target = config_dir(scenario)
-        (target / "quota.yaml").write_text("trusted_proxies: []\nratelimit_headers: false\n")
+        (target / "quota.yaml").write_text("trusted_proxies: []\nratelimit_headers: true\n")
         return build_app(load_config(target), upstream=upstream)
     if variant == "slowapi":
         from slowapi import Limiter

@@ -77,8 +77,9 @@ class Settings:
     # Path plus query string: longer ones are refused (414) before anything is read.
     max_url_bytes: int = 8192
     identifiers: IdPolicy = field(default_factory=IdPolicy)
-    # RateLimit-Limit/Remaining/Reset on allowed responses too (refusals always carry them).
-    ratelimit_headers: bool = True
+    # RateLimit-Limit/Remaining/Reset on allowed responses too (refusals always carry them). Off
+    # unless asked for: an allowed answer passes through untouched, headers included.
+    ratelimit_headers: bool = False
     webhooks: Webhooks = field(default_factory=Webhooks)
 
 
@@ -753,7 +754,7 @@ class _Settings(_Checker):
             ipv6_prefix=self._prefix(node.get("ipv6_prefix", base.ipv6_prefix)),
             max_url_bytes=self.whole(node.get("max_url_bytes", base.max_url_bytes), "max_url_bytes", 256) or 256,
             identifiers=self._identifiers(node.get("identifiers") or {}),
-            ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", True), "ratelimit_headers")),
+            ratelimit_headers=bool(self.boolean(node.get("ratelimit_headers", False), "ratelimit_headers")),
             webhooks=self._webhooks(node.get("webhooks")),
             confirm_delay_ms=self._confirm_delay(node.get("confirm_delay_ms", base.confirm_delay_ms)),
         )

@@ -146,14 +146,14 @@ def test_costs_over_the_gateway_prints_every_scenario() -> None:
     assert "gc off" in header and "gateway upstream" in header, header
 
 
-async def test_the_noheaders_variant_differs_only_by_its_headers() -> None:
-    """`quota-noheaders` (named to run: what the RateLimit headers cost) answers like quota-memory,
-    without the headers; quota-memory has them."""
+async def test_the_headers_variant_differs_only_by_its_headers() -> None:
+    """`quota-headers` (named to run: what the RateLimit headers cost) answers like quota-memory,
+    with the headers; quota-memory, as shipped, has none."""
     import httpx
 
     from benchmarks.variants import build
 
-    for variant, headed in (("quota-memory", True), ("quota-noheaders", False)):
+    for variant, headed in (("quota-memory", False), ("quota-headers", True)):
         app = build(variant, "trivial", "redis://127.0.0.1:1/0")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
             r = await client.get("/demo/pro/users/u1")
@@ -164,8 +164,8 @@ async def test_the_noheaders_variant_differs_only_by_its_headers() -> None:
 
 def test_an_unknown_variant_is_named() -> None:
     """A misspelt variant stops the harness before anything runs, naming it (not a run without it)."""
-    out = _module("benchmarks", "--quick", "--variants", "bare,quota-nohedaers", timeout=60)
-    assert out.returncode == 2 and "quota-nohedaers" in out.stderr, out.stderr
+    out = _module("benchmarks", "--quick", "--variants", "bare,quota-haeders", timeout=60)
+    assert out.returncode == 2 and "quota-haeders" in out.stderr, out.stderr
 
 
 def test_instructions_child_drives_quota_on_redis() -> None:

@@ -602,11 +602,18 @@ class TestInput:
             ("POST", "/messages/chatgroups"),  # a feature and a route rate
         ],
     )
-    async def test_responses_pass_through_untouched(self, client: httpx.AsyncClient, method: str, path: str) -> None:
-        """Catches an allowed answer changed on its way back (a header dropped, reordered or added
-        beyond the documented RateLimit-*, the status, the body) or no longer streamed (chunks
-        joined, `more_body` lost): the client gets the messages the upstream sent, chunk by chunk."""
+    @pytest.mark.parametrize("headed", [False, True], ids=["default", "ratelimit_headers"])
+    async def test_responses_pass_through_untouched(
+        self, client: httpx.AsyncClient, config_dir: Path, method: str, path: str, headed: bool
+    ) -> None:
+        """Catches an allowed answer changed on its way back (a header dropped, reordered or added,
+        beyond the RateLimit-* asked for with `ratelimit_headers`; the status, the body) or no longer
+        streamed (chunks joined, `more_body` lost): the client gets the messages the upstream sent,
+        chunk by chunk."""
         mw = client._transport.app  # type: ignore[attr-defined]
+        if headed:
+            (config_dir / "quota.yaml").write_text("ratelimit_headers: true\n")
+            mw.reload(config_dir)
         upstream_sent: list[Any] = []
 
         async def streaming(scope: Any, receive: Any, send: Any) -> None:
@@ -652,14 +659,11 @@ class TestInput:
         assert len(upstream_sent) == 5
         # The body, chunk by chunk with its more_body flags, and the status: exactly the upstream's.
         assert got[1:] == upstream_sent[1:] and got[0]["status"] == 207
-        # The upstream's headers, in order; quota appends only its RateLimit-* (ratelimit_headers).
+        # The upstream's headers, in order; quota appends only its RateLimit-*, and only when asked.
         sent_headers, got_headers = upstream_sent[0]["headers"], got[0]["headers"]
         assert got_headers[: len(sent_headers)] == sent_headers
-        assert [k for k, _ in got_headers[len(sent_headers) :]] == [
-            b"ratelimit-limit",
-            b"ratelimit-remaining",
-            b"ratelimit-reset",
-        ]
+        added = [b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset"] if headed else []
+        assert [k for k, _ in got_headers[len(sent_headers) :]] == added
 
 
 class TestClientIp:

@@ -111,9 +111,9 @@ def _judged(verdict: _Verdict, result: Outcome | Denial, app: AppPlan) -> _Verdi
     return verdict
 
 
-# Lanes: at most this many a day and directory, each on a path of at most this many characters.
-# Past the bound they are emptied, as the shared plans are: a client naming a fresh path on every
-# request only ever takes the long way.
+# Lanes, and the routes memoised beside them (_route): at most this many a day and directory, each
+# on a path of at most this many characters. Past the bound they are emptied, as the shared plans
+# are: a client naming a fresh path on every request only ever takes the long way.
 LANES: Final = 1024
 LANE_PATH: Final = 256
 
@@ -135,15 +135,15 @@ class _Lane:
         self.metrics, self.allowed = metrics, metrics.slot(decision_key(rule.name, None, app.plan.name, "allowed"))
 
 
+def _laned(rule: RouteRule) -> bool:
+    """A route whose requests take lanes once their checks pass."""
+    return rule.rates_only and rule.retention is None and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
+
+
 def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
     """A request whose checks passed and whose plan is the same for every request of its path and
     client: its next requests may take a lane."""
-    return (
-        verdict.plan is not None
-        and rule.rates_only
-        and rule.retention is None
-        and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
-    )
+    return verdict.plan is not None and _laned(rule)
 
 
 def _fits(scope: dict[str, Any], rt: Runtime, declared: int | None) -> bool:
@@ -315,7 +315,7 @@ class QuotaMiddleware:
             rule, app = lane.rule, lane.app
             decided = self._on_lane(rt, lane, receive, started)
         else:
-            routed = self._route(rt, scope, declared, today)
+            routed = self._route(rt, scope, declared, today, lanes)
             if isinstance(routed, Denial):
                 await send_denial(routed, send, started)
                 return
@@ -336,7 +336,11 @@ class QuotaMiddleware:
             if rule.admin:
                 await self.app(scope, receive, send)
                 return
-            decided = self._decide(rt, match, app, address, receive, started, today)
+            # No body to wait for before a reservation: HTTP/1 framing says there is none (no length,
+            # or a length of 0), as _Bounded already trusts. A route that reads its body reads it
+            # whatever the framing says: what quota counts is what the upstream is handed.
+            empty = framed and not declared
+            decided = self._decide(rt, match, app, address, receive, started, today, empty)
         verdict = decided if isinstance(decided, _Verdict) else await decided
         if lane is None and _lane_of(rule, verdict) and len(path) <= LANE_PATH:
             if len(lanes) >= LANES:
@@ -368,20 +372,37 @@ class QuotaMiddleware:
         await self._forward_settled(rt, rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
     def _route(
-        self, rt: Runtime, scope: dict[str, Any], declared: int | None, today: date
+        self, rt: Runtime, scope: dict[str, Any], declared: int | None, today: date, memo: dict[Any, Any]
     ) -> Denial | tuple[Match, AppPlan] | None:
         """The route and app of a request, or its refusal (an odd or long URL, a body declared too
-        large, an unknown app); None when its path is under no app."""
-        odd = path_denial(scope, rt.max_url_bytes)
-        if odd is not None:
-            return odd
+        large, an unknown app); None when its path is under no app.
+
+        A path found under a known app on a route that takes no lane is memoised with the lanes
+        (same day, same apps, same bound), keyed by its method, path and raw path, which are all its
+        path checks, match and lookup read: the next request of it (a message sent, a member added)
+        skips them. The query's share of the URL and the declared body are checked every time."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        key = (method, path, scope.get("raw_path"))
+        routed: tuple[Match, AppPlan] | None = memo.get(key)
+        if routed is None or not url_fits(scope, rt.max_url_bytes):
+            odd = path_denial(scope, rt.max_url_bytes)
+            if odd is not None:
+                return odd
         if declared is not None and declared > rt.max_body_bytes:
             return _too_large(rt.max_body_bytes)
-        match = rt.routes.match(scope["method"], scope["path"])
+        if routed is not None:
+            return routed
+        match = rt.routes.match(method, path)
         app = self.app_of(rt, match, today)
         if app is None or isinstance(app, Denial):
             return app
-        return match, app
+        routed = (match, app)
+        if not _laned(match.rule) and len(path) <= LANE_PATH:
+            if len(memo) >= LANES:
+                memo.clear()
+            memo[key] = routed
+        return routed
 
     def _on_lane(self, rt: Runtime, lane: _Lane, receive: Receive, started: float) -> _Verdict | Awaitable[_Verdict]:
         verdict = _Verdict(receive, lane.params)
@@ -389,10 +410,20 @@ class QuotaMiddleware:
         return self._run(rt, lane.rule, lane.app, verdict, lane.plan, int(started * 1000))
 
     def _decide(
-        self, rt: Runtime, match: Match, app: AppPlan, address: str, receive: Receive, started: float, today: date
+        self,
+        rt: Runtime,
+        match: Match,
+        app: AppPlan,
+        address: str,
+        receive: Receive,
+        started: float,
+        today: date,
+        empty: bool,
     ) -> _Verdict | Awaitable[_Verdict]:
         """The verdict, at once when nothing needs an await (no body to read, a store that answers
-        at once); else the awaitable of it: most reads cost no coroutine of their own."""
+        at once); else the awaitable of it: most reads cost no coroutine of their own. `empty`: the
+        request's framing says it has no body: a route that holds a reservation but reads no body
+        has nothing to wait for before it reserves."""
         rule = match.rule
         verdict = _Verdict(receive, match.params)
         admitted = admit(rule, app, match.params, address, started, rt.ids)
@@ -400,7 +431,7 @@ class QuotaMiddleware:
             verdict.denial = admitted
             return verdict
         verdict.params = admitted
-        if rule.needs_body or rule.holds:
+        if rule.needs_body or (rule.holds and not empty):
             return self._decide_on_body(rt, rule, app, address, verdict, started, today)
         return self._planned(rt, rule, app, address, verdict, started, today)
 

@@ -21,6 +21,7 @@ from quota.config import load_config
 from quota.decisions import SHARED_PLANS
 from quota.errors import StorageError
 from quota.gateway import create_gateway
+from quota.keys import app_prefix, set_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.store.program import TombstoneOp
@@ -246,6 +247,64 @@ async def test_slow_body_on_create_is_counted(store: Any, clock: Clock) -> None:
         gid = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["data"]["groupid"]
         counted = await members(client, "q:{demo#free}:s:app_groups:o:demo%23free")
         assert gid in counted and counted == set(gateway_state(client, FREE).groups) and len(counted) == 2
+
+
+@pytest.mark.parametrize(
+    ("version", "headers"),
+    [("1.1", [(b"transfer-encoding", b"chunked")]), ("2", [])],
+    ids=["chunked", "http2"],
+)
+async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
+    store: Any, clock: Clock, config_dir: Path, version: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """A friend add counts nothing of its body, yet a body its framing leaves open (chunked, or
+    HTTP/2) is read before anything is reserved, as a create's is; only HTTP/1 framing that says
+    there is none lets it reserve at once. Catches a reservation taken at the headers and lost while
+    the body streams for two minutes: another add takes the same last slot meanwhile, and the user
+    ends with two friends on a cap of one."""
+    set_cap(config_dir, "free", friends_per_user=1)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, FREE, ["a", "b", "c"])
+        mw = middleware_of(client)
+        gateway = mw.app
+
+        async def reading(scope: Any, receive: Any, send: Any) -> None:
+            # An upstream that reads the whole body before it answers, as a proxy's upstream does.
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+
+            async def replay() -> Any:
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            await gateway(scope, replay, send)
+
+        parts = [b"{", b"}"]
+
+        async def receive() -> Any:
+            if parts:
+                chunk = parts.pop(0)
+                if not parts:
+                    clock.advance(120)  # the slow client: two minutes between its chunks
+                    assert (await client.post(f"/{FREE}/users/a/contacts/users/c")).status_code == 200
+                return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+            return {"type": "http.disconnect"}
+
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        mw.app = reading
+        scope = {**_scope("POST", f"/{FREE}/users/a/contacts/users/b", headers), "http_version": version}
+        await mw(scope, receive, send)
+        mw.app = gateway
+        assert sent[0]["status"] == 403, sent[0]
+        await mw.guard.flush()  # the confirms waiting for a ride
+        assert await members(client, set_key(app_prefix("demo#free"), "contacts", "o", "a")) == {"c"}
+        assert gateway_state(client, FREE).contacts["a"] == {"c"}
 
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:

@@ -23,7 +23,17 @@ from quota.served_metrics import ServedMetrics, attach
 from quota.store.memory import MemoryStore
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
-from tests.helpers import create_room, entitlements, gateway_state, middleware_of, raw_members, register, room_id
+from tests.helpers import (
+    call_raw,
+    create_room,
+    entitlements,
+    gateway_state,
+    http_scope,
+    middleware_of,
+    raw_members,
+    register,
+    room_id,
+)
 
 FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
 LANE_TOKEN = "lanes-admin-token-0123456789"
@@ -766,6 +776,38 @@ class TestLanes:
                 written = json.loads(next(tmp_path.glob("worker-*.json")).read_text())
                 assert ["users.list", "", "pro", "allowed", 4] in written["decisions"]
 
+    async def test_a_memoised_route_still_checks_its_url_and_body(self, clock: Clock) -> None:
+        """A friend add takes no lane; its route and app are memoised by method, path and raw path.
+        Catches the memo skipping the query's share of the URL bound, the declared body bound, or
+        the raw path: `users%2Fb` decodes to a memoised path, and is another path upstream."""
+        async with make_client(MemoryStore(), clock) as c:
+            mw = middleware_of(c)
+            await register(c, PRO, ["a", "b"])
+            add = f"/{PRO}/users/a/contacts/users/b"
+            for _ in range(2):
+                assert (await c.post(add)).status_code == 200
+            memo = mw.runtime.directory.lanes(mw.today(clock.now))
+            assert ("POST", add, add.encode()) in memo  # so what follows is asked of the memo
+            assert (await c.post(add, params={"q": "x" * 9000})).status_code == 414
+            assert (await c.post(add, headers={"content-length": str(1 << 30)})).status_code == 413
+            odd = http_scope("POST", add, raw_path=add.replace("users/b", "users%2Fb").encode())
+            sent = await call_raw(mw, odd)
+            assert sent[0]["status"] == 400 and b"encoded slashes" in sent[1]["body"]
+            assert (await c.post(add)).status_code == 200
+
+    async def test_a_memoised_route_ends_with_its_apps(self, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Catches a memoised route kept past a change of its app's account: demo-pro is frozen
+        through the admin API, and the friend add memoised a moment ago is refused."""
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
+        async with make_client(MemoryStore(), clock) as c:
+            await register(c, PRO, ["a", "b"])
+            add = f"/{PRO}/users/a/contacts/users/b"
+            for _ in range(2):
+                assert (await c.post(add)).status_code == 200
+            r = await c.post("/_quota/accounts/demo-pro/freeze", headers={"authorization": f"Bearer {LANE_TOKEN}"})
+            assert r.status_code == 200, r.text
+            assert_refused(await c.post(add), 403, "forbidden_op", "frozen")
+
     async def test_lanes_are_bounded(self, clock: Clock) -> None:
         """Catches lanes growing with every path a client names (past LANES they are emptied), and a
         lane kept on a long path (a prefix route takes any depth: 1,024 lanes of 8 KB paths)."""
@@ -781,3 +823,13 @@ class TestLanes:
                 r = await c.post(f"/{PRO}/messages/translate/" + "x" * depth, json={"text": "hi"})
                 assert r.status_code in (200, 404), r.text
             assert [len(key[1]) for key in lanes] == [len(f"/{PRO}/messages/translate/") + 10]
+            lanes.clear()
+            for i in range(LANES + 50):
+                # A friend add: no lane, its route memoised, one a path.
+                assert (await c.post(f"/{PRO}/users/a/contacts/users/u{i}")).status_code in (200, 404)
+            assert 0 < len(lanes) <= LANES
+            lanes.clear()
+            for depth in (10, LANE_PATH):
+                r = await c.post(f"/{PRO}/users/a/contacts/users/" + "b" * depth)
+                assert r.status_code in (200, 400, 404), r.text
+            assert [len(key[1]) for key in lanes] == [len(f"/{PRO}/users/a/contacts/users/") + 10]

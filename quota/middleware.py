@@ -123,7 +123,7 @@ class _Lane:
     rates: its rule, app, canonical ids and (shared) plan of store ops. All of it depends on the
     method, path, raw path and client address alone, and on the day's apps: a lane lives in the
     directory's memo of today (Directory.lanes), emptied with its apps. Retention, the one check that
-    reads the clock, never takes a lane (_lane_of)."""
+    reads the clock, never takes a lane (_laned)."""
 
     __slots__ = ("rule", "app", "params", "plan", "metrics", "allowed")
 
@@ -136,14 +136,9 @@ class _Lane:
 
 
 def _laned(rule: RouteRule) -> bool:
-    """A route whose requests take lanes once their checks pass."""
+    """A route whose requests take lanes once their checks pass and their store ops are built: the
+    plan of such a request is the same for every request of its path and client."""
     return rule.rates_only and rule.retention is None and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
-
-
-def _lane_of(rule: RouteRule, verdict: _Verdict) -> bool:
-    """A request whose checks passed and whose plan is the same for every request of its path and
-    client: its next requests may take a lane."""
-    return verdict.plan is not None and _laned(rule)
 
 
 def _fits(scope: dict[str, Any], rt: Runtime, declared: int | None) -> bool:
@@ -306,16 +301,20 @@ class QuotaMiddleware:
         declared, framed = _framing(scope)
         address = rt.clients.address(scope)
         today = self.today(started)
-        # A request on a lane skips the checks its path already passed today (see _lane_of).
+        # A request on a lane skips the checks its path already passed today (see _laned).
         lanes = rt.directory.lanes(today)
         path: str = scope["path"]
         lane_key = (scope["method"], path, scope.get("raw_path"), address)
         lane: _Lane | None = lanes.get(lane_key)
+        # Where a route that takes no lane is memoised once its checks pass (_route): not yet memoised.
+        route_key: Any = None
         if lane is not None and _fits(scope, rt, declared):
             rule, app = lane.rule, lane.app
             decided = self._on_lane(rt, lane, receive, started)
         else:
-            routed = self._route(rt, scope, declared, today, lanes)
+            key = (scope["method"], path, scope.get("raw_path"))
+            memoised: tuple[Match, AppPlan] | None = lanes.get(key)
+            routed = self._route(rt, scope, declared, today, memoised)
             if isinstance(routed, Denial):
                 await send_denial(routed, send, started)
                 return
@@ -328,6 +327,8 @@ class QuotaMiddleware:
                 return
             match, app = routed
             rule = match.rule
+            if memoised is None:
+                route_key = key
             # A WebSocket route named as an HTTP method would hold an online slot with no connection.
             socket_only = rule.method == "WEBSOCKET"
             if rule.refuse or socket_only or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
@@ -342,10 +343,17 @@ class QuotaMiddleware:
             empty = framed and not declared
             decided = self._decide(rt, match, app, address, receive, started, today, empty)
         verdict = decided if isinstance(decided, _Verdict) else await decided
-        if lane is None and _lane_of(rule, verdict) and len(path) <= LANE_PATH:
-            if len(lanes) >= LANES:
-                lanes.clear()
-            lanes[lane_key] = _Lane(rule, app, verdict, self.metrics)
+        # Memoised only once its checks passed and its store ops were built: requests refused before
+        # (an unknown path, a frozen account, an address off the allowlist) never empty the lanes.
+        if lane is None and verdict.plan is not None and len(path) <= LANE_PATH:
+            if _laned(rule):
+                if len(lanes) >= LANES:
+                    lanes.clear()
+                lanes[lane_key] = _Lane(rule, app, verdict, self.metrics)
+            elif route_key is not None:
+                if len(lanes) >= LANES:
+                    lanes.clear()
+                lanes[route_key] = (match, app)
         # Its body bounded by its framing, or read whole already: nothing to count as it streams.
         checked = verdict.body_read or framed
         denial = verdict.denial
@@ -372,37 +380,33 @@ class QuotaMiddleware:
         await self._forward_settled(rt, rule, app, plan, outcome, verdict, bounded, scope, send, rate, started)
 
     def _route(
-        self, rt: Runtime, scope: dict[str, Any], declared: int | None, today: date, memo: dict[Any, Any]
+        self,
+        rt: Runtime,
+        scope: dict[str, Any],
+        declared: int | None,
+        today: date,
+        memoised: tuple[Match, AppPlan] | None,
     ) -> Denial | tuple[Match, AppPlan] | None:
         """The route and app of a request, or its refusal (an odd or long URL, a body declared too
         large, an unknown app); None when its path is under no app.
 
-        A path found under a known app on a route that takes no lane is memoised with the lanes
-        (same day, same apps, same bound), keyed by its method, path and raw path, which are all its
-        path checks, match and lookup read: the next request of it (a message sent, a member added)
-        skips them. The query's share of the URL and the declared body are checked every time."""
-        method: str = scope["method"]
-        path: str = scope["path"]
-        key = (method, path, scope.get("raw_path"))
-        routed: tuple[Match, AppPlan] | None = memo.get(key)
-        if routed is None or not url_fits(scope, rt.max_url_bytes):
+        `memoised`: what an earlier request of the same method, path and raw path found today (the
+        path checks, match and lookup read nothing else), kept beside the lanes by `_http` once its
+        checks passed, for a route that takes no lane (a message sent, a friend added). The query's
+        share of the URL and the declared body are checked every time."""
+        if memoised is None or not url_fits(scope, rt.max_url_bytes):
             odd = path_denial(scope, rt.max_url_bytes)
             if odd is not None:
                 return odd
         if declared is not None and declared > rt.max_body_bytes:
             return _too_large(rt.max_body_bytes)
-        if routed is not None:
-            return routed
-        match = rt.routes.match(method, path)
+        if memoised is not None:
+            return memoised
+        match = rt.routes.match(scope["method"], scope["path"])
         app = self.app_of(rt, match, today)
         if app is None or isinstance(app, Denial):
             return app
-        routed = (match, app)
-        if not _laned(match.rule) and len(path) <= LANE_PATH:
-            if len(memo) >= LANES:
-                memo.clear()
-            memo[key] = routed
-        return routed
+        return match, app
 
     def _on_lane(self, rt: Runtime, lane: _Lane, receive: Receive, started: float) -> _Verdict | Awaitable[_Verdict]:
         verdict = _Verdict(receive, lane.params)

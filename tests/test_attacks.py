@@ -251,17 +251,17 @@ async def test_slow_body_on_create_is_counted(store: Any, clock: Clock) -> None:
 
 @pytest.mark.parametrize(
     ("version", "headers"),
-    [("1.1", [(b"transfer-encoding", b"chunked")]), ("2", [])],
-    ids=["chunked", "http2"],
+    [("1.1", [(b"transfer-encoding", b"chunked")]), ("2", []), ("1.1", [(b"content-length", b"2")])],
+    ids=["chunked", "http2", "length"],
 )
 async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
     store: Any, clock: Clock, config_dir: Path, version: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    """A friend add counts nothing of its body, yet a body its framing leaves open (chunked, or
-    HTTP/2) is read before anything is reserved, as a create's is; only HTTP/1 framing that says
-    there is none lets it reserve at once. Catches a reservation taken at the headers and lost while
-    the body streams for two minutes: another add takes the same last slot meanwhile, and the user
-    ends with two friends on a cap of one."""
+    """A friend add counts nothing of its body, yet a body still to come (chunked, HTTP/2, or a
+    length of 2) is read before anything is reserved, as a create's is; only HTTP/1 framing that
+    says there is none lets it reserve at once. Catches a reservation taken at the headers of a
+    request whose body has not come: a slow client holds the last slot for as long as it takes to
+    send, and the add that completes first, two minutes before it, is refused."""
     set_cap(config_dir, "free", friends_per_user=1)
     async with make_client(store, clock, load_config(config_dir)) as client:
         await register(client, FREE, ["a", "b", "c"])

@@ -808,6 +808,21 @@ class TestLanes:
             assert r.status_code == 200, r.text
             assert_refused(await c.post(add), 403, "forbidden_op", "frozen")
 
+    async def test_refusals_before_the_store_memoise_nothing(self, clock: Clock) -> None:
+        """Catches a route memoised before its checks pass: a client naming fresh paths the route
+        map refuses, or fresh ids that are not ids, filled the memo past LANES and emptied every
+        app's lanes with it."""
+        async with make_client(MemoryStore(), clock) as c:
+            mw = middleware_of(c)
+            assert (await c.get(f"/{PRO}/users")).status_code == 200
+            lanes = mw.runtime.directory.lanes(mw.today(clock.now))
+            laned = list(lanes)
+            for i in range(LANES + 1):
+                assert (await c.get(f"/{PRO}/zz{i}")).status_code == 404
+                r = await c.post(f"/{PRO}/users/{'x' * 65}{i}/contacts/users/b")
+                assert r.status_code == 400, r.text
+            assert list(lanes) == laned and len(laned) == 1
+
     async def test_lanes_are_bounded(self, clock: Clock) -> None:
         """Catches lanes growing with every path a client names (past LANES they are emptied), and a
         lane kept on a long path (a prefix route takes any depth: 1,024 lanes of 8 KB paths)."""

@@ -141,6 +141,13 @@ def _laned(rule: RouteRule) -> bool:
     return rule.rates_only and rule.retention is None and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
 
 
+def _keep(lanes: dict[Any, Any], key: Any, value: Any) -> None:
+    """A lane or a memoised route kept for the day; past LANES, all of them are emptied first."""
+    if len(lanes) >= LANES:
+        lanes.clear()
+    lanes[key] = value
+
+
 def _fits(scope: dict[str, Any], rt: Runtime, declared: int | None) -> bool:
     """What the lane does not hold: the query's share of the URL's size, and the declared body."""
     return url_fits(scope, rt.max_url_bytes) and (declared is None or declared <= rt.max_body_bytes)
@@ -347,13 +354,9 @@ class QuotaMiddleware:
         # (an unknown path, a frozen account, an address off the allowlist) never empty the lanes.
         if lane is None and verdict.plan is not None and len(path) <= LANE_PATH:
             if _laned(rule):
-                if len(lanes) >= LANES:
-                    lanes.clear()
-                lanes[lane_key] = _Lane(rule, app, verdict, self.metrics)
+                _keep(lanes, lane_key, _Lane(rule, app, verdict, self.metrics))
             elif route_key is not None:
-                if len(lanes) >= LANES:
-                    lanes.clear()
-                lanes[route_key] = (match, app)
+                _keep(lanes, route_key, (match, app))
         # Its body bounded by its framing, or read whole already: nothing to count as it streams.
         checked = verdict.body_read or framed
         denial = verdict.denial

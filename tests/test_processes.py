@@ -184,7 +184,9 @@ def test_killed_worker_leaks_no_connections(
     killed_ms = int(time.time() * 1000)
     # The dead worker's leases lapse within one lease (2 s) of the kill, and are never renewed.
     wait(lambda: set(live()) == {survivor}, 6, f"leases of the killed worker still count: {live()}")
-    assert all(leases()[m] <= killed_ms + 2000 for m in dead if m in leases())
+    # One read: a lapsed lease may be swept between two (a KeyError, seen once in CI).
+    held = leases()
+    assert all(held[m] <= killed_ms + 2000 for m in dead if m in held)
     # The survivor's lease is renewed past the moment the dead ones lapsed: it keeps counting.
     wait(lambda: live().get(survivor, 0) > killed_ms + 2500, 6, "the survivor's lease was not renewed")
     assert set(live()) == {survivor}

@@ -795,6 +795,19 @@ class TestLanes:
             assert sent[0]["status"] == 400 and b"encoded slashes" in sent[1]["body"]
             assert (await c.post(add)).status_code == 200
 
+    async def test_a_memoised_route_is_its_methods_alone(self, clock: Clock) -> None:
+        """Catches a memo keyed without the method: the DELETE of a memoised friend add would be
+        taken for the add, counted as one, and the friend never freed from the cap."""
+        async with make_client(MemoryStore(), clock) as c:
+            await register(c, PRO, ["a", "b"])
+            add = f"/{PRO}/users/a/contacts/users/b"
+            for _ in range(2):
+                assert (await c.post(add)).status_code == 200
+            assert (await c.delete(add)).status_code == 200
+            assert (await c.head(add)).status_code in (404, 405)
+            assert await raw_members(middleware_of(c).runtime.store, "q:{demo#pro}:s:contacts:o:a") == set()
+            assert gateway_state(c, PRO).contacts.get("a", set()) == set()
+
     async def test_a_memoised_route_ends_with_its_apps(self, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
         """Catches a memoised route kept past a change of its app's account: demo-pro is frozen
         through the admin API, and the friend add memoised a moment ago is refused."""

@@ -373,14 +373,15 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     ]
     spec = openapi(endpoints, middleware.runtime.settings.admin_prefix)
 
-    async def show_openapi(request: Request) -> JSONResponse:
+    async def show_openapi(request: Request, rt: Any) -> JSONResponse:
         return JSONResponse(spec)
 
     return Starlette(
         routes=[
             *(Route(e.path, guarded(e.handler, e.scope), methods=list(e.methods)) for e in endpoints),
-            # The description of the API is not data: it answers without a token.
-            Route("/openapi.json", show_openapi),
+            # Behind the read token like every other admin read: the map of the admin API (its
+            # prefix, its routes, which token writes) is of use to no one who holds neither token.
+            Route("/openapi.json", guarded(show_openapi), methods=["GET"]),
             # Its own login (a cookie, not a bearer header): a browser cannot send the header.
             Mount("/dashboard", app=create_dashboard(middleware)),
         ]

@@ -135,8 +135,13 @@ async def test_overlay_diff_reset_and_warning(admin: httpx.AsyncClient, caplog: 
 
 
 async def test_openapi_describes_every_route(admin: httpx.AsyncClient) -> None:
-    """Catches an admin route missing from /_quota/openapi.json, or described with the wrong scope."""
-    spec = (await admin.get("/_quota/openapi.json")).json()
+    """Catches an admin route missing from /_quota/openapi.json, or described with the wrong scope,
+    and the description itself answering without a token."""
+    assert (await admin.get("/_quota/openapi.json")).status_code == 401
+    assert (
+        await admin.get("/_quota/openapi.json", headers={"authorization": "Bearer wrong-token-0000000"})
+    ).status_code == 401
+    spec = (await admin.get("/_quota/openapi.json", headers=RO)).json()
     assert spec["openapi"].startswith("3.") and spec["components"]["securitySchemes"].keys() == {"read", "admin"}
     mw = admin._transport.app  # type: ignore[attr-defined]
     routes = [r for r in mw.admin.routes if isinstance(r, Route) and r.path != "/openapi.json"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ class AiohttpProxyApp(ProxyApp):
 
     async def _http(self, scope: Any, receive: Any, send: Any) -> None:
         import aiohttp
+        import yarl
 
         started = time.time()
         if self.session is None:
@@ -38,7 +40,7 @@ class AiohttpProxyApp(ProxyApp):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers_for(scope)]
         try:
             response = await self.session.request(
-                scope["method"], aiohttp.client.URL(url, encoded=True), headers=headers, data=body or None
+                scope["method"], yarl.URL(url, encoded=True), headers=headers, data=body or None
             )
         except (TimeoutError, aiohttp.ServerTimeoutError):
             await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer in time", send, started)
@@ -106,12 +108,12 @@ async def _drive(app: ProxyApp, total: int, concurrency: int) -> float:
     """CPU seconds of this process per request, the proxy app called directly (no server around it)."""
 
     async def one() -> None:
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
         scope = {

@@ -18,7 +18,7 @@ def watch(middleware: Any) -> None:
 
 
 def sent() -> int:
-    return SENT[0] + sum(wire.sent for wire in WIRES)
+    return SENT[0] + sum(int(wire.sent) for wire in WIRES)
 
 
 def install() -> None:
@@ -45,8 +45,8 @@ def install() -> None:
         SENT[0] += 1
         return original_pack(args)
 
-    hiredis.pack_command = pack_command
-    python_pack = sconn.PythonRespSerializer.pack
+    hiredis.pack_command = pack_command  # type: ignore[assignment]
+    python_pack: Any = sconn.PythonRespSerializer.pack
 
     def pack(self: Any, *args: Any) -> Any:
         SENT[0] += 1

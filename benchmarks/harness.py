@@ -95,7 +95,7 @@ class OwnRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def commands(self) -> int:
-        stats = self.client.info("commandstats")
+        stats: dict[str, Any] = self.client.info("commandstats")  # type: ignore[assignment]
         return sum(v["calls"] for k, v in stats.items() if k.removeprefix("cmdstat_") not in HARNESS_COMMANDS)
 
     def stop(self) -> None:

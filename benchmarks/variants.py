@@ -121,7 +121,7 @@ def build(variant: str, scenario: str, redis_url: str) -> Any:
         from slowapi import _rate_limit_exceeded_handler
         from slowapi.errors import RateLimitExceeded
 
-        upstream.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+        upstream.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
         # As slowapi's docs add it: inside the Starlette app, which puts itself in scope["app"].
         upstream.add_middleware(SlowAPIASGIMiddleware)
         return upstream

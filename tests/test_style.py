@@ -1,4 +1,4 @@
-"""The house style holds: ruff clean everywhere, mypy --strict clean on the package."""
+"""The house style holds: ruff clean everywhere, mypy --strict clean on the package and the benchmarks."""
 
 from __future__ import annotations
 
@@ -21,6 +21,6 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict() -> None:
-    """`mypy` (strict, configured in pyproject.toml) finds nothing in quota/."""
+    """`mypy` (strict, configured in pyproject.toml) finds nothing in quota/ or benchmarks/."""
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

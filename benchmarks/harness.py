@@ -47,7 +47,8 @@ class Sample:
     calls_per_req: float
     cmds_per_req: float
     refused_per_s: float = 0.0
-    # In-process only: this process's CPU per request (the Redis server's is not in it).
+    # CPU per request: in-process, this process's; under load, the server's (and its children's).
+    # The Redis server's is in neither. 0.0: not measured.
     cpu_us: float = 0.0
 
 
@@ -120,7 +121,9 @@ def load_round(
             if warmup:
                 wrk(server.base, scenario, 1, connections)
             sent, cmds = server.sent(), redis.commands()
+            cpu = server.cpu_seconds()
             result = wrk(server.base, scenario, seconds, connections)
+            after = server.cpu_seconds()
             sent, cmds = server.sent() - sent, redis.commands() - cmds
         except (httpx.HTTPError, subprocess.CalledProcessError) as exc:
             # A variant that stops answering loses this sample; the run goes on and says so.
@@ -130,8 +133,9 @@ def load_round(
         finally:
             server.stop()
         n = max(1, result.requests)
+        cpu_us = 0.0 if cpu is None or after is None else (after - cpu) / n * 1e6
         out[variant] = Sample(
-            result.rps, result.p50_ms, result.p99_ms, sent / n, cmds / n, result.non_2xx / result.seconds
+            result.rps, result.p50_ms, result.p99_ms, sent / n, cmds / n, result.non_2xx / result.seconds, cpu_us
         )
         print(f"  {scenario:6s} {variant:13s} {result.rps:8.0f} rps", file=sys.stderr, flush=True)
     return out
@@ -167,7 +171,7 @@ def aggregate(rounds: list[dict[str, dict[str, Sample]]]) -> dict[tuple[str, str
                 cell.samples.append(sample)
                 if bare and bare.rps:
                     cell.ratios.append(sample.rps / bare.rps)
-                if bare and bare.cpu_us:
+                if bare and bare.cpu_us and sample.cpu_us:
                     cell.own_us.append(sample.cpu_us - bare.cpu_us)
     return cells
 
@@ -197,7 +201,7 @@ def row(scenario: str, variant: str, cell: Cell) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], title: str, load: bool) -> str:
     head = ["scenario", "variant", "rps (median)", "rps min-max", "p50 ms", "p99 ms", "ratio to bare (min-max)"]
     if load:
-        head += ["redis calls/req", "redis cmds/req", "refused/s"]
+        head += ["redis calls/req", "redis cmds/req", "refused/s", "server CPU µs/req"]
     else:
         head += ["CPU µs/req", "own CPU µs/req (over bare)"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -218,6 +222,7 @@ def table(rows: list[dict[str, Any]], title: str, load: bool) -> str:
         ]
         if load:
             cells += [f"{r['redis_calls_per_req']:.2f}", f"{r['redis_cmds_per_req']:.2f}", f"{r['refused_per_s']:.0f}"]
+            cells += [f"{r['cpu_us']:.1f}" if r["cpu_us"] else "-"]
         else:
             cells += [f"{r['cpu_us']:.1f}", "-" if r["own_us"] is None else f"{r['own_us']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -411,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis_calls_per_req",
             "redis_cmds_per_req",
             "ratio_to_bare",
+            "cpu_us",
         )
         for r in load_rows:
             print(json.dumps({k: r[k] for k in keys}))

@@ -36,6 +36,7 @@ def test_quick_json_lines() -> None:
         "redis_calls_per_req",
         "redis_cmds_per_req",
         "ratio_to_bare",
+        "cpu_us",
     }
     assert all(set(r) == keys for r in rows)
     by = {(r["scenario"], r["variant"]): r for r in rows}
@@ -44,6 +45,11 @@ def test_quick_json_lines() -> None:
     # later program of the app (a timer sends the few that wait alone).
     assert 0.9 < by[("write", "quota-redis")]["redis_calls_per_req"] < 1.3
     assert all(r["rps"] > 0 for r in rows)
+    # The server's CPU per request, read from /proc: a write through quota costs the server more than
+    # the bare gateway's; refusing a flood costs it less.
+    assert all(r["cpu_us"] > 0 for r in rows), rows
+    assert by[("write", "quota-redis")]["cpu_us"] > by[("write", "bare")]["cpu_us"]
+    assert by[("flood", "quota-redis")]["cpu_us"] < by[("flood", "bare")]["cpu_us"]
 
 
 def test_targets_are_checked_against_the_run() -> None:

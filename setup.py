@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +66,8 @@ def extensions() -> list[Any]:
     except (Exception, SystemExit) as exc:  # mypyc exits on what it cannot compile
         print(f"quota: mypyc cannot compile the request path ({exc}); installing the pure-Python build")
         return []
+    finally:
+        shutil.rmtree(config.parent, ignore_errors=True)
     for module in modules:
         module.optional = True  # a failed compile leaves the pure build, not a failed install
         if level == "0":

@@ -129,9 +129,10 @@ def wrk(base: str, scenario: str, seconds: float, connections: int) -> LoadResul
     method, path, _ = request_of(scenario)
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     script = WRK_SCRIPTS.get(scenario)
-    if script:
-        tmp = Path(tempfile.mkdtemp(prefix="quota-wrk-")) / f"{scenario}.lua"
-        tmp.write_text(script)
-        argv += ["-s", str(tmp)]
-    out = subprocess.run(pinned(LOAD_CORE, [*argv, base + path]), capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory(prefix="quota-wrk-") as tmp:
+        if script:
+            lua = Path(tmp) / f"{scenario}.lua"
+            lua.write_text(script)
+            argv += ["-s", str(lua)]
+        out = subprocess.run(pinned(LOAD_CORE, [*argv, base + path]), capture_output=True, text=True, check=True)
     return parse_wrk(out.stdout)

@@ -14,6 +14,7 @@ quota-headers  quota-memory with `ratelimit_headers: true` (what the RateLimit h
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -53,7 +54,10 @@ def request_of(scenario: str) -> tuple[str, str, str | None]:
 
 
 def config_dir(scenario: str) -> Path:
-    target = Path(tempfile.mkdtemp(prefix=f"quota-bench-{scenario}-")) / "config"
+    """The shipped config with the scenario's rate, in a directory removed when this process exits."""
+    root = Path(tempfile.mkdtemp(prefix=f"quota-bench-{scenario}-"))
+    atexit.register(shutil.rmtree, root, True)
+    target = root / "config"
     shutil.copytree(DEFAULT_DIR, target)
     plans = target / "plans.yaml"
     doc = yaml.safe_load(plans.read_text())

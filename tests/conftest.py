@@ -3,6 +3,7 @@ client that drives the wrapped gateway over HTTP through the middleware."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -46,6 +47,8 @@ class RedisServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="quota-redis-")
+        # Removed at exit, not at stop(): a test may stop its server and start it again.
+        atexit.register(shutil.rmtree, self.dir, True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -155,7 +158,6 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-            shutil.rmtree(node.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -172,7 +174,6 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture(

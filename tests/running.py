@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import subprocess
@@ -23,6 +24,7 @@ class Running:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="quota-test-", suffix=".log")[1])
+        atexit.register(self.log_path.unlink, True)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [a.format(port=self.port) for a in argv],

@@ -162,7 +162,6 @@ def own_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 def member_side(user: str) -> str:

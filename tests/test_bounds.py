@@ -3,6 +3,9 @@ and addresses, and the work one Redis script does however large the set it touch
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import shutil
 import sys
 import time
@@ -29,14 +32,43 @@ from tests.helpers import http_scope
 
 FLOOD = 100_000
 WARM = 8_000
-# The heap is read as the interpreter's count of live allocations (sys.getallocatedblocks: every
-# object, whatever its size), every SAMPLE requests: free to read, where tracing every allocation
-# made this test four times slower. Bounded caches emptied whole when full make the count a sawtooth
-# (about 45,000 blocks from trough to crest), so growth is the crest of the last fifth of the flood
-# over the crest of the first: measured 164 to 3,300 blocks, as the flood's length moves the phase
-# of the caches. One object kept for every 20 requests adds 4,000 (measured 4,964 in all).
+# The heap is read every SAMPLE requests, two ways, each free to read where tracing every allocation
+# made this test four times slower: the interpreter's count of live allocations
+# (sys.getallocatedblocks: every object, whatever its size) and the bytes malloc holds (glibc's
+# mallinfo2: the allocations over 512 bytes, which Python hands to malloc). Bounded caches emptied
+# whole when full make both a sawtooth (about 45,000 blocks and 0.34 MB from trough to crest), so
+# growth is the crest of the last fifth of the flood over the crest of the first. Measured without a
+# leak: 164 to 3,300 blocks as the flood's length moves the phase of the caches, and 13 KB. One object
+# kept every 20 requests adds 4,000 blocks (4,964 in all); 10 KB kept every 100 requests, 8 MB.
 SAMPLE = 500
 MAX_GROWTH = 4_000
+MAX_BYTES = 1 << 20
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloced() -> int:
+    """Bytes malloc holds for the program: in its heap, and mapped for large blocks (glibc 2.33+)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 async def upstream(scope: Any, receive: Any, send: Any) -> None:
@@ -122,12 +154,18 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
                     peaks[name] = max(peaks.get(name, 0), size)
 
     await flood(0, WARM)
+    # What earlier tests left to the cycle collector goes now: freed during the first fifth, it
+    # would raise that crest and hide a leak (found: after the suite's earlier files, -23,776 blocks).
+    gc.collect()
     blocks: list[int] = []
+    held: list[int] = []
     for start in range(WARM, WARM + FLOOD, SAMPLE):
         await flood(start, SAMPLE)
         blocks.append(sys.getallocatedblocks())
+        held.append(malloced())
     fifth = len(blocks) // 5
     growth = max(blocks[-fifth:]) - max(blocks[:fifth])
+    grown = max(held[-fifth:]) - max(held[:fifth])
 
     quarter = (WARM + FLOOD) // 4
     assert statuses[404] == quarter, statuses
@@ -144,14 +182,19 @@ async def test_flood_of_distinct_apps_and_clients_stays_bounded(flood_config: Pa
     assert peaks["peers"] <= clients.PEER_CACHE and peaks["client_keys"] <= clients.PEER_CACHE, peaks
     assert peaks["escape"] <= escape.cache_info().maxsize, peaks
     assert growth < MAX_GROWTH, f"{growth} more live allocations at the end of {FLOOD} requests than near the start"
+    assert grown < MAX_BYTES, f"malloc holds {grown / 1e6:.1f} MB more at the end of {FLOOD} requests than at the start"
 
 
 # Bounded work per script on Redis
 
 MEMBERS = 200_000
-# 1% of the drain's 1,000 slices: four were seen preempted past 5 ms while both builds' suites ran
-# side by side on two cores, as CI runs them.
-MAX_PREEMPTED = 10
+# A drain slice's duration as Redis reads it: the mean of the 1,000 or so (INFO commandstats), and
+# the longest (SLOWLOG). Slices of 200 members took 0.6 ms when idle; one preempted by another
+# process can take several (2.8% of them over 5 ms while both builds' suites and two more test runs
+# shared two cores), which moves the mean by a fraction of a millisecond. Measured on a contended
+# host: a mean of 1.4 ms (compiled) and 1.6 ms (pure) with slices of 200, 12.2 ms with slices of 2,000.
+MAX_MEAN_US = 5_000
+MAX_SLICE_US = 50_000
 APP = "q:{demo#enterprise}:"
 
 
@@ -170,15 +213,16 @@ def member_side(user: str) -> str:
 
 async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: RedisServer) -> None:
     """Catches a delete that empties a huge set inside one script (Redis stalls for every client
-    while it runs): no EVALSHA may reach the 5 ms slowlog, and the room must still be fully drained:
-    its owner set gone, no dropped set left behind, and no member's side still naming the room.
+    while it runs): no EVALSHA may take 50 ms, their mean must stay under 5 ms, and the room
+    must still be fully drained: its owner set gone, no dropped set left behind, and no member's side
+    still naming the room.
 
     Found: drain slices of 500 members took 1.5 ms each (up to 3.5 ms) on an idle host and 5.2 ms
-    on a busy one; slices are 200 now (0.6 ms, at most 1.3 ms idle). The slowlog measures wall time,
-    so on a host with more runnable processes than cores a slice can be preempted past 5 ms however
-    small it is (a SPOP alone was seen at 8 ms there): up to MAX_PREEMPTED such entries (1% of the
-    slices), each under 50 ms, are tolerated. One script draining the room takes hundreds of milliseconds, and slices
-    doing too much work land in the slowlog by the dozen: both still fail."""
+    on a busy one; slices are 200 now (0.6 ms idle). The slowlog measures wall time, so on a host
+    with more runnable processes than cores a slice can be preempted past 5 ms however small it is:
+    a count of slices over 5 ms (at most 10 was the rule) failed CI that way with 24 and 28. The
+    mean is hardly moved by a few preempted slices. One script draining the room takes hundreds of
+    milliseconds, and slices of 2,000 members take 12 ms each on a busy host: both still fail."""
     raw = redis_sync.Redis(port=own_redis.port)
     raw.flushdb()
     rid = "424242424242"
@@ -201,8 +245,9 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
     gateway.apps["demo#enterprise"] = state = AppState()
     state.chatrooms[rid] = {"name": "huge", "owner": "u0", "members": set(users)}
     raw.config_set("slowlog-log-slower-than", 5000)
+    raw.config_set("slowlog-max-len", 1024)
     raw.slowlog_reset()
-    evalsha_before = raw.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    before = raw.info("commandstats").get("cmdstat_evalsha", {"calls": 0, "usec": 0})
     try:
         async with asgi_client(app, ("10.1.2.3", 40000), "http://gw") as client:
             started = time.monotonic()
@@ -211,9 +256,11 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
         assert r.status_code == 200, r.text
     finally:
         await store.close()
-    slow = [entry for entry in raw.slowlog_get(128) if b"eval" in entry["command"].lower()[:8]]
-    assert len(slow) <= MAX_PREEMPTED and all(e["duration"] < 50_000 for e in slow), (len(slow), slow[:3])
-    calls = raw.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before
+    slow = [e["duration"] for e in raw.slowlog_get(1024) if e["command"].lower().startswith(b"evalsha")]
+    after = raw.info("commandstats")["cmdstat_evalsha"]
+    calls = after["calls"] - before["calls"]
+    mean = (after["usec"] - before["usec"]) / calls
+    assert mean < MAX_MEAN_US and max(slow, default=0) < MAX_SLICE_US, (mean, sorted(slow)[-5:])
     # The check, the settle (remove + drop), then one slice per DrainOp batch.
     assert calls >= MEMBERS // DrainOp("", "", "").batch, calls
     assert not raw.exists(owner)
@@ -227,6 +274,7 @@ async def test_deleting_a_200k_member_chatroom_runs_no_long_script(own_redis: Re
     assert left == [], (len(left), left[:5])
     assert elapsed < 60
     raw.config_set("slowlog-log-slower-than", 10000)
+    raw.config_set("slowlog-max-len", 128)
     raw.close()
 
 

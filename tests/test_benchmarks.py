@@ -10,6 +10,10 @@ import pytest
 
 from tests.conftest import ROOT
 
+# The harness's own workings: run-tests runs them once, on the pure-Python build (each build's
+# one-script-call-per-write is checked by tests/test_processes.py).
+pytestmark = pytest.mark.one_build
+
 
 def _module(*argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """`python -m <argv>` from the checkout, as a user runs it: its exit code and output."""

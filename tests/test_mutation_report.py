@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from tests.mutation_report import EXPLAINED, Mutant, explain, render
+
+pytestmark = pytest.mark.one_build
 
 
 def test_every_explanation_is_complete() -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+# The sources are the same files whichever build runs them.
+pytestmark = pytest.mark.one_build
 
 
 def test_ruff() -> None:

@@ -151,7 +151,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
 
     async def show_bill(request: Request, rt: Any) -> JSONResponse:
         year, month = _month(request.query_params.get("month"), today())
-        bill = await bill_account(rt.directory, rt.store, request.path_params["account"], year, month)
+        bill = await bill_account(rt.directory, rt.store, request.path_params["account"], year, month, today=today())
         return JSONResponse(bill.to_json())
 
     async def show_account(request: Request, rt: Any) -> JSONResponse:

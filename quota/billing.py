@@ -10,12 +10,16 @@ for having fewer days in the month; shrinking it would bill a late subscriber fo
 month would include. Changes and cancellations take effect on the 1st of next month, so the
 current month is billed whole on the plan it started with. Exact decimals, rounded once, at the
 end, to 0.001 元, half up.
+
+A month is billed from its first day on: the current month's bill is the month so far (`final` is
+false, and a note says when it closes); a month not begun has no bill, since its usage does not
+exist yet and a plan fee billed ahead would be money for nothing served.
 """
 
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -51,6 +55,8 @@ class Bill:
     overage: Decimal
     total: Decimal
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # False while the month runs: its peaks may still rise.
+    final: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +74,7 @@ class Bill:
             "overage_per_10k_dau": None if self.overage_price is None else str(self.overage_price),
             "overage": str(self.overage),
             "total": str(self.total),
+            "final": self.final,
             "notes": list(self.notes),
         }
 
@@ -140,11 +147,21 @@ async def held_daily(store: Any, account: Account, year: int, month: int) -> dic
     return out
 
 
-async def bill_account(directory: Any, store: Any, name: str, year: int, month: int) -> Bill:
-    """Bill one account's month from stored activity (its apps' daily DAU sets)."""
+def check_begun(year: int, month: int, today: date) -> None:
+    """ValueError for a month after today's: it has no usage yet, and no bill."""
+    if (year, month) > (today.year, today.month):
+        raise ValueError(
+            f"{year:04d}-{month:02d} has not begun (today is {today.isoformat()}): "
+            "a month is billed from its first day on"
+        )
+
+
+async def bill_account(directory: Any, store: Any, name: str, year: int, month: int, *, today: date) -> Bill:
+    """Bill one account's month from stored activity (its apps' daily DAU sets), as of `today`."""
     account: Account | None = directory.accounts.get(name)
     if account is None:
         raise KeyError(f"unknown account {name!r}")
+    check_begun(year, month, today)
     plan_name, started = billing_plan(account, year, month)
     if plan_name is None:
         raise KeyError(f"account {name!r} had no subscription in {year:04d}-{month:02d}")
@@ -152,4 +169,16 @@ async def bill_account(directory: Any, store: Any, name: str, year: int, month: 
     for appkey, daily in (await held_daily(store, account, year, month)).items():
         day, peak = max(daily.items(), key=lambda kv: (kv[1], -kv[0].toordinal()))
         peaks.append(AppPeak(appkey, peak, day if peak else None))
-    return compute_bill(directory.matrix.plans[plan_name], peaks, year, month, account=name, subscribed_on=started)
+    bill = compute_bill(directory.matrix.plans[plan_name], peaks, year, month, account=name, subscribed_on=started)
+    notes = list(bill.notes)
+    last = date(year, month, calendar.monthrange(year, month)[1])
+    final = today > last
+    if not final:
+        notes.insert(0, f"month not over: usage to {today.isoformat()}; the bill is final after {last.isoformat()}")
+    if account.frozen_on is not None and account.frozen_on <= min(today, last):
+        # Freezing stops service, not the subscription: the fee runs until the plan is cancelled.
+        notes.append(
+            f"account frozen since {account.frozen_on.isoformat()}: its requests are refused; "
+            "cancel the plan to stop its fee"
+        )
+    return replace(bill, notes=tuple(notes), final=final)

@@ -254,7 +254,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
             raise SystemExit("quota: bill needs ACCOUNT, --all, or --plan with --peak-dau")
 
         async def work(cfg: Config, directory: Directory, store: Any) -> Any:
-            return await bill_account(directory, store, args.account, year, month)
+            return await bill_account(directory, store, args.account, year, month, today=utc_today())
 
         bill = asyncio.run(_with_store(args, work))
     if args.json:
@@ -270,7 +270,11 @@ def _bill_all(args: argparse.Namespace, year: int, month: int) -> int:
     """Every account's bill for the month; accounts with no subscription in it are listed apart."""
     if args.account or args.plan:
         raise SystemExit("quota: bill --all takes no ACCOUNT and no --plan")
-    from quota.billing import billing_plan
+    from quota.billing import billing_plan, check_begun
+
+    today = utc_today()
+    # Before any account is read, so that a month not begun prints no partial list.
+    check_begun(year, month, today)
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
         bills, skipped = [], []
@@ -281,7 +285,7 @@ def _bill_all(args: argparse.Namespace, year: int, month: int) -> int:
                 if billing_plan(directory.accounts[name], year, month)[0] is None:
                     skipped.append(name)
                 else:
-                    bills.append(await bill_account(directory, store, name, year, month))
+                    bills.append(await bill_account(directory, store, name, year, month, today=today))
                 progress(done)
         finally:
             progress.close()

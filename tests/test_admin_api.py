@@ -342,4 +342,5 @@ async def test_a_reset_that_would_rewrite_a_served_month_is_refused(admin: httpx
     r = await admin.post("/_quota/accounts/demo-free/change-plan", json={"plan": "pro"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert (await admin.delete("/_quota/accounts/demo-free/overlay", headers=AUTH)).status_code == 200
+    clock.now = datetime(2031, 3, 2, 10, tzinfo=UTC).timestamp()
     assert (await admin.get("/_quota/bills/demo-free?month=2031-03", headers=AUTH)).json()["plan"] == "free"

@@ -91,9 +91,16 @@ async def test_bill_account_and_plan_change_over_admin_api(
         ]
         assert (await c.get("/_quota/accounts/demo-pro", headers=AUTH)).json()["subscriptions"] == subs
         this = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=AUTH)).json()
+        assert (this["plan"], this["total"], this["final"]) == ("pro", "2888.000", False)
+        # Next month has not begun: no bill yet, not its plan fee billed ahead.
+        r = await c.get(f"/_quota/bills/demo-pro?month={nxt:%Y-%m}", headers=AUTH)
+        assert r.status_code == 400 and "has not begun" in r.json()["error_description"], r.text
+        clock.now = datetime(nxt.year, nxt.month, nxt.day, 0, 30, tzinfo=UTC).timestamp()
+        this = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=AUTH)).json()
         after = (await c.get(f"/_quota/bills/demo-pro?month={nxt:%Y-%m}", headers=AUTH)).json()
-        assert (this["plan"], this["total"]) == ("pro", "2888.000")
+        assert (this["plan"], this["total"], this["final"], this["notes"]) == ("pro", "2888.000", True, [])
         assert (after["plan"], after["total"], after["apps"][0]["peak_dau"]) == ("basic", "888.000", 0)
+        assert not after["final"] and after["notes"][0].startswith(f"month not over: usage to {nxt.isoformat()};")
         r = await c.post("/_quota/accounts/demo-pro/change-plan", json={"plan": "gold"}, headers=AUTH)
         assert r.status_code == 400
         assert (await c.get("/_quota/bills/nobody?month=2026-01", headers=AUTH)).status_code == 404
@@ -152,6 +159,13 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
         for name in ("b", "c"):
             assert (await c.post("/demo/basic/token", json={"username": name})).status_code == 200
         bill = (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()
+        assert (bill["final"], bill["notes"]) == (
+            False,
+            ["month not over: usage to 2027-01-06; the bill is final after 2027-01-31"],
+        )
+        # Once January is over, its bill is final, and says nothing more.
+        app.clock.now = datetime(2027, 2, 1, 0, 0, tzinfo=UTC).timestamp()
+        bill = (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()
         assert bill == {
             "account": "demo-basic",
             "month": "2027-01",
@@ -165,6 +179,7 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
             "overage_per_10k_dau": "850",
             "overage": "0.000",
             "total": "859.355",
+            "final": True,
             "notes": [],
         }
         idle = (await c.get("/_quota/bills/demo-free?month=2027-01", headers=AUTH)).json()
@@ -199,6 +214,7 @@ async def test_subscribing_over_a_plan_in_force_is_refused(store: Any, monkeypat
             "/_quota/accounts/demo-free/change-plan", json={"plan": "pro", "date": "2027-01-02"}, headers=AUTH
         )
         assert r.is_success, r.text
+        app.clock.now = datetime(2027, 2, 2, 10, tzinfo=UTC).timestamp()
         february = (await c.get("/_quota/bills/demo-free?month=2027-02", headers=AUTH)).json()
         assert (february["plan"], february["total"]) == ("pro", "2888.000")
         # Once the old plan is cancelled and over, a subscription starts at once, prorated.
@@ -213,6 +229,7 @@ async def test_subscribing_over_a_plan_in_force_is_refused(store: Any, monkeypat
             "/_quota/accounts/demo-free/subscribe", json={"plan": "pro", "date": "2027-03-01"}, headers=AUTH
         )
         assert r.status_code == 409, r.text
+        app.clock.now = datetime(2027, 3, 3, 10, tzinfo=UTC).timestamp()
         march = (await c.get("/_quota/bills/demo-free?month=2027-03", headers=AUTH)).json()
         assert (march["plan"], march["prorated_days"], march["total"]) == ("basic", [30, 31], "859.355")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -175,6 +175,34 @@ def test_subscription_changes_through_cli(redis_server: RedisServer) -> None:
     assert json.loads(cli("bill", "demo-basic", "--month", "2026-06", "--json"))["total"] == "2888.000"
     out = run_cli("bill", "demo-basic", "--month", "2026-07", "--redis", url)
     assert out.returncode != 0 and "no subscription" in out.stderr
+
+
+@pytest.mark.redis
+def test_cli_bills_a_month_from_its_first_day_on(redis_server: RedisServer) -> None:
+    """Catches a month not begun billed its plan fee ahead (for nothing served), alone or in --all;
+    the current month's bill passed off as final while its peaks may still rise; a frozen account's
+    bill not saying that its fee runs on. A what-if quote of any month stays a quote."""
+    redis_server.flush()
+    url = redis_server.url
+    today = datetime.now(UTC).date()
+    nxt = today.replace(day=1) + timedelta(days=32)
+    for args in (("demo-basic",), ("--all",)):
+        out = run_cli("bill", *args, "--month", f"{nxt:%Y-%m}", "--redis", url)
+        assert out.returncode != 0 and f"{nxt:%Y-%m} has not begun" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and out.stdout == ""
+    out = run_cli("bill", "--plan", "basic", "--peak-dau", "5", "--month", f"{nxt:%Y-%m}", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["total"] == "888.000", out.stderr
+    assert run_cli("freeze", "demo-basic", "--redis", url).returncode == 0
+    out = run_cli("bill", "demo-basic", "--json", "--redis", url)
+    assert out.returncode == 0, out.stderr
+    bill = json.loads(out.stdout)
+    assert bill["month"] == f"{today:%Y-%m}" and bill["final"] is False
+    assert bill["notes"][0].startswith(f"month not over: usage to {today.isoformat()};"), bill["notes"]
+    assert any(n.startswith(f"account frozen since {today.isoformat()}") for n in bill["notes"]), bill["notes"]
+    last = today.replace(day=1) - timedelta(days=1)
+    out = run_cli("bill", "demo-basic", "--month", f"{last:%Y-%m}", "--json", "--redis", url)
+    assert out.returncode == 0, out.stderr
+    assert (json.loads(out.stdout)["final"], json.loads(out.stdout)["notes"]) == (True, [])
 
 
 async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -186,13 +186,13 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         return Response(STYLE, media_type="text/css", headers={"cache-control": "max-age=3600"})
 
     async def overview(request: Request, rt: Any, session: sessions.Session) -> Response:
-        year, month = _month(request, served_day())
-        today = month_today(year, month, served_day())
+        now = served_day()
+        year, month = _month(request, now)
         shown = []
         for name in sorted(rt.directory.accounts):
             if session.sees(name):
                 account = rt.directory.accounts[name]
-                shown.append(await account_month(rt.directory, rt.store, account, year, month, today))
+                shown.append(await account_month(rt.directory, rt.store, account, year, month, now))
         return _html(pages.overview(shown, year, month, base=base(request), csrf=csrf(session)))
 
     async def one_app(request: Request, rt: Any, session: sessions.Session) -> Response:
@@ -213,9 +213,9 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
         account = rt.directory.accounts.get(name)
         if account is None or not session.sees(name):
             raise KeyError(f"unknown account {name!r}")
-        year, month = _month(request, served_day())
-        today = month_today(year, month, served_day())
-        acc = await account_month(rt.directory, rt.store, account, year, month, today)
+        now = served_day()
+        year, month = _month(request, now)
+        acc = await account_month(rt.directory, rt.store, account, year, month, now)
         return _html(pages.account_page(acc, year, month, base=base(request), csrf=csrf(session)))
 
     return Starlette(

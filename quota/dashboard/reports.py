@@ -185,8 +185,9 @@ def plan_notes(account: Account, year: int, month: int) -> list[str]:
 
 
 async def account_month(
-    directory: Directory, store: Store, account: Account, year: int, month: int, today: date
+    directory: Directory, store: Store, account: Account, year: int, month: int, now: date
 ) -> AccountMonth:
+    today = month_today(year, month, now)
     plan, started = billing_plan(account, year, month)
     apps = []
     for appkey in account.apps:
@@ -194,7 +195,7 @@ async def account_month(
             apps.append(await app_month(directory, store, appkey, year, month, today, account))
     bill = forecast = None
     if plan is not None:
-        bill = await bill_account(directory, store, account.name, year, month)
+        bill = await bill_account(directory, store, account.name, year, month, today=now)
         # The apps the bill counts, on the days it counts them (not only those held now).
         held = await held_daily(store, account, year, month)
         peaks = [AppPeak(appkey, forecast_peak(daily, today)) for appkey, daily in held.items()]

@@ -280,7 +280,14 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
     async def create_account(request: Request, rt: Any) -> JSONResponse:
         payload = await _payload(request, '{"name": "acme", "plan": "pro", "apps": ["acme#chat"]}')
         name = payload.pop("name", None)
+        # Subscribing takes effect at once: a new account's first month is prorated from today,
+        # not billed whole from accounts.yaml's default start (2000-01-01).
+        payload.setdefault("subscribed_on", today().isoformat())
         account = validate_account(rt.config.matrix, name, payload)
+        first = today().replace(day=1)
+        if account.subscriptions and account.subscriptions[0].start < first:
+            # As for a change of plan: a start in a month already served would bill it afresh.
+            raise ValueError(f"subscribed_on must be {first.isoformat()} or later: earlier months are served already")
         if name in rt.directory.accounts:
             raise ConflictError(f"account {name!r} exists")
         _check_apps_free(rt, account.name, account.apps)

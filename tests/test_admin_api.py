@@ -315,6 +315,32 @@ def test_cli_diff_of_an_overlay_with_a_detached_app(redis_server: RedisServer, m
     assert "apps" in out.stdout and "former" in out.stdout, out.stdout
 
 
+async def test_an_account_made_over_the_api_is_billed_from_the_day_it_was_made(
+    admin: httpx.AsyncClient, clock: Clock
+) -> None:
+    """Catches an account created mid-month with no subscribed_on billed the whole month (the
+    default start of accounts.yaml, 2000-01-01, put it on its plan since then), and a start dated
+    in a month already served accepted: its fee was billed for months nothing was served."""
+    clock.now = datetime(2031, 3, 20, 10, tzinfo=UTC).timestamp()
+    body = {"name": "fresh", "plan": "basic", "apps": ["fresh#chat"]}
+    r = await admin.post("/_quota/accounts", json=body, headers=AUTH)
+    assert r.status_code == 201 and r.json()["subscriptions"][0]["start"] == "2031-03-20", r.text
+    bill = (await admin.get("/_quota/bills/fresh?month=2031-03", headers=AUTH)).json()
+    assert (bill["prorated_days"], bill["plan_fee"]) == ([12, 31], "343.742"), bill
+    for start, status in (("2031-02-28", 400), ("2031-03-01", 201)):
+        body = {"name": f"from-{start}", "plan": "basic", "apps": [f"f{start[-2:]}#chat"], "subscribed_on": start}
+        r = await admin.post("/_quota/accounts", json=body, headers=AUTH)
+        assert r.status_code == status, r.text
+    assert (
+        "subscribed_on must be 2031-03-01 or later"
+        in (
+            await admin.post(
+                "/_quota/accounts", json={**body, "name": "x", "subscribed_on": "2000-01-01"}, headers=AUTH
+            )
+        ).json()["error_description"]
+    )
+
+
 async def test_usage_is_reported_on_the_middlewares_day(store: Any, admin: httpx.AsyncClient, clock: Clock) -> None:
     """Catches /usage looking an app up on the system's date, not the middleware's: an account
     subscribed mid-month (by the served clock) had no plan on the 1st, and its usage was a 404."""

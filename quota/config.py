@@ -509,16 +509,16 @@ class _Routes(_Checker):
         changes = []
         for j, ch in enumerate(node.get("changes") or []):
             ck = f"{key}.changes[{j}]"
-            ch = self.mapping(ch, ck, required=("relation", "op", "owner"), optional=("members", "max_batch"))
+            ch = self.mapping(ch, ck, required=("relation", "op", "owner"), optional=("members", "max_batch", "unless"))
             if ch.get("relation") not in relations:
                 self.fail(f"{ck}.relation", f"a relation ({', '.join(relations)})", ch.get("relation"))
                 continue
             if ch.get("op") not in ("add", "remove", "drop", "drop_member"):
                 self.fail(f"{ck}.op", "one of add, remove, drop, drop_member", ch.get("op"))
                 continue
-            # Removals are applied after the upstream succeeded, so they may read its response.
-            sources = ("app", "path", "body") if ch["op"] == "add" else ("app", "path", "body", "response")
-            owner = self._selector(ch.get("owner"), f"{ck}.owner", sources, params)
+            # Removals are applied after the upstream succeeded, so they may read its response; an
+            # add may name its owner or its members from the response, not both (see binds_owner_later).
+            owner = self._selector(ch.get("owner"), f"{ck}.owner", ("app", "path", "body", "response"), params)
             members = None
             if ch["op"] not in ("drop", "drop_member") or "members" in ch:
                 members = self._selector(ch.get("members"), f"{ck}.members", ("path", "body", "response"), params)
@@ -528,8 +528,28 @@ class _Routes(_Checker):
             owner_kind = rel.member_kind if ch["op"] == "drop_member" else rel.owner_kind
             owner = self._kind(owner, owner_kind, f"{ck}.owner")
             members = self._kind(members, rel.member_kind, f"{ck}.members")
+            if ch["op"] == "add" and owner and owner.source == "response":
+                if members is not None and members.source == "response":
+                    expected = "a path or body selector when the owner comes from the response"
+                    self.fail(f"{ck}.members", expected, ch.get("members"))
+                    continue
+                if rel.symmetric or not rel.member_limit:
+                    # Only the member's side is checked before the upstream call: it needs a cap.
+                    expected = "a path or body selector (an owner from the response needs a member_limit)"
+                    self.fail(f"{ck}.owner", expected, ch.get("owner"))
+                    continue
+            unless = None
+            if "unless" in ch:
+                if ch["op"] != "remove":
+                    self.fail(f"{ck}.unless", "no unless: it names what a removal left in place", ch["unless"])
+                    continue
+                unless = self._selector(ch["unless"], f"{ck}.unless", ("response",), params)
+                if unless is not None and not all(_SELECTOR_STEP.fullmatch(part) for part in unless.path):
+                    self.fail(f"{ck}.unless", "steps of a name, or name[field=true|false]", ch["unless"])
+                    continue
+                unless = self._kind(unless, rel.member_kind, f"{ck}.unless")
             if owner:
-                changes.append(Change(ch["relation"], ch["op"], owner, members, max_batch))
+                changes.append(Change(ch["relation"], ch["op"], owner, members, max_batch, unless))
         retention = user = None
         if "retention" in node:
             retention = self._selector(node["retention"], f"{key}.retention", ("path",), params)
@@ -848,6 +868,10 @@ def plan_may_hold(plan: Plan, apps: int) -> bool:
 
 def one_app_rule(plan: Plan) -> str:
     return f"one app on plan {plan.name} (no overage: its {plan.price.included_dau} DAU are the account's)"
+
+
+# One step of a response selector: a field, or a list's items whose field is true or false.
+_SELECTOR_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[A-Za-z_][A-Za-z0-9_]*=(true|false)\])?")
 
 
 def validate_account(matrix: Matrix, name: str, node: Any, source: str = "request body") -> Account:

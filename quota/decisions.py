@@ -280,12 +280,19 @@ def _named(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy,
     found: list[Any] = [root]
     for part in selector.path:
         nxt: list[Any] = []
+        name, _, where = part.partition("[")
         for node in found:
             items = node if isinstance(node, list) else [node]
             for item in items:
-                if not isinstance(item, dict) or part not in item:
+                if not isinstance(item, dict) or name not in item:
                     raise BadInput(f"{selector} is missing")
-                nxt.append(item[part])
+                nxt.append(item[name])
+        if where:
+            # name[field=true|false] (config.py checks the form): the items whose field is that.
+            field, _, wanted = where.rstrip("]").partition("=")
+            flag = wanted == "true"
+            items = [i for n in nxt for i in (n if isinstance(n, list) else [n])]
+            nxt = [i for i in items if isinstance(i, dict) and i.get(field) is flag]
         found = nxt
     flat = [v for node in found for v in (node if isinstance(node, list) else [node])]
     # Ids in a request are strings; an upstream may answer a numeric id, which is fine to bind.
@@ -450,6 +457,9 @@ def plan_request(
             if change.owner.source != "response" and not (change.members and change.members.source == "response"):
                 _tombstone(plan, routes, app, change, params, body, ids, reservation_ttl_ms)
             continue
+        if change.binds_owner_later:
+            _reserve_for_owner(plan, change, add, params, body, ids, reservation_ttl_ms)
+            continue
         owners = _owner(change, app, params, body, ids)
         if len(owners) != 1:
             raise BadInput(f"{change.owner} must name one {change.relation} owner")
@@ -572,6 +582,27 @@ def _tombstone(
     plan.held.extend((op.inflight_key + ":due", f) for f in fields)
 
 
+def _reserve_for_owner(
+    plan: RequestPlan,
+    change: Change,
+    add: _AddTemplate,
+    params: dict[str, str],
+    body: Any,
+    ids: IdPolicy,
+    ttl_ms: int,
+) -> None:
+    """The creator of a room joins it: a placeholder in the creator's own set, under its cap (the
+    groups a user may be in), bound to the room's id once the response names it."""
+    assert change.members is not None
+    members = select(change.members, params, body, ids)
+    if len(members) != 1:
+        raise BadInput(f"{change.members} must name one {change.relation} member")
+    plan.binds.append((len(plan.before.ops), change))
+    placeholder = PLACEHOLDER + uuid.uuid4().hex
+    owner_key = add.reverse_prefix + escape(members[0])
+    _add(plan, AddOp(add.reverse_limit, owner_key, add.reverse_cap, (placeholder,), pending_ttl_ms=ttl_ms))
+
+
 def _dropped_field(change: Change, rel: Relation, owner: str) -> str:
     """The tombstone of a whole set dropped: every pair naming `owner` on the side it is dropped from."""
     return ("xo:" if change.op == "drop" or rel.symmetric else "xm:") + escape(owner)
@@ -684,13 +715,20 @@ def after_ops(
     for index, change in plan.binds:
         op = plan.before.ops[index]
         assert isinstance(op, AddOp) and change.members is not None
+        later = change.owner if change.binds_owner_later else change.members
         try:
-            real = select(change.members, params, body, ids, response)[0]
+            real = select(later, params, body, ids, response)[0]
         except BadInput:
             # Something was created (2xx) that we cannot name: it keeps its slot rather than go uncounted.
             real = op.members[0]
             done.unbound += 1
-        ops.append(BindOp(op.owner_key, op.members[0], real))
+        if change.binds_owner_later and real != op.members[0]:
+            # The room's own set gains its creator, as a member added later would be counted.
+            rel = routes.relations[change.relation]
+            creator = select(change.members, params, body, ids)[0]
+            ops.append(BindOp(op.owner_key, op.members[0], real, side_prefix(app.prefix, rel.name, "o"), creator))
+        else:
+            ops.append(BindOp(op.owner_key, op.members[0], real))
     for change in plan.after:
         try:
             owners = _owner(change, app, params, body, ids, response)
@@ -704,6 +742,14 @@ def after_ops(
                     members = tuple(select(change.members, params, body, ids, response))
                 except BadInput:
                     continue
+                if change.unless is not None:
+                    try:
+                        kept = set(select(change.unless, params, body, ids, response))
+                    except BadInput:
+                        kept = set()  # the response names none left in place
+                    members = tuple(m for m in members if m not in kept)
+                    if not members:
+                        continue
                 ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
             else:
                 # The first slice goes with the drop, atomically: a set of up to a slice is gone from

@@ -30,7 +30,8 @@ class Selector:
     """Where a value comes from: the app itself, a path parameter, or a dotted path in a JSON body.
 
     Lists are walked: `body.usernames` on `{"usernames": ["a", "b"]}` and `body.username` on
-    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`. A path value is one id, or a
+    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`; `response.data[result=false].user`
+    keeps the items of `data` whose `result` is false. A path value is one id, or a
     comma list only where the route map declares the parameter a list (batch routes). `kind` says
     which id policy the values pass (None: not an id, only bounded).
     """
@@ -68,11 +69,21 @@ class Change:
     owner: Selector
     members: Selector | None
     max_batch: int | None = None
+    # On a removal: the members the response says it did not remove (the vendor answers a batch
+    # removal 200 with `result: false` for a group's owner, who stays a member).
+    unless: Selector | None = None
 
     @property
     def binds_later(self) -> bool:
         """Create routes learn the new id from the response: reserve first, then bind."""
         return self.members is not None and self.members.source == "response"
+
+    @property
+    def binds_owner_later(self) -> bool:
+        """A create whose creator joins what it creates (a group's owner is one of its members, and
+        the group one of the owner's): the member's side is reserved first, under its own cap, and
+        the new owner's set bound to the id the response names."""
+        return self.op == "add" and self.owner.source == "response"
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,8 @@ class RouteRule:
         selectors += [s for s in (self.user, self.retention) if s]
         selectors += [r.cost for r in self.rates if r.cost]
         responds = any(
-            c.owner.source == "response" or (c.members and c.members.source == "response") for c in self.changes
+            c.owner.source == "response" or (c.members and c.members.source == "response") or c.unless
+            for c in self.changes
         )
         object.__setattr__(self, "needs_body", bool(self.refuses) or any(s.source == "body" for s in selectors))
         object.__setattr__(self, "reads_response", responds)

@@ -291,7 +291,7 @@ class TestForget:
         assert usage_after["dau"] == usage_before["dau"] and usage_after["mau"] == usage_before["mau"] == 2
         ent = await entitlements(admin, FREE, user="friend", group=rid)
         assert ent["entities"]["user:friend"]["friends_per_user"]["used"] == 0
-        assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 0
+        assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 1  # its owner
 
     async def test_forget_reads_the_id_as_the_configured_policy_does(
         self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
@@ -408,7 +408,7 @@ def test_reconcile_from_file_and_http(redis_server: RedisServer, tmp_path: Path)
             "reconcile", "demo#pro", "--source", url, "--redis", redis_server.url, env={"QUOTA_ADMIN_TOKEN": TOKEN}
         )
         assert out.returncode == 0, out.stderr
-        assert r.smembers(f"q:{{demo#pro}}:s:group_members:o:{gid}") == {b"u2"}
+        assert r.smembers(f"q:{{demo#pro}}:s:group_members:o:{gid}") == {b"u1", b"u2"}  # the owner is one
         assert r.smembers("q:{demo#pro}:s:app_groups:o:demo%23pro") == {gid.encode()}
         assert not r.exists("q:{demo#pro}:s:contacts:o:ann")
     finally:

@@ -49,7 +49,7 @@ async def test_typed_answers(admin: httpx.AsyncClient) -> None:
     assert await q.limit("demo#free", "friends_per_user", user="ALICE") == Usage(1, 2, 1)
     assert await q.limit("demo#free", "groups_per_app") == Usage(1, 100, 99)
     assert await q.limit("demo#free", "registered_users") == Usage(3, None, None)
-    assert await q.limit("demo#free", "members_per_group", group=rid) == Usage(0, 100, 100)
+    assert await q.limit("demo#free", "members_per_group", group=rid) == Usage(1, 100, 99)  # the owner
     assert (await q.check("demo#free", "friends_per_user", user="alice")).allowed
     refused = await q.check("demo#free", "friends_per_user", user="alice", add=2)
     assert refused == Decision(False, refused.reason, 403, "exceed_limit", "friends_per_user")
@@ -105,7 +105,7 @@ async def test_explain_predicts_the_decision(admin: httpx.AsyncClient, clock: Cl
     join = await _same(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["a", "b"]})
     assert (
         join["decision"]["allowed"]
-        and {"limit": "members_per_group", "cap": 100, "used": 0, "adding": 2} in join["counters"]
+        and {"limit": "members_per_group", "cap": 100, "used": 1, "adding": 2} in join["counters"]
     )
     feature = await _same(admin, "POST", f"/{FREE}/messages/translate", {})
     assert feature["feature"] == "translation" and feature["decision"]["limit"] == "translation"

@@ -76,8 +76,8 @@ class TestCommas:
         assert (await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["a", "b", "c"]})).is_success
         assert (await client.delete(f"/{PRO}/chatgroups/{rid}/users/a,b,{{x}}")).status_code == 400
         assert (await client.delete(f"/{PRO}/chatgroups/{rid}/users/A,b")).status_code == 200
-        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"c"}
-        assert gateway_state(client, PRO).groups[rid]["members"] == {"c"}
+        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"own", "c"}
+        assert gateway_state(client, PRO).groups[rid]["members"] == {"own", "c"}
 
 
 class TestLogins:
@@ -156,7 +156,7 @@ async def test_undo_never_removes_what_another_request_relies_on(store: Any, clo
         gate.release.set()
         assert (await batch).status_code == 404
         key = f"q:{{demo#pro}}:s:group_members:o:{rid}"
-        assert await members(client, key) == {"u"} == gateway_state(client, PRO).groups[rid]["members"]
+        assert await members(client, key) == {"own", "u"} == gateway_state(client, PRO).groups[rid]["members"]
         assert await members(client, "q:{demo#pro}:s:group_members:m:u") == {rid}
 
 
@@ -168,7 +168,7 @@ async def test_undo_removes_a_member_nobody_else_added(store: Any, clock: Clock)
         rid = room_id(await create_room(client, PRO, "chatgroups", "own"), "chatgroups")
         r = await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": ["u", "ghost"]})
         assert r.status_code == 404
-        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == set()
+        assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"own"}
         assert await members(client, "q:{demo#pro}:s:group_members:m:u") == set()
 
 
@@ -823,7 +823,7 @@ class TestAuditFindings:
             assert (await client.post(f"/{PRO}/chatgroups/{rid}/users/u")).status_code == 409
             gate.release.set()
             assert (await deletion).status_code == 200
-            assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == set()
+            assert await members(client, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"own"}
 
     @pytest.mark.parametrize(
         "path",
@@ -1006,8 +1006,8 @@ class TestDrains:
     async def test_a_member_rejoining_while_a_users_deletion_drains(
         self, store: Any, clock: Clock, config_dir: Path
     ) -> None:
-        """The same race on a group: members_per_group (1) holds."""
-        set_cap(config_dir, "free", members_per_group=1)
+        """The same race on a group: members_per_group (2: the owner and one) holds."""
+        set_cap(config_dir, "free", members_per_group=2)
         held = _HeldDrains(store)
         async with make_client(held, clock, load_config(config_dir)) as client:
             await register(client, FREE, ["own", "u", "v"])
@@ -1023,8 +1023,8 @@ class TestDrains:
             assert (await client.post(f"/{FREE}/chatgroups/{gid}/users/u")).status_code == 200
             over = await client.post(f"/{FREE}/chatgroups/{gid}/users/v")
             assert over.status_code == 403 and over.json()["limit"] == "members_per_group", over.text
-            assert gateway_state(client, FREE).groups[gid]["members"] == {"u"}
-            assert await members(client, f"q:{{demo#free}}:s:group_members:o:{gid}") == {"u"}
+            assert gateway_state(client, FREE).groups[gid]["members"] == {"own", "u"}
+            assert await members(client, f"q:{{demo#free}}:s:group_members:o:{gid}") == {"own", "u"}
 
     async def test_a_deletion_cancelled_mid_drain_still_lifts_its_tombstones(
         self, store: Any, clock: Clock, config_dir: Path
@@ -1470,3 +1470,62 @@ async def test_a_body_held_back_is_counted_when_it_arrives() -> None:
     late = await asyncio.gather(*held)
     await app.shutdown()
     assert late == [429] * 20, late
+
+
+@pytest.mark.parametrize(
+    ("kind", "relation", "per_room", "per_user"),
+    [
+        ("chatgroups", "group_members", "members_per_group", "groups_per_user"),
+        ("chatrooms", "chatroom_members", "members_per_chatroom", "chatrooms_per_user"),
+    ],
+)
+class TestOwners:
+    async def test_a_rooms_owner_is_one_of_its_members(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+    ) -> None:
+        """Catches a room's creator counted nowhere (the vendor's maxusers includes the owner, and a
+        user's rooms include those it owns): a free user owned 100 groups past its 100 joined, and a
+        group held its 100 members and the owner. Also the way back: a batch removal naming the
+        owner (the vendor answers 200, the owner `result: false`) freed the owner's slots."""
+        set_cap(config_dir, "free", **{per_user: 2, per_room: 3})
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["own", "a", "b", "c"])
+            rooms = [room_id(await create_room(client, FREE, kind, "own"), kind) for _ in range(2)]
+            r = await create_room(client, FREE, kind, "own")
+            assert r.status_code == 403 and r.json()["limit"] == per_user, r.text
+            state = gateway_state(client, FREE)
+            held = state.groups if kind == "chatgroups" else state.chatrooms
+            assert sorted(held) == sorted(rooms)  # the refused create never reached the gateway
+            first = rooms[0]
+            assert (await client.post(f"/{FREE}/{kind}/{first}/users", json={"usernames": ["a", "b"]})).is_success
+            r = await client.post(f"/{FREE}/{kind}/{first}/users/c")
+            assert r.status_code == 403 and r.json()["limit"] == per_room, r.text
+            # The owner stays (the gateway refuses it alone, answers result false in a batch).
+            assert (await client.delete(f"/{FREE}/{kind}/{first}/users/own")).status_code == 400
+            r = await client.delete(f"/{FREE}/{kind}/{first}/users/a,OWN")
+            assert r.status_code == 200 and {"result": False, "user": "own"} in r.json()["data"], r.text
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:o:{first}") == {"own", "b"}
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == set(rooms)
+            assert (await create_room(client, FREE, kind, "own")).status_code == 403
+            assert (await client.post(f"/{FREE}/{kind}/{first}/users/c")).status_code == 200
+            assert (await client.post(f"/{FREE}/{kind}/{first}/users/a")).status_code == 403
+            assert held[first]["members"] == {"own", "b", "c"}
+            # Deleting a room frees its owner's slot with its members'.
+            assert (await client.delete(f"/{FREE}/{kind}/{rooms[1]}")).status_code == 200
+            r = await create_room(client, FREE, kind, "own")
+            assert r.status_code == 200, r.text
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:o:{room_id(r, kind)}") == {"own"}
+
+    async def test_a_create_the_upstream_refuses_holds_no_slot(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+    ) -> None:
+        """Catches a refused create keeping its owner's reservation: a create for an unknown owner
+        (the gateway's 404), sent as often as a user may be in rooms, left it in none it could join."""
+        set_cap(config_dir, "free", **{per_user: 1})
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["own"])
+            for _ in range(3):
+                assert (await create_room(client, FREE, kind, "ghost")).status_code == 404
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:m:ghost") == set()
+            await register(client, FREE, ["ghost"])
+            assert (await create_room(client, FREE, kind, "ghost")).status_code == 200

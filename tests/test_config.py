@@ -273,6 +273,44 @@ def test_route_bad_selector(config_dir: Path) -> None:
     assert "changes[0].owner: expected a parameter of the route's path (a, app, org)" in problems(config_dir)
 
 
+_REMOVE = {"relation": "group_members", "op": "remove", "owner": "path.a", "members": "path.a"}
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"relation": "contacts", "op": "add", "owner": "response.data.id", "members": "path.a"},
+            "changes[0].owner: expected a path or body selector (an owner from the response needs a member_limit)",
+        ),
+        (
+            {"relation": "group_members", "op": "add", "owner": "response.data.id", "members": "response.data.u"},
+            "changes[0].members: expected a path or body selector when the owner comes from the response",
+        ),
+        (
+            {"relation": "group_members", "op": "add", "owner": "path.a", "members": "body.u", "unless": "response.x"},
+            "changes[0].unless: expected no unless: it names what a removal left in place",
+        ),
+        (
+            {**_REMOVE, "unless": "body.x"},
+            "changes[0].unless: expected a selector starting with one of response",
+        ),
+        (
+            {**_REMOVE, "unless": "response.["},
+            "changes[0].unless: expected steps of a name, or name[field=true|false]",
+        ),
+    ],
+)
+def test_route_response_selectors_where_they_hold(config_dir: Path, change: dict[str, str], said: str) -> None:
+    """Catches an add reading both sides from the response (nothing to check before the call), an
+    owner from the response on a relation with no member cap to reserve under, and `unless` off a
+    removal or in a form the selector does not read: each named, with the file and key."""
+    route = {"name": "x", "method": "POST", "path": "/{org}/{app}/x/{a}", "changes": [change]}
+    edit(config_dir / "routes.yaml", lambda d: d["routes"].append(route))
+    text = problems(config_dir)
+    assert said in text and "routes.yaml" in text, text
+
+
 def test_override_only_where_custom(config_dir: Path) -> None:
     """Overrides are allowed only for limits the plan marks custom."""
     edit(

@@ -115,22 +115,22 @@ class TestRooms:
     async def test_members_batch_all_or_nothing(
         self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
     ) -> None:
-        """A batch over the cap adds nobody and says how much room was left."""
+        """A batch over the cap adds nobody and says how much room was left (the owner is a member)."""
         users = [f"m{i}" for i in range(110)]
         await register(client, FREE, ["owner", *users])
         rid = room_id(await create_room(client, FREE, kind, "owner"), kind)
         r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[:50]})
         assert r.status_code == 200, r.text
         r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:110]})
-        assert_refused(r, 403, "forbidden_op", per_room, "room for 50")
+        assert_refused(r, 403, "forbidden_op", per_room, "room for 49")
         assert (
             len(gateway_state(client, FREE).groups.get(rid, gateway_state(client, FREE).chatrooms.get(rid))["members"])
-            == 50
+            == 51
         )
-        r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:100]})
+        r = await client.post(f"/{FREE}/{kind}/{rid}/users", json={"usernames": users[50:99]})
         assert r.status_code == 200
         assert_refused(
-            await client.post(f"/{FREE}/{kind}/{rid}/users/m100"), 403, "forbidden_op", per_room, "room for 0"
+            await client.post(f"/{FREE}/{kind}/{rid}/users/m99"), 403, "forbidden_op", per_room, "room for 0"
         )
         ent = await entitlements(client, FREE, **{"group" if kind == "chatgroups" else "chatroom": rid})
         assert list(ent["entities"].values())[0][per_room] == {"used": 100, "limit": 100, "remaining": 0}
@@ -163,14 +163,18 @@ class TestRooms:
         doc["accounts"]["demo-enterprise"]["overrides"] = {per_user: 2}
         path.write_text(yaml.safe_dump(doc))
         async with make_client(store, clock, load_config(config_dir)) as client:
-            await register(client, ENT, ["owner", "joiner"])
-            rids = [room_id(await create_room(client, ENT, kind, "owner"), kind) for _ in range(3)]
+            await register(client, ENT, ["o0", "o1", "o2", "joiner", "other"])
+            rids = [room_id(await create_room(client, ENT, kind, f"o{i}"), kind) for i in range(3)]
             for rid in rids[:2]:
                 assert (await client.post(f"/{ENT}/{kind}/{rid}/users/joiner")).status_code == 200
-            r = await client.post(f"/{ENT}/{kind}/{rids[2]}/users", json={"usernames": ["owner", "joiner"]})
+            r = await client.post(f"/{ENT}/{kind}/{rids[2]}/users", json={"usernames": ["other", "joiner"]})
             body = assert_refused(r, 403, "forbidden_op", f"{per_user} is 2", "joiner")
             assert body["limit"] == per_user
-            assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/owner")).status_code == 200
+            assert (await client.post(f"/{ENT}/{kind}/{rids[2]}/users/other")).status_code == 200
+            # Rooms a user creates are rooms it is in: the joiner, in 2, creates none.
+            r = await create_room(client, ENT, kind, "joiner")
+            assert_refused(r, 403, "forbidden_op", f"{per_user} is 2")
+            assert r.json()["limit"] == per_user
 
     async def test_deleting_user_frees_memberships(
         self, client: httpx.AsyncClient, kind: str, per_app: str, per_room: str, per_user: str
@@ -184,13 +188,13 @@ class TestRooms:
         ent = await entitlements(client, FREE, user="friend", **{"group" if kind == "chatgroups" else "chatroom": rid})
         values = list(ent["entities"].values())
         assert values[0]["friends_per_user"]["used"] == 0
-        assert values[1][per_room]["used"] == 0
+        assert values[1][per_room]["used"] == 1  # the owner
         assert ent["usage"]["registered_users"]["used"] == 2
 
 
 async def test_fill_at_real_value_basic_members(client: httpx.AsyncClient) -> None:
-    """basic: 250 members per group at the seed's value, the 251st refused."""
-    users = [f"m{i}" for i in range(251)]
+    """basic: 250 members per group at the seed's value, the owner one of them, the 251st refused."""
+    users = [f"m{i}" for i in range(250)]
     await register(client, BASIC, ["owner", *users])
     rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
     for i in range(0, 240, 60):
@@ -198,10 +202,10 @@ async def test_fill_at_real_value_basic_members(client: httpx.AsyncClient) -> No
             await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[i : i + 60]})
         ).status_code == 200
     assert (
-        await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[240:250]})
+        await client.post(f"/{BASIC}/chatgroups/{rid}/users", json={"usernames": users[240:249]})
     ).status_code == 200
     assert_refused(
-        await client.post(f"/{BASIC}/chatgroups/{rid}/users/m250"),
+        await client.post(f"/{BASIC}/chatgroups/{rid}/users/m249"),
         403,
         "forbidden_op",
         "members_per_group is 250 on plan basic",
@@ -218,7 +222,7 @@ async def test_override_lowers_cap(store: Any, clock: Clock, config_dir: Path) -
         await register(client, ENT, ["o", "a", "b", "c", "d"])
         rid = room_id(await create_room(client, ENT, "chatgroups", "o"), "chatgroups")
         r = await client.post(f"/{ENT}/chatgroups/{rid}/users", json={"usernames": ["a", "b", "c", "d"]})
-        assert_refused(r, 403, "forbidden_op", "members_per_group is 3 on plan enterprise", "room for 3")
+        assert_refused(r, 403, "forbidden_op", "members_per_group is 3 on plan enterprise", "room for 2")
         assert (await create_room(client, ENT, "chatgroups", "o")).status_code == 200
         assert_refused(await create_room(client, ENT, "chatgroups", "o"), 403, "forbidden_op", "groups_per_app is 2")
 
@@ -289,7 +293,7 @@ def test_real_values_are_what_requests_are_held_to(plan: str) -> None:
                 "chatroom_id": "2",
                 "username": "u",
             }
-            body = {"usernames": ["x"], "username": "x"}
+            body = {"usernames": ["x"], "username": "x", "owner": "o"}
             built = plan_request(
                 cfg.routes,
                 rule,
@@ -478,9 +482,9 @@ async def test_enterprise_retention_override(store: Any, clock: Clock, config_di
 
 async def test_concurrent_joins_exact(store: Any, clock: Clock) -> None:
     """Catches a cap that concurrent joins walk past (a check and its add not atomic): 500 joins
-    against basic's 250 members per group, with every admitted join held at the upstream until 250
-    are in flight at once, so all the others are checked while those adds are unsettled. Exactly
-    250 pass, on the memory store too (which only races when a request awaits between its check
+    against basic's 250 members per group (the owner one), with every admitted join held at the
+    upstream until 249 are in flight at once, so all the others are checked while those adds are
+    unsettled. Exactly 249 pass, on the memory store too (which only races when a request awaits between its check
     and its add)."""
     gateway = create_gateway()
     in_flight = {"n": 0}
@@ -489,7 +493,7 @@ async def test_concurrent_joins_exact(store: Any, clock: Clock) -> None:
     async def holding(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and "/chatgroups/" in scope["path"]:
             in_flight["n"] += 1
-            if in_flight["n"] >= 250:
+            if in_flight["n"] >= 249:
                 full.set()
             await asyncio.wait_for(full.wait(), 30)
         await gateway(scope, receive, send)
@@ -501,7 +505,7 @@ async def test_concurrent_joins_exact(store: Any, clock: Clock) -> None:
         rid = room_id(await create_room(client, BASIC, "chatgroups", "owner"), "chatgroups")
         results = await asyncio.gather(*(client.post(f"/{BASIC}/chatgroups/{rid}/users/{u}") for u in users))
         codes = [r.status_code for r in results]
-        assert codes.count(200) == 250 and codes.count(403) == 250 and in_flight["n"] == 250
+        assert codes.count(200) == 249 and codes.count(403) == 251 and in_flight["n"] == 249
         assert len(gateway_state(client, BASIC).groups[rid]["members"]) == 250
         assert len(await raw_members(store, f"q:{{demo#basic}}:s:group_members:o:{rid}")) == 250
 
@@ -596,7 +600,7 @@ class TestInput:
             r = await client.post(f"/{PRO}/chatgroups/{rid}/users", json={"usernames": names})
             assert r.status_code == 200, r.text
             ent = await entitlements(client, PRO, group=rid, user="a{b}")
-            assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 4
+            assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 5  # and the owner
             assert ent["entities"]["user:a{b}"]["groups_per_user"]["used"] == 1
 
     async def test_unknown_app(self, client: httpx.AsyncClient) -> None:

@@ -86,7 +86,7 @@ async def test_non_2xx_answer_applies_no_removal(store: Any, clock: Clock) -> No
         assert (await client.delete(f"/{PRO}/chatgroups/{rid}")).status_code == 500
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:a") == {"b"}
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:b") == {"a"}
-        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"a"}
+        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"own", "a"}
         assert await raw_members(store, "q:{demo#pro}:s:group_members:m:a") == {rid}
         assert await raw_members(store, "q:{demo#pro}:s:app_groups:o:demo%23pro") == {rid}
 
@@ -118,12 +118,12 @@ async def test_cancelled_request_undoes_its_add(store: Any, clock: Clock) -> Non
         upstream.holds = _posts_to(f"/chatrooms/{rid}/users")
         task = asyncio.ensure_future(client.post(f"/{PRO}/chatrooms/{rid}/users", json={"usernames": ["a", "b"]}))
         await asyncio.wait_for(upstream.entered.wait(), 10)
-        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{rid}") == {"a", "b"}
+        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{rid}") == {"own", "a", "b"}
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert gateway_state(client, PRO).chatrooms[rid]["members"] == set()
-        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{rid}") == set()
+        assert gateway_state(client, PRO).chatrooms[rid]["members"] == {"own"}
+        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{rid}") == {"own"}
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:a") == set()
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:b") == set()
 
@@ -160,7 +160,7 @@ async def test_claims_are_renewed_while_the_upstream_works(store: Any, config_di
             await asyncio.sleep(0.02)
         upstream.release.set()
         assert (await task).status_code == 200
-        expected = {"u"} if kind == "join" else set()
+        expected = {"own", "u"} if kind == "join" else {"own"}
         assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == expected
 
 
@@ -212,8 +212,8 @@ async def test_delete_batch_frees_what_the_users_held(store: Any, clock: Clock) 
         assert await raw_members(store, "q:{demo#pro}:s:app_users:o:demo%23pro") == {"keep", "own"}
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:keep") == set()
         assert await raw_members(store, "q:{demo#pro}:s:contacts:o:old1") == set()
-        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == set()
-        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{cid}") == set()
+        assert await raw_members(store, f"q:{{demo#pro}}:s:group_members:o:{rid}") == {"own"}
+        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{cid}") == {"own"}
         assert await raw_members(store, "q:{demo#pro}:s:group_members:m:old2") == set()
 
 
@@ -225,7 +225,7 @@ async def test_chatroom_batch_remove_splits_on_commas(store: Any, clock: Clock) 
         cid = room_id(await create_room(client, PRO, "chatrooms", "own"), "chatrooms")
         assert (await client.post(f"/{PRO}/chatrooms/{cid}/users", json={"usernames": ["a", "b", "c"]})).is_success
         assert (await client.delete(f"/{PRO}/chatrooms/{cid}/users/a,b")).status_code == 200
-        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{cid}") == {"c"}
+        assert await raw_members(store, f"q:{{demo#pro}}:s:chatroom_members:o:{cid}") == {"own", "c"}
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:a") == set()
         assert await raw_members(store, "q:{demo#pro}:s:chatroom_members:m:c") == {cid}
 

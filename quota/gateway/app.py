@@ -199,7 +199,8 @@ class Gateway:
         self._rooms(st, kind)[rid] = {
             "name": str(payload.get("groupname") or payload.get("name") or rid),
             "owner": owner,
-            "members": set(),
+            # The owner is a member, as the vendor counts it (maxusers includes the owner).
+            "members": {owner},
         }
         return self.ok(request, started, data={"groupid": rid} if kind == "chatgroups" else {"id": rid})
 
@@ -248,8 +249,11 @@ class Gateway:
     async def remove_room_members(self, request: Request, st: AppState, started: float, kind: str) -> Response:
         room = self._room(request, st, kind)
         names = [self.uid(n) for n in request.path_params["usernames"].split(",")]
-        removed = [n for n in names if n in room["members"]]
-        room["members"].difference_update(names)
+        # The owner stays, with result false, as the vendor answers (it cannot be removed).
+        removed = [n for n in names if n in room["members"] and n != room["owner"]]
+        if not removed:
+            raise ApiError(400, "illegal_argument", "none of these users can be removed: not members, or the owner")
+        room["members"].difference_update(removed)
         return self.ok(request, started, data=[{"result": n in removed, "user": n} for n in names])
 
     async def joined(self, request: Request, st: AppState, started: float, kind: str) -> Response:

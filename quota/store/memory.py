@@ -364,6 +364,8 @@ class MemoryStore:
             if op.member != op.placeholder:
                 self._srem(op.owner_key, (op.placeholder,))
                 self.sets.setdefault(op.owner_key, set()).add(op.member)
+                if op.reverse_prefix:
+                    self.sets.setdefault(op.reverse_prefix + escape(op.member), set()).add(op.reverse_value)
         elif isinstance(op, RenewOp):
             held = self._zset(op.key)
             for member in op.members:

@@ -237,16 +237,24 @@ class DrainOp:
 class BindOp:
     """Bind a create's placeholder to the id the upstream answered. The id is counted even if the
     placeholder expired meanwhile: the upstream created it. With member == placeholder the
-    reservation just becomes permanent (a 2xx whose id could not be read still counts)."""
+    reservation just becomes permanent (a 2xx whose id could not be read still counts). With
+    `reverse_prefix`, the id's own set (`reverse_prefix + escape(member)`) gains `reverse_value`:
+    a new group holds its owner, whose set the placeholder was reserved in."""
 
     owner_key: str
     placeholder: str
     member: str
+    reverse_prefix: str = ""
+    reverse_value: str = ""
 
-    def __init__(self, owner_key: str, placeholder: str, member: str) -> None:
+    def __init__(
+        self, owner_key: str, placeholder: str, member: str, reverse_prefix: str = "", reverse_value: str = ""
+    ) -> None:
         self.owner_key = owner_key
         self.placeholder = placeholder
         self.member = member
+        self.reverse_prefix = reverse_prefix
+        self.reverse_value = reverse_value
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

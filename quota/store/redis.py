@@ -110,7 +110,7 @@ def _encode_op(op: Op) -> list[str | int]:
     if isinstance(op, DrainOp):
         return ["W", op.trash_key, op.reverse_prefix, op.value, op.batch]
     if isinstance(op, BindOp):
-        return ["B", op.owner_key, op.placeholder, op.member]
+        return ["B", op.owner_key, op.placeholder, op.member, op.reverse_prefix, op.reverse_value]
     if isinstance(op, RenewOp):
         return ["N", op.key, op.ttl_ms, len(op.members), *op.members]
     if isinstance(op, LeaseOp):

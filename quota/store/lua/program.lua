@@ -21,7 +21,8 @@
 --   X owner rev_prefix rev_value n m1..mn                         remove members
 --   D owner trash                                                 drop an owner's set (moved aside)
 --   W trash rev_prefix value batch                                drain a dropped set
---   B owner placeholder member                                    bind a reservation
+--   B owner placeholder member rev_prefix rev_value               bind a reservation (and, with rev_prefix,
+--                                                                 add rev_value to the member's own set)
 --   N zkey ttl_ms n m*n                                           renew live reservations or claims
 --   O online peak month conn ttl_ms cap share_bp mau_last mau_this   hold a connection lease
 --   Z zkey member                                                 release a lease
@@ -97,7 +98,8 @@ while i <= n_args do
     i = i + 5
   elseif code == "B" then
     op.owner, op.placeholder, op.member = ARGV[i+1], ARGV[i+2], ARGV[i+3]
-    i = i + 4
+    op.rprefix, op.rvalue = ARGV[i+4], ARGV[i+5]
+    i = i + 6
   elseif code == "N" then
     op.key, op.ttl = ARGV[i+1], tonumber(ARGV[i+2])
     local n = tonumber(ARGV[i+3])
@@ -367,6 +369,7 @@ for _, op in ipairs(ops) do
     if op.member ~= op.placeholder then
       redis.call("SREM", op.owner, op.placeholder)
       redis.call("SADD", op.owner, op.member)
+      if op.rprefix ~= "" then redis.call("SADD", op.rprefix .. escape(op.member), op.rvalue) end
     end
   elseif code == "N" then
     for _, m in ipairs(op.members) do

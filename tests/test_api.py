@@ -124,7 +124,7 @@ async def test_explain_predicts_the_decision(admin: httpx.AsyncClient, clock: Cl
     ], send
     # Explaining twice changes nothing: the join is still the same size.
     again = await _explain(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["c"]})
-    assert {"limit": "members_per_group", "cap": 100, "used": 2, "adding": 1} in again["counters"]
+    assert {"limit": "members_per_group", "cap": 100, "used": 3, "adding": 1} in again["counters"]
 
 
 async def test_explain_needs_a_token_and_a_sane_query(admin: httpx.AsyncClient) -> None:

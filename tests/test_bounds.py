@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import shutil
 import sys
@@ -63,11 +64,16 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
-def malloced() -> int:
-    """Bytes malloc holds for the program: in its heap, and mapped for large blocks (glibc 2.33+)."""
+@functools.cache
+def _mallinfo2() -> Any:
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallinfo2.restype = _Mallinfo2
-    info = libc.mallinfo2()
+    return libc.mallinfo2
+
+
+def malloced() -> int:
+    """Bytes malloc holds for the program: in its heap, and mapped for large blocks (glibc 2.33+)."""
+    info = _mallinfo2()()
     return int(info.uordblks + info.hblkhd)
 
 

@@ -469,6 +469,11 @@ class _Routes(_Checker):
         if source == "path" and (len(path) != 1 or path[0] not in params):
             self.fail(key, f"a parameter of the route's path ({', '.join(sorted(params))})", node)
             return None
+        if not key.endswith(".unless") and any(not _FIELD.fullmatch(part) for part in path):
+            # A filter step (name[field=true]) is for a removal's unless alone: on what a request
+            # names, it would let the client choose what is counted.
+            self.fail(key, "steps of a field name (letters, digits, _ and -)", node)
+            return None
         return Selector(source, tuple(path))  # type: ignore[arg-type]
 
     def _route(
@@ -529,8 +534,9 @@ class _Routes(_Checker):
             owner = self._kind(owner, owner_kind, f"{ck}.owner")
             members = self._kind(members, rel.member_kind, f"{ck}.members")
             if ch["op"] == "add" and owner and owner.source == "response":
-                if members is not None and members.source == "response":
-                    expected = "a path or body selector when the owner comes from the response"
+                path_list = members is not None and members.source == "path" and members.many
+                if members is not None and (members.source == "response" or path_list):
+                    expected = "a path or body selector of one id when the owner comes from the response"
                     self.fail(f"{ck}.members", expected, ch.get("members"))
                     continue
                 if rel.symmetric or not rel.member_limit:
@@ -544,8 +550,14 @@ class _Routes(_Checker):
                     self.fail(f"{ck}.unless", "no unless: it names what a removal left in place", ch["unless"])
                     continue
                 unless = self._selector(ch["unless"], f"{ck}.unless", ("response",), params)
-                if unless is not None and not all(_SELECTOR_STEP.fullmatch(part) for part in unless.path):
-                    self.fail(f"{ck}.unless", "steps of a name, or name[field=true|false]", ch["unless"])
+                steps = unless.path if unless is not None else ()
+                if unless is not None and not (
+                    all(_SELECTOR_STEP.fullmatch(part) for part in steps)
+                    and any("[" in part for part in steps)
+                    and _FIELD.fullmatch(steps[-1])
+                ):
+                    expected = "response.<list>[<field>=true|false].<id field>: the members the answer kept"
+                    self.fail(f"{ck}.unless", expected, ch["unless"])
                     continue
                 unless = self._kind(unless, rel.member_kind, f"{ck}.unless")
             if owner:
@@ -870,7 +882,9 @@ def one_app_rule(plan: Plan) -> str:
     return f"one app on plan {plan.name} (no overage: its {plan.price.included_dau} DAU are the account's)"
 
 
-# One step of a response selector: a field, or a list's items whose field is true or false.
+# One step of a selector: a field name; in a removal's unless, also a list's items whose field is
+# true or false (name[field=false]).
+_FIELD = re.compile(r"[A-Za-z0-9_-]+")
 _SELECTOR_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[A-Za-z_][A-Za-z0-9_]*=(true|false)\])?")
 
 

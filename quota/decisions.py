@@ -280,19 +280,12 @@ def _named(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy,
     found: list[Any] = [root]
     for part in selector.path:
         nxt: list[Any] = []
-        name, _, where = part.partition("[")
         for node in found:
             items = node if isinstance(node, list) else [node]
             for item in items:
-                if not isinstance(item, dict) or name not in item:
+                if not isinstance(item, dict) or part not in item:
                     raise BadInput(f"{selector} is missing")
-                nxt.append(item[name])
-        if where:
-            # name[field=true|false] (config.py checks the form): the items whose field is that.
-            field, _, wanted = where.rstrip("]").partition("=")
-            flag = wanted == "true"
-            items = [i for n in nxt for i in (n if isinstance(n, list) else [n])]
-            nxt = [i for i in items if isinstance(i, dict) and i.get(field) is flag]
+                nxt.append(item[part])
         found = nxt
     flat = [v for node in found for v in (node if isinstance(node, list) else [node])]
     # Ids in a request are strings; an upstream may answer a numeric id, which is fine to bind.
@@ -308,6 +301,36 @@ def _named(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy,
     elif any(not v or len(v) > MAX_PARAM for v in values):
         raise BadInput(f"{selector} must be 1 to {MAX_PARAM} characters")
     return values
+
+
+def left_in_place(selector: Selector, ids: IdPolicy, response: Any) -> set[str] | None:
+    """The members a removal's answer says it did not remove (a route's `unless`, such as
+    `response.data[result=false].user`: the items of `data` whose `result` is false). None when the
+    answer does not say, unreadable or of another shape: the removal then takes nothing off (counted
+    until `reconcile`), since taking off what the upstream kept would free what is still held."""
+    found: list[Any] = [response]
+    for part in selector.path:
+        name, _, where = part.partition("[")
+        nxt: list[Any] = []
+        for node in found:
+            for item in node if isinstance(node, list) else [node]:
+                if not isinstance(item, dict) or name not in item:
+                    return None
+                nxt.append(item[name])
+        if where:
+            field, _, wanted = where.rstrip("]").partition("=")
+            items = [i for n in nxt for i in (n if isinstance(n, list) else [n])]
+            if not all(isinstance(i, dict) and isinstance(i.get(field), bool) for i in items):
+                return None
+            nxt = [i for i in items if i[field] is (wanted == "true")]
+        found = nxt
+    flat = [v for n in found for v in (n if isinstance(n, list) else [n])]
+    if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in flat):
+        return None
+    try:
+        return {ids.canonical(selector.kind, str(v)) if selector.kind else str(v) for v in flat}
+    except InvalidId:
+        return None
 
 
 def _cap(app: AppPlan, limit: str | None) -> int:
@@ -743,10 +766,9 @@ def after_ops(
                 except BadInput:
                     continue
                 if change.unless is not None:
-                    try:
-                        kept = set(select(change.unless, params, body, ids, response))
-                    except BadInput:
-                        kept = set()  # the response names none left in place
+                    kept = left_in_place(change.unless, ids, response)
+                    if kept is None:
+                        continue  # the answer does not say what it removed: nothing is taken off
                     members = tuple(m for m in members if m not in kept)
                     if not members:
                         continue

@@ -30,8 +30,8 @@ class Selector:
     """Where a value comes from: the app itself, a path parameter, or a dotted path in a JSON body.
 
     Lists are walked: `body.usernames` on `{"usernames": ["a", "b"]}` and `body.username` on
-    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`; `response.data[result=false].user`
-    keeps the items of `data` whose `result` is false. A path value is one id, or a
+    `[{"username": "a"}, {"username": "b"}]` both give `["a", "b"]`. A removal's `unless` may also
+    filter a list's items: `response.data[result=false].user` (decisions.left_in_place). A path value is one id, or a
     comma list only where the route map declares the parameter a list (batch routes). `kind` says
     which id policy the values pass (None: not an id, only bounded).
     """

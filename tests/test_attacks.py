@@ -1529,3 +1529,37 @@ class TestOwners:
             assert await members(client, f"q:{{demo#free}}:s:{relation}:m:ghost") == set()
             await register(client, FREE, ["ghost"])
             assert (await create_room(client, FREE, kind, "ghost")).status_code == 200
+
+    async def test_a_removal_whose_answer_cannot_be_read_takes_nothing_off(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+    ) -> None:
+        """Catches `unless` failing open (found by the review of the owner change): a removal whose
+        2xx answer quota cannot read (not JSON, over the capture limit, another shape) took off every
+        member it named, the owner too, whom the vendor keeps: each such call freed one of the
+        owner's rooms and one of the room's members. Now nothing is taken off (counted, until
+        `reconcile`), which refuses more, never less."""
+        set_cap(config_dir, "free", **{per_user: 1, per_room: 2})
+        gateway = create_gateway()
+
+        async def unreadable(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "DELETE":
+                await gateway(scope, receive, send)
+                return
+
+            async def swallow(message: Any) -> None:
+                return None
+
+            await gateway(scope, receive, swallow)  # the gateway acts; its answer is replaced
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"removed, mostly"})
+
+        unreadable.state = gateway.state  # type: ignore[attr-defined]
+        async with make_client(store, clock, load_config(config_dir), upstream=unreadable) as client:
+            await register(client, FREE, ["own", "a", "b"])
+            room = room_id(await create_room(client, FREE, kind, "own"), kind)
+            assert (await client.post(f"/{FREE}/{kind}/{room}/users/a")).status_code == 200
+            assert (await client.delete(f"/{FREE}/{kind}/{room}/users/a,own")).status_code == 200
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:o:{room}") == {"own", "a"}
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == {room}
+            assert (await create_room(client, FREE, kind, "own")).status_code == 403
+            assert (await client.post(f"/{FREE}/{kind}/{room}/users/b")).status_code == 403

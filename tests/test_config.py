@@ -285,7 +285,7 @@ _REMOVE = {"relation": "group_members", "op": "remove", "owner": "path.a", "memb
         ),
         (
             {"relation": "group_members", "op": "add", "owner": "response.data.id", "members": "response.data.u"},
-            "changes[0].members: expected a path or body selector when the owner comes from the response",
+            "changes[0].members: expected a path or body selector of one id when the owner comes from the response",
         ),
         (
             {"relation": "group_members", "op": "add", "owner": "path.a", "members": "body.u", "unless": "response.x"},
@@ -297,7 +297,23 @@ _REMOVE = {"relation": "group_members", "op": "remove", "owner": "path.a", "memb
         ),
         (
             {**_REMOVE, "unless": "response.["},
-            "changes[0].unless: expected steps of a name, or name[field=true|false]",
+            "changes[0].unless: expected response.<list>[<field>=true|false].<id field>: the members the answer kept",
+        ),
+        (
+            {**_REMOVE, "unless": "response.data[result=false]"},
+            "changes[0].unless: expected response.<list>[<field>=true|false].<id field>",
+        ),
+        (
+            {**_REMOVE, "unless": "response.data.user"},
+            "changes[0].unless: expected response.<list>[<field>=true|false].<id field>",
+        ),
+        (
+            {"relation": "group_members", "op": "add", "owner": "path.a", "members": "body.usernames[x=true]"},
+            "changes[0].members: expected steps of a field name (letters, digits, _ and -)",
+        ),
+        (
+            {"relation": "group_members", "op": "add", "owner": "response.data.id", "members": "path.usernames"},
+            "changes[0].members: expected a path or body selector of one id when the owner comes from the response",
         ),
     ],
 )
@@ -305,7 +321,7 @@ def test_route_response_selectors_where_they_hold(config_dir: Path, change: dict
     """Catches an add reading both sides from the response (nothing to check before the call), an
     owner from the response on a relation with no member cap to reserve under, and `unless` off a
     removal or in a form the selector does not read: each named, with the file and key."""
-    route = {"name": "x", "method": "POST", "path": "/{org}/{app}/x/{a}", "changes": [change]}
+    route = {"name": "x", "method": "POST", "path": "/{org}/{app}/x/{a}/{usernames}", "changes": [change]}
     edit(config_dir / "routes.yaml", lambda d: d["routes"].append(route))
     text = problems(config_dir)
     assert said in text and "routes.yaml" in text, text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,7 @@ from quota.clients import parse_hop
 from quota.config import one_app_rule, plan_may_hold, validate_account, validate_appkey, validate_overrides
 from quota.dashboard import create_dashboard
 from quota.errors import ConfigError, ConflictError, StorageError, UnknownAppError
+from quota.lockout import Lockout, client_key
 from quota.metering import usage_report
 from quota.privacy import forget_user
 from quota.tokens import Scope, Tokens, bearer
@@ -37,8 +39,20 @@ if TYPE_CHECKING:
     from quota.middleware import QuotaMiddleware
 
 
-def _error(status: int, error: str, description: str) -> JSONResponse:
-    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+def _error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=headers)
+
+
+def locked_out(lockout: Lockout, who: str) -> JSONResponse | None:
+    wait = lockout.retry_after(who)
+    if not wait:
+        return None
+    return _error(
+        429,
+        "reach_limit",
+        f"too many wrong tokens from this client ({lockout.rate().text}); retry in {math.ceil(wait)} s",
+        {"retry-after": str(max(1, math.ceil(wait)))},
+    )
 
 
 def _month(text: str | None, today: date) -> tuple[int, int]:
@@ -81,7 +95,11 @@ class Endpoint:
     body: dict[str, Any] | None = None
 
 
-def create_admin(middleware: QuotaMiddleware) -> Starlette:
+def create_admin(middleware: QuotaMiddleware, lockout: Lockout | None = None) -> Starlette:
+    # Wrong tokens, per client, for the admin API and the dashboard's sign-in alike.
+    if lockout is None:
+        lockout = Lockout(lambda: middleware.runtime.settings.wrong_tokens, lambda: middleware.clock())
+
     def runtime() -> Any:
         return middleware.runtime
 
@@ -95,8 +113,13 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             tokens: Tokens = runtime().tokens
             if not tokens.enabled:
                 return _error(404, "service_resource_not_found", "the admin API is off: no admin token configured")
+            who = client_key(middleware.runtime.clients, request.scope)
+            refused = locked_out(lockout, who)
+            if refused is not None:
+                return refused
             given = bearer(request.headers.get("authorization", ""))
             if tokens.scope_of(given) is None:
+                lockout.failed(who)
                 return _error(401, "unauthorized", "missing or wrong admin token")
             if not tokens.grants(given, scope):
                 return _error(403, "forbidden", f"this token may read only; {request.url.path} needs the admin token")
@@ -390,7 +413,7 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
             # prefix, its routes, which token writes) is of use to no one who holds neither token.
             Route("/openapi.json", guarded(show_openapi), methods=["GET"]),
             # Its own login (a cookie, not a bearer header): a browser cannot send the header.
-            Mount("/dashboard", app=create_dashboard(middleware)),
+            Mount("/dashboard", app=create_dashboard(middleware, lockout)),
         ]
     )
 

@@ -67,6 +67,9 @@ class Settings:
     storage_timeout_ms: int = 250
     lease_ttl_s: int = 60
     fallback_rate: Rate = Rate(100, 1, "100/second")
+    # Wrong or missing tokens a client may send the admin API and the dashboard's sign-in in a
+    # window before it is answered 429, right token or not (quota/lockout.py).
+    wrong_tokens: Rate = Rate(10, 60, "10/minute")
     shadow: bool = False
     # How long a create's slot or a free plan's login waits for the upstream; renewed while it works.
     reservation_ttl_s: int = 60
@@ -737,6 +740,7 @@ class _Settings(_Checker):
                 "storage_timeout_ms",
                 "lease_ttl_s",
                 "fallback_rate",
+                "wrong_tokens",
                 "shadow",
                 "reservation_ttl_s",
                 "ipv6_prefix",
@@ -766,6 +770,7 @@ class _Settings(_Checker):
             if value is not None and (not isinstance(value, str) or len(value) < MIN_LENGTH):
                 self.fail(name, f"a string of at least {MIN_LENGTH} characters", _Said("a shorter value"))
         fallback = self.rate(node["fallback_rate"], "fallback_rate") if "fallback_rate" in node else base.fallback_rate
+        wrong = self.rate(node["wrong_tokens"], "wrong_tokens") if "wrong_tokens" in node else base.wrong_tokens
         return Settings(
             trusted_proxies=tuple(proxies),
             admin_token=token,
@@ -780,6 +785,7 @@ class _Settings(_Checker):
             or 1,
             lease_ttl_s=self.whole(node.get("lease_ttl_s", base.lease_ttl_s), "lease_ttl_s", 1) or 1,
             fallback_rate=fallback or base.fallback_rate,
+            wrong_tokens=wrong or base.wrong_tokens,
             shadow=bool(self.boolean(node.get("shadow", False), "shadow")),
             reservation_ttl_s=self.whole(node.get("reservation_ttl_s", base.reservation_ttl_s), "reservation_ttl_s", 1)
             or 1,

@@ -370,3 +370,35 @@ async def test_a_reset_that_would_rewrite_a_served_month_is_refused(admin: httpx
     assert (await admin.delete("/_quota/accounts/demo-free/overlay", headers=AUTH)).status_code == 200
     clock.now = datetime(2031, 3, 2, 10, tzinfo=UTC).timestamp()
     assert (await admin.get("/_quota/bills/demo-free?month=2031-03", headers=AUTH)).json()["plan"] == "free"
+
+
+async def test_wrong_tokens_are_held_per_client(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches token guessing left unthrottled (found by the audit of 2026-12-02): any number of
+    wrong bearer tokens, or dashboard sign-ins, a second. Ten wrong or missing tokens a minute from
+    one client, then 429 with Retry-After, the right token too, on the admin API and the dashboard's
+    sign-in alike; other clients are not held; a minute later the client may try again."""
+    clock.tick = 0
+    for i in range(10):
+        wrong = {"authorization": f"Bearer wrong-token-{i:010d}"}
+        assert (await admin.get("/_quota/accounts", headers=wrong if i % 2 else {})).status_code == 401
+    r = await admin.get("/_quota/accounts", headers=AUTH)
+    assert r.status_code == 429 and r.json()["error"] == "reach_limit", r.text
+    assert "10/minute" in r.json()["error_description"] and 1 <= int(r.headers["retry-after"]) <= 60
+    signin = await admin.post("/_quota/dashboard/login", data={"token": READ}, headers={"origin": "http://gateway"})
+    assert signin.status_code == 429 and "Too many wrong tokens" in signin.text and signin.headers["retry-after"]
+    app = admin._transport.app  # type: ignore[attr-defined]
+    async with asgi_client(app, ("198.51.100.7", 5000)) as other:
+        assert (await other.get("/_quota/accounts", headers=AUTH)).status_code == 200
+    clock.advance(61)
+    assert (await admin.get("/_quota/accounts", headers=AUTH)).status_code == 200
+
+
+async def test_wrong_dashboard_sign_ins_count_too(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches the dashboard's sign-in form as a way around the admin API's count."""
+    clock.tick = 0
+    for i in range(10):
+        r = await admin.post(
+            "/_quota/dashboard/login", data={"token": f"guess-{i:016d}"}, headers={"origin": "http://gateway"}
+        )
+        assert r.status_code == 401, r.text
+    assert (await admin.get("/_quota/accounts", headers=RO)).status_code == 429

@@ -15,6 +15,7 @@ exist. Mounted by the admin API (quota/admin.py); the middleware never imports t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -32,6 +33,7 @@ from quota.dashboard import pages, sessions
 from quota.dashboard.html import text
 from quota.dashboard.reports import account_month, app_month, month_today
 from quota.errors import StorageError, UnknownAppError
+from quota.lockout import Lockout, client_key
 from quota.tokens import Tokens
 
 if TYPE_CHECKING:
@@ -98,7 +100,7 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
+def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette:
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
 
@@ -149,12 +151,20 @@ def create_dashboard(middleware: QuotaMiddleware) -> Starlette:
             return _said("the dashboard is off: no token configured", 404)
         if not _same_origin(request):
             return _said("cross-site form refused", 403)
+        who = client_key(middleware.runtime.clients, request.scope)
+        wait = lockout.retry_after(who)
+        if wait:
+            message = f"Too many wrong tokens from here: try again in {math.ceil(wait)} s."
+            refused = _html(pages.login(base(request), message), 429)
+            refused.headers["retry-after"] = str(max(1, math.ceil(wait)))
+            return refused
         try:
             form = await _form(request)
         except ValueError:
             return _html(pages.login(base(request), "The form was too large."), 400)
         session = sessions.issue(tokens(), form.get("token", "").strip(), accounts())
         if session is None:
+            lockout.failed(who)
             return _html(pages.login(base(request), "That token is not valid."), 401)
         response = RedirectResponse(f"{base(request)}/", status_code=303, headers=HEADERS)
         response.set_cookie(

@@ -38,6 +38,8 @@ async def add_friend(org: str, app_name: str, owner: str, friend: str) -> dict[s
 
 # The app's own routes, outside the REST route map (under no app, so the middleware applies only the
 # general per-IP rate): they ask quota's API what the plan allows, and refuse in quota's terms.
+# They read the app from the query for brevity; a real gateway takes it from the caller's
+# credentials (appkey= a function of the request), since a query names whatever app a client likes.
 
 
 @app.get("/limits", dependencies=[Depends(within_limit("friends_per_user", user="user", appkey=from_query))])

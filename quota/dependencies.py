@@ -58,7 +58,9 @@ def _from_path(request: Request) -> str:
 
 
 def from_query(request: Request) -> str:
-    """The app named by `?app=org%23app`."""
+    """The app named by `?app=org%23app`. The query is the client's to choose: use it only where
+    the caller was authenticated as that app, or a client of a free app names a paid one and is
+    held to its plan. Otherwise pass `appkey=` a function of the authenticated caller."""
     return _param(request, "app")
 
 

@@ -24,7 +24,7 @@ from quota.gateway import create_gateway
 from quota.keys import app_prefix, set_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
-from quota.store.program import TombstoneOp
+from quota.store.program import AddOp, Program, TombstoneOp
 from tests.conftest import Clock, asgi_client, make_client
 from tests.helpers import (
     SwitchedStore,
@@ -1563,3 +1563,22 @@ class TestOwners:
             assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == {room}
             assert (await create_room(client, FREE, kind, "own")).status_code == 403
             assert (await client.post(f"/{FREE}/{kind}/{room}/users/b")).status_code == 403
+
+    async def test_a_creation_never_settled_stops_holding_its_owners_slot(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+    ) -> None:
+        """Catches a user kept out of every room by a creation of its own that never settled (found by
+        the review of the owner change): a create's reservation whose undo the store missed (it was
+        down then) stayed in the user's rooms past its TTL, since only the user's own next create
+        purged it. A join that would be refused drops the expired ones first."""
+        set_cap(config_dir, "free", **{per_user: 1})
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["own", "host"])
+            room = room_id(await create_room(client, FREE, kind, "host"), kind)
+            lost = AddOp(per_user, f"q:{{demo#free}}:s:{relation}:m:own", 1, ("~pending:lost",), pending_ttl_ms=60_000)
+            await store.run(Program([lost]), int(clock.now * 1000))
+            r = await client.post(f"/{FREE}/{kind}/{room}/users/own")
+            assert r.status_code == 403 and r.json()["limit"] == per_user, r.text
+            clock.advance(61)
+            assert (await client.post(f"/{FREE}/{kind}/{room}/users/own")).status_code == 200
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == {room}

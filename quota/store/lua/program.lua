@@ -234,7 +234,13 @@ for index, op in ipairs(ops) do
         local rkey = op.rprefix .. escape(m)
         local rsize = redis.call("SCARD", rkey)
         if redis.call("SISMEMBER", rkey, op.rvalue) == 0 and rsize + 1 > op.rcap then
-          return {0, index - 1, "member", rsize, op.rcap, 0, 0, 0, m}
+          -- A room's creation its creator reserved here and never settled: dropped once expired,
+          -- on the refusing path alone (a join costs nothing more).
+          for _, placeholder in ipairs(purge(rkey .. ":pending")) do redis.call("SREM", rkey, placeholder) end
+          rsize = redis.call("SCARD", rkey)
+          if rsize + 1 > op.rcap then
+            return {0, index - 1, "member", rsize, op.rcap, 0, 0, 0, m}
+          end
         end
       end
     end

@@ -23,6 +23,7 @@ TOKEN = "admin-api-token-0123456789"
 READ = "admin-api-read-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 RO = {"authorization": f"Bearer {READ}"}
+ORIGIN = {"origin": "http://gateway"}
 
 
 @pytest.fixture
@@ -376,20 +377,28 @@ async def test_wrong_tokens_are_held_per_client(admin: httpx.AsyncClient, clock:
     """Catches token guessing left unthrottled (found by the audit of 2026-12-02): any number of
     wrong bearer tokens, or dashboard sign-ins, a second. Ten wrong or missing tokens a minute from
     one client, then 429 with Retry-After, the right token too, on the admin API and the dashboard's
-    sign-in alike; other clients are not held; a minute later the client may try again."""
+    sign-in alike; right tokens never count; other clients are not held; a minute later the client
+    may try again."""
     clock.tick = 0
+    for _ in range(15):
+        assert (await admin.get("/_quota/accounts", headers=AUTH)).status_code == 200
+    for _ in range(12):
+        assert (await admin.post("/_quota/dashboard/login", data={"token": READ}, headers=ORIGIN)).status_code == 303
     for i in range(10):
         wrong = {"authorization": f"Bearer wrong-token-{i:010d}"}
         assert (await admin.get("/_quota/accounts", headers=wrong if i % 2 else {})).status_code == 401
     r = await admin.get("/_quota/accounts", headers=AUTH)
     assert r.status_code == 429 and r.json()["error"] == "reach_limit", r.text
-    assert "10/minute" in r.json()["error_description"] and 1 <= int(r.headers["retry-after"]) <= 60
-    signin = await admin.post("/_quota/dashboard/login", data={"token": READ}, headers={"origin": "http://gateway"})
-    assert signin.status_code == 429 and "Too many wrong tokens" in signin.text and signin.headers["retry-after"]
+    assert "10/minute" in r.json()["error_description"] and r.headers["retry-after"] == "60"
+    signin = await admin.post("/_quota/dashboard/login", data={"token": READ}, headers=ORIGIN)
+    assert signin.status_code == 429 and "Too many wrong tokens" in signin.text
+    assert signin.headers["retry-after"] == "60"
     app = admin._transport.app  # type: ignore[attr-defined]
     async with asgi_client(app, ("198.51.100.7", 5000)) as other:
         assert (await other.get("/_quota/accounts", headers=AUTH)).status_code == 200
-    clock.advance(61)
+    clock.advance(59)
+    assert (await admin.get("/_quota/accounts", headers=AUTH)).status_code == 429
+    clock.advance(2)
     assert (await admin.get("/_quota/accounts", headers=AUTH)).status_code == 200
 
 
@@ -397,8 +406,26 @@ async def test_wrong_dashboard_sign_ins_count_too(admin: httpx.AsyncClient, cloc
     """Catches the dashboard's sign-in form as a way around the admin API's count."""
     clock.tick = 0
     for i in range(10):
-        r = await admin.post(
-            "/_quota/dashboard/login", data={"token": f"guess-{i:016d}"}, headers={"origin": "http://gateway"}
-        )
+        r = await admin.post("/_quota/dashboard/login", data={"token": f"guess-{i:016d}"}, headers=ORIGIN)
         assert r.status_code == 401, r.text
     assert (await admin.get("/_quota/accounts", headers=RO)).status_code == 429
+
+
+async def test_wrong_tokens_are_counted_per_network_as_configured(
+    store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches the count keyed by address where rates key by network (a host holds a whole IPv6
+    /64: one guesser, a fresh allowance per address) or `wrong_tokens` in quota.yaml ignored."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    (config_dir / "quota.yaml").write_text("wrong_tokens: 3/minute\n")
+    clock.tick = 0
+    app = build_app(load_config(config_dir), store=store)
+    app.clock = clock
+    wrong = {"authorization": "Bearer wrong-token-0000000000"}
+    for i in range(3):
+        async with asgi_client(app, (f"2001:db8:1:2::{i + 1}", 5000)) as c:
+            assert (await c.get("/_quota/accounts", headers=wrong)).status_code == 401
+    async with asgi_client(app, ("2001:db8:1:2::99", 5000)) as same_network:
+        assert (await same_network.get("/_quota/accounts", headers=AUTH)).status_code == 429
+    async with asgi_client(app, ("2001:db8:1:3::1", 5000)) as next_network:
+        assert (await next_network.get("/_quota/accounts", headers=AUTH)).status_code == 200

@@ -1530,8 +1530,27 @@ class TestOwners:
             await register(client, FREE, ["ghost"])
             assert (await create_room(client, FREE, kind, "ghost")).status_code == 200
 
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            b"removed, mostly",
+            b"{}",
+            b'{"data": [{"user": "own"}]}',
+            b'{"data": [{"result": "false", "user": "own"}]}',
+            b'{"data": [{"result": false, "user": "own"}], "pad": "' + b"x" * 70_000 + b'"}',
+        ],
+        ids=["text", "empty", "no-result", "result-a-string", "over-64KiB"],
+    )
     async def test_a_removal_whose_answer_cannot_be_read_takes_nothing_off(
-        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+        self,
+        store: Any,
+        clock: Clock,
+        config_dir: Path,
+        kind: str,
+        relation: str,
+        per_room: str,
+        per_user: str,
+        answer: bytes,
     ) -> None:
         """Catches `unless` failing open (found by the review of the owner change): a removal whose
         2xx answer quota cannot read (not JSON, over the capture limit, another shape) took off every
@@ -1550,8 +1569,9 @@ class TestOwners:
                 return None
 
             await gateway(scope, receive, swallow)  # the gateway acts; its answer is replaced
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"removed, mostly"})
+            kind_of = b"text/plain" if answer[:1] != b"{" else b"application/json"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind_of)]})
+            await send({"type": "http.response.body", "body": answer})
 
         unreadable.state = gateway.state  # type: ignore[attr-defined]
         async with make_client(store, clock, load_config(config_dir), upstream=unreadable) as client:

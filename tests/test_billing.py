@@ -163,6 +163,8 @@ async def test_bill_json_over_admin_api(store: Any, monkeypatch: pytest.MonkeyPa
             False,
             ["month not over: usage to 2027-01-06; the bill is final after 2027-01-31"],
         )
+        app.clock.now = datetime(2027, 1, 31, 23, 59, tzinfo=UTC).timestamp()
+        assert (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()["final"] is False
         # Once January is over, its bill is final, and says nothing more.
         app.clock.now = datetime(2027, 2, 1, 0, 0, tzinfo=UTC).timestamp()
         bill = (await c.get("/_quota/bills/demo-basic?month=2027-01", headers=AUTH)).json()

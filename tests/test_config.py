@@ -284,6 +284,10 @@ _REMOVE = {"relation": "group_members", "op": "remove", "owner": "path.a", "memb
             "changes[0].owner: expected a path or body selector (an owner from the response needs a member_limit)",
         ),
         (
+            {"relation": "app_groups", "op": "add", "owner": "response.data.id", "members": "path.a"},
+            "changes[0].owner: expected a path or body selector (an owner from the response needs a member_limit)",
+        ),
+        (
             {"relation": "group_members", "op": "add", "owner": "response.data.id", "members": "response.data.u"},
             "changes[0].members: expected a path or body selector of one id when the owner comes from the response",
         ),

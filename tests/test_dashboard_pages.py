@@ -8,7 +8,7 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -134,6 +134,17 @@ async def test_customer_sees_its_own_account_only(gateway: httpx.AsyncClient) ->
     overview = (await gateway.get(f"{BASE}/")).text
     assert 'data-account="acme"' in overview and 'data-account="demo-pro"' in overview
     assert (await gateway.get(f"{BASE}/apps/demo/pro")).status_code == 200
+
+
+async def test_an_account_page_says_when_its_bill_is_not_final(gateway: httpx.AsyncClient) -> None:
+    """Catches the page's bill dated by the month's reading day (a past month's last day) instead of
+    today: last month's bill, long final, said "month not over"; this month's must say it."""
+    await _login(gateway, READ)
+    this = (await gateway.get(f"{BASE}/accounts/acme")).text
+    assert "month not over: usage to" in this
+    last = datetime.now(UTC).date().replace(day=1) - timedelta(days=1)
+    past = await gateway.get(f"{BASE}/accounts/acme", params={"month": f"{last:%Y-%m}"})
+    assert past.status_code == 200 and "month not over" not in past.text and "acme" in past.text
 
 
 async def test_customer_sees_only_the_days_its_account_held_an_app(gateway: httpx.AsyncClient) -> None:

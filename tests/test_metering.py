@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -184,6 +185,10 @@ def test_cli_bills_a_month_from_its_first_day_on(redis_server: RedisServer) -> N
     bill not saying that its fee runs on. A what-if quote of any month stays a quote."""
     redis_server.flush()
     url = redis_server.url
+    # The CLI reads the real date, in each of the subprocesses below: not across a midnight.
+    to_midnight = 86400 - time.time() % 86400
+    if to_midnight < 90:
+        time.sleep(to_midnight + 1)
     today = datetime.now(UTC).date()
     nxt = today.replace(day=1) + timedelta(days=32)
     for args in (("demo-basic",), ("--all",)):
@@ -221,6 +226,9 @@ async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypat
         )
         assert "2026-09-30" in r.json()["error_description"]
         assert (await c.get("/demo/basic/users")).status_code == 200
+        month = datetime.fromtimestamp(clock.now, UTC).strftime("%Y-%m")
+        notes = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=auth)).json()["notes"]
+        assert "account frozen since 2026-03-31: its requests are refused; cancel the plan to stop its fee" in notes
         assert (await c.post("/_quota/accounts/demo-pro/unfreeze", headers=auth)).status_code == 200
         assert (await c.get("/demo/pro/users")).status_code == 200
 

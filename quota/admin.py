@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -44,14 +43,14 @@ def _error(status: int, error: str, description: str, headers: dict[str, str] | 
 
 
 def locked_out(lockout: Lockout, who: str) -> JSONResponse | None:
-    wait = lockout.retry_after(who)
+    wait = lockout.wait_s(who)
     if not wait:
         return None
     return _error(
         429,
         "reach_limit",
-        f"too many wrong tokens from this client ({lockout.rate().text}); retry in {math.ceil(wait)} s",
-        {"retry-after": str(max(1, math.ceil(wait)))},
+        f"too many wrong tokens from this client ({lockout.rate().text}); retry in {wait} s",
+        {"retry-after": str(wait)},
     )
 
 

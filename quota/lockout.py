@@ -10,6 +10,7 @@ heard from longest ago: a flood of addresses cannot make it grow.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -45,6 +46,11 @@ class Lockout:
             del self._failed[who]
             return 0.0
         return seen[0] + rate.window_s - now if len(seen) >= rate.amount else 0.0
+
+    def wait_s(self, who: str) -> int:
+        """Whole seconds before `who` may send a token again (Retry-After); 0 when it may now."""
+        wait = self.retry_after(who)
+        return max(1, math.ceil(wait)) if wait else 0
 
     def failed(self, who: str) -> None:
         seen = self._failed.pop(who, None)

@@ -15,7 +15,6 @@ exist. Mounted by the admin API (quota/admin.py); the middleware never imports t
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -152,11 +151,10 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
         if not _same_origin(request):
             return _said("cross-site form refused", 403)
         who = client_key(middleware.runtime.clients, request.scope)
-        wait = lockout.retry_after(who)
+        wait = lockout.wait_s(who)
         if wait:
-            message = f"Too many wrong tokens from here: try again in {math.ceil(wait)} s."
-            refused = _html(pages.login(base(request), message), 429)
-            refused.headers["retry-after"] = str(max(1, math.ceil(wait)))
+            refused = _html(pages.login(base(request), f"Too many wrong tokens from here: try again in {wait} s."), 429)
+            refused.headers["retry-after"] = str(wait)
             return refused
         try:
             form = await _form(request)

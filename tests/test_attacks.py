@@ -1602,3 +1602,18 @@ class TestOwners:
             clock.advance(61)
             assert (await client.post(f"/{FREE}/{kind}/{room}/users/own")).status_code == 200
             assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == {room}
+
+    async def test_creates_at_once_in_any_spelling_hold_the_owners_cap(
+        self, store: Any, clock: Clock, config_dir: Path, kind: str, relation: str, per_room: str, per_user: str
+    ) -> None:
+        """Catches the owner's reservation checked and taken apart (two creates at once both fitting
+        under the cap) or an owner's spelling counted apart (`OWN`, `Own` as other users)."""
+        set_cap(config_dir, "free", **{per_user: 2})
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["own"])
+            spellings = ["own", "OWN", "Own"] * 3
+            results = await asyncio.gather(*(create_room(client, FREE, kind, name) for name in spellings))
+            codes = sorted(r.status_code for r in results)
+            assert codes == [200, 200] + [403] * 7, codes
+            rooms = {room_id(r, kind) for r in results if r.status_code == 200}
+            assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == rooms

@@ -258,7 +258,9 @@ class Quota:
         """The JSON the admin API and `quota entitlements` show (`usage=False`: the plan only)."""
         rt = self.runtime
         canonical = {k: self._entity(k, v) for k, v in (entities or {}).items()}
-        return await entitlements(rt.directory, rt.store, appkey, self._today(), usage=usage, entities=canonical)
+        now = self.clock()
+        today = datetime.fromtimestamp(now, UTC).date()
+        return await entitlements(rt.directory, rt.store, appkey, today, usage=usage, entities=canonical, at=now)
 
     async def explain(
         self, method: str, path: str, *, body: bytes | str | None = None, ip: str = "203.0.113.1"

@@ -175,10 +175,20 @@ async def bill_account(directory: Any, store: Any, name: str, year: int, month: 
     final = today > last
     if not final:
         notes.insert(0, f"month not over: usage to {today.isoformat()}; the bill is final after {last.isoformat()}")
-    if account.frozen_on is not None and account.frozen_on <= min(today, last):
-        # Freezing stops service, not the subscription: the fee runs until the plan is cancelled.
-        notes.append(
-            f"account frozen since {account.frozen_on.isoformat()}: its requests are refused; "
-            "cancel the plan to stop its fee"
-        )
+    frozen = frozen_note(account, min(today, last))
+    if frozen:
+        notes.append(frozen)
     return replace(bill, notes=tuple(notes), final=final)
+
+
+def frozen_note(account: Account, by: date) -> str | None:
+    """What a bill read on `by` says of a frozen account; None when it was not frozen by then.
+
+    Freezing stops service, not the subscription: the fee runs until the plan is cancelled.
+    """
+    if account.frozen_on is None or account.frozen_on > by or account.purge_after is None:
+        return None
+    return (
+        f"account frozen since {account.frozen_on.isoformat()}: its requests are refused and its data "
+        f"may be purged after {account.purge_after.isoformat()}; cancel the plan to stop its fee"
+    )

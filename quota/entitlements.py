@@ -57,9 +57,11 @@ async def entitlements(
     *,
     usage: bool = True,
     entities: dict[str, str] | None = None,
+    at: float | None = None,
 ) -> dict[str, Any]:
     """One app's entitlements; with `usage`, each counted limit's use; `entities` adds one user's,
-    group's or chatroom's counters ({"user": "alice"})."""
+    group's or chatroom's counters ({"user": "alice"}). `at` is the caller's clock (the
+    middleware's; the system's if None): who is online is read against the deadlines it wrote."""
     app = directory.lookup(appkey, today)
     if app is None:
         raise UnknownAppError(appkey)
@@ -72,7 +74,7 @@ async def entitlements(
     used: dict[str, Any] = {name: _usage(app.limits.get(name), n) for name, n in zip(APP_COUNTERS, counts, strict=True)}
     # Today's users against the day's ceiling of new ones (the free plan's; none where overage is billed).
     used["included_dau"] = _usage(None if app.dau_cap == UNLIMITED else app.dau_cap, dau)
-    online = await store.online(online_key(prefix), int(time.time() * 1000))
+    online = await store.online(online_key(prefix), int((time.time() if at is None else at) * 1000))
     cap = app.limits.get("online_users")
     if isinstance(cap, MauShare):
         from quota.metering import mau_pair

@@ -147,6 +147,19 @@ async def test_an_account_page_says_when_its_bill_is_not_final(gateway: httpx.As
     assert past.status_code == 200 and "month not over" not in past.text and "acme" in past.text
 
 
+async def test_a_frozen_account_page_says_so_once(gateway: httpx.AsyncClient) -> None:
+    """Catches the page listing the account's freeze twice (once from the plan's notes, once from
+    the bill's, in two wordings) or without the day its data may be purged."""
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    today = datetime.now(UTC).date()
+    frozen = await gateway.post("/_quota/accounts/acme/freeze", json={"date": today.isoformat()}, headers=auth)
+    assert frozen.status_code == 200, frozen.text
+    await _login(gateway, READ)
+    page = (await gateway.get(f"{BASE}/accounts/acme")).text
+    assert page.count("frozen since") == 1, page
+    assert f"frozen since {today.isoformat()}" in page and f"purged after {frozen.json()['purge_after']}" in page
+
+
 async def test_customer_sees_only_the_days_its_account_held_an_app(gateway: httpx.AsyncClient) -> None:
     """An app moved to acme today was demo-pro's last month, and today is still demo-pro's (the day
     of a move is the old account's): acme's customer sees the app, but none of its DAU, MAU or peak

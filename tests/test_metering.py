@@ -228,7 +228,10 @@ async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypat
         assert (await c.get("/demo/basic/users")).status_code == 200
         month = datetime.fromtimestamp(clock.now, UTC).strftime("%Y-%m")
         notes = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=auth)).json()["notes"]
-        assert "account frozen since 2026-03-31: its requests are refused; cancel the plan to stop its fee" in notes
+        assert (
+            "account frozen since 2026-03-31: its requests are refused and its data may be purged after "
+            "2026-09-30; cancel the plan to stop its fee"
+        ) in notes
         assert (await c.post("/_quota/accounts/demo-pro/unfreeze", headers=auth)).status_code == 200
         assert (await c.get("/demo/pro/users")).status_code == 200
 

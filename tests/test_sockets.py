@@ -6,6 +6,8 @@ activity and lease sets are read raw by their spelled-out keys."""
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -401,3 +403,29 @@ async def test_a_connection_ends_when_its_account_no_longer_holds_it(
         await amy.inbox.put({"type": "websocket.receive", "text": "after"})
         await asyncio.wait_for(amy.task, 5)
         assert heard == ["before"] and amy.outbox.empty()
+
+
+async def test_online_count_read_by_the_middlewares_clock(
+    store: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Catches entitlements reading who is online by the system's clock while the middleware wrote
+    the deadlines by its own: with the middleware's clock an hour behind, a connected user showed 0
+    online in the admin API and on the dashboard."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", SOCKET_TOKEN)
+    monkeypatch.setenv("QUOTA_READ_TOKEN", "sockets-read-token-0123456789")
+    auth = {"authorization": f"Bearer {SOCKET_TOKEN}"}
+    behind = Clock(time.time() - 3600, tick=0)
+    async with make_client(store, behind) as client:
+        await register(client, "demo/basic", ["amy"])
+        ws = Socket(mw_of(client), "/demo/basic/users/amy/connection")
+        assert (await ws.open())["type"] == "websocket.accept"
+        try:
+            usage = (await client.get("/_quota/entitlements/demo/basic", headers=auth)).json()["usage"]
+            assert usage["online_users"]["used"] == 1, usage
+            login = {"token": "sockets-read-token-0123456789"}
+            signed = await client.post("/_quota/dashboard/login", data=login, headers={"origin": "http://gateway"})
+            assert signed.status_code == 303, signed.text
+            page = (await client.get("/_quota/dashboard/apps/demo/basic")).text
+            assert re.search(r'data-tile="online">1 / ', page), page
+        finally:
+            await ws.close()

@@ -15,7 +15,6 @@ exist. Mounted by the admin API (quota/admin.py); the middleware never imports t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from importlib.resources import files
@@ -194,13 +193,13 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
         return Response(STYLE, media_type="text/css", headers={"cache-control": "max-age=3600"})
 
     async def overview(request: Request, rt: Any, session: sessions.Session) -> Response:
-        now = served_day()
+        now, at = served_day(), middleware.clock()
         year, month = _month(request, now)
         shown = []
         for name in sorted(rt.directory.accounts):
             if session.sees(name):
                 account = rt.directory.accounts[name]
-                shown.append(await account_month(rt.directory, rt.store, account, year, month, now))
+                shown.append(await account_month(rt.directory, rt.store, account, year, month, now, at=at))
         return _html(pages.overview(shown, year, month, base=base(request), csrf=csrf(session)))
 
     async def one_app(request: Request, rt: Any, session: sessions.Session) -> Response:
@@ -212,8 +211,9 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
             raise UnknownAppError(appkey)
         # A customer sees the app's days as its account's; an operator, the app's whole history.
         holder = owner if session.account is not None else None
-        app = await app_month(rt.directory, rt.store, appkey, year, month, today, holder)
-        refusals = middleware.metrics.refusals.last_hour(appkey, time.time())
+        at = middleware.clock()
+        app = await app_month(rt.directory, rt.store, appkey, year, month, today, holder, at=at)
+        refusals = middleware.metrics.refusals.last_hour(appkey, at)
         return _html(pages.app_page(app, refusals, year, month, base=base(request), csrf=csrf(session)))
 
     async def one_account(request: Request, rt: Any, session: sessions.Session) -> Response:
@@ -223,7 +223,7 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
             raise KeyError(f"unknown account {name!r}")
         now = served_day()
         year, month = _month(request, now)
-        acc = await account_month(rt.directory, rt.store, account, year, month, now)
+        acc = await account_month(rt.directory, rt.store, account, year, month, now, at=middleware.clock())
         return _html(pages.account_page(acc, year, month, base=base(request), csrf=csrf(session)))
 
     return Starlette(

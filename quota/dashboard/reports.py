@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from quota.accounts import Account, first_of_next_month
-from quota.billing import AppPeak, Bill, bill_account, billing_plan, compute_bill, held_daily
+from quota.billing import AppPeak, Bill, bill_account, billing_plan, compute_bill, frozen_note, held_daily
 from quota.display import day
 from quota.entitlements import ENTITY_COUNTERS, entitlements
 from quota.keys import app_prefix, side_prefix
@@ -108,11 +108,20 @@ async def nearest_entities(store: Store, appkey: str, limits: dict[str, Any]) ->
 
 
 async def app_month(
-    directory: Directory, store: Store, appkey: str, year: int, month: int, today: date, holder: Account | None = None
+    directory: Directory,
+    store: Store,
+    appkey: str,
+    year: int,
+    month: int,
+    today: date,
+    holder: Account | None = None,
+    *,
+    at: float | None = None,
 ) -> AppMonth:
     """One app's month; seen as `holder`'s (a customer's, or an account page's row), only the days
-    that account held it: what another account held before is that one's."""
-    ent = await entitlements(directory, store, appkey, today)
+    that account held it: what another account held before is that one's. `at`: the clock the
+    online count is read by (the middleware's)."""
+    ent = await entitlements(directory, store, appkey, today, at=at)
     prefix = app_prefix(appkey)
     daily = await daily_active(store, prefix, year, month)
     whole = True
@@ -179,20 +188,18 @@ def plan_notes(account: Account, year: int, month: int) -> list[str]:
             notes.append(f"changes to {sub.plan} on {day(sub.start)}; this month stays on {billed}")
         if sub.end == following and not any(s.start == following for s in account.subscriptions):
             notes.append(f"cancelled: the subscription ends on {day(following)}")
-    if account.frozen_on is not None and account.purge_after is not None:
-        notes.append(f"frozen since {day(account.frozen_on)}; data may be purged after {day(account.purge_after)}")
     return notes
 
 
 async def account_month(
-    directory: Directory, store: Store, account: Account, year: int, month: int, now: date
+    directory: Directory, store: Store, account: Account, year: int, month: int, now: date, *, at: float | None = None
 ) -> AccountMonth:
     today = month_today(year, month, now)
     plan, started = billing_plan(account, year, month)
     apps = []
     for appkey in account.apps:
         if directory.lookup(appkey, today) is not None:
-            apps.append(await app_month(directory, store, appkey, year, month, today, account))
+            apps.append(await app_month(directory, store, appkey, year, month, today, account, at=at))
     bill = forecast = None
     if plan is not None:
         bill = await bill_account(directory, store, account.name, year, month, today=now)
@@ -202,4 +209,8 @@ async def account_month(
         forecast = compute_bill(
             directory.matrix.plans[plan], peaks, year, month, account=account.name, subscribed_on=started
         )
-    return AccountMonth(account, plan, bill, forecast, tuple(apps), tuple(plan_notes(account, year, month)))
+    notes = plan_notes(account, year, month)
+    frozen = frozen_note(account, min(now, date(year, month, calendar.monthrange(year, month)[1])))
+    if bill is None and frozen:
+        notes.append(frozen)  # a bill says it itself, and the page shows the bill's notes too
+    return AccountMonth(account, plan, bill, forecast, tuple(apps), tuple(notes))

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from tests.helpers import read_yaml
 
 HERE = Path(__file__).resolve().parent
 EXPLAINED = HERE / "mutation_explained.yaml"
@@ -67,7 +67,7 @@ def diff(mutant: Mutant) -> None:
 
 
 def explain(mutants: list[Mutant]) -> None:
-    entries = yaml.safe_load(EXPLAINED.read_text()) or []
+    entries = read_yaml(EXPLAINED) or []
     for m in mutants:
         for e in entries:
             if e["function"] == m.function and e["minus"] == m.minus and e["plus"] in ("*", m.plus):

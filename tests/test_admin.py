@@ -16,13 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from tests.conftest import ROOT, Clock, RedisServer, asgi_client, free_port, run_cli
-from tests.helpers import create_room, entitlements, register, room_id
+from tests.helpers import create_room, entitlements, read_yaml, register, room_id, write_yaml
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -40,9 +39,9 @@ async def admin(store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.
 
 
 def edit(path: Path, change: Any) -> None:
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     change(doc)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    write_yaml(path, doc)
 
 
 class TestToken:

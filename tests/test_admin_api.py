@@ -10,14 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from starlette.routing import Route
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from tests.conftest import Clock, RedisServer, asgi_client, make_client, run_cli
-from tests.helpers import register
+from tests.helpers import read_yaml, register, write_yaml
 
 TOKEN = "admin-api-token-0123456789"
 READ = "admin-api-read-0123456789"
@@ -119,9 +118,9 @@ async def test_overlay_diff_reset_and_warning(admin: httpx.AsyncClient, caplog: 
     overlay = (await admin.get("/_quota/accounts/demo-free/overlay", headers=RO)).json()["overlay"]
     assert "subscriptions" in overlay["fields"] and overlay["hides_a_yaml_edit"] is False
     accounts_yaml = admin.config_dir / "accounts.yaml"  # type: ignore[attr-defined]
-    doc = yaml.safe_load(accounts_yaml.read_text())
+    doc = read_yaml(accounts_yaml)
     doc["accounts"]["demo-free"]["ip_allowlist"] = ["192.0.2.0/24"]
-    accounts_yaml.write_text(yaml.safe_dump(doc))
+    write_yaml(accounts_yaml, doc)
     with caplog.at_level(logging.WARNING, logger="quota"):
         assert (await admin.post("/_quota/reload", headers=AUTH)).status_code == 200
     assert any("demo-free" in m and "quota accounts reset" in m for m in caplog.messages)

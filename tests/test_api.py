@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from quota import Decision, Quota, Usage
 from quota.config import load_config
 from tests.conftest import Clock, RedisServer, make_client, run_cli
-from tests.helpers import create_room, register, room_id
+from tests.helpers import create_room, read_yaml, register, room_id, write_yaml
 
 TOKEN = "api-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -27,9 +26,9 @@ FREE, PRO = "demo/free", "demo/pro"
 async def admin(store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["free"]["limits"]["friends_per_user"] = 2
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     async with make_client(store, clock, load_config(config_dir)) as client:
         yield client
 

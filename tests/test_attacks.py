@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from starlette.middleware.gzip import GZipMiddleware
 
 from quota.config import load_config
@@ -35,8 +34,10 @@ from tests.helpers import (
     middleware_of,
     raw_deadlines,
     raw_hash,
+    read_yaml,
     register,
     room_id,
+    write_yaml,
 )
 
 FREE, PRO = "demo/free", "demo/pro"
@@ -45,9 +46,9 @@ TOKEN = "attack-admin-token-0123456789"
 
 def set_cap(config_dir: Path, plan: str, **caps: int) -> None:
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"][plan]["limits"].update(caps)
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
 
 
 async def members(client: httpx.AsyncClient, key: str) -> set[str]:
@@ -368,9 +369,9 @@ class TestUnnamedPaths:
         """Catches feature gates that matched PUT (or POST) alone: under `unmatched: rate-only` a
         free app's `POST /callbacks` or `GET .../read_receipts` passed on the per-IP rate alone.
         Found by the review of the plan matrix of 2026-12-01."""
-        edit = yaml.safe_load((config_dir / "routes.yaml").read_text())
+        edit = read_yaml(config_dir / "routes.yaml")
         edit["unmatched"] = "rate-only"
-        (config_dir / "routes.yaml").write_text(yaml.safe_dump(edit, allow_unicode=True))
+        write_yaml(config_dir / "routes.yaml", edit)
         async with make_client(store, clock, load_config(config_dir), upstream=_everything_ok) as client:
             r = await client.request(method, f"/{FREE}{path}", json={} if method != "GET" else None)
             assert r.status_code == 403 and r.json()["limit"] == feature, r.text
@@ -469,9 +470,9 @@ class TestForwardedFor:
             app = mw.runtime.directory.lookup("demo#pro", mw.today(clock.now))
             assert 0 < len(app.compiled["users.list"].shared) <= SHARED_PLANS
             plans = config_dir / "plans.yaml"
-            doc = yaml.safe_load(plans.read_text())
+            doc = read_yaml(plans)
             doc["plans"]["pro"]["rates"]["rest_per_ip"] = "150/second"
-            plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+            write_yaml(plans, doc)
             mw.reload(config_dir)
             assert await self._budget(proxy, first[:51]) == [200] * 50 + [429]
 
@@ -689,9 +690,9 @@ async def test_exact_rate_from_routes_yaml(store: Any, clock: Clock, config_dir:
     """Catches `algorithm: exact` being ignored: across a window edge the sliding window admits up
     to about twice the rate; the exact log never more than the rate in any second."""
     routes = config_dir / "routes.yaml"
-    doc = yaml.safe_load(routes.read_text())
+    doc = read_yaml(routes)
     doc["default_rates"] = [{"rate": "rest_per_ip", "by": "ip", "algorithm": "exact"}]
-    routes.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(routes, doc)
     clock.tick = 0
     clock.now = float(int(clock.now)) + 0.9  # 0.9 s into a second: the worst place for a window edge
     async with make_client(store, clock, load_config(config_dir)) as client:
@@ -851,9 +852,9 @@ class TestAuditFindings:
     async def test_ipv4_mapped_peer_meets_an_ipv4_allowlist(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches a dual-stack peer (::ffff:a.b.c.d) refused by an allowlist of its IPv4 network."""
         accounts = config_dir / "accounts.yaml"
-        doc = yaml.safe_load(accounts.read_text())
+        doc = read_yaml(accounts)
         doc["accounts"]["demo-pro"]["ip_allowlist"] = ["10.0.0.0/8"]
-        accounts.write_text(yaml.safe_dump(doc))
+        write_yaml(accounts, doc)
         async with make_client(store, clock, load_config(config_dir), client_ip="::ffff:10.1.2.3") as client:
             assert (await client.get(f"/{PRO}/users")).status_code == 200
 

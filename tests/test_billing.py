@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
 from quota.matrix import Price
 from quota.serve import build_app
 from tests.conftest import Clock, asgi_client
-from tests.helpers import raw_members, register
+from tests.helpers import raw_members, read_yaml, register, write_yaml
 
 TOKEN = "billing-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -244,9 +243,9 @@ async def test_an_app_moved_away_stays_on_the_bill_of_the_days_it_was_held(
     usage off the bill, or was billed twice. The day of a move is the old account's; the new one
     bills from the next day."""
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["basic"]["price"]["included_dau"] = 1
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     app = build_app(load_config(config_dir), store=store)
     # The admin API dates a move by today's date: the logins happen today too.

@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.errors import ConfigError
 from tests.conftest import run_cli
+from tests.helpers import read_yaml, write_yaml
 
 
 def edit(path: Path, change: object) -> None:
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     change(doc)  # type: ignore[operator]
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    write_yaml(path, doc)
 
 
 def problems(config_dir: Path) -> str:

@@ -345,15 +345,14 @@ async def test_the_forecast_counts_the_apps_the_bill_counts(
     the month: an app over its included DAU, detached, left the forecast below the bill already run.
     The app is detached on an earlier day than the page is read: its days all lie behind today
     (a forecast that projected them forward failed the page)."""
-    import yaml
 
     from tests.conftest import Clock
-    from tests.helpers import register
+    from tests.helpers import read_yaml, register, write_yaml
 
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["basic"]["price"]["included_dau"] = 1
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
     monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
     app = build_app(load_config(config_dir), store=store)

@@ -9,11 +9,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import yaml
 from starlette.testclient import TestClient
 
 from quota.config import DEFAULT_DIR
 from tests.conftest import ROOT
+from tests.helpers import read_yaml, write_yaml
 
 TOKEN = "embedding-test-token-0123456789"
 
@@ -23,9 +23,9 @@ def example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleT
     """The example module, loaded fresh with a config whose free plan allows 2 friends."""
     config = tmp_path / "config"
     shutil.copytree(DEFAULT_DIR, config)
-    plans = yaml.safe_load((config / "plans.yaml").read_text())
+    plans = read_yaml(config / "plans.yaml")
     plans["plans"]["free"]["limits"]["friends_per_user"] = 2
-    (config / "plans.yaml").write_text(yaml.safe_dump(plans, allow_unicode=True))
+    write_yaml(config / "plans.yaml", plans)
     monkeypatch.setenv("QUOTA_CONFIG", str(config))
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     monkeypatch.delenv("QUOTA_REDIS_URL", raising=False)

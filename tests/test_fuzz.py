@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
-import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -36,6 +35,7 @@ from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, RedisServer
+from tests.helpers import read_yaml, write_yaml
 
 APP = "demo#pro"
 # Raw key spellings (quota/keys.py escapes '#' in the app id as %23; user ids and room ids need none).
@@ -76,9 +76,9 @@ def fuzz_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     target = Path(tmp_path_factory.mktemp("fuzz")) / "config"
     shutil.copytree(DEFAULT_DIR, target)
     (target / "quota.yaml").write_text("max_body_bytes: 4096\ntrusted_proxies: ['127.0.0.1/32']\n")
-    plans = yaml.safe_load((target / "plans.yaml").read_text())
+    plans = read_yaml(target / "plans.yaml")
     plans["plans"]["pro"]["limits"].update(CAPS)
-    (target / "plans.yaml").write_text(yaml.safe_dump(plans, allow_unicode=True, sort_keys=False))
+    write_yaml(target / "plans.yaml", plans)
     return load_config(target)
 
 

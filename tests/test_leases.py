@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.decisions import lease_op
 from quota.plans import AppPlan, Directory
 from quota.store.program import Program, ReleaseOp
-from tests.helpers import raw_deadlines
+from tests.helpers import raw_deadlines, read_yaml, write_yaml
 
 NOW = 1_800_000_000_000  # 2027-01-15 08:00 UTC, in ms
 DAY = date(2027, 1, 15)
@@ -69,9 +68,9 @@ async def test_enterprise_online_cap_override(store: Any, config_dir: Path) -> N
     """Catches the enterprise override of online_users ignored: an account whose contract says 3
     online users held the default floor of 1,000."""
     path = config_dir / "accounts.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["accounts"]["demo-enterprise"]["overrides"] = {"online_users": 3}
-    path.write_text(yaml.safe_dump(doc))
+    write_yaml(path, doc)
     allowed = await connect(store, app_of("demo#enterprise", config_dir), 4)
     assert allowed == [True, True, True, False]
 

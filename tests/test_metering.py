@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
@@ -20,7 +19,7 @@ from quota.keys import app_prefix, dau_key
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from tests.conftest import Clock, RedisServer, asgi_client, make_client, run_cli
-from tests.helpers import raw_members, register
+from tests.helpers import raw_members, read_yaml, register, write_yaml
 
 FREE = "demo/free"
 TOKEN = "test-admin-token-0123456789"
@@ -42,9 +41,9 @@ async def test_plans_that_bill_overage_never_refuse_new_users(store: Any, clock:
     """Catches a paid plan's included DAU used as a ceiling: basic includes 2 here and bills the
     rest, so the third and fourth new users of the day get in (and count)."""
     path = config_dir / "plans.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["plans"]["basic"]["price"]["included_dau"] = 2
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(path, doc)
     async with make_client(store, clock, load_config(config_dir)) as client:
         users = ["n1", "n2", "n3", "n4"]
         await register(client, "demo/basic", users)

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from quota.config import DEFAULT_DIR, load_config
 from quota.decisions import plan_request
@@ -31,8 +30,10 @@ from tests.helpers import (
     http_scope,
     middleware_of,
     raw_members,
+    read_yaml,
     register,
     room_id,
+    write_yaml,
 )
 
 FREE, BASIC, PRO, ENT = "demo/free", "demo/basic", "demo/pro", "demo/enterprise"
@@ -159,9 +160,9 @@ class TestRooms:
     ) -> None:
         """A user at their joined cap is refused the next room, naming the user and the limit."""
         path = config_dir / "accounts.yaml"
-        doc = yaml.safe_load(path.read_text())
+        doc = read_yaml(path)
         doc["accounts"]["demo-enterprise"]["overrides"] = {per_user: 2}
-        path.write_text(yaml.safe_dump(doc))
+        write_yaml(path, doc)
         async with make_client(store, clock, load_config(config_dir)) as client:
             await register(client, ENT, ["o0", "o1", "o2", "joiner", "other"])
             rids = [room_id(await create_room(client, ENT, kind, f"o{i}"), kind) for i in range(3)]
@@ -215,9 +216,9 @@ async def test_fill_at_real_value_basic_members(client: httpx.AsyncClient) -> No
 async def test_override_lowers_cap(store: Any, clock: Clock, config_dir: Path) -> None:
     """An enterprise account's override is what the middleware enforces."""
     path = config_dir / "accounts.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["accounts"]["demo-enterprise"]["overrides"] = {"members_per_group": 3, "groups_per_app": 2}
-    path.write_text(yaml.safe_dump(doc))
+    write_yaml(path, doc)
     async with make_client(store, clock, load_config(config_dir)) as client:
         await register(client, ENT, ["o", "a", "b", "c", "d"])
         rid = room_id(await create_room(client, ENT, "chatgroups", "o"), "chatgroups")
@@ -371,9 +372,9 @@ class TestRates:
         window), from the 1st of next month through the admin API; refused at 23:59:30 on free's
         once a minute, the export is let through at 00:00:10 on pro, not refused from memory until
         free's minute is over."""
-        doc = yaml.safe_load((config_dir / "plans.yaml").read_text())
+        doc = read_yaml(config_dir / "plans.yaml")
         doc["plans"]["pro"]["rates"]["history_export_per_app"] = pro_rate
-        (config_dir / "plans.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+        write_yaml(config_dir / "plans.yaml", doc)
         monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
         this_month = datetime.now(UTC).date().replace(day=1)
         next_month = (this_month + timedelta(days=32)).replace(day=1)
@@ -467,9 +468,9 @@ async def test_enterprise_retention_override(store: Any, clock: Clock, config_di
     """Catches retention read from the plan instead of the account: an enterprise account whose
     override is 30 days still served 180 days of history."""
     path = config_dir / "accounts.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["accounts"]["demo-enterprise"]["overrides"] = {"message_retention_days": 30}
-    path.write_text(yaml.safe_dump(doc))
+    write_yaml(path, doc)
     clock.tick = 0
     clock.now = float(int(clock.now) // 3600 * 3600)
     now = datetime.fromtimestamp(clock.now, UTC)
@@ -719,9 +720,9 @@ class TestLanes:
         every other address through the same path."""
         target = tmp_path / "config"
         shutil.copytree(DEFAULT_DIR, target)
-        doc = yaml.safe_load((target / "accounts.yaml").read_text())
+        doc = read_yaml(target / "accounts.yaml")
         doc["accounts"]["demo-pro"]["ip_allowlist"] = ["1.1.1.1"]
-        (target / "accounts.yaml").write_text(yaml.safe_dump(doc))
+        write_yaml(target / "accounts.yaml", doc)
         async with make_client(MemoryStore(), clock, config=load_config(target), client_ip="127.0.0.1") as proxy:
             for _ in range(3):
                 r = await proxy.get(f"/{PRO}/users", headers={"x-forwarded-for": "1.1.1.1"})

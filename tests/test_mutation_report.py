@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
+from tests.helpers import read_yaml
 from tests.mutation_report import EXPLAINED, Mutant, explain, render
 
 pytestmark = pytest.mark.one_build
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.one_build
 
 def test_every_explanation_is_complete() -> None:
     """Catches an explanation that cannot match anything (a missing key) or says nothing."""
-    entries = yaml.safe_load(EXPLAINED.read_text())
+    entries = read_yaml(EXPLAINED)
     assert entries and all(set(e) == {"function", "minus", "plus", "why"} and e["why"].strip() for e in entries)
 
 
@@ -20,7 +20,7 @@ def test_survivors_are_matched_and_scored() -> None:
     """A survivor matching an explanation (exactly, or `*` for any mutation of the line) is listed
     as explained, one that does not is listed as open, and the scores count both ways.
     Catches: a report that calls an unexplained survivor explained, or miscounts."""
-    entry = yaml.safe_load(EXPLAINED.read_text())[0]
+    entry = read_yaml(EXPLAINED)[0]
     name = entry["function"] + "__mutmut_1"
     explained = Mutant(name, "survived", entry["minus"], entry["plus"])
     other = Mutant(entry["function"] + "__mutmut_2", "survived", "x = 1", "x = 2")

@@ -17,7 +17,7 @@ from quota.config import load_config
 from quota.serve import build_app
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, RedisCluster, RedisServer, asgi_client
-from tests.helpers import SwitchedStore, register
+from tests.helpers import SwitchedStore, read_yaml, register, write_yaml
 
 pytestmark = pytest.mark.redis
 PRO, FREE = "demo/pro", "demo/free"
@@ -121,14 +121,13 @@ async def test_storage_timeout_reaches_the_store(config_dir: Path) -> None:
 
 async def test_per_rule_outage_policy(config_dir: Any) -> None:
     """A route marked `outage: open` lets counted writes through, unchecked, while Redis is down."""
-    import yaml
 
     path = config_dir / "routes.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     for route in doc["routes"]:
         if route["name"] == "contacts.add":
             route["outage"] = "open"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_yaml(path, doc)
     server = RedisServer()
     server.start()
     store = RedisStore(server.url, timeout_ms=200)

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -26,7 +25,7 @@ from quota.config import DEFAULT_DIR
 from quota.proxy import ProxyApp, Upstream
 from quota.proxy.headers import client_response_headers, upstream_request_headers
 from tests.conftest import RedisServer
-from tests.helpers import call_raw, http_scope
+from tests.helpers import call_raw, http_scope, read_yaml, write_yaml
 from tests.running import Running, established, gateway, quota, wait_until
 
 pytestmark = pytest.mark.redis
@@ -44,9 +43,9 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target.mkdir()
     for source in DEFAULT_DIR.glob("*.yaml"):
         (target / source.name).write_text(source.read_text())
-    plans = yaml.safe_load((target / "plans.yaml").read_text())
+    plans = read_yaml(target / "plans.yaml")
     plans["plans"]["free"]["limits"].update(friends_per_user=3, groups_per_app=2, online_users=2)
-    (target / "plans.yaml").write_text(yaml.safe_dump(plans, allow_unicode=True))
+    write_yaml(target / "plans.yaml", plans)
     (target / "quota.yaml").write_text("trusted_proxies: [127.0.0.1/32]\nmax_body_bytes: 1048576\n")
     return target
 

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from tests.conftest import Clock, make_client
-from tests.helpers import raw_members, register
+from tests.helpers import raw_members, read_yaml, register, write_yaml
 
 PRO = "demo/pro"
 
@@ -135,11 +134,11 @@ async def test_the_sheets_rest_features_have_routes(
         r = await client.request(method, f"/{PRO}{path}", json={} if method == "POST" else None)
         assert r.status_code == 200, r.text
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     for group in doc["plans"]["pro"]["features"].values():
         if feature in group:
             group[feature] = False
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     async with make_client(store, clock, load_config(config_dir), upstream=_ok) as client:
         r = await client.request(method, f"/{PRO}{path}", json={} if method == "POST" else None)
         assert r.status_code == 403 and feature in r.text, r.text

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.errors import ConfigError
 from quota.routes import RouteMap, RouteRule
 from quota.store.memory import MemoryStore
 from tests.conftest import Clock, make_client
+from tests.helpers import read_yaml, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +176,9 @@ async def test_unknown_app_and_unnamed_path_are_404() -> None:
 
 def edit_routes(config_dir: Path, change: Any) -> str:
     path = config_dir / "routes.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     change(doc)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_yaml(path, doc)
     with pytest.raises(ConfigError) as info:
         load_config(config_dir)
     return str(info.value)
@@ -229,8 +229,8 @@ def test_bad_algorithm(config_dir: Path) -> None:
 def test_exact_algorithm_is_accepted(config_dir: Path) -> None:
     """Catches `algorithm: exact` not reaching the RateOp (the route would keep the sliding window)."""
     path = config_dir / "routes.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     route(doc, "groups.joined")["rates"] = [{"rate": "50/second", "by": "ip", "algorithm": "exact"}]
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_yaml(path, doc)
     rule = load_config(config_dir).routes.match("GET", "/demo/pro/users/bob/joined_chatgroups").rule
     assert [r.algorithm for r in rule.rates] == ["exact"]

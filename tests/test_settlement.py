@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.gateway import create_gateway
@@ -26,8 +25,10 @@ from tests.helpers import (
     middleware_of,
     raw_deadlines,
     raw_members,
+    read_yaml,
     register,
     room_id,
+    write_yaml,
 )
 
 PRO = "demo/pro"
@@ -248,9 +249,9 @@ async def test_create_2xx_without_an_id_keeps_its_slot(store: Any, config_dir: P
     """Catches a create whose 2xx answer names no id losing its slot: the chatroom existed and the
     reservation lapsed after 60 s, so the app could create one more than its plan allows."""
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["pro"]["limits"]["chatrooms_per_app"] = 2
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     clock = Clock(tick=0.001)
     upstream = Answering(200, _posts_to("/chatrooms"))
     async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:

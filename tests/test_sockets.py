@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from quota.config import load_config
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.store.redis import RedisStore
 from tests.conftest import Clock, asgi_client, free_port, make_client
-from tests.helpers import SwitchedStore, raw_deadlines, raw_members, register
+from tests.helpers import SwitchedStore, raw_deadlines, raw_members, read_yaml, register, write_yaml
 
 SOCKET_TOKEN = "sockets-admin-token-0123456789"
 
@@ -114,10 +113,10 @@ async def test_frozen_and_allowlist_refuse_the_handshake(store: Any, clock: Cloc
     """Catches a frozen account or an address outside the app's allowlist reaching the upstream
     over WebSocket (the HTTP checks only): both close with 1008 and count nothing."""
     path = config_dir / "accounts.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["accounts"]["demo-pro"]["frozen_on"] = "2026-01-05"
     doc["accounts"]["demo-basic"]["ip_allowlist"] = ["10.0.0.0/8"]
-    path.write_text(yaml.safe_dump(doc))
+    write_yaml(path, doc)
     async with make_client(store, clock, load_config(config_dir)) as client:
         await register(client, "demo/basic", ["amy"])
         code, reason = await refused(mw_of(client), "/demo/pro/users/amy/connection")
@@ -187,11 +186,11 @@ async def test_unchecked_connection_closed_upstream_undoes_nothing(config_dir: P
     route and the store down, a handshake goes through unchecked (nothing added); the upstream
     closing it must end cleanly, not raise while undoing adds that never happened."""
     routes = config_dir / "routes.yaml"
-    doc = yaml.safe_load(routes.read_text())
+    doc = read_yaml(routes)
     for route in doc["routes"]:
         if route["name"] == "users.connect":
             route["outage"] = "open"
-    routes.write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_yaml(routes, doc)
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens there
     app = build_app(load_config(config_dir), store=store)
     try:
@@ -258,9 +257,9 @@ async def test_a_lease_lapsed_in_an_outage_is_taken_again(config_dir: Path) -> N
     refuses, never one already admitted."""
     (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
     path = config_dir / "accounts.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     doc["accounts"]["demo-enterprise"]["overrides"] = {"online_users": 1}
-    path.write_text(yaml.safe_dump(doc))
+    write_yaml(path, doc)
     store = SwitchedStore()
     clock = Clock(tick=0)
     online = "q:{demo#enterprise}:online"

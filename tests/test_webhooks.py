@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -22,7 +21,7 @@ from starlette.routing import Route
 
 from quota.config import load_config
 from tests.conftest import Clock, free_port, make_client
-from tests.helpers import create_room, register
+from tests.helpers import create_room, read_yaml, register, write_yaml
 
 SECRET = "webhook-secret-0123456789"
 
@@ -73,13 +72,11 @@ async def receiver(request: pytest.FixtureRequest) -> AsyncIterator[Receiver]:
 
 
 def configure(config_dir: Path, url: str, groups: int) -> None:
-    (config_dir / "quota.yaml").write_text(
-        yaml.safe_dump({"webhooks": {"urls": [url], "thresholds": [80, 100], "retry_base_ms": 20}})
-    )
+    write_yaml(config_dir / "quota.yaml", {"webhooks": {"urls": [url], "thresholds": [80, 100], "retry_base_ms": 20}})
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["free"]["limits"]["groups_per_app"] = groups
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
 
 
 @pytest.mark.parametrize("receiver", [2], indirect=True)
@@ -124,12 +121,12 @@ async def test_included_dau_threshold(
 ) -> None:
     """Catches the included-DAU signal missing on a plan that bills overage (its DAU has no cap)."""
     monkeypatch.setenv("QUOTA_WEBHOOK_SECRET", SECRET)
-    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": {"urls": [receiver.url], "thresholds": [80]}}))
+    write_yaml(config_dir / "quota.yaml", {"webhooks": {"urls": [receiver.url], "thresholds": [80]}})
     accounts = config_dir / "accounts.yaml"
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["basic"]["price"]["included_dau"] = 5
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     assert accounts.exists()
     async with make_client(store, clock, load_config(config_dir)) as client:
         users = [f"u{i}" for i in range(6)]
@@ -149,7 +146,7 @@ def test_webhooks_need_a_secret(config_dir: Path, monkeypatch: pytest.MonkeyPatc
     from quota.errors import ConfigError
 
     monkeypatch.delenv("QUOTA_WEBHOOK_SECRET", raising=False)
-    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": {"urls": ["http://127.0.0.1:9/h"]}}))
+    write_yaml(config_dir / "quota.yaml", {"webhooks": {"urls": ["http://127.0.0.1:9/h"]}})
     with pytest.raises(ConfigError, match="webhooks.secret_env"):
         load_config(config_dir)
 
@@ -169,9 +166,7 @@ def test_retries_are_bounded(config_dir: Path, monkeypatch: pytest.MonkeyPatch) 
             "webhooks.urls: expected a list of http(s) URLs, found ['ftp://u:***@x/h']",
         ),
     ):
-        (config_dir / "quota.yaml").write_text(
-            yaml.safe_dump({"webhooks": {"urls": ["http://127.0.0.1:9/h"], **hooks}})
-        )
+        write_yaml(config_dir / "quota.yaml", {"webhooks": {"urls": ["http://127.0.0.1:9/h"], **hooks}})
         with pytest.raises(ConfigError) as info:
             load_config(config_dir)
         assert said in str(info.value) and "hunter2" not in str(info.value), str(info.value)
@@ -191,11 +186,11 @@ async def test_a_dead_receiver_neither_holds_the_shutdown_nor_leaks_the_urls_sec
     monkeypatch.setattr(webhooks, "CLOSE_WAIT_S", 0.5)
     dead = f"http://hookuser:S3cret-passw0rd@127.0.0.1:{free_port()}/hook?token=qs-S3cret"
     hooks = {"urls": [dead], "thresholds": [80], "attempts": 10, "retry_base_ms": 60_000}
-    (config_dir / "quota.yaml").write_text(yaml.safe_dump({"webhooks": hooks}))
+    write_yaml(config_dir / "quota.yaml", {"webhooks": hooks})
     plans = config_dir / "plans.yaml"
-    doc = yaml.safe_load(plans.read_text())
+    doc = read_yaml(plans)
     doc["plans"]["basic"]["price"]["included_dau"] = 1
-    plans.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    write_yaml(plans, doc)
     with caplog.at_level(logging.WARNING, logger="quota"):
         async with make_client(store, clock, load_config(config_dir)) as client:
             await register(client, "demo/basic", ["u0"])

@@ -34,9 +34,7 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL))
     dist = tmp_path / "dist"
     subprocess.run(
-        # Without build isolation: the install this suite runs under (scripts/install) already builds
-        # in isolation, from pyproject's build requirements; here that would only download them again.
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
         check=True,
         capture_output=True,
         timeout=300,

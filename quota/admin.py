@@ -94,10 +94,9 @@ class Endpoint:
     body: dict[str, Any] | None = None
 
 
-def create_admin(middleware: QuotaMiddleware, lockout: Lockout | None = None) -> Starlette:
-    # Wrong tokens, per client, for the admin API and the dashboard's sign-in alike.
-    if lockout is None:
-        lockout = Lockout(lambda: middleware.runtime.settings.wrong_tokens, lambda: middleware.clock())
+def create_admin(middleware: QuotaMiddleware) -> Starlette:
+    # Wrong tokens, per client: the middleware's count, which its apps' admin routes share.
+    lockout = middleware.lockout
 
     def runtime() -> Any:
         return middleware.runtime

@@ -112,6 +112,10 @@ def load_config(directory: str | Path | None = None) -> Config:
 
 
 _FILES = ("plans.yaml", "routes.yaml", "accounts.yaml", "quota.yaml")
+# The largest whole limits: 100 years of history; a cap of a trillion (past any real app, within
+# the 2**53 that Lua's numbers hold exactly).
+MAX_RETENTION_DAYS = 36_500
+MAX_LIMIT = 10**12
 
 # libyaml's parser where PyYAML has it: the pure-Python one spends some 120 ms on the shipped
 # config, which every start, reload and `quota` command pays.
@@ -204,6 +208,16 @@ class _Checker:
             self.fail(key, f"a whole number >= {minimum}", node)
             return None
         return node
+
+    def bounded(self, value: int, key: str, name: str) -> int:
+        """A whole limit no larger than a counter or a date can hold: a retention reaching back past
+        the year 1 would fail every history request (a date out of range), and a cap past 2**53 is
+        not the number Lua's doubles compare. Larger is what `unlimited` says."""
+        most = MAX_RETENTION_DAYS if name == "message_retention_days" else MAX_LIMIT
+        if value > most:
+            self.fail(key, f"at most {most:,} (or 'unlimited')", value)
+            return most
+        return value
 
     def money(self, node: Any, key: str) -> Decimal | None:
         if isinstance(node, float):
@@ -301,13 +315,14 @@ class _Matrix(_Checker):
             node = self.mapping(value, key, required=("share_of_mau", "floor"))
             share = self.money(node.get("share_of_mau"), f"{key}.share_of_mau")
             floor = self.whole(node.get("floor"), f"{key}.floor")
+            floor = None if floor is None else self.bounded(floor, f"{key}.floor", name)
             if share is not None and share > 1:
                 self.fail(f"{key}.share_of_mau", "a share between 0 and 1", share)
             return MauShare(share or Decimal(0), floor or 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             self.fail(key, "a whole number >= 0, 'unlimited' or {custom: <default>}", value)
             return 0
-        return value
+        return self.bounded(value, key, name)
 
     def _same_keys(self, plans_node: dict[str, Any]) -> None:
         # A row present in one plan and missing from another is a hole in the sheet, not a default.
@@ -719,7 +734,7 @@ class _Accounts(_Checker):
             else:
                 checked = self.whole(value, okey)
                 if checked is not None:
-                    overrides[lname] = checked
+                    overrides[lname] = self.bounded(checked, okey, lname)
         return overrides
 
     def _date(self, node: Any, key: str) -> date | None:

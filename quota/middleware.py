@@ -43,6 +43,7 @@ from quota.denials import DenyCache
 from quota.errors import StorageError
 from quota.guard import StoreGuard
 from quota.keys import rate_key
+from quota.lockout import Lockout
 from quota.metrics import Metrics, decision_key
 from quota.plans import AppPlan, Directory
 from quota.responses import send_denial
@@ -171,6 +172,9 @@ class QuotaMiddleware:
         self.metrics = Metrics()
         self.guard = StoreGuard(self.metrics)
         self.sockets = SocketHandler(self)
+        # Wrong admin tokens per client, wherever one is given: the admin API, the dashboard's
+        # sign-in and an app's admin routes share one count, so no door guesses past another's.
+        self.lockout = Lockout(lambda: self.runtime.settings.wrong_tokens, lambda: self.clock())
         self.renewals = _Renewals(self)
         self._watcher: asyncio.Task[None] | None = None
         # The first read of the stored accounts, and whether it is done (_first_load).
@@ -338,10 +342,14 @@ class QuotaMiddleware:
                 route_key = key
             # A WebSocket route named as an HTTP method would hold an online slot with no connection.
             socket_only = rule.method == "WEBSOCKET"
-            if rule.refuse or socket_only or (rule.admin and not rt.tokens.grants(_authorization(scope), "admin")):
+            if rule.refuse or socket_only:
                 await send_denial(Denial(404, NOT_FOUND, "no such API"), send, started)
                 return
             if rule.admin:
+                refused = self._admin_denial(rt, scope, address)
+                if refused is not None:
+                    await send_denial(refused, send, started)
+                    return
                 await self.app(scope, receive, send)
                 return
             # No body to wait for before a reservation: HTTP/1 framing says there is none (no length,
@@ -415,6 +423,20 @@ class QuotaMiddleware:
         verdict = _Verdict(receive, lane.params)
         verdict.plan = lane.plan
         return self._run(rt, lane.rule, lane.app, verdict, lane.plan, int(started * 1000))
+
+    def _admin_denial(self, rt: Runtime, scope: dict[str, Any], address: str) -> Denial | None:
+        """An app's admin route (the gateway's state) answers as if it did not exist without the
+        admin token; each wrong or missing token counts toward the client's lockout."""
+        who = rt.clients.key(address)
+        wait = self.lockout.wait_s(who)
+        if wait:
+            rate = self.lockout.rate()
+            text = f"too many wrong tokens from this client ({rate.text}); retry in {wait} s"
+            return Denial(429, "reach_limit", text, None, wait * 1000, rate.amount, wait * 1000)
+        if not rt.tokens.grants(_authorization(scope), "admin"):
+            self.lockout.failed(who)
+            return Denial(404, NOT_FOUND, "no such API")
+        return None
 
     def _decide(
         self,

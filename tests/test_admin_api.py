@@ -110,6 +110,24 @@ async def test_create_attach_override(admin: httpx.AsyncClient) -> None:
     assert any("accounts.bad.apps[0]: expected an appkey org#app" in p for p in problems)
 
 
+async def test_limits_past_what_a_date_or_a_counter_holds_are_refused(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches an override no date can reach back to: 1,000,000 days of history was accepted, and
+    every history request of the account's apps then failed (a date out of range, a 500). The
+    longest is 100 years; past it is `unlimited`. Found by the audit of 2026-12-02."""
+    url = "/_quota/accounts/demo-enterprise/overrides"
+    r = await admin.put(url, json={"message_retention_days": 1_000_000}, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert "overrides.message_retention_days: expected at most 36,500 (or 'unlimited')" in r.json()["problems"][0]
+    yesterday = f"{datetime.now(UTC) - timedelta(days=1):%Y%m%d%H}"
+    assert (await admin.get(f"/demo/enterprise/chatmessages/{yesterday}")).status_code == 200
+    for days in (36_500, "unlimited"):
+        assert (await admin.put(url, json={"message_retention_days": days}, headers=AUTH)).status_code == 200
+        clock.advance(61)  # the history export: once a minute per app
+        assert (await admin.get("/demo/enterprise/chatmessages/1930010100")).status_code == 200
+    r = await admin.put(url, json={"members_per_group": 10**13}, headers=AUTH)
+    assert r.status_code == 400 and "at most 1,000,000,000,000" in r.json()["problems"][0], r.text
+
+
 async def test_overlay_diff_reset_and_warning(admin: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     """Catches stored changes silently hiding a later accounts.yaml edit: the overlay is shown, a
     warning is logged when the YAML entry changed under it, and a reset makes the YAML apply again."""
@@ -408,6 +426,25 @@ async def test_wrong_dashboard_sign_ins_count_too(admin: httpx.AsyncClient, cloc
         r = await admin.post("/_quota/dashboard/login", data={"token": f"guess-{i:016d}"}, headers=ORIGIN)
         assert r.status_code == 401, r.text
     assert (await admin.get("/_quota/accounts", headers=RO)).status_code == 429
+
+
+async def test_an_apps_admin_route_shares_the_wrong_token_count(admin: httpx.AsyncClient, clock: Clock) -> None:
+    """Catches an app's admin route (`GET /{org}/{app}/_state`, 404 without the admin token) as a
+    door past the count: a client locked out of the admin API went on guessing there, any number a
+    second, and the right guess answered 200. Found by the audit of 2026-12-02."""
+    clock.tick = 0
+    assert (await admin.get("/demo/pro/_state", headers=AUTH)).status_code == 200
+    for i in range(10):
+        wrong = {"authorization": f"Bearer guess-{i:020d}"}
+        assert (await admin.get("/demo/pro/_state", headers=wrong if i % 2 else {})).status_code == 404
+    r = await admin.get("/demo/pro/_state", headers=AUTH)
+    assert r.status_code == 429 and r.headers["retry-after"] == "60" and "10/minute" in r.text, r.text
+    assert (await admin.get("/_quota/accounts", headers=AUTH)).status_code == 429  # one count, every door
+    clock.advance(61)
+    assert (await admin.get("/demo/pro/_state", headers=AUTH)).status_code == 200
+    for i in range(10):
+        assert (await admin.get("/_quota/accounts", headers={"authorization": f"Bearer x{i:020d}"})).status_code == 401
+    assert (await admin.get("/demo/pro/_state", headers=AUTH)).status_code == 429
 
 
 async def test_wrong_tokens_are_counted_per_network_as_configured(

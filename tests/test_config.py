@@ -39,6 +39,23 @@ def test_unknown_key(config_dir: Path) -> None:
     assert "plans.yaml: plans.pro.limits.friend_per_user" in text and "unknown key" in text
 
 
+def test_a_limit_past_what_a_counter_or_a_date_holds(config_dir: Path) -> None:
+    """A cap past a trillion, a retention past 100 years, or an online floor past a trillion is
+    refused by name: `unlimited` says it. Catches a plan whose history requests all fail (a date
+    out of range) or whose cap Lua compares as a rounded double."""
+
+    def huge(d: Any) -> None:
+        limits = d["plans"]["pro"]["limits"]
+        limits.update(friends_per_user=10**13, message_retention_days=36_501)
+        d["plans"]["basic"]["limits"]["online_users"]["floor"] = 10**13
+
+    edit(config_dir / "plans.yaml", huge)
+    text = problems(config_dir)
+    assert "plans.yaml: plans.pro.limits.friends_per_user: expected at most 1,000,000,000,000" in text, text
+    assert "plans.pro.limits.message_retention_days: expected at most 36,500 (or 'unlimited')" in text, text
+    assert "plans.basic.limits.online_users.floor: expected at most 1,000,000,000,000" in text, text
+
+
 def test_wrong_type(config_dir: Path) -> None:
     """A string where a number belongs says what was expected and found."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["basic"]["limits"].update(members_per_group="lots"))

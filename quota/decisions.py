@@ -180,13 +180,16 @@ def parse_body(raw: bytes) -> Any:
     object names a key twice, in any case: parsers differ on which one counts (Python's json takes
     the last; Go's encoding/json matches fields case-insensitively, `USERNAMES` or `uſernames` as
     `usernames`), and the gateway must read the ids quota counted. NaN and Infinity, which Python
-    reads and JSON (RFC 8259) does not, are refused as a strict gateway refuses them."""
+    reads and JSON (RFC 8259) does not, are refused as a strict gateway refuses them, and so is a
+    body not in UTF-8 (UTF-16, a byte-order mark)."""
     if not raw:
         return None
     try:
         # json.loads's own steps with a decoder built once: given the hook, json.loads builds a
         # decoder per call, which doubled the parse.
-        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        # UTF-8 alone (RFC 8259), as the Content-Type quota admits says: a gateway reading the
+        # same bytes as UTF-8 must find the same document, or none.
+        return _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput("request body is not valid JSON") from exc
 

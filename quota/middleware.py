@@ -352,6 +352,11 @@ class QuotaMiddleware:
                     return
                 await self.app(scope, receive, send)
                 return
+            if rule.needs_body:
+                odd = _not_json(scope)
+                if odd is not None:
+                    await send_denial(Denial(415, "illegal_argument", odd), send, started)
+                    return
             # No body to wait for before a reservation: HTTP/1 framing says there is none (no length,
             # or a length of 0), as _Bounded already trusts. A route that reads its body reads it
             # whatever the framing says: what quota counts is what the upstream is handed.
@@ -833,6 +838,36 @@ def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
             unframed = True
     version = scope.get("http_version")
     return declared, not unframed and isinstance(version, str) and version in ("1.1", "1.0")
+
+
+def _not_json(scope: dict[str, Any]) -> str | None:
+    """Why a body quota counts from cannot be read as the gateway reads it; None when it can. quota
+    reads JSON in UTF-8 (RFC 8259), so a body must say nothing else: a gateway that decodes by a
+    declared charset reads another document from the same bytes (in UTF-7, `+ACI-` is a quote: a
+    key hidden inside a string to quota is a key of its own there), and one that reads form fields
+    by their type finds fields quota never saw. No Content-Type is JSON to quota; a gateway that
+    then reads no body acts on nothing quota did not count."""
+    found: Any = None
+    for header in scope["headers"]:
+        if header[0] == b"content-type":
+            if found is not None:
+                return "request names its Content-Type twice"
+            found = header[1]
+    if found is None:
+        return None
+    value = found if isinstance(found, bytes) else b""
+    media, _, params = value.partition(b";")
+    fits = media.strip().lower() == b"application/json"
+    for param in params.split(b";") if fits and params else ():
+        name, _, given = param.partition(b"=")
+        if name.strip() or given.strip():
+            fits = (
+                fits and name.strip().lower() == b"charset" and given.strip().strip(b'"').lower() in (b"utf-8", b"utf8")
+            )
+    if fits:
+        return None
+    shown = value[:80].decode("latin-1") if isinstance(found, bytes) else repr(found)[:80]
+    return f"request body must be JSON in UTF-8 (Content-Type: application/json), found Content-Type {shown!r}"
 
 
 def _authorization(scope: dict[str, Any]) -> str:

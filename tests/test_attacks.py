@@ -29,6 +29,7 @@ from tests.helpers import (
     SwitchedStore,
     call_raw,
     create_room,
+    entitlements,
     gateway_state,
     http_scope,
     middleware_of,
@@ -508,6 +509,85 @@ class TestBodies:
             assert sent[0]["status"] == 400, sent
             assert b"names a key twice" in sent[1]["body"]
             assert seen == []
+
+    @pytest.mark.parametrize(
+        ("headers", "body", "status"),
+        [
+            ([(b"content-type", b"application/json; charset=utf-7")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"application/json; charset=UTF-16")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"application/x-www-form-urlencoded")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"text/plain")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"application/json; boundary=x")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"application/json")] * 2, b'{"usernames": ["a"]}', 415),
+            ([(b"content-type", b"application/json")], '{"usernames": ["a"]}'.encode("utf-16"), 400),
+            ([(b"content-type", b"application/json")], b'\xef\xbb\xbf{"usernames": ["a"]}', 400),
+            ([], b'{"usernames": ["a"]}', 200),
+            ([(b"content-type", b"application/json")], b'{"usernames": ["a"]}', 200),
+            ([(b"content-type", b'Application/JSON ; Charset="UTF-8";')], b'{"usernames": ["a"]}', 200),
+        ],
+    )
+    async def test_a_body_is_json_in_utf8_or_it_is_refused(
+        self, clock: Clock, headers: list[tuple[bytes, bytes]], body: bytes, status: int
+    ) -> None:
+        """Catches a counted body the gateway may read as another document: a declared charset
+        (a gateway decoding by it), a form or text type (one reading fields by type), two types, or
+        bytes not in UTF-8. Refused before anything is counted; plain JSON, typed or not, passes."""
+        seen: list[str] = []
+        async with make_client(MemoryStore(), clock) as client:
+            await register(client, FREE, ["o", "a"])
+            gid = room_id(await create_room(client, FREE, "chatgroups", "o"), "chatgroups")
+            mw = middleware_of(client)
+            gateway, mw.app = mw.app, _recording(seen, "path")
+            sent = await call_raw(mw, http_scope("POST", f"/{FREE}/chatgroups/{gid}/users", headers=headers), body)
+            assert sent[0]["status"] == status, sent
+            assert len(seen) == (status == 200)
+            mw.app = gateway
+            members = await entitlements(client, FREE, group=gid)
+            assert members["entities"][f"group:{gid}"]["members_per_group"]["used"] == 1 + (status == 200)
+
+    async def test_a_utf7_body_hides_no_login_from_the_dau_count(self, clock: Clock) -> None:
+        """The attack, end to end: behind `quota proxy`, a gateway in aiohttp decodes a body by the
+        charset it declares. In UTF-7 `+ACI-` is a quote, so a login naming `alice` to quota named
+        another user to the gateway (the last key of a name wins): 101 users a day on free's
+        100-DAU plan, quota counting one. Found by the audit of 2026-12-02."""
+        import base64
+
+        from aiohttp import web
+
+        from quota.proxy import ProxyApp, Upstream
+
+        logged_in: set[str] = set()
+
+        async def token(request: web.Request) -> web.Response:
+            logged_in.add((await request.json())["username"])  # decoded by the declared charset
+            return web.json_response({"access_token": "YWMt", "expires_in": 86400})
+
+        gateway = web.Application()
+        gateway.router.add_post("/{org}/{app}/token", token)
+        runner = web.AppRunner(gateway)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{port}"))
+        app = build_app(load_config(), store=MemoryStore(), upstream=proxy)
+        app.clock = clock
+        utf7 = {"content-type": "application/json; charset=utf-7"}
+        try:
+            async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+                for i in range(3):
+                    quote = base64.b64encode(f'","username":"user{i}","x":"'.encode("utf-16-be")).decode()
+                    body = '{"username":"alice","x":"+' + quote.rstrip("=") + '-"}'
+                    r = await client.post("/demo/free/token", content=body, headers=utf7)
+                    assert r.status_code == 415, r.text
+                codes = [
+                    (await client.post("/demo/free/token", json={"username": f"u{i}"})).status_code for i in range(101)
+                ]
+        finally:
+            proxy.pool.close()
+            await runner.cleanup()
+        assert logged_in == {f"u{i}" for i in range(100)}
+        assert codes == [200] * 100 + [403]
 
     @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
     async def test_a_number_json_has_not_is_refused(self, store: Any, clock: Clock, constant: bytes) -> None:

@@ -226,6 +226,51 @@ class TestUpstreamFailures:
         assert "upstream broke off its response" in odd_proxy.log()
         assert "Traceback" not in odd_proxy.log()
 
+    @pytest.mark.parametrize("ending", ["close", "reset"])
+    async def test_a_body_that_runs_to_the_close(self, ending: str) -> None:
+        """An answer with neither Content-Length nor chunking ends when the upstream closes (RFC
+        9112 6.3; an HTTP/1.0 server's way): a close is its end, and the answer reaches the client
+        whole, its friend counted; a reset is a failure, never passed off as a whole answer, and
+        the friend stays counted as a 2xx status line said. Catches every such answer aborted
+        (found by the audit of 2026-12-02), and a reset read as an end."""
+        import socket
+        import struct
+
+        from quota.config import load_config
+        from quota.proxy.errors import UpstreamBroken
+        from quota.serve import build_app
+        from quota.store.memory import MemoryStore
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b'HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{"ok": ')
+            await writer.drain()
+            if ending == "reset":
+                linger = struct.pack("ii", 1, 0)  # closed at once, with a reset
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            else:
+                writer.write(b"true}")
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"))
+        store = MemoryStore()
+        app = build_app(load_config(), store=store, upstream=proxy)
+        try:
+            scope = http_scope("POST", f"/{FREE}/users/ann/contacts/users/bob")
+            if ending == "close":
+                sent = await call_raw(app, scope)
+                assert sent[0]["status"] == 200, sent
+                assert b"".join(m.get("body", b"") for m in sent[1:]) == b'{"ok": true}'
+            else:
+                with pytest.raises(UpstreamBroken):
+                    await call_raw(app, scope)
+            assert await store.members("q:{demo#free}:s:contacts:o:ann") == {"bob"}
+        finally:
+            proxy.pool.close()
+            server.close()
+            await server.wait_closed()
+
     def test_timeout_is_504(self, odd_proxy: Running) -> None:
         """An upstream silent past --read-timeout: 504 gateway_timeout, an IM-shaped body.
         Catches: a hung upstream holding the client forever, or a bare 500."""

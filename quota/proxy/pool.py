@@ -43,6 +43,9 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.idle = False
         self.extra = False
+        # The final response's head named its body's length or chunking; else the body runs to
+        # the close (RFC 9112 6.3, an HTTP/1.0 server's way), which httptools cannot be told of.
+        self.framed = False
         self.writable: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -64,7 +67,13 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Closed here (a timeout, a malformed or unasked answer), not ended by the upstream.
+        ours = not self.alive
         self.alive = False
+        ended = exc is None and not ours and self.error is None and not self.extra
+        if ended and not self.complete and self.head.done() and not self.framed:
+            self.complete = True  # a body delimited by the close: it is whole now
+            self._wake()
         if not self.complete:
             self._fail(exc or UpstreamClosed("the upstream closed the connection"))
         if self.writable is not None and not self.writable.done():
@@ -89,6 +98,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.extra:
             self.headers.append((name, value))
+            if name.lower() in (b"content-length", b"transfer-encoding"):
+                self.framed = True
 
     def on_headers_complete(self) -> None:
         if self.extra:
@@ -97,6 +108,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             # An interim answer (103 Early Hints...): the final response follows on the connection.
             self.headers = []
+            self.framed = False
             return
         # Read now: the parser forgets it once the message is complete.
         self.keep_alive = self.parser.should_keep_alive()
@@ -132,6 +144,7 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         self.idle = False
         self.extra = False
+        self.framed = False
         self.keep_alive = False
         self.headers = []
         self.head = asyncio.get_running_loop().create_future()

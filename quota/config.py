@@ -22,6 +22,7 @@ import yaml
 from limits import parse as parse_rate
 
 from quota.accounts import Account, Subscription
+from quota.deadlines import DEFAULT_TIMEOUT_S
 from quota.errors import ConfigError, Problem
 from quota.identifiers import DEFAULT_RULES, KINDS, IdPolicy, IdRule, Kind
 from quota.matrix import LIMIT_NAMES, PRICE_NAMES, RATE_NAMES, LimitValue, Matrix, MauShare, Plan, Price, Rate
@@ -61,6 +62,8 @@ class Settings:
     read_token: str | None = None
     admin_prefix: str = "/_quota"
     max_body_bytes: int = 1 << 20
+    # A body quota reads (or the proxy buffers) must be in within this long of its start, else 408.
+    body_timeout_s: int = DEFAULT_TIMEOUT_S
     # What a request meets when the store does not answer: rates fail open, counter writes closed.
     outage_rates: Literal["open", "closed"] = "open"
     outage_counters: Literal["open", "closed"] = "closed"
@@ -758,6 +761,7 @@ class _Settings(_Checker):
                 "read_token",
                 "admin_prefix",
                 "max_body_bytes",
+                "body_timeout_s",
                 "outage",
                 "storage_timeout_ms",
                 "lease_ttl_s",
@@ -799,6 +803,7 @@ class _Settings(_Checker):
             read_token=read_token,
             admin_prefix=str(node.get("admin_prefix", base.admin_prefix)),
             max_body_bytes=self.whole(node.get("max_body_bytes", base.max_body_bytes), "max_body_bytes", 1) or 1,
+            body_timeout_s=self._seconds(node.get("body_timeout_s", base.body_timeout_s), "body_timeout_s", 3600),
             outage_rates=outage.get("rates", base.outage_rates),
             outage_counters=outage.get("counters", base.outage_counters),
             storage_timeout_ms=self.whole(
@@ -818,6 +823,13 @@ class _Settings(_Checker):
             webhooks=self._webhooks(node.get("webhooks")),
             confirm_delay_ms=self._confirm_delay(node.get("confirm_delay_ms", base.confirm_delay_ms)),
         )
+
+    def _seconds(self, node: Any, key: str, most: int) -> int:
+        value = self.whole(node, key, 1)
+        if value is not None and value > most:
+            self.fail(key, f"a whole number of seconds from 1 to {most}", node)
+            value = None
+        return value or 1
 
     def _confirm_delay(self, node: Any) -> int:
         # Claims are held this much longer (a removal of what was just added waits); a second at most.

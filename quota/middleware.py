@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quota.clients import ClientAddress
 from quota.config import Config, Settings, load_config
+from quota.deadlines import BodyDeadlines
 from quota.decisions import (
     BadInput,
     Denial,
@@ -80,6 +81,7 @@ class Runtime:
         self.admin_under = config.settings.admin_prefix + "/"
         self.max_url_bytes = config.settings.max_url_bytes
         self.max_body_bytes = config.settings.max_body_bytes
+        self.body_timeout_s = config.settings.body_timeout_s
         self.rate_headers = config.settings.ratelimit_headers
         self.shadow = config.settings.shadow
         # Resolved once per config: a short token (in quota.yaml or the environment) stops the start.
@@ -175,6 +177,7 @@ class QuotaMiddleware:
         # Wrong admin tokens per client, wherever one is given: the admin API, the dashboard's
         # sign-in and an app's admin routes share one count, so no door guesses past another's.
         self.lockout = Lockout(lambda: self.runtime.settings.wrong_tokens, lambda: self.clock())
+        self.deadlines = BodyDeadlines(lambda: self.runtime.body_timeout_s)
         self.renewals = _Renewals(self)
         self._watcher: asyncio.Task[None] | None = None
         # The first read of the stored accounts, and whether it is done (_first_load).
@@ -472,8 +475,16 @@ class QuotaMiddleware:
     async def _decide_on_body(
         self, rt: Runtime, rule: RouteRule, app: AppPlan, address: str, verdict: _Verdict, started: float, today: date
     ) -> _Verdict:
-        # Read before anything is reserved: a slow body never outlives a reservation.
-        raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.max_body_bytes)
+        # Read before anything is reserved: a slow body never outlives a reservation, nor its deadline.
+        reader = self.deadlines.start()
+        try:
+            raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.max_body_bytes)
+        except asyncio.CancelledError:
+            if not self.deadlines.end(reader):
+                raise
+            verdict.denial = Denial(408, "request_timeout", f"request body not in within {rt.body_timeout_s} s")
+            return verdict
+        self.deadlines.end(reader)
         verdict.body_read = True
         if too_big:
             verdict.denial = _too_large(rt.max_body_bytes)

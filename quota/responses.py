@@ -17,6 +17,7 @@ _EXCEPTIONS = {
     "forbidden_op": "QuotaForbiddenOpException",
     "illegal_argument": "QuotaIllegalArgumentException",
     "request_too_large": "QuotaRequestTooLargeException",
+    "request_timeout": "QuotaRequestTimeoutException",
     "service_unavailable": "QuotaStorageUnavailableException",
     "unauthorized": "QuotaUnauthorizedException",
     "service_resource_not_found": "QuotaResourceNotFoundException",
@@ -51,6 +52,9 @@ def headers_of(denial: Denial, body: bytes) -> list[tuple[bytes, bytes]]:
         ]
     if denial.status in (409, 503):
         headers.append((b"retry-after", b"1"))
+    elif denial.status == 408:
+        # The rest of the body may never come: the server ends the connection after this answer.
+        headers.append((b"connection", b"close"))
     return headers
 
 

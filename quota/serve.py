@@ -82,13 +82,15 @@ def build_served(options: Options, metrics_dir: Path | None = None) -> tuple[ASG
         from quota.proxy import ProxyApp, Upstream
 
         upstream = Upstream(options.upstream, **options.upstream_options)
-        proxy = ProxyApp(upstream, trusted=cfg.settings.trusted_proxies)
+        timeout_s = cfg.settings.body_timeout_s
+        proxy = ProxyApp(upstream, trusted=cfg.settings.trusted_proxies, body_timeout_s=lambda: timeout_s)
         if not options.checks:
             return _aborting(proxy), None
     middleware = build_app(cfg, redis_url=options.redis_url, upstream=proxy)
     if proxy is not None:
-        # Forwarding headers trust whom the checks trust, after a reload too.
+        # Forwarding headers trust whom the checks trust, and bodies wait as long, after a reload too.
         proxy.trusted = lambda: middleware.runtime.config.settings.trusted_proxies
+        proxy.deadlines.timeout_s = lambda: middleware.runtime.body_timeout_s
     attach(middleware, ServedMetrics(outage=lambda: outage_policy(middleware.runtime.config), shared_dir=metrics_dir))
     app: ASGIApp = Probes(middleware, middleware)
     return (_aborting(app) if proxy is not None else app), middleware

@@ -205,6 +205,51 @@ def odd_proxy(odd_upstream: Running, redis_server: RedisServer, small_config: Pa
     proc.stop()
 
 
+@pytest.mark.parametrize("mode", ["serve", "proxy"])
+def test_a_body_held_back_is_cut_off(mode: str, small_config: Path, tmp_path: Path) -> None:
+    """A client that sends its headers and part of its body, then nothing, is answered 408 once
+    `body_timeout_s` has passed and its connection closed: on a counted route (quota reads the
+    body), and in proxy mode on a path under no app (the proxy buffers it); nothing is counted.
+    Catches a slow body holding its connection and buffer for ever (found by the audit of
+    2026-12-02): many such clients held the process's memory."""
+    import socket
+
+    config = tmp_path / "config"
+    config.mkdir()
+    for source in small_config.glob("*.yaml"):
+        (config / source.name).write_text(source.read_text())
+    (config / "quota.yaml").write_text("trusted_proxies: [127.0.0.1/32]\nbody_timeout_s: 1\n")
+    started: list[Running] = []
+    try:
+        if mode == "serve":
+            started.append(Running(quota("serve", "--config", str(config), "--port", "{port}"), ready="/_quota/health"))
+        else:
+            started.append(gateway())
+            argv = quota("proxy", "--upstream", started[0].base, "--config", str(config), "--port", "{port}")
+            started.append(Running(argv, ready="/_quota/health"))
+        front = started[-1]
+        paths = ["/demo/free/users"] + (["/no-app-here"] if mode == "proxy" else [])
+        for path in paths:
+            with socket.create_connection(("127.0.0.1", front.port), timeout=10) as sock:
+                head = (
+                    f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+                )
+                sock.sendall(head.encode() + b'[{"username":')
+                began = time.monotonic()
+                answer = b""
+                while chunk := sock.recv(65536):  # to the close
+                    answer += chunk
+                waited = time.monotonic() - began
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b'"error":"request_timeout"' in answer.replace(b" ", b""), answer
+            assert 0.9 < waited < 5, waited
+        users = httpx.get(f"{front.base}/demo/free/users", timeout=10).json()["entities"]
+        assert users == [], users
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
 class TestUpstreamFailures:
     def test_dies_mid_response(self, odd_proxy: Running, redis_server: RedisServer) -> None:
         """An upstream that drops the connection mid-body: the client's connection is dropped too (no

@@ -4,6 +4,7 @@ by `quota proxy`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,7 +15,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, ILLEGAL_ARGUMENT, TOO_LARGE, UpstreamBroken, send_error
+from quota.deadlines import DEFAULT_TIMEOUT_S, BodyDeadlines
+from quota.proxy.errors import (
+    BAD_GATEWAY,
+    GATEWAY_TIMEOUT,
+    ILLEGAL_ARGUMENT,
+    REQUEST_TIMEOUT,
+    TOO_LARGE,
+    UpstreamBroken,
+    send_error,
+)
 from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
 from quota.proxy.pool import Pool
 
@@ -76,10 +86,18 @@ class _WrongLength(Exception):
 class ProxyApp:
     """Forwards every request to `upstream.url` + the request's path and query, as they came."""
 
-    def __init__(self, upstream: Upstream, *, trusted: Networks | Callable[[], Networks] = ()) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        trusted: Networks | Callable[[], Networks] = (),
+        body_timeout_s: Callable[[], float] = lambda: DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.upstream = upstream
         # A callable follows the middleware's config through reloads (serve.build_served passes one).
         self.trusted = trusted
+        # A body buffered whole must be in within this long of its start (quota/deadlines.py).
+        self.deadlines = BodyDeadlines(body_timeout_s)
         self.prefix = upstream.prefix.encode()
         host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
         self.ws_base = f"{'wss' if upstream.tls else 'ws'}://{host}:{upstream.port}"
@@ -155,8 +173,15 @@ class ProxyApp:
         if declared is not None or chunked:
             # Read whole (bounded) before a pooled connection is taken, as nginx does by default: a
             # client sending its body slowly, or never, holds no connection to the gateway.
+            reader = self.deadlines.start()
             try:
                 whole = await _read_body(receive, limit, declared)
+            except asyncio.CancelledError:
+                if not self.deadlines.end(reader):
+                    raise
+                late = f"request body not in within {self.deadlines.timeout_s():g} s"
+                await send_error(REQUEST_TIMEOUT, late, send, started)
+                return
             except _TooLarge:
                 await send_error(TOO_LARGE, f"request body over {limit} bytes", send, started)
                 return
@@ -166,6 +191,8 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
+            finally:
+                self.deadlines.end(reader)
             if _form_names_a_method(scope["headers"], whole):
                 # A form's `_method` field overrides the method as the query's does (Rack, Symfony).
                 await send_error(ILLEGAL_ARGUMENT, "the form names a method (_method): send that method", send, started)

@@ -18,6 +18,7 @@ BAD_GATEWAY = (502, "bad_gateway", "QuotaBadGatewayException")
 GATEWAY_TIMEOUT = (504, "gateway_timeout", "QuotaGatewayTimeoutException")
 TOO_LARGE = (413, "request_too_large", "QuotaRequestTooLargeException")
 ILLEGAL_ARGUMENT = (400, "illegal_argument", "QuotaIllegalArgumentException")
+REQUEST_TIMEOUT = (408, "request_timeout", "QuotaRequestTimeoutException")
 
 
 async def send_error(kind: tuple[int, str, str], description: str, send: Send, started: float) -> None:
@@ -33,6 +34,8 @@ async def send_error(kind: tuple[int, str, str], description: str, send: Send, s
         }
     ).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 408:
+        headers.append((b"connection", b"close"))  # the rest of the body may never come
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -741,6 +741,9 @@ class _Accounts(_Checker):
         return overrides
 
     def _date(self, node: Any, key: str) -> date | None:
+        if isinstance(node, datetime):  # a YAML timestamp: a day is asked for, and compared as one
+            self.fail(key, "a date YYYY-MM-DD", node)
+            return None
         if isinstance(node, date):
             return node
         try:

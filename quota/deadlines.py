@@ -23,10 +23,11 @@ DEFAULT_TIMEOUT_S = 30
 class BodyDeadlines:
     def __init__(self, timeout_s: Callable[[], float]) -> None:
         self.timeout_s = timeout_s
-        # The task reading a body -> [its deadline on the loop's clock, whether it was cut off].
+        # The task reading a body -> [its deadline on its loop's clock, 1.0 once it was cut off].
         self._reads: dict[asyncio.Task[object], list[float]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # One sweeping timer per event loop with reads (a test's loops come and go; threads may
+        # each run one): a sweep looks only at its own loop's reads.
+        self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
 
     def start(self) -> asyncio.Task[object] | None:
         """A read begins in the current task; give its task to `end` when the read ends."""
@@ -35,32 +36,37 @@ class BodyDeadlines:
             return None
         loop = task.get_loop()
         self._reads[task] = [loop.time() + self.timeout_s(), 0.0]
-        if self._timer is None or self._loop is not loop:
-            self._loop = loop
-            self._timer = loop.call_later(SWEEP_S, self._sweep)
+        if loop not in self._timers:
+            self._timers[loop] = loop.call_later(SWEEP_S, self._sweep, loop)
         return task
 
     def end(self, task: asyncio.Task[object] | None) -> bool:
-        """The read of `task` ended: True when its deadline cut it off (the cancellation it got was
-        this one's, taken back here), False when it ended by itself or by another cancellation."""
+        """The read of `task` ended: True when its deadline cut it off and no other cancellation
+        is pending (the deadline's is taken back here); False when it ended by itself, or when
+        a cancellation of someone else's (a server shutting down) must go on."""
         entry = self._reads.pop(task, None) if task is not None else None
         if entry is None or not entry[1]:
             return False
         assert task is not None
-        task.uncancel()
-        return True
+        return task.uncancel() == 0
 
-    def _sweep(self) -> None:
-        self._timer = None
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        del self._timers[loop]
+        for closed in [other for other in self._timers if other.is_closed()]:
+            del self._timers[closed]
         now = loop.time()
+        left = False
         for task, entry in list(self._reads.items()):
-            if task.done():
+            theirs = task.get_loop()
+            if task.done() or theirs.is_closed():
                 del self._reads[task]  # ended without a word (its loop torn down mid-read)
-            elif not entry[1] and entry[0] <= now:
+            elif theirs is not loop:
+                continue
+            elif not entry[1] and entry[0] <= now and not task.cancelling():
+                # A task already being cancelled (a shutdown) is left to that cancellation.
                 entry[1] = 1.0
                 task.cancel()
-        if self._reads:
-            self._timer = loop.call_later(SWEEP_S, self._sweep)
+            else:
+                left = True
+        if left:
+            self._timers[loop] = loop.call_later(SWEEP_S, self._sweep, loop)

@@ -355,16 +355,13 @@ class QuotaMiddleware:
                     return
                 await self.app(scope, receive, send)
                 return
-            if rule.needs_body:
-                odd = _not_json(scope)
-                if odd is not None:
-                    await send_denial(Denial(415, "illegal_argument", odd), send, started)
-                    return
             # No body to wait for before a reservation: HTTP/1 framing says there is none (no length,
             # or a length of 0), as _Bounded already trusts. A route that reads its body reads it
             # whatever the framing says: what quota counts is what the upstream is handed.
             empty = framed and not declared
-            decided = self._decide(rt, match, app, address, receive, started, today, empty)
+            # Read only for a route that counts from its body; judged once the body is in.
+            media = _not_json(scope) if rule.needs_body else None
+            decided = self._decide(rt, match, app, address, receive, started, today, empty, media)
         verdict = decided if isinstance(decided, _Verdict) else await decided
         # Memoised only once its checks passed and its store ops were built: requests refused before
         # (an unknown path, a frozen account, an address off the allowlist) never empty the lanes.
@@ -456,11 +453,13 @@ class QuotaMiddleware:
         started: float,
         today: date,
         empty: bool,
+        media: str | None = None,
     ) -> _Verdict | Awaitable[_Verdict]:
         """The verdict, at once when nothing needs an await (no body to read, a store that answers
         at once); else the awaitable of it: most reads cost no coroutine of their own. `empty`: the
         request's framing says it has no body: a route that holds a reservation but reads no body
-        has nothing to wait for before it reserves."""
+        has nothing to wait for before it reserves. `media`: why its Content-Type does not say
+        JSON in UTF-8 (None when it does), a 415 if a body comes."""
         rule = match.rule
         verdict = _Verdict(receive, match.params)
         admitted = admit(rule, app, match.params, address, started, rt.ids)
@@ -469,11 +468,19 @@ class QuotaMiddleware:
             return verdict
         verdict.params = admitted
         if rule.needs_body or (rule.holds and not empty):
-            return self._decide_on_body(rt, rule, app, address, verdict, started, today)
+            return self._decide_on_body(rt, rule, app, address, verdict, started, today, media)
         return self._planned(rt, rule, app, address, verdict, started, today)
 
     async def _decide_on_body(
-        self, rt: Runtime, rule: RouteRule, app: AppPlan, address: str, verdict: _Verdict, started: float, today: date
+        self,
+        rt: Runtime,
+        rule: RouteRule,
+        app: AppPlan,
+        address: str,
+        verdict: _Verdict,
+        started: float,
+        today: date,
+        media: str | None,
     ) -> _Verdict:
         # Read before anything is reserved: a slow body never outlives a reservation, nor its deadline.
         reader = self.deadlines.start()
@@ -484,12 +491,16 @@ class QuotaMiddleware:
                 raise
             verdict.denial = Denial(408, "request_timeout", f"request body not in within {rt.body_timeout_s} s")
             return verdict
-        self.deadlines.end(reader)
+        finally:
+            self.deadlines.end(reader)  # however the read ended; a second end does nothing
         verdict.body_read = True
         if too_big:
             verdict.denial = _too_large(rt.max_body_bytes)
             return verdict
         if rule.needs_body:
+            if raw and media is not None:
+                verdict.denial = Denial(415, "illegal_argument", media)
+                return verdict
             try:
                 verdict.body = parse_body(raw)
             except BadInput as exc:
@@ -853,11 +864,10 @@ def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
 
 def _not_json(scope: dict[str, Any]) -> str | None:
     """Why a body quota counts from cannot be read as the gateway reads it; None when it can. quota
-    reads JSON in UTF-8 (RFC 8259), so a body must say nothing else: a gateway that decodes by a
-    declared charset reads another document from the same bytes (in UTF-7, `+ACI-` is a quote: a
-    key hidden inside a string to quota is a key of its own there), and one that reads form fields
-    by their type finds fields quota never saw. No Content-Type is JSON to quota; a gateway that
-    then reads no body acts on nothing quota did not count."""
+    reads JSON in UTF-8 (RFC 8259), so a body must say so and nothing else: a gateway that decodes
+    by a declared charset reads another document from the same bytes (in UTF-7, `+ACI-` is a quote:
+    a key hidden inside a string to quota is a key of its own there), and one that reads form fields
+    by their type finds fields quota never saw; Rack reads a body with no type as a form."""
     found: Any = None
     for header in scope["headers"]:
         if header[0] == b"content-type":
@@ -865,7 +875,7 @@ def _not_json(scope: dict[str, Any]) -> str | None:
                 return "request names its Content-Type twice"
             found = header[1]
     if found is None:
-        return None
+        return "request body must be JSON in UTF-8 (Content-Type: application/json), found no Content-Type"
     value = found if isinstance(found, bytes) else b""
     media, _, params = value.partition(b";")
     fits = media.strip().lower() == b"application/json"

@@ -203,8 +203,9 @@ class RouteMap:
                     node = node.literal.setdefault(seg, _Node())
             rules = node.prefix_rules if rule.prefix else node.rules
             if rule.method == ANY:
-                # Every HTTP method a route of its own on the same path does not take.
-                for method in HTTP_METHODS:
+                # Every HTTP method a route of its own on the same path does not take, and every
+                # other method (OPTIONS, TRACE, a server's own): match() looks those up as ANY.
+                for method in (*HTTP_METHODS, ANY):
                     rules.setdefault(method, (rule, tuple(names)))
             else:
                 rules[rule.method] = (rule, tuple(names))
@@ -212,6 +213,10 @@ class RouteMap:
     def match(self, method: str, path: str) -> Match:
         if method == "HEAD":
             method = "GET"
+        elif method not in HTTP_METHODS and method != "WEBSOCKET":
+            # No route names such a method, so only a route taking any method may hold it: a
+            # gated path stays gated however a client spells its request.
+            method = ANY
         trimmed = path.strip("/")
         segments = trimmed.split("/") if trimmed else []
         if len(segments) < 2 or not segments[0] or not segments[1] or not path.startswith("/"):

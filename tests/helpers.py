@@ -18,6 +18,10 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
+# What a body quota counts from must say it is (a request with `content=` and no type is a 415).
+JSON_TYPE = {"content-type": "application/json"}
+
+
 def read_yaml(path: Path) -> Any:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
 
@@ -91,8 +95,10 @@ def http_scope(
     raw_path: bytes | None = None,
 ) -> dict[str, Any]:
     """An ASGI HTTP scope as a server builds it, for requests httpx cannot send (64 KB paths,
-    undecoded slashes, lying headers): from an address no test config trusts, with no headers."""
-    return scope_of(method, path, peer=peer, headers=headers or [], raw_path=raw_path)
+    undecoded slashes, lying headers): from an address no test config trusts, its one header
+    saying a body is JSON unless `headers` are given."""
+    typed = [(b"content-type", b"application/json")]
+    return scope_of(method, path, peer=peer, headers=typed if headers is None else headers, raw_path=raw_path)
 
 
 async def call_raw(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[dict[str, Any]]:

@@ -447,6 +447,27 @@ async def test_an_apps_admin_route_shares_the_wrong_token_count(admin: httpx.Asy
     assert (await admin.get("/demo/pro/_state", headers=AUTH)).status_code == 429
 
 
+async def test_every_method_of_an_admin_route_needs_the_token(
+    store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches the admin route's other methods as a way round its token: under `unmatched:
+    rate-only`, POST, PUT, DELETE and OPTIONS of `/{org}/{app}/_state` reached the gateway with no
+    token asked and no wrong token counted. Found by the review of 2026-12-02."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+    routes = config_dir / "routes.yaml"
+    routes.write_text(routes.read_text().replace("unmatched: refuse", "unmatched: rate-only"))
+    clock.tick = 0
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH"):
+            assert (await client.request(method, "/demo/pro/_state")).status_code == 404, method
+        assert (await client.request("POST", "/demo/pro/_state", headers=AUTH)).status_code == 405
+        for i in range(5):
+            assert (
+                await client.get("/demo/pro/_state", headers={"authorization": f"Bearer g{i:020d}"})
+            ).status_code == 404
+        assert (await client.get("/demo/pro/_state", headers=AUTH)).status_code == 429  # ten wrong in all
+
+
 async def test_wrong_tokens_are_counted_per_network_as_configured(
     store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ from quota.store.memory import MemoryStore
 from quota.store.program import AddOp, Program, TombstoneOp
 from tests.conftest import Clock, asgi_client, make_client
 from tests.helpers import (
+    JSON_TYPE,
     SwitchedStore,
     call_raw,
     create_room,
@@ -521,7 +522,7 @@ class TestBodies:
             ([(b"content-type", b"application/json")] * 2, b'{"usernames": ["a"]}', 415),
             ([(b"content-type", b"application/json")], '{"usernames": ["a"]}'.encode("utf-16"), 400),
             ([(b"content-type", b"application/json")], b'\xef\xbb\xbf{"usernames": ["a"]}', 400),
-            ([], b'{"usernames": ["a"]}', 200),
+            ([], b'{"usernames": ["a"]}', 415),  # Rack reads an untyped body as a form
             ([(b"content-type", b"application/json")], b'{"usernames": ["a"]}', 200),
             ([(b"content-type", b'Application/JSON ; Charset="UTF-8";')], b'{"usernames": ["a"]}', 200),
         ],
@@ -530,8 +531,9 @@ class TestBodies:
         self, clock: Clock, headers: list[tuple[bytes, bytes]], body: bytes, status: int
     ) -> None:
         """Catches a counted body the gateway may read as another document: a declared charset
-        (a gateway decoding by it), a form or text type (one reading fields by type), two types, or
-        bytes not in UTF-8. Refused before anything is counted; plain JSON, typed or not, passes."""
+        (a gateway decoding by it), a form or text type or none (one reading fields by type, Rack
+        an untyped body as a form), two types, or bytes not in UTF-8. Refused before anything is
+        counted; JSON typed as JSON passes."""
         seen: list[str] = []
         async with make_client(MemoryStore(), clock) as client:
             await register(client, FREE, ["o", "a"])
@@ -692,7 +694,7 @@ class TestBodies:
             scope["headers"] = [[b"content-length", b"4096"]]
             sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope)
             assert sent[0]["status"] == 413 and seen["bytes"] == 0
-            scope["headers"] = []
+            scope["headers"] = [[b"content-type", b"application/json"]]
             body = b'{"from": "admin", "to": ["u1"], "type": "txt", "body": {"msg": "x"}}'
             sent = await call_raw(middleware_of(client), UserDict(scope) if mapping else scope, body)
             assert sent[0]["status"] == 200 and seen["bytes"] == len(body)
@@ -759,9 +761,9 @@ class TestCompressedAnswers:
 async def test_invalid_unicode_is_a_400(client: httpx.AsyncClient) -> None:
     """Catches a lone surrogate in a username giving a 500 (Redis's packer) or poisoning the
     gateway's user list (memory)."""
-    r = await client.post(f"/{PRO}/users", content=b'{"username": "\\ud800"}')
+    r = await client.post(f"/{PRO}/users", content=b'{"username": "\\ud800"}', headers=JSON_TYPE)
     assert r.status_code == 400 and r.json()["error"] == "illegal_argument"
-    r = await client.post(f"/{PRO}/users", content=b'[{"username": "ok"}, {"username": "\\udfff"}]')
+    r = await client.post(f"/{PRO}/users", content=b'[{"username": "ok"}, {"username": "\\udfff"}]', headers=JSON_TYPE)
     assert r.status_code == 400
     assert (await client.get(f"/{PRO}/users")).status_code == 200
 
@@ -1287,7 +1289,7 @@ async def test_a_create_body_nested_past_the_parser_is_a_400(client: httpx.Async
     """Catches a 500 (and a traceback) from the reference gateway on a create whose body nests deeper
     than the JSON parser goes: quota forwards a create's body unparsed (the id comes from the
     answer), so the gateway meets it; the reserved slot is undone either way."""
-    r = await client.post(f"/{PRO}/chatgroups", content=b"[" * 100_000)
+    r = await client.post(f"/{PRO}/chatgroups", content=b"[" * 100_000, headers=JSON_TYPE)
     assert r.status_code == 400 and r.json()["error"] == "illegal_argument", r.text
     assert await members(client, "q:{demo#pro}:s:app_groups:o:demo%23pro") == set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -234,3 +235,46 @@ def test_a_counted_run_waits_for_its_store(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_config(config_dir("write")).settings.storage_timeout_ms == 250
     monkeypatch.setenv("QUOTA_BENCH_STORAGE_TIMEOUT_MS", "60000")
     assert load_config(config_dir("write")).settings.storage_timeout_ms == 60000
+
+
+def test_syscalls_reads_strace_and_perf_tables() -> None:
+    """`benchmarks.syscalls` reads `strace -c` as calls per request and `perf report --sort dso`
+    as shares, largest first (tables as this machine's strace 6.1 and perf 6.1 print them)."""
+    from benchmarks.syscalls import perf_rows, strace_rows
+
+    table = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 79.59    0.153648          18      8423         8 write
+ 17.12    0.033061           8      4006           read
+  2.46    0.004757          13       343           epoll_pwait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.193057          14     12772         8 total
+"""
+    assert strace_rows(table, 4000) == {"write": 8423 / 4000, "read": 4006 / 4000, "epoll_pwait": 343 / 4000}
+    report = """# Samples: 14K of event 'cpu-clock'
+# Overhead  Shared Object
+# ........  ............................
+#
+     4.27%  quota_compiled__mypyc.cpython-311-x86_64-linux-gnu.so
+    52.37%  libpython3.11.so.1.0
+    33.06%  [kernel.kallsyms]
+"""
+    shares = perf_rows(report)
+    assert [name for _, name in shares] == [
+        "libpython3.11.so.1.0",
+        "[kernel.kallsyms]",
+        "quota_compiled__mypyc.cpython-311-x86_64-linux-gnu.so",
+    ]
+    assert shares[0][0] == 52.37
+
+
+def test_syscalls_split_each_variants_cpu() -> None:
+    """`python -m benchmarks.syscalls` serves each variant under wrk and prints its CPU per request,
+    user and system, one line a variant."""
+    out = _module("benchmarks.syscalls", "--variants", "bare,quota-memory", "--seconds", "1", timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["trivial bare", "trivial quota-memory"], out.stdout
+    for line in lines:
+        user, system = (float(x) for x in re.findall(r"(?:user|system) ([\d.]+) µs", line))
+        assert user > 0 and system >= 0, line

@@ -56,6 +56,16 @@ def test_a_limit_past_what_a_counter_or_a_date_holds(config_dir: Path) -> None:
     assert "plans.basic.limits.online_users.floor: expected at most 1,000,000,000,000" in text, text
 
 
+def test_a_date_with_a_time_is_refused(config_dir: Path) -> None:
+    """A YAML timestamp where a day is asked for (`subscribed_on: 2026-01-01 10:00:00`) is refused
+    by name. Catches it taken as a date (a datetime is one to Python): every request of the
+    account's apps then failed comparing it with a day (a 500). Found by the review of 2026-12-02."""
+    edit(config_dir / "accounts.yaml", lambda d: d["accounts"]["demo-pro"].update(subscribed_on="2026-01-01 10:00:00"))
+    path = config_dir / "accounts.yaml"
+    path.write_text(path.read_text().replace("'2026-01-01 10:00:00'", "2026-01-01 10:00:00"))
+    assert "accounts.demo-pro.subscribed_on: expected a date YYYY-MM-DD" in problems(config_dir)
+
+
 def test_wrong_type(config_dir: Path) -> None:
     """A string where a number belongs says what was expected and found."""
     edit(config_dir / "plans.yaml", lambda d: d["plans"]["basic"]["limits"].update(members_per_group="lots"))

@@ -23,6 +23,7 @@ from quota.store.memory import MemoryStore
 from quota.store.program import AddOp
 from tests.conftest import Clock, make_client
 from tests.helpers import (
+    JSON_TYPE,
     call_raw,
     create_room,
     entitlements,
@@ -568,11 +569,11 @@ class TestInput:
             (b"[]", "body.usernames must be a string or a list of strings"),
             (b"", "body.usernames is missing"),
         ):
-            r = await client.post(f"/{PRO}/chatgroups/1/users", content=content)
+            r = await client.post(f"/{PRO}/chatgroups/1/users", content=content, headers=JSON_TYPE)
             assert assert_refused(r, 400, "illegal_argument")["error_description"] == says
         r = await client.post(f"/{PRO}/chatgroups/1/users", json={"usernames": [f"x{i}" for i in range(61)]})
         assert_refused(r, 400, "illegal_argument", "at most 60")
-        r = await client.post(f"/{PRO}/users", content=b"\xff\xfe")
+        r = await client.post(f"/{PRO}/users", content=b"\xff\xfe", headers=JSON_TYPE)
         assert_refused(r, 400, "illegal_argument")
         assert (await entitlements(client, PRO))["usage"]["registered_users"]["used"] == 0
 

@@ -316,6 +316,20 @@ class TestUpstreamFailures:
             server.close()
             await server.wait_closed()
 
+    @pytest.mark.parametrize("tls", [False, True])
+    async def test_a_close_over_tls_ends_no_body(self, tls: bool) -> None:
+        """Over TLS a close without close_notify may be anyone's FIN (RFC 9112 9.8), and Python's
+        TLS reports it as a clean close: a body that runs to the close is whole over plain HTTP
+        only. Catches a truncated TLS answer passed off as whole (the review of 2026-12-02)."""
+        from quota.proxy.pool import UpstreamClosed, _Connection
+
+        conn = _Connection()
+        conn.close_ends = not tls
+        conn.data_received(b'HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{"ok": ')
+        conn.connection_lost(None)
+        assert conn.complete is (not tls)
+        assert isinstance(conn.error, UpstreamClosed) is tls
+
     def test_timeout_is_504(self, odd_proxy: Running) -> None:
         """An upstream silent past --read-timeout: 504 gateway_timeout, an IM-shaped body.
         Catches: a hung upstream holding the client forever, or a bare 500."""
@@ -442,6 +456,10 @@ class TestPassThrough:
             assert httpx.post(odd_proxy.base + "/echo", json=data).status_code == 200, data
         plain = httpx.post(odd_proxy.base + "/echo", content=b"_method", headers={"content-type": "application/json"})
         assert plain.status_code == 200
+        # No type at all: Rack reads the body as a form (found by the review of 2026-12-02).
+        r = httpx.post(odd_proxy.base + "/echo", content=b"a=1&_method=DELETE")
+        assert r.status_code == 400 and "_method" in r.json()["error_description"], r.text
+        assert httpx.post(odd_proxy.base + "/echo", content=b"a=1&method=x").status_code == 200
 
     @pytest.mark.parametrize(
         "disposition",

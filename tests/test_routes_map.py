@@ -98,7 +98,9 @@ def overlapping() -> RouteMap:
 @pytest.mark.parametrize("any_first", [True, False])
 def test_a_route_of_any_method_yields_to_a_named_one(any_first: bool) -> None:
     """Catches `method: ANY` taking a method another route on the same path names (whichever comes
-    first in the file), or missing one it should take."""
+    first in the file), or missing one it should take: a method no route can name (OPTIONS,
+    TRACE, a server's own) is the ANY route's, not the unmatched rule's (found by the review of
+    2026-12-02: under `unmatched: rate-only` such a method passed a gated path on the rate alone)."""
     listed = [
         RouteRule("any", "ANY", "/{org}/{app}/things", rates=()),
         RouteRule("put", "PUT", "/{org}/{app}/things", rates=()),
@@ -108,7 +110,9 @@ def test_a_route_of_any_method_yields_to_a_named_one(any_first: bool) -> None:
     assert name(routes, "PUT", "/demo/pro/things") == "put"
     for method in ("GET", "HEAD", "POST", "DELETE", "PATCH"):
         assert name(routes, method, "/demo/pro/things") == "any", method
-    assert name(routes, "OPTIONS", "/demo/pro/things") == "unmatched"
+    for method in ("OPTIONS", "TRACE", "PROPFIND"):
+        assert name(routes, method, "/demo/pro/things") == "any", method
+        assert name(routes, method, "/demo/pro/elsewhere") == "unmatched", method
 
 
 @pytest.mark.parametrize("which", ["configured", "overlapping"])

@@ -252,10 +252,13 @@ def _names_a_method(query: bytes) -> bool:
 def _form_names_a_method(headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
     """Whether a body carries a `_method` field: urlencoded as a query is, a multipart part named
     so, or a JSON object's key (Laravel reads a JSON body's `_method` as a form's). Every
-    Content-Type the request names is read as the gateway might read it."""
+    Content-Type the request names is read as the gateway might read it, and a body with none as
+    a form (Rack reads it so)."""
+    typed = False
     for name, value in headers:
         if name != b"content-type":
             continue
+        typed = True
         kind, _, params = value.partition(b";")
         kind = kind.strip().lower()
         if kind == b"application/x-www-form-urlencoded" and _names_a_method(body):
@@ -265,7 +268,7 @@ def _form_names_a_method(headers: list[tuple[bytes, bytes]], body: bytes) -> boo
         # Laravel takes any type naming /json or +json, parameters included, for JSON.
         if (b"/json" in value.lower() or b"+json" in value.lower()) and _json_names_a_method(body):
             return True
-    return False
+    return not typed and _names_a_method(body)
 
 
 def _json_names_a_method(body: bytes) -> bool:

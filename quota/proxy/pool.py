@@ -46,6 +46,9 @@ class _Connection(asyncio.Protocol):
         # The final response's head named its body's length or chunking; else the body runs to
         # the close (RFC 9112 6.3, an HTTP/1.0 server's way), which httptools cannot be told of.
         self.framed = False
+        # Whether a close may end a body: not over TLS, where a close without close_notify may be
+        # an attacker's FIN (RFC 9112 9.8), and Python's TLS reports it as a clean close.
+        self.close_ends = True
         self.writable: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -71,7 +74,7 @@ class _Connection(asyncio.Protocol):
         ours = not self.alive
         self.alive = False
         ended = exc is None and not ours and self.error is None and not self.extra
-        if ended and not self.complete and self.head.done() and not self.framed:
+        if ended and self.close_ends and not self.complete and self.head.done() and not self.framed:
             self.complete = True  # a body delimited by the close: it is whole now
             self._wake()
         if not self.complete:
@@ -247,6 +250,7 @@ class Pool:
         _, conn = await asyncio.wait_for(
             loop.create_connection(_Connection, self.host, self.port, ssl=self.ssl), self.connect_timeout
         )
+        conn.close_ends = self.ssl is None
         return conn
 
     def close(self) -> None:

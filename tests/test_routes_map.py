@@ -73,8 +73,9 @@ def test_prefix_routes_cover_deeper_paths(routes: RouteMap) -> None:
     assert name(routes, "PUT", "/demo/pro/callbacks/x/y/") == "callbacks.other"
     assert name(routes, "GET", "/demo/pro/moderation/text") == "moderation.text"
     assert name(routes, "DELETE", "/demo/pro/callbacks/pre_send") == "callbacks.pre_send"
-    # A method no route names stays unmatched (ANY stands for the HTTP methods quota knows).
-    assert name(routes, "OPTIONS", "/demo/pro/moderation/text") == "unmatched"
+    # A method no route can name is gated too: ANY stands for every method.
+    assert name(routes, "OPTIONS", "/demo/pro/moderation/text") == "moderation.text"
+    assert name(routes, "TRACE", "/demo/pro/callbacks/x") == "callbacks.other"
 
 
 def overlapping() -> RouteMap:

@@ -43,15 +43,11 @@ def _error(status: int, error: str, description: str, headers: dict[str, str] | 
 
 
 def locked_out(lockout: Lockout, who: str) -> JSONResponse | None:
-    wait = lockout.wait_s(who)
-    if not wait:
+    refusal = lockout.refusal(who)
+    if refusal is None:
         return None
-    return _error(
-        429,
-        "reach_limit",
-        f"too many wrong tokens from this client ({lockout.rate().text}); retry in {wait} s",
-        {"retry-after": str(wait)},
-    )
+    wait, text = refusal
+    return _error(429, "reach_limit", text, {"retry-after": str(wait)})
 
 
 def _month(text: str | None, today: date) -> tuple[int, int]:

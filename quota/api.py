@@ -151,8 +151,8 @@ class Quota:
             raise UnknownAppError(appkey)
         return found
 
-    def _today(self) -> date:
-        return datetime.fromtimestamp(self.clock(), UTC).date()
+    def _today(self, now: float | None = None) -> date:
+        return datetime.fromtimestamp(self.clock() if now is None else now, UTC).date()
 
     async def plan(self, appkey: str) -> PlanInfo:
         app = self._app(appkey)
@@ -259,8 +259,9 @@ class Quota:
         rt = self.runtime
         canonical = {k: self._entity(k, v) for k, v in (entities or {}).items()}
         now = self.clock()
-        today = datetime.fromtimestamp(now, UTC).date()
-        return await entitlements(rt.directory, rt.store, appkey, today, usage=usage, entities=canonical, at=now)
+        return await entitlements(
+            rt.directory, rt.store, appkey, self._today(now), usage=usage, entities=canonical, at=now
+        )
 
     async def explain(
         self, method: str, path: str, *, body: bytes | str | None = None, ip: str = "203.0.113.1"

@@ -12,12 +12,19 @@ a fraction of one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # How often the reads in progress are looked at: a read is cut off within a second of its deadline.
 SWEEP_S = 1.0
 # `body_timeout_s` unless quota.yaml says otherwise: 1 MiB in 30 s is 35 KB/s, a slow phone's pace.
 DEFAULT_TIMEOUT_S = 30
+
+
+class BodyTimeout(Exception):
+    """A body was not in by its deadline (answered 408)."""
 
 
 class BodyDeadlines:
@@ -28,6 +35,19 @@ class BodyDeadlines:
         # One sweeping timer per event loop with reads (a test's loops come and go; threads may
         # each run one): a sweep looks only at its own loop's reads.
         self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+
+    async def within(self, read: Awaitable[T]) -> T:
+        """`read` (a body being read), or BodyTimeout once its deadline passed; a cancellation of
+        anyone else's (a server shutting down) goes on as one."""
+        task = self.start()
+        try:
+            return await read
+        except asyncio.CancelledError:
+            if self.end(task):
+                raise BodyTimeout from None
+            raise
+        finally:
+            self.end(task)  # however the read ended; a second end does nothing
 
     def start(self) -> asyncio.Task[object] | None:
         """A read begins in the current task; give its task to `end` when the read ends."""

@@ -52,6 +52,13 @@ class Lockout:
         wait = self.retry_after(who)
         return max(1, math.ceil(wait)) if wait else 0
 
+    def refusal(self, who: str) -> tuple[int, str] | None:
+        """(whole seconds to wait, what to tell the client) while `who` is locked out, else None."""
+        wait = self.wait_s(who)
+        if not wait:
+            return None
+        return wait, f"too many wrong tokens from this client ({self.rate().text}); retry in {wait} s"
+
     def failed(self, who: str) -> None:
         seen = self._failed.pop(who, None)
         if seen is None or seen.maxlen != self.rate().amount:

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quota.clients import ClientAddress
 from quota.config import Config, Settings, load_config
-from quota.deadlines import BodyDeadlines
+from quota.deadlines import BodyDeadlines, BodyTimeout
 from quota.decisions import (
     BadInput,
     Denial,
@@ -433,11 +433,10 @@ class QuotaMiddleware:
         """An app's admin route (the gateway's state) answers as if it did not exist without the
         admin token; each wrong or missing token counts toward the client's lockout."""
         who = rt.clients.key(address)
-        wait = self.lockout.wait_s(who)
-        if wait:
-            rate = self.lockout.rate()
-            text = f"too many wrong tokens from this client ({rate.text}); retry in {wait} s"
-            return Denial(429, "reach_limit", text, None, wait * 1000, rate.amount, wait * 1000)
+        refusal = self.lockout.refusal(who)
+        if refusal is not None:
+            wait, text = refusal
+            return Denial(429, "reach_limit", text, None, wait * 1000, self.lockout.rate().amount, wait * 1000)
         if not rt.tokens.grants(_authorization(scope), "admin"):
             self.lockout.failed(who)
             return Denial(404, NOT_FOUND, "no such API")
@@ -483,16 +482,11 @@ class QuotaMiddleware:
         media: str | None,
     ) -> _Verdict:
         # Read before anything is reserved: a slow body never outlives a reservation, nor its deadline.
-        reader = self.deadlines.start()
         try:
-            raw, verdict.receive, too_big = await _read_body(verdict.receive, rt.max_body_bytes)
-        except asyncio.CancelledError:
-            if not self.deadlines.end(reader):
-                raise
+            raw, verdict.receive, too_big = await self.deadlines.within(_read_body(verdict.receive, rt.max_body_bytes))
+        except BodyTimeout:
             verdict.denial = Denial(408, "request_timeout", f"request body not in within {rt.body_timeout_s} s")
             return verdict
-        finally:
-            self.deadlines.end(reader)  # however the read ended; a second end does nothing
         verdict.body_read = True
         if too_big:
             verdict.denial = _too_large(rt.max_body_bytes)
@@ -876,19 +870,24 @@ def _not_json(scope: dict[str, Any]) -> str | None:
             found = header[1]
     if found is None:
         return "request body must be JSON in UTF-8 (Content-Type: application/json), found no Content-Type"
-    value = found if isinstance(found, bytes) else b""
-    media, _, params = value.partition(b";")
-    fits = media.strip().lower() == b"application/json"
-    for param in params.split(b";") if fits and params else ():
-        name, _, given = param.partition(b"=")
-        if name.strip() or given.strip():
-            fits = (
-                fits and name.strip().lower() == b"charset" and given.strip().strip(b'"').lower() in (b"utf-8", b"utf8")
-            )
-    if fits:
+    if isinstance(found, bytes) and _json_utf8(found):
         return None
-    shown = value[:80].decode("latin-1") if isinstance(found, bytes) else repr(found)[:80]
+    shown = found[:80].decode("latin-1") if isinstance(found, bytes) else repr(found)[:80]
     return f"request body must be JSON in UTF-8 (Content-Type: application/json), found Content-Type {shown!r}"
+
+
+def _json_utf8(value: bytes) -> bool:
+    """`application/json`, with no parameter but a charset of UTF-8 (in any case, quoted or not)."""
+    media, _, params = value.partition(b";")
+    if media.strip().lower() != b"application/json":
+        return False
+    for param in params.split(b";"):
+        name, _, given = param.partition(b"=")
+        if not (name.strip() or given.strip()):
+            continue  # an empty parameter (a trailing `;`)
+        if name.strip().lower() != b"charset" or given.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return False
+    return True
 
 
 def _authorization(scope: dict[str, Any]) -> str:

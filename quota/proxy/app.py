@@ -4,7 +4,6 @@ by `quota proxy`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -15,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
-from quota.deadlines import DEFAULT_TIMEOUT_S, BodyDeadlines
+from quota.deadlines import DEFAULT_TIMEOUT_S, BodyDeadlines, BodyTimeout
 from quota.proxy.errors import (
     BAD_GATEWAY,
     GATEWAY_TIMEOUT,
@@ -173,12 +172,9 @@ class ProxyApp:
         if declared is not None or chunked:
             # Read whole (bounded) before a pooled connection is taken, as nginx does by default: a
             # client sending its body slowly, or never, holds no connection to the gateway.
-            reader = self.deadlines.start()
             try:
-                whole = await _read_body(receive, limit, declared)
-            except asyncio.CancelledError:
-                if not self.deadlines.end(reader):
-                    raise
+                whole = await self.deadlines.within(_read_body(receive, limit, declared))
+            except BodyTimeout:
                 late = f"request body not in within {self.deadlines.timeout_s():g} s"
                 await send_error(REQUEST_TIMEOUT, late, send, started)
                 return
@@ -191,8 +187,6 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
-            finally:
-                self.deadlines.end(reader)
             if _form_names_a_method(scope["headers"], whole):
                 # A form's `_method` field overrides the method as the query's does (Rack, Symfony).
                 await send_error(ILLEGAL_ARGUMENT, "the form names a method (_method): send that method", send, started)

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 
 from quota import __version__
 from quota import accounts as subs
-from quota.api import Quota
+from quota.api import MAX_HEADERS, Quota, header_line
 from quota.billing import bill_account
 from quota.clients import parse_hop
 from quota.config import one_app_rule, plan_may_hold, validate_account, validate_appkey, validate_overrides
@@ -156,7 +156,11 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         ip = q.get("ip", "203.0.113.1")
         if parse_hop(ip) is None:
             raise ValueError(f"ip must be an IP address, found {ip[:45]!r}")
-        found = await Quota.of(middleware).explain(method, path, body=body, ip=ip)
+        lines = q.getlist("header")
+        if len(lines) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
+        headers = [header_line(line) for line in lines] if lines else None
+        found = await Quota.of(middleware).explain(method, path, body=body, ip=ip, headers=headers)
         return JSONResponse(asdict(found))
 
     async def show_usage(request: Request, rt: Any) -> JSONResponse:
@@ -372,7 +376,9 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         Endpoint("/reload", ("POST",), reload, "admin", "re-read config/; a config that does not validate is refused"),
         Endpoint("/forget/{org}/{app}/{user}", ("POST",), forget, "admin", "personal data deletion of one user"),
         Endpoint("/entitlements/{org}/{app}", ("GET",), show_entitlements, "read", "an app's plan and usage"),
-        Endpoint("/explain", ("GET",), explain, "read", "the decision quota would make (?method=&path=&body=&ip=)"),
+        Endpoint(
+            "/explain", ("GET",), explain, "read", "the decision quota would make (?method=&path=&body=&ip=&header=...)"
+        ),
         Endpoint("/usage/{org}/{app}", ("GET",), show_usage, "read", "an app's month: DAU per day, MAU, peaks"),
         Endpoint("/bills/{account}", ("GET",), show_bill, "read", "an account's bill for a month (?month=YYYY-MM)"),
         Endpoint("/plans", ("GET",), list_plans, "read", "the plans of the matrix"),

@@ -15,14 +15,14 @@ the middleware never imports it (it is not on the request path).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from quota.config import Config, load_config
-from quota.decisions import BadInput, Denial, admit, denial_for, parse_body, plan_request
+from quota.decisions import BadInput, Denial, admit, denial_for, parse_body, plan_request, unreadable_body
 from quota.entitlements import APP_COUNTERS, ENTITY_COUNTERS, entitlements
 from quota.errors import UnknownAppError
 from quota.identifiers import InvalidId
@@ -264,9 +264,16 @@ class Quota:
         )
 
     async def explain(
-        self, method: str, path: str, *, body: bytes | str | None = None, ip: str = "203.0.113.1"
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | str | None = None,
+        ip: str = "203.0.113.1",
+        headers: Sequence[tuple[str, str]] | None = None,
     ) -> Explanation:
-        """What quota would decide for this request, and why, without consuming anything."""
+        """What quota would decide for this request, and why, without consuming anything. `headers`:
+        the request's (name, value) pairs as sent; None is a request typed `application/json`."""
         rt = self.runtime
         now = self.clock()
         match = rt.routes.match(method.upper(), path)
@@ -301,6 +308,10 @@ class Quota:
         if isinstance(admitted, Denial):
             return answer(admitted)
         raw = body.encode() if isinstance(body, str) else body or b""
+        sent = _JSON_TYPED if headers is None else [_header_bytes(name, value) for name, value in headers]
+        refused = unreadable_body(sent) if rule.needs_body and raw else None
+        if refused is not None:
+            return answer(Denial(415, "illegal_argument", refused))
         try:
             parsed = parse_body(raw) if rule.needs_body else None
             plan = plan_request(
@@ -354,3 +365,20 @@ __all__ = [
     "Usage",
     "UsageReport",
 ]
+
+
+_JSON_TYPED = ((b"content-type", b"application/json"),)
+MAX_HEADERS = 64
+
+
+def header_line(text: str) -> tuple[str, str]:
+    """`Name: value`, as curl's -H takes it; ValueError otherwise."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or len(text) > 8192:
+        raise ValueError(f"a header is `Name: value` (at most 8192 characters), found {text[:40]!r}")
+    return name.strip(), value.strip()
+
+
+def _header_bytes(name: str, value: str) -> tuple[bytes, bytes]:
+    # As a server hands them to ASGI: names lowercased, both as bytes.
+    return name.strip().lower().encode("latin-1", "replace"), value.strip().encode("latin-1", "replace")

@@ -25,6 +25,7 @@ from types import ModuleType
 COMPILED = (
     "quota.breaker",
     "quota.clients",
+    "quota.deadlines",
     "quota.decisions",
     "quota.denials",
     "quota.guard",

@@ -190,10 +190,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when quota would allow the request, 1 when it would refuse it."""
     from dataclasses import asdict
 
-    from quota.api import Quota
+    from quota.api import Quota, header_line
+
+    try:
+        headers = [header_line(line) for line in args.header] if args.header else None
+    except ValueError as exc:
+        print(f"quota: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def work(cfg: Config, directory: Directory, store: Any) -> Any:
-        return await Quota(cfg, store).explain(args.method, args.path, body=args.body, ip=args.ip)
+        return await Quota(cfg, store).explain(args.method, args.path, body=args.body, ip=args.ip, headers=headers)
 
     found = asyncio.run(_with_store(args, work))
     if args.json:
@@ -482,6 +488,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the request path, /org/app/...")
     p.add_argument("--body", help="the request body (JSON)")
     p.add_argument("--ip", default="203.0.113.1", help="the client's address")
+    p.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        help="a request header, `Name: value` (repeatable); with none, Content-Type: application/json",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -134,7 +135,12 @@ def _read(path: Path, problems: list[Problem], *, required: bool) -> Any:
             problems.append(Problem(str(path), "(file)", "a YAML file", _Said("no such file")))
         return None
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(str(path), f"byte {exc.start}", "text in UTF-8", _Said(exc.reason)))
+        return None
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
@@ -164,6 +170,26 @@ def _unique_mapping(loader: _SafeLoader, node: yaml.MappingNode) -> dict[Any, An
 
 
 _UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _scalar_or_fail(tag: str) -> Callable[[_SafeLoader, yaml.ScalarNode], Any]:
+    """PyYAML's own constructor of `tag`, whose ValueError (`2026-02-30`, an int of 5,000 digits)
+    becomes a YAML error at the value's line instead of a traceback."""
+    construct = _UniqueKeys.yaml_constructors[tag]
+
+    def checked(loader: _SafeLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{str(node.value)[:40]!r} cannot be read: {exc}", node.start_mark
+            ) from None
+
+    return checked
+
+
+for _tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int"):
+    _UniqueKeys.add_constructor(_tag, _scalar_or_fail(_tag))
 
 _RATE_SHAPE = re.compile(r"(\d{1,12})\s*(?:/|per)\s*(?:(\d{1,12})\s*)?[a-zA-Z]+")
 
@@ -231,8 +257,9 @@ class _Checker:
         except InvalidOperation:
             self.fail(key, "an amount of money", node)
             return None
-        if not value.is_finite() or value < 0:
-            self.fail(key, "an amount >= 0", node)
+        if not value.is_finite() or value < 0 or value > MAX_LIMIT:
+            # Bounded as a limit is: `1e999999999` is a finite Decimal no bill could be rounded from.
+            self.fail(key, f"an amount from 0 to {MAX_LIMIT:,}", node)
             return None
         return value
 
@@ -531,6 +558,11 @@ class _Routes(_Checker):
             self.fail(f"{key}.method", f"one of {', '.join(METHODS)}", method)
         if not isinstance(template, str) or not template.startswith("/{org}/{app}"):
             self.fail(f"{key}.path", "a path template starting /{org}/{app}", template)
+            return None
+        odd = [seg for seg in template.split("/")[1:] if not _TEMPLATE_SEGMENT.fullmatch(seg)]
+        if odd:
+            # A brace left open would be matched as a literal; an empty segment never matches.
+            self.fail(f"{key}.path", "segments that are {name} or letters, digits, _ . ~ -", _Said(repr(odd[0])))
             return None
         params = set(re.findall(r"\{([a-z_]+)\}", template))
         feature = node.get("feature")
@@ -928,6 +960,7 @@ def one_app_rule(plan: Plan) -> str:
 # One step of a selector: a field name; in a removal's unless, also a list's items whose field is
 # true or false (name[field=false]).
 _FIELD = re.compile(r"[A-Za-z0-9_-]+")
+_TEMPLATE_SEGMENT = re.compile(r"\{[a-z_]+\}|[A-Za-z0-9_.~-]+")
 _SELECTOR_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[A-Za-z_][A-Za-z0-9_]*=(true|false)\])?")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -152,7 +153,8 @@ def path_denial(scope: dict[str, Any], max_url_bytes: int) -> Denial | None:
         return Denial(
             400,
             "illegal_argument",
-            "a path starts with / and has no dot or empty segments, backslashes, encoded slashes or percents",
+            "a path starts with / and has no dot or empty segments, backslashes, encoded slashes, percents, "
+            "#, ?, ;, spaces or control characters",
         )
     return None
 
@@ -165,9 +167,14 @@ def _odd_path(scope: dict[str, Any]) -> bool:
     demo#free's path there), or a percent left after decoding (a gateway decoding twice reads
     `%252F` as a slash). No id of the API holds any of them. A path not starting with `/` (what an
     h11 server passes on of the target `http:/demo/...`) is under no app here, and the path
-    `/demo/...` to a gateway that parses the target as a URL."""
+    `/demo/...` to a gateway that parses the target as a URL. Nor does an id hold a `#` (an h11
+    server passes a fragment on in the path, a gateway's server drops it: `pre_send#x` a segment
+    here, `pre_send` there), a `?` or `;` (decoded from %3F, or a matrix parameter Tomcat and
+    Spring strip), a space or a character that does not print (NUL ends a C string)."""
     path: str = scope["path"]
     if not path.startswith("/") or "//" in path or "\\" in path or "%" in path:
+        return True
+    if "#" in path or "?" in path or ";" in path or " " in path or not path.isprintable():
         return True
     if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
         return True
@@ -192,6 +199,51 @@ def parse_body(raw: bytes) -> Any:
         return _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput("request body is not valid JSON") from exc
+
+
+def unreadable_body(headers: Iterable[Any]) -> str | None:
+    """Why a body quota counts from cannot be read as the gateway reads it; None when it can. quota
+    reads JSON in UTF-8 (RFC 8259), so a body must say so and nothing else: a gateway that decodes
+    by a declared charset reads another document from the same bytes (in UTF-7, `+ACI-` is a quote:
+    a key hidden inside a string to quota is a key of its own there), and one that reads form fields
+    by their type finds fields quota never saw; Rack reads a body with no type as a form. A body
+    must not be encoded either: quota reads its bytes, a gateway that inflates a `deflate` body
+    reads what they decode to, and `{` opens a valid raw deflate block."""
+    found: Any = None
+    for header in headers:  # pairs as tuples or lists: ASGI allows either
+        name, value = header[0], header[1]
+        if name == b"content-type":
+            if found is not None:
+                return "request names its Content-Type twice"
+            found = value
+        elif name == b"content-encoding" and not (isinstance(value, bytes) and value.strip().lower() in _UNENCODED):
+            return f"request body must not be encoded, found Content-Encoding {_shown(value)!r}"
+    if found is None:
+        return "request body must be JSON in UTF-8 (Content-Type: application/json), found no Content-Type"
+    if isinstance(found, bytes) and _json_utf8(found):
+        return None
+    return f"request body must be JSON in UTF-8 (Content-Type: application/json), found Content-Type {_shown(found)!r}"
+
+
+_UNENCODED = (b"", b"identity")
+
+
+def _shown(value: Any) -> str:
+    return value[:80].decode("latin-1") if isinstance(value, bytes) else repr(value)[:80]
+
+
+def _json_utf8(value: bytes) -> bool:
+    """`application/json`, with no parameter but a charset of UTF-8 (in any case, quoted or not)."""
+    media, _, params = value.partition(b";")
+    if media.strip().lower() != b"application/json":
+        return False
+    for param in params.split(b";"):
+        name, _, given = param.partition(b"=")
+        if not (name.strip() or given.strip()):
+            continue  # an empty parameter (a trailing `;`)
+        if name.strip().lower() != b"charset" or given.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return False
+    return True
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from quota.decisions import (
     plan_request,
     renew_program,
     undo_ops,
+    unreadable_body,
     url_fits,
 )
 from quota.denials import DenyCache
@@ -360,7 +361,7 @@ class QuotaMiddleware:
             # whatever the framing says: what quota counts is what the upstream is handed.
             empty = framed and not declared
             # Read only for a route that counts from its body; judged once the body is in.
-            media = _not_json(scope) if rule.needs_body else None
+            media = unreadable_body(scope["headers"]) if rule.needs_body else None
             decided = self._decide(rt, match, app, address, receive, started, today, empty, media)
         verdict = decided if isinstance(decided, _Verdict) else await decided
         # Memoised only once its checks passed and its store ops were built: requests refused before
@@ -854,40 +855,6 @@ def _framing(scope: dict[str, Any]) -> tuple[int | None, bool]:
             unframed = True
     version = scope.get("http_version")
     return declared, not unframed and isinstance(version, str) and version in ("1.1", "1.0")
-
-
-def _not_json(scope: dict[str, Any]) -> str | None:
-    """Why a body quota counts from cannot be read as the gateway reads it; None when it can. quota
-    reads JSON in UTF-8 (RFC 8259), so a body must say so and nothing else: a gateway that decodes
-    by a declared charset reads another document from the same bytes (in UTF-7, `+ACI-` is a quote:
-    a key hidden inside a string to quota is a key of its own there), and one that reads form fields
-    by their type finds fields quota never saw; Rack reads a body with no type as a form."""
-    found: Any = None
-    for header in scope["headers"]:
-        if header[0] == b"content-type":
-            if found is not None:
-                return "request names its Content-Type twice"
-            found = header[1]
-    if found is None:
-        return "request body must be JSON in UTF-8 (Content-Type: application/json), found no Content-Type"
-    if isinstance(found, bytes) and _json_utf8(found):
-        return None
-    shown = found[:80].decode("latin-1") if isinstance(found, bytes) else repr(found)[:80]
-    return f"request body must be JSON in UTF-8 (Content-Type: application/json), found Content-Type {shown!r}"
-
-
-def _json_utf8(value: bytes) -> bool:
-    """`application/json`, with no parameter but a charset of UTF-8 (in any case, quoted or not)."""
-    media, _, params = value.partition(b";")
-    if media.strip().lower() != b"application/json":
-        return False
-    for param in params.split(b";"):
-        name, _, given = param.partition(b"=")
-        if not (name.strip() or given.strip()):
-            continue  # an empty parameter (a trailing `;`)
-        if name.strip().lower() != b"charset" or given.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
-            return False
-    return True
 
 
 def _authorization(scope: dict[str, Any]) -> str:

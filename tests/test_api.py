@@ -68,19 +68,30 @@ async def test_typed_answers(admin: httpx.AsyncClient) -> None:
         await q.limit("demo#free", "friends_per_user", user="a,b")
 
 
-async def _explain(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    params = {"method": method, "path": path, "ip": "10.1.2.3"}
+async def _explain(
+    client: httpx.AsyncClient, method: str, path: str, body: Any = None, headers: list[str] | None = None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"method": method, "path": path, "ip": "10.1.2.3"}
     if body is not None:
         params["body"] = json.dumps(body)
+    if headers is not None:
+        params["header"] = headers
     r = await client.get("/_quota/explain", params=params, headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
-async def _same(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    """Explain, then send the real request: the decision must be the one the middleware makes."""
-    found = await _explain(client, method, path, body)
-    real = await client.request(method, path, json=body)
+async def _same(
+    client: httpx.AsyncClient, method: str, path: str, body: Any = None, headers: list[str] | None = None
+) -> dict[str, Any]:
+    """Explain, then send the real request: the decision must be the one the middleware makes.
+    `headers`: `Name: value` lines, sent as they are with the body in place of a JSON type."""
+    found = await _explain(client, method, path, body, headers)
+    if headers is None:
+        real = await client.request(method, path, json=body)
+    else:
+        sent = [tuple(part.strip() for part in line.split(":", 1)) for line in headers]
+        real = await client.request(method, path, content=json.dumps(body).encode(), headers=sent)
     decision = found["decision"]
     if decision["allowed"]:
         assert real.status_code < 400, (found, real.text)
@@ -124,6 +135,46 @@ async def test_explain_predicts_the_decision(admin: httpx.AsyncClient, clock: Cl
     # Explaining twice changes nothing: the join is still the same size.
     again = await _explain(admin, "POST", f"/{FREE}/chatgroups/{rid}/users", {"usernames": ["c"]})
     assert {"limit": "members_per_group", "cap": 100, "used": 3, "adding": 1} in again["counters"]
+
+
+async def test_explain_reads_a_body_as_the_middleware_does(admin: httpx.AsyncClient) -> None:
+    """Catches `explain` allowing a counted body the middleware refuses for its headers (a text
+    type, two types, an encoding), or refusing one typed as JSON (its default, and named)."""
+    await register(admin, FREE, ["own", "a"])
+    rid = room_id(await create_room(admin, FREE, "chatgroups", "own"), "chatgroups")
+    path = f"/{FREE}/chatgroups/{rid}/users"
+    for headers in (
+        ["Content-Type: text/plain"],
+        ["Content-Type: application/json", "content-type: application/json"],
+        ["Content-Type: application/json", "Content-Encoding: deflate"],
+    ):
+        found = await _same(admin, "POST", path, {"usernames": ["a"]}, headers)
+        assert found["decision"]["status"] == 415, (headers, found)
+    typed = await _explain(admin, "POST", path, {"usernames": ["a"]}, ["content-type: Application/JSON; charset=utf-8"])
+    assert (
+        typed["decision"]["allowed"]
+        and (await _explain(admin, "POST", path, {"usernames": ["a"]}))["decision"]["allowed"]
+    )
+    r = await admin.get("/_quota/explain", params={"path": path, "header": "no colon"}, headers=AUTH)
+    assert r.status_code == 400 and "Name: value" in r.text, r.text
+    r = await admin.get("/_quota/explain", params={"path": path, "header": ["a: b"] * 65}, headers=AUTH)
+    assert r.status_code == 400 and "at most 64 headers" in r.text, r.text
+
+
+@pytest.mark.redis
+def test_explain_cli_takes_headers(redis_server: RedisServer) -> None:
+    """Catches `quota explain -H` ignored (a text-typed join explained as allowed) or a header
+    line without a colon taken as anything but a usage error."""
+    path, body, url = "/demo/free/chatgroups/1/users", '{"usernames": ["a"]}', ("--redis", redis_server.url)
+    out = run_cli("explain", "POST", path, "--body", body, "-H", "Content-Type: text/plain", "--json", *url)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert json.loads(out.stdout)["decision"]["status"] == 415
+    out = run_cli("explain", "POST", path, "--body", body, "--header", "content-encoding: gzip", *url)
+    assert out.returncode == 1 and "415" in out.stdout and "Content-Encoding 'gzip'" in out.stdout, out.stdout
+    out = run_cli("explain", "POST", path, "--body", body, *url)
+    assert "415" not in out.stdout, out.stdout
+    out = run_cli("explain", "POST", path, "--body", body, "-H", "nocolon", *url)
+    assert out.returncode == 2 and "Name: value" in out.stderr and not out.stdout, out.stdout + out.stderr
 
 
 async def test_explain_needs_a_token_and_a_sane_query(admin: httpx.AsyncClient) -> None:

@@ -6,9 +6,11 @@ not built with quota's key helpers, so a key-format bug common to reads and writ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 from collections import UserDict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from tests.helpers import (
 
 FREE, PRO = "demo/free", "demo/pro"
 TOKEN = "attack-admin-token-0123456789"
+_JSON = (b"content-type", b"application/json")
 
 
 def set_cap(config_dir: Path, plan: str, **caps: int) -> None:
@@ -525,6 +528,10 @@ class TestBodies:
             ([], b'{"usernames": ["a"]}', 415),  # Rack reads an untyped body as a form
             ([(b"content-type", b"application/json")], b'{"usernames": ["a"]}', 200),
             ([(b"content-type", b'Application/JSON ; Charset="UTF-8";')], b'{"usernames": ["a"]}', 200),
+            # JSON to quota, and `{` opens a raw deflate block to a gateway that inflates it
+            ([_JSON, (b"content-encoding", b"deflate")], b'{"usernames": ["a"]}', 415),
+            ([(b"content-encoding", b"GZIP"), _JSON], gzip.compress(b"{}"), 415),
+            ([_JSON, (b"content-encoding", b"Identity")], b'{"usernames": ["a"]}', 200),
         ],
     )
     async def test_a_body_is_json_in_utf8_or_it_is_refused(
@@ -532,8 +539,8 @@ class TestBodies:
     ) -> None:
         """Catches a counted body the gateway may read as another document: a declared charset
         (a gateway decoding by it), a form or text type or none (one reading fields by type, Rack
-        an untyped body as a form), two types, or bytes not in UTF-8. Refused before anything is
-        counted; JSON typed as JSON passes."""
+        an untyped body as a form), two types, bytes not in UTF-8, or an encoded body (a gateway
+        inflating it). Refused before anything is counted; JSON typed as JSON passes."""
         seen: list[str] = []
         async with make_client(MemoryStore(), clock) as client:
             await register(client, FREE, ["o", "a"])
@@ -556,40 +563,57 @@ class TestBodies:
 
         from aiohttp import web
 
-        from quota.proxy import ProxyApp, Upstream
-
         logged_in: set[str] = set()
 
         async def token(request: web.Request) -> web.Response:
             logged_in.add((await request.json())["username"])  # decoded by the declared charset
             return web.json_response({"access_token": "YWMt", "expires_in": 86400})
 
-        gateway = web.Application()
-        gateway.router.add_post("/{org}/{app}/token", token)
-        runner = web.AppRunner(gateway)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{port}"))
-        app = build_app(load_config(), store=MemoryStore(), upstream=proxy)
-        app.clock = clock
         utf7 = {"content-type": "application/json; charset=utf-7"}
-        try:
-            async with asgi_client(app, ("10.1.2.3", 4000)) as client:
-                for i in range(3):
-                    quote = base64.b64encode(f'","username":"user{i}","x":"'.encode("utf-16-be")).decode()
-                    body = '{"username":"alice","x":"+' + quote.rstrip("=") + '-"}'
-                    r = await client.post("/demo/free/token", content=body, headers=utf7)
-                    assert r.status_code == 415, r.text
-                codes = [
-                    (await client.post("/demo/free/token", json={"username": f"u{i}"})).status_code for i in range(101)
-                ]
-        finally:
-            proxy.pool.close()
-            await runner.cleanup()
+        async with _behind_proxy_of_aiohttp("/{org}/{app}/token", token, clock) as client:
+            for i in range(3):
+                quote = base64.b64encode(f'","username":"user{i}","x":"'.encode("utf-16-be")).decode()
+                body = '{"username":"alice","x":"+' + quote.rstrip("=") + '-"}'
+                r = await client.post("/demo/free/token", content=body, headers=utf7)
+                assert r.status_code == 415, r.text
+            codes = [
+                (await client.post("/demo/free/token", json={"username": f"u{i}"})).status_code for i in range(101)
+            ]
         assert logged_in == {f"u{i}" for i in range(100)}
         assert codes == [200] * 100 + [403]
+
+    async def test_connection_drops_no_field_quota_read(self, clock: Clock) -> None:
+        """The attack: behind `quota proxy`, `Connection: content-type` asked the proxy to drop the
+        type quota checked, and a gateway reading an untyped body as a form (as Rack does) read
+        the members hidden in a JSON string: 51 joined, quota counting one. Found by the audit of
+        2026-12-02. A Connection naming a field of the message is a 400 that reaches nobody."""
+        from urllib.parse import parse_qs
+
+        from aiohttp import web
+
+        joined: list[str] = []
+
+        async def join(request: web.Request) -> web.Response:
+            raw = await request.read()
+            typed = "Content-Type" in request.headers
+            names = json.loads(raw)["usernames"] if typed else parse_qs(raw.decode()).get("usernames", [])
+            joined.extend(names)
+            return web.json_response({"data": {"newmembers": names}})
+
+        hidden = "&".join(f"usernames=u{i}" for i in range(50))
+        body = json.dumps({"usernames": ["alice"], "note": f"&{hidden}&x="})
+        async with _behind_proxy_of_aiohttp("/{org}/{app}/chatgroups/{id}/users", join, clock) as client:
+            for named in ("keep-alive, Content-Type", "content-encoding", "Host", "content-length, close"):
+                headers = {"content-type": "application/json", "connection": named}
+                r = await client.post(f"/{FREE}/chatgroups/7/users", content=body, headers=headers)
+                assert r.status_code == 400 and "Connection names" in r.text, (named, r.text)
+            r = await client.post(
+                f"/{FREE}/chatgroups/7/users", content=body, headers={**JSON_TYPE, "connection": "x-a"}
+            )
+            assert r.status_code == 200, r.text
+            assert joined == ["alice"]
+            members = await entitlements(client, FREE, group="7")
+            assert members["entities"]["group:7"]["members_per_group"]["used"] == 1
 
     @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
     async def test_a_number_json_has_not_is_refused(self, store: Any, clock: Clock, constant: bytes) -> None:
@@ -625,6 +649,29 @@ class TestBodies:
             assert seen == []
             mw.app = gateway
             assert (await client.post(f"/{FREE}/{kind}", json={"name": "g", "owner": "o"})).status_code == 200
+
+    async def test_a_login_creates_no_user(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """Catches the vendor's `inherit` grant with `autoCreateUser` reaching a gateway that makes
+        the user it names: a registration counted nowhere, users past registered_users (3 here)
+        by logging in. Found by the audit of 2026-12-02. The field is refused in any case and any
+        value; a login without it is counted as ever."""
+        set_cap(config_dir, "free", registered_users=3)
+        seen: list[str] = []
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["u0", "u1", "u2"])
+            assert (await client.post(f"/{FREE}/users", json=[{"username": "u3"}])).status_code == 403
+            mw = middleware_of(client)
+            gateway, mw.app = mw.app, _recording(seen, "path")
+            for name, value in (("autoCreateUser", True), ("AUTOCREATEUSER", "true"), ("autocreateuser", False)):
+                body = json.dumps({"grant_type": "inherit", "username": "u4", name: value}).encode()
+                sent = await call_raw(mw, http_scope("POST", f"/{FREE}/token"), body)
+                assert sent[0]["status"] == 400 and b"autoCreateUser" in sent[1]["body"], (name, sent)
+            assert seen == []
+            mw.app = gateway
+            assert (
+                await client.post(f"/{FREE}/token", json={"grant_type": "inherit", "username": "u0"})
+            ).status_code == 200
+            assert (await entitlements(client, FREE))["usage"]["registered_users"]["used"] == 3
 
     async def test_body_bound_on_a_route_quota_does_not_read(self, store: Any, clock: Clock, config_dir: Path) -> None:
         """Catches max_body_bytes applying only where quota reads the body: a big chunked upload to
@@ -919,6 +966,33 @@ class TestAuditFindings:
         scope = http_scope("POST", path.replace("%2F", "/"), raw_path=path.encode())
         sent = await call_raw(mw, scope, b'{"usernames": ["a"]}')
         assert sent[0]["status"] == 400
+
+    @pytest.mark.parametrize(
+        ("path", "raw"),
+        [
+            ("/demo/free/messages/translate#x", b"/demo/free/messages/translate#x"),  # as h11 passes it on
+            ("/demo/free/messages/translate;jsessionid=1", b"/demo/free/messages/translate;jsessionid=1"),
+            ("/demo/free/messages/translate?x", b"/demo/free/messages/translate%3Fx"),
+            ("/demo/free/messages/translate#x", b"/demo/free/messages/translate%23x"),
+            ("/demo/free/messages/translate\x00", b"/demo/free/messages/translate%00"),
+            ("/demo/free/messages/translate ", b"/demo/free/messages/translate%20"),
+            ("/demo/free/messages/translate\t", b"/demo/free/messages/translate%09"),
+        ],
+    )
+    async def test_a_path_a_server_cuts_short_is_refused(
+        self, client: httpx.AsyncClient, path: str, raw: bytes
+    ) -> None:
+        """Catches a segment quota reads whole and a gateway's server cuts (a fragment an h11 server
+        passes on, a matrix parameter Tomcat strips, NUL, a trimmed space): quota matched an
+        unknown path under the prefix gate, the gateway ran free's translation. Found by the
+        audit of 2026-12-02 (`#`)."""
+        seen: list[str] = []
+        mw = client._transport.app  # type: ignore[attr-defined]
+        gateway, mw.app = mw.app, _recording(seen, "path")
+        sent = await call_raw(mw, http_scope("POST", path, raw_path=raw), b"{}")
+        assert sent[0]["status"] == 400 and b"#, ?, ;" in sent[1]["body"], sent
+        assert seen == []
+        mw.app = gateway
 
     async def test_room_ids_have_one_spelling(self, client: httpx.AsyncClient) -> None:
         """Catches 7, 07 and 0007 being three counters for one group of a gateway that parses numbers."""
@@ -1700,3 +1774,29 @@ class TestOwners:
             assert codes == [200, 200] + [403] * 7, codes
             rooms = {room_id(r, kind) for r in results if r.status_code == 200}
             assert await members(client, f"q:{{demo#free}}:s:{relation}:m:own") == rooms
+
+
+@contextlib.asynccontextmanager
+async def _behind_proxy_of_aiohttp(route: str, handler: Any, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of quota (memory, shipped config) proxying to a real aiohttp gateway that serves
+    `handler` on POST `route`: a gateway reading requests as a framework of its own does."""
+    from aiohttp import web
+
+    from quota.proxy import ProxyApp, Upstream
+
+    gateway = web.Application()
+    gateway.router.add_post(route, handler)
+    runner = web.AppRunner(gateway)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    proxy = ProxyApp(Upstream(f"http://127.0.0.1:{port}"))
+    app = build_app(load_config(), store=MemoryStore(), upstream=proxy)
+    app.clock = clock
+    try:
+        async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+            yield client
+    finally:
+        proxy.pool.close()
+        await runner.cleanup()

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from quota.cli import EXIT_CONFIG
 from quota.config import load_config
 from quota.errors import ConfigError
 from tests.conftest import run_cli
@@ -239,6 +240,42 @@ def test_broken_yaml_names_line(config_dir: Path) -> None:
     (config_dir / "accounts.yaml").write_text("accounts:\n  a: [unclosed\n")
     text = problems(config_dir)
     assert "accounts.yaml: line" in text and "valid YAML" in text
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "said"),
+    [
+        ("accounts.yaml", b"accounts:\n  a:\n    plan: free\n    subscribed_on: 2026-02-30\n", "line 4"),
+        ("accounts.yaml", b"accounts:\n  a:\n    plan: free\n    subscribed_on: 2026-13-01\n", "month must be"),
+        ("quota.yaml", b"max_body_bytes: " + b"9" * 5000 + b"\n", "line 1"),
+        ("quota.yaml", b"# caf\xe9 (Latin-1)\nmax_body_bytes: 1024\n", "byte 5: expected text in UTF-8"),
+    ],
+)
+def test_a_file_yaml_cannot_read_is_named(config_dir: Path, file: str, text: bytes, said: str) -> None:
+    """Catches a date that is no date, an int past Python's digit limit or a byte not in UTF-8
+    ending `quota check-config` with a traceback (found by the audit of 2026-12-02): each is a
+    problem of its file, at its line, and the command exits as for any invalid config."""
+    (config_dir / file).write_bytes(text)
+    result = run_cli("check-config", str(config_dir))
+    assert result.returncode == EXIT_CONFIG and "Traceback" not in result.stderr, result.stderr
+    assert f"{file}: " in result.stderr and said in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "path", ["/{org}/{app}/token/{x", "/{org}/{app}/users/", "/{org}/{app}/a}b", "/{org}/{app}//x"]
+)
+def test_a_path_template_is_whole_segments(config_dir: Path, path: str) -> None:
+    """Catches a brace left open loading as a literal segment (a route no request names as meant),
+    or an empty segment (a route that never matches)."""
+    edit(config_dir / "routes.yaml", lambda d: d["routes"].append({"name": "odd", "method": "GET", "path": path}))
+    assert "routes.yaml: routes[" in problems(config_dir) and "segments that are {name}" in problems(config_dir)
+
+
+@pytest.mark.parametrize("fee", ["1e999999999", "1000000000001", "-1"])
+def test_money_is_bounded(config_dir: Path, fee: str) -> None:
+    """Catches a fee no bill can be rounded from (`1e999999999` is a finite Decimal)."""
+    edit(config_dir / "plans.yaml", lambda d: d["plans"]["pro"]["price"].update(monthly_fee=fee))
+    assert "plans.pro.price.monthly_fee: expected an amount from 0 to 1,000,000,000,000" in problems(config_dir)
 
 
 def test_route_unknown_feature_and_limit(config_dir: Path) -> None:

@@ -360,10 +360,12 @@ def fuzz(config: Config, backend: Backend, loop: asyncio.AbstractEventLoop, exam
             status, raw = loop.run_until_complete(call(self.app, req, peer))
             assert status < 500, (req, status, raw[:300])
             if req.path.startswith(tuple(a + "/" for a in UNKNOWN_APPS)):
-                # Unknown apps are refused; a path with dot or empty segments, a backslash or a percent
-                # (this scope's path is not decoded: `%23` stays) is refused before any lookup.
+                # Unknown apps are refused; a path with dot or empty segments, a backslash, a percent
+                # (this scope's path is not decoded: `%23` stays), a `#`, `;`, space or unprintable
+                # character is refused before any lookup.
                 path = req.path.split("?")[0]
                 odd = "//" in path or "%" in path or "\\" in path or any(seg in (".", "..") for seg in path.split("/"))
+                odd = odd or any(c in path for c in "#; ") or not path.isprintable()
                 assert status == (400 if odd else 404), (req, status, raw[:300])
             after = backend.sets()
             try:

@@ -539,7 +539,8 @@ class TestPassThrough:
     def test_websocket_relay(self, odd_proxy: Running) -> None:
         """Text and binary frames cross, the subprotocol is the upstream's choice, the upstream's
         close code reaches the client, and an upstream refusal refuses the client's handshake.
-        Catches: frames, subprotocol or close codes lost across the relay."""
+        Catches: frames, subprotocol or close codes lost across the relay, or a Connection asking
+        the relay to drop a field of the handshake's message."""
         ws_base = odd_proxy.base.replace("http://", "ws://")
         with connect(ws_base + "/ws-echo", subprotocols=["im.v1"]) as ws:  # type: ignore[list-item]
             assert ws.subprotocol == "im.v1"
@@ -553,6 +554,9 @@ class TestPassThrough:
             assert ws.close_code == 4001
         with pytest.raises(InvalidStatus):
             connect(ws_base + "/ws-refuse", open_timeout=5)
+        # A handshake whose Connection names a field of the message is refused, as HTTP's is.
+        with pytest.raises(InvalidStatus):
+            connect(ws_base + "/ws-echo", additional_headers={"connection": "Upgrade, Authorization"}, open_timeout=5)
 
 
 class TestHeaderRules:

@@ -24,7 +24,13 @@ from quota.proxy.errors import (
     UpstreamBroken,
     send_error,
 )
-from quota.proxy.headers import Headers, Networks, client_response_headers, upstream_request_headers
+from quota.proxy.headers import (
+    Headers,
+    Networks,
+    client_response_headers,
+    connection_names_the_message,
+    upstream_request_headers,
+)
 from quota.proxy.pool import Pool
 
 log = logging.getLogger("quota.proxy")
@@ -161,6 +167,10 @@ class ProxyApp:
             # Two framings the upstream could read differently from the server in front: what one
             # takes for the end of a body the other may take for a second request nobody checked.
             await send_error(ILLEGAL_ARGUMENT, unclear, send, started)
+            return
+        dropped = connection_names_the_message(scope["headers"])
+        if dropped:
+            await send_error(ILLEGAL_ARGUMENT, dropped, send, started)
             return
         declared = _content_length(scope["headers"])
         if declared is not None and declared > limit:

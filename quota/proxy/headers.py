@@ -41,6 +41,23 @@ FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
 CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"x-client-ip", b"x-original-forwarded-for"})
 
 
+# Fields of the message itself that quota's checks read: its body's type, coding and length, its
+# host, its credentials. A Connection naming one would have this hop drop it (RFC 9110 §7.6.1 lets a
+# sender name only fields of the hop), and the gateway read the message otherwise than quota did:
+# Rack reads an untyped body as a form, fields quota never counted.
+MESSAGE_FIELDS = frozenset({b"content-type", b"content-encoding", b"content-length", b"host", b"authorization"})
+
+
+def connection_names_the_message(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Why the request cannot cross as it is ("" when it can): its Connection names a field of
+    the message, which this hop would have to drop."""
+    named = _named_by_connection(headers) & MESSAGE_FIELDS
+    if not named:
+        return ""
+    fields = ", ".join(sorted(name.decode("latin-1") for name in named))
+    return f"Connection names {fields}: a field of the message, not of one hop (RFC 9110 §7.6.1)"
+
+
 def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     # A sender may list more hop-by-hop fields in Connection; they go no further than this hop.
     named: set[bytes] = set()

@@ -13,6 +13,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
+from quota.proxy.headers import connection_names_the_message
+
 if TYPE_CHECKING:
     from quota.proxy.app import ProxyApp
 
@@ -24,6 +26,9 @@ UPSTREAM_FAILED = 1011
 async def relay(proxy: ProxyApp, scope: Scope, receive: Receive, send: Send) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
+        return
+    if connection_names_the_message(scope["headers"]):
+        await send({"type": "websocket.close", "code": 1008})  # refused, as HTTP's is (a 403 here)
         return
     up = proxy.upstream
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in proxy.headers_for(scope, websocket=True)]

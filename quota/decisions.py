@@ -605,9 +605,10 @@ def plan_request(
 
 def activity_ops(app: AppPlan, today: date, user: str) -> list[Op]:
     """A user still active on `today` (a connection held open past midnight): in the day's DAU and
-    the month's MAU. No cap: the connection was admitted, and what it did since is a fact to bill."""
+    the month's MAU, held to the plan's DAU ceiling as a login is (a plan without overage: free).
+    Past it the connection ends; a paid plan's DAU past its included ones are billed."""
     return [
-        AddOp("", dau_key(app.prefix, today), UNLIMITED, (user,), expire_s=KEEP_ACTIVITY_S),
+        AddOp("included_dau", dau_key(app.prefix, today), app.dau_cap, (user,), expire_s=KEEP_ACTIVITY_S),
         AddOp("", mau_key(app.prefix, today.year, today.month), UNLIMITED, (user,), expire_s=KEEP_ACTIVITY_S),
     ]
 
@@ -783,10 +784,13 @@ def after_ops(
     added: tuple[tuple[str, ...], ...],
     ids: IdPolicy,
     ttl_ms: int,
+    answered: bool = True,
 ) -> Settlement:
     """The upstream answered 2xx: confirm this request's claims, bind reservations to the ids it
     returned, lift its tombstones and apply its removals. `ttl_ms`: how long a mark lasts from the
-    settlement's clock unless renewed (the plan's `held` names them for the renewals)."""
+    settlement's clock unless renewed (the plan's `held` names them for the renewals). Not
+    `answered` (a 504: whether the upstream did it is unknown): what was counted is kept (claims
+    confirmed, reservations kept unbound), nothing is taken off, as counts may drift up only."""
     done = Settlement(Program())
     ops = done.program.ops
     ops.extend(confirm_ops(plan, added))
@@ -807,7 +811,8 @@ def after_ops(
             ops.append(BindOp(op.owner_key, op.members[0], real, side_prefix(app.prefix, rel.name, "o"), creator))
         else:
             ops.append(BindOp(op.owner_key, op.members[0], real))
-    for change in plan.after:
+    removals = plan.after if answered else []
+    for change in removals:
         try:
             owners = _owner(change, app, params, body, ids, response)
         except BadInput:
@@ -859,7 +864,12 @@ def drop(owner_key: str, reverse_prefix: str, value: str) -> tuple[DropOp, Drain
 
 def denial_for(refusal: Refusal, plan: RequestPlan, app: AppPlan) -> Denial:
     """Shape a store refusal the way the IM vendor does (reference §5)."""
-    op = plan.before.ops[refusal.op_index]
+    return denial_of(refusal, plan.before.ops, app)
+
+
+def denial_of(refusal: Refusal, ops: list[Op], app: AppPlan) -> Denial:
+    """`denial_for` of a program's ops (a connection's renewal, which plans no request)."""
+    op = ops[refusal.op_index]
     pname = app.plan.name
     if isinstance(op, RateOp):
         return Denial(

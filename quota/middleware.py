@@ -60,6 +60,11 @@ FALLBACK_PREFIX = "q:{_}:"
 RESPONSE_CAPTURE_LIMIT = 1 << 16
 SHADOW_HEADER = b"x-quota-shadow"
 NOT_FOUND = "service_resource_not_found"
+# Gateway Timeout: the answer of a server that heard nothing back from its own upstream (`quota
+# proxy` sends it once the request was on its way). Whether the change was made is unknown, so
+# what was counted for it is kept, not undone: counts may drift up, repaired by `quota reconcile`,
+# never down, which a client could arrange with a slow gateway to pass a cap.
+UNKNOWN_OUTCOME = 504
 
 
 class Runtime:
@@ -629,7 +634,8 @@ class QuotaMiddleware:
         # The clock of the answer, not of the request: what this writes with a deadline (a batch
         # deletion's marks) must last from now, however long the upstream took.
         now_ms = int(self.clock() * 1000)
-        if not 200 <= capture.status < 300 or bounded.cut:
+        answered = 200 <= capture.status < 300
+        if bounded.cut or not (answered or capture.status == UNKNOWN_OUTCOME):
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
         if not (plan.binds or plan.after or plan.tombstones):
@@ -639,8 +645,9 @@ class QuotaMiddleware:
                 self.guard.defer(rt, Program([*confirms]))
             return
         ttl_ms = rt.settings.reservation_ttl_s * 1000
+        response = capture.json() if answered else None
         done = after_ops(
-            rt.routes, plan, app, verdict.params, verdict.body, capture.json(), outcome.added, rt.ids, ttl_ms
+            rt.routes, plan, app, verdict.params, verdict.body, response, outcome.added, rt.ids, ttl_ms, answered
         )
         if done.unbound:
             self.metrics.error("unbound_create")

@@ -25,6 +25,7 @@ from quota.decisions import (
     admit,
     confirm_ops,
     denial_for,
+    denial_of,
     lease_op,
     path_denial,
     plan_request,
@@ -112,6 +113,9 @@ class SocketHandler:
         mw.metrics.decision(rule.name, None, app.plan.name, "allowed")
         accepted = False
         link = _Link(receive, send)
+        # The login's claims live while the upstream weighs the handshake, however long: one that
+        # lapsed would be purged by another request, and the undo of a refused login skip it.
+        ticket = mw.renewals.hold(rt, plan) if plan.held else 0
 
         async def watch(message: Message) -> None:
             nonlocal accepted
@@ -120,6 +124,7 @@ class SocketHandler:
             if message["type"] == "websocket.accept" and not accepted:
                 # The upstream took the connection: the login counted before is settled.
                 accepted = True
+                mw.renewals.release(ticket)
                 await mw.guard.settle(rt, Program(list(confirm_ops(plan, added))), int(mw.clock() * 1000))
             await send(message)
 
@@ -130,6 +135,7 @@ class SocketHandler:
         try:
             await mw.app(scope, link.receive, watch)
         finally:
+            mw.renewals.release(ticket)
             if renew is not None:
                 renew.cancel()
             end = int(mw.clock() * 1000)
@@ -143,29 +149,46 @@ class SocketHandler:
     async def _renew(self, rt: Runtime, held: _Held, link: _Link, accepted: Callable[[], bool]) -> None:
         # Renew well before expiry; a worker killed with -9 stops renewing and its leases lapse.
         mw = self.mw
-        app, conn, ttl_ms, counted = held.app, held.conn, held.ttl_ms, held.today
+        conn, ttl_ms, counted = held.conn, held.ttl_ms, held.today
+        release = Program([ReleaseOp(lease_op(held.app, held.today, conn, ttl_ms).online_key, conn)])
         while True:
             await asyncio.sleep(ttl_ms / 3000)
             now = mw.clock()
+            now_ms = int(now * 1000)
             today = mw.today(now)
             # Held to the account as it is now, not as it was at the handshake: a connection of an
             # account frozen, cancelled, detached or put behind an allowlist since is ended, as its
-            # HTTP requests are refused (the caps, not re-checked, are a connection's for life).
-            ended = _revoked(mw.runtime, held, now, today)
-            if ended is not None:
-                end = Program([ReleaseOp(lease_op(app, today, conn, ttl_ms).online_key, conn)])
-                await link.end(ended)
-                await mw.guard.settle(rt, end, int(now * 1000))
+            # HTTP requests are refused.
+            app = _standing(mw.runtime, held, now, today)
+            if isinstance(app, Denial):
+                await link.end(app)
+                await mw.guard.settle(rt, release, now_ms)
                 return
-            # A renewal re-takes its lease whatever the cap: the connection was admitted, and a lease
-            # that lapsed during a storage outage must count again (new connections are refused instead).
-            ops: list[Op] = [replace(lease_op(app, today, conn, ttl_ms), cap=UNLIMITED, share_bp=0)]
+            lease = lease_op(app, today, conn, ttl_ms)
+            if _caps(app) == _caps(held.app):
+                # A renewal re-takes its lease whatever the cap: the connection was admitted, and a
+                # lease that lapsed during a storage outage must count again (new connections are
+                # refused instead).
+                lease = replace(lease, cap=UNLIMITED, share_bp=0)
+            else:
+                # The plan's caps changed since the handshake (a downgrade on the 1st, an override):
+                # the connection stays only if the new plan has room for it, as a new one would. Let
+                # go first, or its own lease would vouch for it; connections over the new cap end
+                # one by one at their renewals until the rest fit.
+                await mw.guard.settle(rt, release, now_ms)
+            ops: list[Op] = [lease]
             if held.user is not None and today != counted and accepted():
                 # Online on a new day (or month), once the upstream took the connection: as active
-                # as a user who logged in on it.
+                # as a user who logged in on it, and held to the same DAU ceiling.
                 ops += activity_ops(app, today, held.user)
-            if await mw.guard.settle(rt, Program(ops), int(now * 1000)) is not None:
-                counted = today
+            outcome = await mw.guard.settle(rt, Program(ops), now_ms)
+            if outcome is None:
+                continue  # the store did not answer: checked again at the next renewal
+            if outcome.refusal is not None:
+                await link.end(denial_of(outcome.refusal, ops, app))
+                await mw.guard.settle(rt, release, now_ms)
+                return
+            counted, held.app = today, app
 
 
 class _Held:
@@ -186,14 +209,19 @@ class _Held:
         self.conn, self.ttl_ms, self.user, self.today = conn, ttl_ms, user, today
 
 
-def _revoked(rt: Runtime, held: _Held, now: float, today: date) -> Denial | None:
-    """Why the account no longer holds the connection (what its handshake would be refused now for,
-    the caps aside), or None."""
+def _standing(rt: Runtime, held: _Held, now: float, today: date) -> AppPlan | Denial:
+    """The app's plan as it is now, or why the account no longer holds the connection (what its
+    handshake would be refused now for, the caps aside)."""
     app = rt.directory.lookup(held.app.appkey, today)
     if app is None:
         return Denial(404, "service_resource_not_found", f"app {held.app.appkey} has no plan here")
     admitted = admit(held.rule, app, held.params, held.address, now, rt.ids)
-    return admitted if isinstance(admitted, Denial) else None
+    return admitted if isinstance(admitted, Denial) else app
+
+
+def _caps(app: AppPlan) -> tuple[Any, int]:
+    """What a live connection is held to: online_users (a number or a share of MAU) and the DAU ceiling."""
+    return app.limits.get("online_users"), app.dau_cap
 
 
 class _Link:

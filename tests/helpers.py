@@ -131,3 +131,11 @@ class SwitchedStore(MemoryStore):
         if self.down:
             raise StorageError("down")
         return await super().run(program, now_ms, dry)
+
+
+def set_cap(config_dir: Path, plan: str, **caps: int) -> None:
+    """A plan's limits changed in a test's copy of the config."""
+    plans = config_dir / "plans.yaml"
+    doc = read_yaml(plans)
+    doc["plans"][plan]["limits"].update(caps)
+    write_yaml(plans, doc)

@@ -41,19 +41,13 @@ from tests.helpers import (
     read_yaml,
     register,
     room_id,
+    set_cap,
     write_yaml,
 )
 
 FREE, PRO = "demo/free", "demo/pro"
 TOKEN = "attack-admin-token-0123456789"
 _JSON = (b"content-type", b"application/json")
-
-
-def set_cap(config_dir: Path, plan: str, **caps: int) -> None:
-    plans = config_dir / "plans.yaml"
-    doc = read_yaml(plans)
-    doc["plans"][plan]["limits"].update(caps)
-    write_yaml(plans, doc)
 
 
 async def members(client: httpx.AsyncClient, key: str) -> set[str]:

@@ -21,11 +21,13 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from quota.config import DEFAULT_DIR
+from quota.config import DEFAULT_DIR, load_config
 from quota.proxy import ProxyApp, Upstream
 from quota.proxy.headers import client_response_headers, upstream_request_headers
-from tests.conftest import RedisServer
-from tests.helpers import call_raw, http_scope, read_yaml, write_yaml
+from quota.serve import build_app
+from quota.store.memory import MemoryStore
+from tests.conftest import RedisServer, asgi_client, free_port
+from tests.helpers import call_raw, entitlements, http_scope, read_yaml, set_cap, write_yaml
 from tests.running import Running, established, gateway, quota, wait_until
 
 pytestmark = pytest.mark.redis
@@ -639,6 +641,47 @@ class _RawUpstream:
             writer.close()
         await asyncio.sleep(0.05)  # the handlers see their connections end and return
         await self.server.wait_closed()
+
+
+class TestUnknownOutcome:
+    """Found by the audit of 2026-12-02: a gateway slower than --read-timeout, or one whose
+    connection broke once the request was on its way, may have done the request, and quota undid
+    what it had counted: a friend add the gateway made went uncounted, and the next passed the cap."""
+
+    async def test_an_add_whose_answer_never_came_stays_counted(self, config_dir: Path) -> None:
+        """Catches an add undone on the proxy's own 504 (the gateway may have made it): with
+        friends_per_user at 3, the third add times out, and the fourth is refused, not made. A
+        removal that times out takes nothing off either."""
+        set_cap(config_dir, "free", friends_per_user=3)
+        ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        async with _RawUpstream(lambda n: [2.0] if n in (3, 4) else [ok]) as url:
+            proxy = ProxyApp(Upstream(url, read_timeout=0.5))
+            app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
+            try:
+                async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+                    codes = [
+                        (await client.post(f"/{FREE}/users/alice/contacts/users/f{i}")).status_code for i in range(4)
+                    ]
+                    removal = await client.delete(f"/{FREE}/users/alice/contacts/users/f0")
+                    used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
+            finally:
+                proxy.pool.close()
+        assert codes == [200, 200, 504, 403] and removal.status_code == 504, (codes, removal.text)
+        assert used["friends_per_user"]["used"] == 3
+
+    async def test_an_add_that_never_left_is_undone(self, config_dir: Path) -> None:
+        """Catches the keep above applied where nothing was sent: an upstream nobody listens on is a
+        502, and the add is undone."""
+        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{free_port()}", connect_timeout=1))
+        app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
+        try:
+            async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+                r = await client.post(f"/{FREE}/users/alice/contacts/users/bob")
+                used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
+        finally:
+            proxy.pool.close()
+        assert r.status_code == 502 and r.json()["error"] == "bad_gateway", r.text
+        assert used["friends_per_user"]["used"] == 0
 
 
 class TestFraming:

@@ -404,6 +404,130 @@ async def test_a_connection_ends_when_its_account_no_longer_holds_it(
         assert heard == ["before"] and amy.outbox.empty()
 
 
+async def _until(check: Any, what: str, within: float = 8) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def _ended(sockets: list[Socket]) -> list[Socket]:
+    """The sockets quota closed (an open one, past its handshake, has nothing waiting)."""
+    return [ws for ws in sockets if ws.task.done() or not ws.outbox.empty()]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
+async def test_a_downgrade_holds_live_connections_to_the_new_plan(
+    store: Any, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches connections of a plan left behind outliving it (found by the audit of 2026-12-02):
+    an app moved from basic to free on the 1st kept 300 connections open, online and active each
+    day past free's 50 online users and 100 DAU, billed nothing. The renewals after the change
+    hold each connection to the new plan as a handshake would be: 60 open, 50 stay; the other 10
+    are closed (1008, naming online_users) and leave the day's DAU; a newcomer is refused."""
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", SOCKET_TOKEN)
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    clock = Clock(datetime(2026, 5, 31, 23, 59, tzinfo=UTC).timestamp(), tick=0)
+    online = "q:{demo#basic}:online"
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        auth = {"authorization": f"Bearer {SOCKET_TOKEN}"}
+        r = await client.post("/_quota/accounts/demo-basic/change-plan", json={"plan": "free"}, headers=auth)
+        assert r.status_code == 200, r.text  # free from June 1st
+        users = [f"u{i}" for i in range(60)]
+        await register(client, "demo/basic", [*users, "late"])
+        sockets = [Socket(mw_of(client), f"/demo/basic/users/{u}/connection") for u in users]
+        for ws in sockets:
+            assert (await ws.open())["type"] == "websocket.accept"
+        assert await store.online(online, int(clock.now * 1000)) == 60
+        clock.now = datetime(2026, 6, 1, 0, 1, tzinfo=UTC).timestamp()
+
+        async def settled() -> bool:
+            return len(_ended(sockets)) == 10
+
+        await _until(settled, "the connections over free's 50 were not closed")
+        await asyncio.sleep(1.2)  # a renewal more: none of the 50 left is closed
+        ended = _ended(sockets)
+        assert len(ended) == 10
+        for ws in ended:
+            closed = ws.outbox.get_nowait()
+            assert closed["code"] == 1008 and "online_users is 50 on plan free" in closed["reason"], closed
+        assert await store.online(online, int(clock.now * 1000)) == 50
+        dau = await raw_members(store, "q:{demo#basic}:dau:20260601")
+        assert len(dau) == 50 and not dau & {u for u, ws in zip(users, sockets, strict=True) if ws in ended}
+        code, reason = await refused(mw_of(client), "/demo/basic/users/late/connection")
+        assert code == 1008 and "online_users" in reason
+        for ws in sockets:
+            await ws.close()  # those quota closed answer the close
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
+async def test_connections_held_past_midnight_stay_under_the_free_dau_ceiling(store: Any, config_dir: Path) -> None:
+    """Catches free's 100-DAU ceiling passed at midnight (found by the audit of 2026-12-02): 50 users
+    held connections over midnight, 100 others logged in at 00:00 before any renewal landed, and
+    the renewals counted the 50 past the ceiling, 150 DAU on a plan that bills no overage. A
+    renewal is held to the ceiling as a login is: the 50 are closed (1008, naming it), DAU 100."""
+    (config_dir / "quota.yaml").write_text("lease_ttl_s: 3\n")  # renewed every second
+    clock = Clock(datetime(2026, 5, 31, 23, 59, tzinfo=UTC).timestamp(), tick=0)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        held = [f"h{i}" for i in range(50)]
+        fresh = [f"n{i}" for i in range(100)]
+        await register(client, "demo/free", held + fresh)
+        sockets = [Socket(mw_of(client), f"/demo/free/users/{u}/connection") for u in held]
+        for ws in sockets:
+            assert (await ws.open())["type"] == "websocket.accept"
+        clock.now = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+        for u in fresh:  # at once, before a renewal lands on the new day
+            assert (await client.post("/demo/free/token", json={"username": u})).status_code == 200
+
+        async def all_closed() -> bool:
+            return len(_ended(sockets)) == len(sockets)
+
+        await _until(all_closed, "the connections past the ceiling were not closed")
+        for ws in sockets:
+            closed = await asyncio.wait_for(ws.outbox.get(), 5)
+            assert closed["code"] == 1008 and "100 daily active users" in closed["reason"], closed
+            await ws.close()  # the client answers the close; the upstream reads it gone
+        assert await raw_members(store, "q:{demo#free}:dau:20260601") == set(fresh)
+        assert await store.online("q:{demo#free}:online", int(clock.now * 1000)) == 0
+
+
+async def test_a_slow_handshake_keeps_its_login_claimed(config_dir: Path) -> None:
+    """Catches a login's claims lapsing while the gateway weighs a slow handshake (found by the
+    audit of 2026-12-02): another connect purged them, and the refused login's undo then skipped
+    them, leaving a user the gateway refused in the day's DAU and the month's MAU. The claims are
+    renewed until the handshake is answered."""
+    (config_dir / "quota.yaml").write_text("reservation_ttl_s: 2\n")
+    decide = asyncio.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        if scope["path"].endswith("/ghost/connection"):
+            await decide.wait()
+            await send({"type": "websocket.close", "code": 1008, "reason": "user not found"})
+            return
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    store = MemoryStore()
+    clock = Clock(tick=0)
+    async with make_client(store, clock, load_config(config_dir), upstream=upstream) as client:
+        ghost = Socket(mw_of(client), "/demo/basic/users/ghost/connection")
+        await ghost.inbox.put({"type": "websocket.connect"})
+        await asyncio.sleep(0.1)
+        for _ in range(8):  # 4 s go by, past the claims' first life (2 s): only renewals keep them
+            clock.advance(0.5)
+            await asyncio.sleep(0.35)
+        amy = Socket(mw_of(client), "/demo/basic/users/amy/connection")  # purges lapsed claims
+        assert (await amy.open())["type"] == "websocket.accept"
+        decide.set()
+        answer = await asyncio.wait_for(ghost.outbox.get(), 5)
+        assert answer["type"] == "websocket.close"
+        await asyncio.wait_for(ghost.task, 5)
+        assert await raw_members(store, f"q:{{demo#basic}}:dau:{day_of(clock)}") == {"amy"}
+        assert await raw_members(store, f"q:{{demo#basic}}:mau:{day_of(clock)[:6]}") == {"amy"}
+        await amy.close()
+
+
 async def test_online_count_read_by_the_middlewares_clock(
     store: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -31,7 +31,7 @@ from quota.proxy.headers import (
     connection_names_the_message,
     upstream_request_headers,
 )
-from quota.proxy.pool import Pool
+from quota.proxy.pool import NotSent, Pool
 
 log = logging.getLogger("quota.proxy")
 
@@ -204,13 +204,15 @@ class ProxyApp:
             body, declared = _once(whole), len(whole)
         try:
             response = await self.pool.request(method, self.target(scope), self.headers_for(scope), body, declared)
-        except TimeoutError:
-            log.warning("upstream timed out: %s %s", method, scope["path"])
-            await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer in time", send, started)
+        except NotSent as exc:
+            log.warning("upstream unreachable: %s %s: %s", method, scope["path"], exc)
+            await send_error(BAD_GATEWAY, "the upstream gateway could not be reached", send, started)
             return
         except OSError as exc:
-            log.warning("upstream unreachable: %s %s: %s", method, scope["path"], exc.__class__.__name__)
-            await send_error(BAD_GATEWAY, "the upstream gateway could not be reached", send, started)
+            # The request was on its way: the gateway may have done it. 504 says the outcome is
+            # unknown, and quota keeps what it counted for the request (`quota reconcile` repairs).
+            log.warning("upstream gave no answer: %s %s: %s", method, scope["path"], exc.__class__.__name__)
+            await send_error(GATEWAY_TIMEOUT, "the upstream gateway did not answer", send, started)
             return
         try:
             await send(

@@ -22,6 +22,10 @@ T = TypeVar("T")
 HIGH_WATER = 1 << 18
 
 
+class NotSent(ConnectionError):
+    """No connection to the upstream could be made: the request never left, so nothing was done."""
+
+
 class UpstreamClosed(ConnectionError):
     """The upstream closed the connection before the response was complete."""
 
@@ -286,8 +290,9 @@ class Pool:
         body: AsyncIterator[bytes] | None,
         length: int | None,
     ) -> Response:
-        """Send one request; returns once the response's head arrived. Raises OSError (connect,
-        connection lost), TimeoutError, or whatever the body iterator raised."""
+        """Send one request; returns once the response's head arrived. Raises NotSent (no
+        connection: nothing was sent), OSError (the connection lost once the request was on its
+        way), TimeoutError (no answer in time), or whatever the body iterator raised."""
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.limit)
         await self.slots.acquire()
@@ -318,7 +323,10 @@ class Pool:
             conn = self._idle_connection()
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                try:
+                    conn = await self._connect()
+                except OSError as exc:  # a timeout too: TimeoutError is an OSError
+                    raise NotSent(f"{exc.__class__.__name__}: {exc}") from exc
             try:
                 await conn.write(head)
                 if body is not None:

@@ -173,23 +173,22 @@ _UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _uni
 
 
 def _scalar_or_fail(tag: str) -> Callable[[_SafeLoader, yaml.ScalarNode], Any]:
-    """PyYAML's own constructor of `tag`, whose ValueError (`2026-02-30`, an int of 5,000 digits)
-    becomes a YAML error at the value's line instead of a traceback."""
+    """PyYAML's own constructor of `tag`, whose errors (`2026-02-30`, an int of 5,000 digits,
+    `!!bool maybe`, `!!timestamp soon`) become a YAML error at the value's line, not a traceback."""
     construct = _UniqueKeys.yaml_constructors[tag]
 
     def checked(loader: _SafeLoader, node: yaml.ScalarNode) -> Any:
         try:
             return construct(loader, node)
-        except ValueError as exc:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{str(node.value)[:40]!r} cannot be read: {exc}", node.start_mark
-            ) from None
+        except (ValueError, LookupError, AttributeError, TypeError, ArithmeticError) as exc:
+            said = f"{str(node.value)[:40]!r} cannot be read as {tag.rsplit(':', 1)[-1]}: {exc or type(exc).__name__}"
+            raise yaml.constructor.ConstructorError(None, None, said, node.start_mark) from None
 
     return checked
 
 
-for _tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int"):
-    _UniqueKeys.add_constructor(_tag, _scalar_or_fail(_tag))
+for _kind in ("null", "bool", "int", "float", "binary", "timestamp"):
+    _UniqueKeys.add_constructor(f"tag:yaml.org,2002:{_kind}", _scalar_or_fail(f"tag:yaml.org,2002:{_kind}"))
 
 _RATE_SHAPE = re.compile(r"(\d{1,12})\s*(?:/|per)\s*(?:(\d{1,12})\s*)?[a-zA-Z]+")
 
@@ -936,8 +935,13 @@ class _Settings(_Checker):
                 self.fail(f"{key}.pattern", "a regular expression", pattern)
                 continue
             # Ids end up in storage keys and in Lua: a policy must bound their length and exclude ','.
-            if any(compiled.fullmatch(bad) for bad in ("a" * 257, "a,b", ".", "..", "a/b")):
-                expected = "a pattern that bounds length (<= 256) and excludes ',', '/', '.' and '..'"
+            # And in paths, which refuse what a server or gateway may read otherwise (decisions.
+            # _odd_path): an id holding one could be counted and never named again.
+            if any(compiled.fullmatch(bad) for bad in _NO_IDS):
+                expected = (
+                    "a pattern that bounds length (<= 256) and excludes ',', '/', '.', '..' and what no path"
+                    " holds (space, # ? ; % \\ and characters that do not print)"
+                )
                 self.fail(f"{key}.pattern", expected, pattern)
                 continue
             fold = self.boolean(spec.get("fold_case", False), f"{key}.fold_case")
@@ -960,7 +964,25 @@ def one_app_rule(plan: Plan) -> str:
 # One step of a selector: a field name; in a removal's unless, also a list's items whose field is
 # true or false (name[field=false]).
 _FIELD = re.compile(r"[A-Za-z0-9_-]+")
-_TEMPLATE_SEGMENT = re.compile(r"\{[a-z_]+\}|[A-Za-z0-9_.~-]+")
+# A literal segment is never `.` or `..`: no request path holds one (decisions._odd_path).
+_TEMPLATE_SEGMENT = re.compile(r"\{[a-z_]+\}|(?!\.\.?$)[A-Za-z0-9_.~-]+")
+# What an id pattern must not match (the checks above and decisions._odd_path's).
+_NO_IDS = (
+    "a" * 257,
+    "a,b",
+    ".",
+    "..",
+    "a/b",
+    "a b",
+    "a#b",
+    "a?b",
+    "a;b",
+    "a%b",
+    "a\\b",
+    "a\x00b",
+    "a\u200bb",
+    "a\xa0b",
+)
 _SELECTOR_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[A-Za-z_][A-Za-z0-9_]*=(true|false)\])?")
 
 

@@ -609,13 +609,13 @@ class QuotaMiddleware:
         # drain of the sets it dropped.
         try:
             if failed is None and not plan.tombstones:
-                await self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded)
+                await self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded)
             else:
                 # The client went away or the upstream raised. An answer that had already started
                 # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
                 # A removal is settled whatever happens to its request meanwhile (a server that
                 # cancels on disconnect, a shutdown): its drain done and its tombstones lifted.
-                await asyncio.shield(self._settle_answer(rt, app, plan, outcome, verdict, capture, bounded))
+                await asyncio.shield(self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded))
         finally:
             self.renewals.release(ticket)
         if failed is not None:
@@ -624,6 +624,7 @@ class QuotaMiddleware:
     async def _settle_answer(
         self,
         rt: Runtime,
+        rule: RouteRule,
         app: AppPlan,
         plan: RequestPlan,
         outcome: Outcome,
@@ -635,7 +636,11 @@ class QuotaMiddleware:
         # deletion's marks) must last from now, however long the upstream took.
         now_ms = int(self.clock() * 1000)
         answered = 200 <= capture.status < 300
-        if bounded.cut or not (answered or capture.status == UNKNOWN_OUTCOME):
+        # A login answered 504 is undone all the same: anyone can name a user, so keeping it would
+        # let a client that slows the gateway fill the day's DAU with names; a user who did log in
+        # is counted when they connect.
+        kept = answered or (capture.status == UNKNOWN_OUTCOME and not rule.login)
+        if bounded.cut or not kept:
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
         if not (plan.binds or plan.after or plan.tombstones):

@@ -165,19 +165,19 @@ class SocketHandler:
                 await mw.guard.settle(rt, release, now_ms)
                 return
             lease = lease_op(app, today, conn, ttl_ms)
-            if _caps(app) == _caps(held.app):
+            if _online_cap(app) == _online_cap(held.app):
                 # A renewal re-takes its lease whatever the cap: the connection was admitted, and a
                 # lease that lapsed during a storage outage must count again (new connections are
                 # refused instead).
                 lease = replace(lease, cap=UNLIMITED, share_bp=0)
             else:
-                # The plan's caps changed since the handshake (a downgrade on the 1st, an override):
-                # the connection stays only if the new plan has room for it, as a new one would. Let
-                # go first, or its own lease would vouch for it; connections over the new cap end
-                # one by one at their renewals until the rest fit.
-                await mw.guard.settle(rt, release, now_ms)
+                # The plan's online cap changed since the handshake (a downgrade on the 1st, an
+                # override): the connection stays only if the new cap has room for it among the
+                # others, as a new one would; those over it end one by one at their renewals.
+                lease = replace(lease, recheck=True)
             ops: list[Op] = [lease]
-            if held.user is not None and today != counted and accepted():
+            active = held.user is not None and today != counted and accepted()
+            if active and held.user is not None:
                 # Online on a new day (or month), once the upstream took the connection: as active
                 # as a user who logged in on it, and held to the same DAU ceiling.
                 ops += activity_ops(app, today, held.user)
@@ -188,7 +188,9 @@ class SocketHandler:
                 await link.end(denial_of(outcome.refusal, ops, app))
                 await mw.guard.settle(rt, release, now_ms)
                 return
-            counted, held.app = today, app
+            held.app = app
+            if active:
+                counted = today
 
 
 class _Held:
@@ -219,9 +221,10 @@ def _standing(rt: Runtime, held: _Held, now: float, today: date) -> AppPlan | De
     return admitted if isinstance(admitted, Denial) else app
 
 
-def _caps(app: AppPlan) -> tuple[Any, int]:
-    """What a live connection is held to: online_users (a number or a share of MAU) and the DAU ceiling."""
-    return app.limits.get("online_users"), app.dau_cap
+def _online_cap(app: AppPlan) -> Any:
+    """online_users: a number, or a share of MAU with its floor. (The DAU ceiling, which may change
+    by the day, is applied by each new day's activity ops.)"""
+    return app.limits.get("online_users")
 
 
 class _Link:

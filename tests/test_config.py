@@ -249,6 +249,10 @@ def test_broken_yaml_names_line(config_dir: Path) -> None:
         ("accounts.yaml", b"accounts:\n  a:\n    plan: free\n    subscribed_on: 2026-13-01\n", "month must be"),
         ("quota.yaml", b"max_body_bytes: " + b"9" * 5000 + b"\n", "line 1"),
         ("quota.yaml", b"# caf\xe9 (Latin-1)\nmax_body_bytes: 1024\n", "byte 5: expected text in UTF-8"),
+        ("quota.yaml", b"max_body_bytes: !!float soon\n", "'soon' cannot be read as float"),
+        ("quota.yaml", b"ratelimit_headers: !!bool maybe\n", "'maybe' cannot be read as bool"),
+        ("quota.yaml", b"x: !!timestamp soon\n", "'soon' cannot be read as timestamp"),
+        ("quota.yaml", b"x: !!binary abc\n", "failed to decode base64"),
     ],
 )
 def test_a_file_yaml_cannot_read_is_named(config_dir: Path, file: str, text: bytes, said: str) -> None:
@@ -269,6 +273,29 @@ def test_a_path_template_is_whole_segments(config_dir: Path, path: str) -> None:
     or an empty segment (a route that never matches)."""
     edit(config_dir / "routes.yaml", lambda d: d["routes"].append({"name": "odd", "method": "GET", "path": path}))
     assert "routes.yaml: routes[" in problems(config_dir) and "segments that are {name}" in problems(config_dir)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "[a-z0-9]+",  # unbounded
+        "[a-z,]{1,64}",  # a comma splits batch lists
+        "[a-z/]{1,64}",
+        "[a-z.]{1,64}",  # `.` and `..` are dot segments
+        "[a-z ]{1,64}",
+        "[a-z#]{1,64}",  # what no path may hold: an id of it could be counted, never named again
+        "[a-z;]{1,64}",
+        "[^,/.]{1,64}",  # % \\ ? and what does not print
+        "(?!\\.\\.?$)[^,/]{1,64}",
+    ],
+)
+def test_an_id_pattern_admits_only_what_keys_and_paths_hold(config_dir: Path, pattern: str) -> None:
+    """Catches an id policy whose ids break a storage key or a batch list, or cannot be named in a
+    path (refused there: `#`, `;`, a space...): each is named at load; a plain one loads."""
+    (config_dir / "quota.yaml").write_text(f"identifiers: {{user: {{pattern: '{pattern}'}}}}\n")
+    assert "identifiers.user.pattern: expected a pattern that bounds length" in problems(config_dir)
+    (config_dir / "quota.yaml").write_text("identifiers: {user: {pattern: '[a-z0-9_]{1,64}'}}\n")
+    assert load_config(config_dir).settings.identifiers.rules["user"].pattern == "[a-z0-9_]{1,64}"
 
 
 @pytest.mark.parametrize("fee", ["1e999999999", "1000000000001", "-1"])

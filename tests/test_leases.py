@@ -4,6 +4,7 @@ the test chooses; the online set, MAU sets and the peak hash are read raw by the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,28 @@ async def test_renewed_lease_keeps_its_place(store: Any) -> None:
     release = Program([ReleaseOp("q:{demo#free}:online", "c0")])
     await store.run(release, NOW + 60_001)
     assert await connect(store, app, 1, now=NOW + 60_002, first=50) == [True]
+
+
+async def test_a_rechecked_lease_fits_among_the_others_or_is_refused(store: Any) -> None:
+    """Catches a renewal under a lowered cap vouched for by its own lease (a downgrade's connections
+    all kept), or one refused though it fits: with 5 live and a cap of 2, rechecks are refused
+    while the others fill the cap, and a refused one is left as it was (the connection's end
+    releases it); once 2 are left, both recheck fine. A lapsed lease counts among no one."""
+    app = app_of("demo#free")
+    assert await connect(store, app, 5) == [True] * 5
+    key = "q:{demo#free}:online"
+
+    async def recheck(conn: str, now: int) -> bool:
+        op = replace(lease_op(app, DAY, conn, 60_000), cap=2, recheck=True)
+        return (await store.run(Program([op]), now)).allowed
+
+    assert [await recheck(f"c{i}", NOW + 1) for i in range(5)] == [False] * 5
+    for i in range(3):
+        await store.run(Program([ReleaseOp(key, f"c{i}")]), NOW + 2)
+    assert [await recheck(f"c{i}", NOW + 3) for i in (3, 4)] == [True, True]
+    assert await store.online(key, NOW + 3) == 2
+    assert not await recheck("c9", NOW + 4)  # a new one too: the cap is full
+    assert await recheck("c9", NOW + 60_004)  # c3 and c4 lapsed: they count among no one
 
 
 async def test_peak_online_is_recorded(store: Any) -> None:

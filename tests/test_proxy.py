@@ -669,6 +669,21 @@ class TestUnknownOutcome:
         assert codes == [200, 200, 504, 403] and removal.status_code == 504, (codes, removal.text)
         assert used["friends_per_user"]["used"] == 3
 
+    async def test_a_login_whose_answer_never_came_is_undone(self, config_dir: Path) -> None:
+        """Catches logins kept on a 504 like adds: anyone can name a user, so a client slowing the
+        gateway filled free's 100 DAU with made-up names and locked real users out for the day."""
+        async with _RawUpstream(lambda n: [2.0]) as url:
+            proxy = ProxyApp(Upstream(url, read_timeout=0.3))
+            app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
+            try:
+                async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+                    r = await client.post(f"/{FREE}/token", json={"username": "ghost"})
+                    usage = (await entitlements(client, FREE))["usage"]
+            finally:
+                proxy.pool.close()
+        assert r.status_code == 504, r.text
+        assert usage["included_dau"]["used"] == 0, usage
+
     async def test_an_add_that_never_left_is_undone(self, config_dir: Path) -> None:
         """Catches the keep above applied where nothing was sent: an upstream nobody listens on is a
         502, and the add is undone."""

@@ -315,7 +315,12 @@ class MemoryStore:
         elif isinstance(op, LeaseOp):
             live = self._live(op.online_key, now_ms)
             cap = self._lease_cap(op)
-            if op.conn not in self._zset(op.online_key) and cap != UNLIMITED and live >= cap:
+            if op.recheck:
+                # Counted among the others: its own live lease vouches for nothing.
+                mine = (self._zset(op.online_key).get(op.conn) or 0) > now_ms
+                if cap != UNLIMITED and live - mine >= cap:
+                    return Refusal(index, "online", live - mine, cap)
+            elif op.conn not in self._zset(op.online_key) and cap != UNLIMITED and live >= cap:
                 return Refusal(index, "online", live, cap)
         return None
 

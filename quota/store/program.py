@@ -276,6 +276,8 @@ class LeaseOp:
     """Hold (or renew) a connection lease that expires unless renewed: a killed worker leaks nothing.
 
     The cap is `cap`, or with share_bp > 0: max(cap, share_bp/10000 x max(MAU last month, this month)).
+    A lease already held is renewed whatever the count, unless `recheck`: then it must fit under the
+    cap among the others, as a new one would (a plan's cap changed since it was taken).
     """
 
     online_key: str
@@ -287,6 +289,7 @@ class LeaseOp:
     share_bp: int = 0
     mau_last_key: str = ""
     mau_this_key: str = ""
+    recheck: bool = False
 
     def __init__(
         self,
@@ -299,6 +302,7 @@ class LeaseOp:
         share_bp: int = 0,
         mau_last_key: str = "",
         mau_this_key: str = "",
+        recheck: bool = False,
     ) -> None:
         self.online_key = online_key
         self.peak_key = peak_key
@@ -309,6 +313,7 @@ class LeaseOp:
         self.share_bp = share_bp
         self.mau_last_key = mau_last_key
         self.mau_this_key = mau_this_key
+        self.recheck = recheck
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

@@ -125,6 +125,7 @@ def _encode_op(op: Op) -> list[str | int]:
             op.share_bp,
             op.mau_last_key or op.online_key,
             op.mau_this_key or op.online_key,
+            1 if op.recheck else 0,
         ]
     if isinstance(op, ReleaseOp):
         return ["Z", op.online_key, op.conn]

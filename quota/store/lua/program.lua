@@ -24,7 +24,8 @@
 --   B owner placeholder member rev_prefix rev_value               bind a reservation (and, with rev_prefix,
 --                                                                 add rev_value to the member's own set)
 --   N zkey ttl_ms n m*n                                           renew live reservations or claims
---   O online peak month conn ttl_ms cap share_bp mau_last mau_this   hold a connection lease
+--   O online peak month conn ttl_ms cap share_bp mau_last mau_this recheck   hold a connection lease
+--                                    (recheck 1: a lease held must fit among the others too)
 --   Z zkey member                                                 release a lease
 -- Claims: hash `inflight` (pair -> adds in flight; "s:"..pair when the member stands on its own:
 -- it was there before, or a claimant succeeded) and sorted set `inflight:due` (pair -> deadline).
@@ -110,7 +111,8 @@ while i <= n_args do
     op.online, op.peak, op.month, op.conn = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
     op.ttl, op.cap, op.share = tonumber(ARGV[i+5]), tonumber(ARGV[i+6]), tonumber(ARGV[i+7])
     op.mau_last, op.mau_this = ARGV[i+8], ARGV[i+9]
-    i = i + 10
+    op.recheck = ARGV[i+10] == "1"
+    i = i + 11
   elseif code == "Z" then
     op.key, op.member = ARGV[i+1], ARGV[i+2]
     i = i + 3
@@ -269,7 +271,14 @@ for index, op in ipairs(ops) do
   elseif code == "O" then
     local online = live(op.online)
     local cap = lease_cap(op)
-    if cap >= 0 and not redis.call("ZSCORE", op.online, op.conn) and online >= cap then
+    local held = redis.call("ZSCORE", op.online, op.conn)
+    if op.recheck then
+      -- Counted among the others: its own live lease vouches for nothing.
+      if held and tonumber(held) > now then online = online - 1 end
+      if cap >= 0 and online >= cap then
+        return {0, index - 1, "online", online, cap, 0, 0, 0, ""}
+      end
+    elseif cap >= 0 and not held and online >= cap then
       return {0, index - 1, "online", online, cap, 0, 0, 0, ""}
     end
   end

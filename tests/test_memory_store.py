@@ -137,6 +137,36 @@ async def test_exact_logs_are_bounded_too() -> None:
     assert (await store.run(Program([ops[0]]), now)).allowed
 
 
+async def test_past_the_bound_the_soonest_to_end_go_first() -> None:
+    """Catches the bound forgetting the oldest key first: an app's day of broadcasts (1 a day here),
+    hit first, was dropped for four clients' per-second windows, and a second broadcast passed
+    (found by the audit of 2026-12-02). The windows that would end soonest go instead."""
+    store = MemoryStore(max_rate_keys=4)
+    now = 8_200_000_000_000
+    day = RateOp("q:{demo#pro}:r:messages.broadcast:day:app", 1, 86_400_000, 1, "day", True)
+    assert (await store.run(Program([day]), now)).allowed
+    for i in range(4):
+        other = RateOp(f"q:{{demo#pro}}:r:users.list:rest_per_ip:c{i}", 100, 1000, 1, "rest_per_ip")
+        assert (await store.run(Program([other]), now + 1 + i)).allowed
+    assert day.key in store.logs and len(store._expiry) == 4
+    assert not (await store.run(Program([day]), now + 10)).allowed
+
+
+async def test_a_hit_dated_earlier_never_shortens_its_log() -> None:
+    """Catches a hit dated before the newest (the clock stepped back) moving its log's end earlier:
+    a sweep then forgot a log that still counted, and 3 hits passed a limit of 2 in one window
+    (found by the audit of 2026-12-02)."""
+    store = MemoryStore()
+    op = RateOp(KEY + ":exact", 2, 60_000, 1, "rest_per_ip", True)
+    assert (await store.run(Program([op]), 1010)).allowed
+    assert (await store.run(Program([op]), 1000)).allowed
+    for i in range(SWEEP_EVERY):  # other clients' traffic brings a sweep at 61,005
+        other = RateOp(f"q:{{demo#pro}}:r:users.get:rest_per_ip:s{i}", 5, 1000, 1, "rest_per_ip")
+        await store.run(Program([other]), 61_005)
+    assert (await store.run(Program([op]), 61_006)).allowed  # the hit at 1,000 is out
+    assert not (await store.run(Program([op]), 61_007)).allowed  # the one at 1,010 still counts
+
+
 async def test_admin_reads_and_writes() -> None:
     """Catches the memory store's admin calls (reconcile, forget-user, the dashboard) touching the
     wrong keys or reporting wrong counts: scan by prefix, delete, remove, swap, peaks of an app

@@ -2,8 +2,9 @@
 
 Atomicity comes from asyncio: `run` never awaits between its checks and its writes. Rate state is
 bounded: windows and logs that can no longer count are swept as keys accumulate, and past
-MAX_RATE_KEYS the oldest keys are dropped (a flood of more distinct clients than that within one
-window is the one case where a client could get a fresh budget early; README's threat model).
+MAX_RATE_KEYS the keys that would stop counting soonest are dropped (a flood of more distinct
+clients than that within one window is the one case where a client could get a fresh budget
+early; README's threat model).
 """
 
 from __future__ import annotations
@@ -248,14 +249,21 @@ class MemoryStore:
         return hits
 
     def _counted(self, key: str, expires_ms: int, now_ms: int) -> None:
-        """Remember when a rate key stops mattering; sweep and bound the rate state now and then."""
-        self._expiry[key] = expires_ms
+        """Remember when a rate key stops mattering; sweep and bound the rate state now and then.
+        A key's end only moves later: a hit dated before the newest one (the clock stepped back)
+        must not cut short the life of those after it. Past the bound, the keys that would stop
+        mattering soonest go first, a tenth of the bound at once (a sort now and then, not a scan
+        per request): a per-second window, not the day's log of an app's broadcasts."""
+        expiry = self._expiry
+        expiry[key] = max(expiry.get(key, 0), expires_ms)
         self._writes += 1
-        if self._writes % SWEEP_EVERY == 0 or len(self._expiry) > self.max_rate_keys:
-            for dead in [k for k, t in self._expiry.items() if t <= now_ms]:
+        if self._writes % SWEEP_EVERY == 0 or len(expiry) > self.max_rate_keys:
+            for dead in [k for k, t in expiry.items() if t <= now_ms]:
                 self._forget_rate(dead)
-            while len(self._expiry) > self.max_rate_keys:
-                self._forget_rate(next(iter(self._expiry)))
+            if len(expiry) > self.max_rate_keys:
+                over = len(expiry) - self.max_rate_keys + self.max_rate_keys // 10
+                for soonest in sorted(expiry, key=expiry.__getitem__)[:over]:
+                    self._forget_rate(soonest)
 
     def _forget_rate(self, key: str) -> None:
         self._expiry.pop(key, None)

@@ -130,3 +130,16 @@ async def test_refused_exact_hits_consume_nothing(store: Any) -> None:
     for t in range(base + 20, base + 1000, 7):
         assert not (await store.run(Program([op]), t)).allowed
     assert (await store.run(Program([op]), base + 1001)).allowed
+
+
+async def test_hits_dated_alike_landing_out_of_order_both_count(store: Any) -> None:
+    """Catches two hits of one instant sharing a name in the Redis log: two workers dated A and C
+    at 60,000; B (60,011) landed between them and trimmed two old hits, so C was logged under A's
+    name and lost, and a fourth hit passed a limit of 3 in one window (found by the audit of
+    2026-12-02). Every store decides the same."""
+    op = RateOp("q:{t}:r:broadcast", 3, 60_000, 1, "r", exact=True)
+    base = 4_000_000
+    decided = [
+        (await store.run(Program([op]), base + t)).allowed for t in (0, 10, 60_000, 60_011, 60_000, 60_012, 60_013)
+    ]
+    assert decided == [True, True, True, True, True, False, False]

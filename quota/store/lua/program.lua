@@ -299,8 +299,12 @@ for _, op in ipairs(ops) do
   if code == "R" then
     if op.exact then
       local log = op.key .. ":log"
-      for j = 1, op.cost do redis.call("ZADD", log, now, now .. ":" .. (op.used + j)) end
+      -- Each hit a name of its own: hits dated alike by two workers, landing out of order, would
+      -- share `now:count` and one overwrite the other (a hit lost, one request too many later).
+      local seq = redis.call("INCRBY", log .. ":n", op.cost)
+      for j = 1, op.cost do redis.call("ZADD", log, now, now .. ":" .. (seq - op.cost + j)) end
       redis.call("PEXPIRE", log, op.window + 1000)
+      redis.call("PEXPIRE", log .. ":n", op.window + 1000)
     else
       local index = math.floor(now / op.window)
       local key = op.key .. ":" .. index

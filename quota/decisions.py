@@ -30,6 +30,8 @@ from quota.matrix import MauShare
 from quota.plans import AppPlan
 from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.store.program import (
+    FIRST_SLICES,
+    SLICE,
     UNLIMITED,
     AddOp,
     BindOp,
@@ -834,8 +836,6 @@ def after_ops(
                         continue
                 ops.append(RemoveOp(owner_key, members, reverse_prefix, owner))
             else:
-                # The first slice goes with the drop, atomically: a set of up to a slice is gone from
-                # every member's side before any other program runs. Larger ones drain after.
                 dropped, drain = drop(owner_key, reverse_prefix, owner)
                 if change.owner.source == "response":
                     # Named only by the answer, so not marked before the upstream call (_tombstone):
@@ -846,10 +846,16 @@ def after_ops(
                     ops.append(mark)
                     plan.held.append((mark.inflight_key + ":due", field))
                 ops.append(dropped)
-                ops.append(drain)
                 done.drains.append(drain)
     clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in plan.tombstones]
     if done.drains:
+        # The first slices go with the drops, atomically, and share FIRST_SLICES: a batch deletion
+        # of 100 users drops 300 sets, and a slice of each in one script held Redis some 300 ms,
+        # past storage_timeout_ms (every other call timed out and the breaker opened). What a first
+        # slice leaves drains after, slice by slice, its members tombstoned meanwhile.
+        first = min(SLICE, FIRST_SLICES // len(done.drains))
+        if first:
+            ops.extend(DrainOp(d.trash_key, d.reverse_prefix, d.value, first) for d in done.drains)
         done.clears = clears
     else:
         ops.extend(clears)

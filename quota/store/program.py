@@ -215,6 +215,12 @@ class DropOp:
         self.trash_key = trash_key
 
 
+# Members a script takes out of dropped sets (DrainOp.batch). A settlement's first slices share
+# FIRST_SLICES: one user's deletion drops three sets (friends, groups, chatrooms), each up to a slice.
+SLICE = 200
+FIRST_SLICES = 3 * SLICE
+
+
 @dataclass(init=False, slots=True, unsafe_hash=True)
 class DrainOp:
     """Take up to `batch` members out of a dropped set; the outcome's `remaining` says how many are left.
@@ -224,9 +230,9 @@ class DrainOp:
     trash_key: str
     reverse_prefix: str
     value: str
-    batch: int = 200
+    batch: int = SLICE
 
-    def __init__(self, trash_key: str, reverse_prefix: str, value: str, batch: int = 200) -> None:
+    def __init__(self, trash_key: str, reverse_prefix: str, value: str, batch: int = SLICE) -> None:
         self.trash_key = trash_key
         self.reverse_prefix = reverse_prefix
         self.value = value

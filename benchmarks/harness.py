@@ -10,11 +10,9 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ import redis as redis_sync
 from benchmarks.inprocess import drive
 from benchmarks.load import LOAD_CORE, Server, pinned, wrk
 from benchmarks.peers import PROXY_VARIANTS
+from benchmarks.redis_server import RedisServer, free_port
 from benchmarks.variants import EXTRA_VARIANTS, SCENARIOS, VARIANTS, build
 from quota.build import BUILD
 
@@ -60,40 +59,13 @@ class Cell:
     own_us: list[float] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server the harness starts for itself (pinned with the load generator)."""
+class OwnRedis(RedisServer):
+    """The harness's redis-server, started at once and pinned with the load generator."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="quota-bench-redis-")
-        argv = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self.dir,
-        ]
-        self.proc = subprocess.Popen(pinned(LOAD_CORE, argv), stdout=subprocess.DEVNULL)
+        super().__init__(launcher=pinned(LOAD_CORE, []))
+        self.start()
         self.client = redis_sync.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                self.client.ping()
-                break
-            except redis_sync.ConnectionError:
-                time.sleep(0.05)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def commands(self) -> int:
         stats: dict[str, Any] = self.client.info("commandstats")  # type: ignore[assignment]
@@ -101,9 +73,7 @@ class OwnRedis:
 
     def stop(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().stop()
 
 
 def load_round(

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.costs import upstream_of
-from benchmarks.harness import OwnRedis, free_port
+from benchmarks.harness import OwnRedis
 from benchmarks.inprocess import drive, request_for, shares
+from benchmarks.redis_server import free_port
 from benchmarks.variants import config_dir
 from quota.build import BUILD
 

@@ -23,18 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.redis_server import free_port
 from benchmarks.variants import limit_of
 
 PROXY_VARIANTS = ("proxy-off", "proxy-off-aiohttp", "proxy-off-httpx", "proxy-on", "nginx")
 NGINX_PACKAGES = ("nginx-light", "nginx")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_gateway(scenario: str, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:

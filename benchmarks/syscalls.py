@@ -23,8 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import OwnRedis, free_port
+from benchmarks.harness import OwnRedis
 from benchmarks.load import Server, wrk
+from benchmarks.redis_server import free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 32

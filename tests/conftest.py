@@ -3,13 +3,10 @@ client that drives the wrapped gateway over HTTP through the middleware."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,89 +16,13 @@ import httpx
 import pytest
 import redis as redis_sync
 
+from benchmarks.redis_server import RedisServer, free_port
 from quota.config import DEFAULT_DIR, load_config
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.store.redis import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(below: int = 65536) -> int:
-    """A port free now; `below` leaves room for a cluster bus, which listens on port + 10000."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if below == 65536:
-            return port
-        if port < below:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port + 10000)) != 0:
-                    return port
-
-
-class RedisServer:
-    """A redis-server this test session started itself, with no persistence."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="quota-redis-")
-        # Removed at exit, not at stop(): a test may stop its server and start it again.
-        atexit.register(shutil.rmtree, self.dir, True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, extra: list[str] | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                *(extra or []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # Any reply to a raw PING (+PONG, or -NOAUTH when a test set a password) means it is up.
-        deadline = time.time() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64):
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def flush(self) -> None:
-        # Our own server only: safe to flush between tests.
-        client = redis_sync.Redis(port=self.port)
-        client.flushdb()
-        client.close()
 
 
 class RedisCluster:

@@ -207,7 +207,7 @@ def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
     than counting a refusal's cheaper work as the request's."""
     import asyncio
 
-    from benchmarks.harness import free_port
+    from benchmarks.redis_server import free_port
     from benchmarks.instructions import feed
     from benchmarks.load import Server
 

@@ -207,9 +207,9 @@ def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
     than counting a refusal's cheaper work as the request's."""
     import asyncio
 
-    from benchmarks.redis_server import free_port
     from benchmarks.instructions import feed
     from benchmarks.load import Server
+    from benchmarks.redis_server import free_port
 
     for scenario in ("trivial", "write", "flood"):
         server = Server("quota-memory", scenario, free_port(), "redis://127.0.0.1:1/0")

@@ -1,7 +1,7 @@
 """A FastAPI IM gateway held to its plans by quota, in one call, using quota's API in its own routes.
 
     pip install quota fastapi
-    QUOTA_ADMIN_TOKEN=change-me-to-16-chars-or-more uvicorn examples.fastapi_app:app
+    QUOTA_ADMIN_TOKEN=$(python3 -c "import secrets; print(secrets.token_urlsafe(24))") uvicorn examples.fastapi_app:app
 
 Set QUOTA_REDIS_URL to share counters between processes; without it the store is in memory.
 """

@@ -71,7 +71,8 @@ async def _payload(request: Request, shape: str) -> dict[str, Any]:
             raise ValueError(f"body is over {MAX_ADMIN_BODY} bytes")
     try:
         payload = json.loads(body) if body else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: arrays nested some thousands deep, well within the size bound.
         raise ValueError(f"body must be JSON: {shape}") from exc
     if not isinstance(payload, dict):
         raise ValueError(f"body must be a JSON object: {shape}")
@@ -104,6 +105,13 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
 
     def guarded(handler: Callable[..., Any], scope: Scope = "read") -> Callable[[Request], Any]:
         async def run(request: Request) -> Response:
+            # Never kept by a cache between the client and quota: answers name accounts, customers'
+            # token digests and usage.
+            response = await answer(request)
+            response.headers["cache-control"] = "no-store"
+            return response
+
+        async def answer(request: Request) -> Response:
             tokens: Tokens = runtime().tokens
             if not tokens.enabled:
                 return _error(404, "service_resource_not_found", "the admin API is off: no admin token configured")
@@ -203,9 +211,10 @@ def create_admin(middleware: QuotaMiddleware) -> Starlette:
         if action in ("subscribe", "change-plan") and plan not in rt.config.matrix.plans:
             raise ValueError(f"plan must be one of {', '.join(rt.config.matrix.plans)}")
         first = today().replace(day=1)
-        if action in ("subscribe", "change-plan", "cancel") and day < first:
+        if action in ("subscribe", "change-plan", "cancel", "freeze") and day < first:
             # A plan dated into a month already served would rewrite what that month is billed on
-            # (a cancel dated last month takes this month's bill away). The CLI may record history.
+            # (a cancel dated last month takes this month's bill away); a freeze dated back brings
+            # its purge date as near, past even. The CLI may record history.
             raise ValueError(f"date must be {first.isoformat()} or later: earlier months are served already")
         updated = apply_change(account, action, plan, day, rt.config.matrix.plans)
         await rt.directory.save(updated)

@@ -36,7 +36,8 @@ DEFAULT_DIR = (Path(__file__).resolve().parent / "defaults").resolve()
 # Webhook retries: a delivery gives up within minutes (at most 10 attempts, waits doubling from
 # at most 60 s, each wait at most MAX_WEBHOOK_WAIT_S in quota/webhooks.py).
 MAX_WEBHOOK_ATTEMPTS, MAX_WEBHOOK_RETRY_MS = 10, 60_000
-APPKEY = re.compile(r"^[A-Za-z0-9_.-]+#[A-Za-z0-9_.-]+$")
+# Matched whole (fullmatch: `$` would let a final newline through), each part at most 64.
+APPKEY = re.compile(r"[A-Za-z0-9_.-]{1,64}#[A-Za-z0-9_.-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METHODS = (*HTTP_METHODS, "WEBSOCKET", ANY)
 # The built-in routes: what a path under no app, and a path under an app no route names, are held to.
@@ -138,6 +139,10 @@ def _read(path: Path, problems: list[Problem], *, required: bool) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         problems.append(Problem(str(path), f"byte {exc.start}", "text in UTF-8", _Said(exc.reason)))
+        return None
+    except OSError as exc:
+        # A directory in the file's place, a file it may not read: named, as a YAML error is.
+        problems.append(Problem(str(path), "(file)", "a readable file", _Said(exc.strerror or str(exc))))
         return None
     try:
         return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
@@ -716,7 +721,7 @@ class _Accounts(_Checker):
                 self.fail(f"{key}.apps", "a list of appkeys org#app", apps)
                 apps = []
             for i, app in enumerate(apps):
-                if not isinstance(app, str) or not APPKEY.match(app):
+                if not isinstance(app, str) or not APPKEY.fullmatch(app):
                     self.fail(f"{key}.apps[{i}]", "an appkey org#app", app)
                 elif app in owner:
                     self.fail(
@@ -1009,6 +1014,6 @@ def validate_overrides(
 
 
 def validate_appkey(appkey: Any, source: str = "request body") -> str:
-    if not isinstance(appkey, str) or not APPKEY.match(appkey) or len(appkey) > 129:
+    if not isinstance(appkey, str) or not APPKEY.fullmatch(appkey):
         raise ConfigError([Problem(source, "app", "an appkey org#app", _show(appkey))])
     return appkey

@@ -75,5 +75,13 @@ def pair_field(owner: str, member: str, symmetric: bool) -> str:
     return f"{min(a, b)}|{max(a, b)}" if symmetric else f"{a}|{b}"
 
 
+def names(field: str, entity: str) -> bool:
+    """Whether a field of a claims hash names the escaped `entity`: a pair `a|b`, a removal's
+    `rm:a|b`, a dropped set's `xo:a` or `xm:a`, a login's `dau:yyyymmdd|a` (escaped ids hold no
+    `|` and no `:`, so a part is one id or none)."""
+    body = field[3:] if field[:3] in ("rm:", "xo:", "xm:") else field
+    return entity in body.split("|")
+
+
 def trash_key(owner_key: str, token: str) -> str:
     return f"{owner_key}:dropped:{token}"

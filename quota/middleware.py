@@ -206,7 +206,7 @@ class QuotaMiddleware:
         new = Runtime(cfg, old.store)
         # The stored changes known so far hold from the first request: the new runtime does not
         # serve accounts.yaml alone while it reads them again (reload_async, the watcher).
-        new.directory.carry(old.directory)
+        new.directory.carry(old.directory, str(cfg.directory / "accounts.yaml"))
         self.runtime = new
         return cfg
 

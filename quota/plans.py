@@ -15,7 +15,7 @@ from datetime import date
 from typing import Any
 
 from quota.accounts import Account, detach
-from quota.errors import ConflictError
+from quota.errors import ConfigError, ConflictError, Problem
 from quota.keys import app_prefix
 from quota.matrix import LimitValue, Matrix, Plan
 from quota.store import Store
@@ -153,13 +153,45 @@ class Directory:
                 cap = theirs
         return cap
 
-    def carry(self, old: Directory) -> None:
+    def carry(self, old: Directory, source: str) -> None:
         """Start from the stored changes another directory holds (a reload's new directory from the
-        old one's), over this one's accounts.yaml; `refresh` reads them again (version -1)."""
+        old one's), over this one's accounts.yaml (`source`); `refresh` reads them again (version
+        -1). Raises ConfigError if the file gives an account an app a stored change gave another."""
         stored = {name: old._accounts[name] for name in old.stored if name in old._accounts}
-        self._accounts = {**self.configured, **stored}
+        merged, contested = self._merge(stored)
+        if contested:
+            raise ConfigError(
+                [
+                    Problem(source, f"accounts.{name}.apps", "an app held by one account only", f"{app} ({why})")
+                    for app, name, why in contested
+                ]
+            )
+        self._accounts = merged
         self.stored, self.version = dict(old.stored), -1
         self._index()
+
+    def _merge(self, stored: dict[str, Account]) -> tuple[dict[str, Account], list[tuple[str, str, str]]]:
+        """accounts.yaml's accounts under the stored overlay, each app held by one account: served,
+        billed and shown to that one. An app the file and a stored change give to two accounts stays
+        with the stored one (made at run time, once the app was checked free) and the other is
+        served without it; (app, account served without it, why) for each."""
+        merged = {**self.configured, **stored}
+        holder: dict[str, str] = {}
+        contested: list[tuple[str, str, str]] = []
+        for name in [*sorted(n for n in merged if n in stored), *sorted(n for n in merged if n not in stored)]:
+            account = merged[name]
+            taken = [app for app in account.apps if app in holder]
+            for app in taken:
+                contested.append((app, name, f"account {holder[app]} holds it by a stored change (admin API or CLI)"))
+            for app in account.apps:
+                holder.setdefault(app, name)
+            if taken:
+                merged[name] = replace(
+                    account,
+                    apps=tuple(a for a in account.apps if a not in taken),
+                    attached={a: d for a, d in account.attached.items() if a not in taken},
+                )
+        return merged, contested
 
     async def refresh(self) -> None:
         """Reload accounts changed at run time. Stored changes are an overlay on accounts.yaml: a
@@ -170,8 +202,10 @@ class Directory:
         version, records = await self.store.load_accounts()
         if version == self.version:
             return
-        merged = dict(self.configured)
-        merged.update({name: Account.from_json(rec) for name, rec in records.items()})
+        merged, contested = self._merge({name: Account.from_json(rec) for name, rec in records.items()})
+        for app, name, why in contested:
+            # Kept out of accounts.yaml at a reload (carry); here the stored change came after it.
+            log.error("account %s is served without the app %s: %s", name, app, why)
         self.stored = {name: rec.get("base") for name, rec in records.items()}
         self._accounts, self.version = merged, version
         self._index()

@@ -15,7 +15,7 @@ from typing import Any
 
 from quota.decisions import drop
 from quota.identifiers import IdPolicy
-from quota.keys import app_prefix, inflight_key, set_key, side_prefix
+from quota.keys import app_prefix, escape, inflight_key, set_key, side_prefix
 from quota.routes import RouteMap
 from quota.store import Store
 from quota.store.program import DrainOp, Program, RemoveOp
@@ -74,10 +74,12 @@ async def forget_user(
             dropped, drain = drop(own, side_prefix(prefix, rel.name, "o"), user)
             program.ops.append(dropped)
             drains.append(drain)
-    # Claims of requests in flight name users in their pairs: dropped whole (a request in flight
-    # that then fails keeps its member, which is drift on the safe side, not a leak of the id).
+    # Claims and tombstones of requests in flight that name the user go (a request in flight that
+    # then fails keeps its member: drift on the safe side, not a leak of the id). Only those: the
+    # others' tombstones still hold adds off what their removals are about to take out.
     claims = [inflight_key(prefix, rel.name) for rel in routes.relations.values()] + [inflight_key(prefix, "activity")]
-    await store.delete([k for key in claims for k in (key, key + ":due")])
+    for key in claims:
+        await store.forget_claims(key, escape(user))
     if program:
         await store.run(program, now_ms)
     for drain in drains:

@@ -22,6 +22,7 @@ import httpx
 
 from quota.keys import app_prefix, set_key
 from quota.store import Store
+from quota.tokens import masked_url
 
 # (relation, rooms key of the snapshot) for the group-like relations of config/routes.yaml.
 ROOMS = (("app_groups", "group_members", "groups"), ("app_chatrooms", "chatroom_members", "chatrooms"))
@@ -36,15 +37,15 @@ def read_source(source: str) -> dict[str, Any]:
         try:
             response = httpx.get(source, timeout=30, headers=headers)
         except httpx.HTTPError as exc:
-            raise ValueError(f"{source}: {exc}") from exc
+            raise ValueError(f"{masked_url(source)}: {exc}") from exc
         if response.status_code != 200:
             hint = " (behind quota, set QUOTA_ADMIN_TOKEN)" if response.status_code == 404 and not token else ""
-            raise ValueError(f"{source}: HTTP {response.status_code}{hint}")
+            raise ValueError(f"{masked_url(source)}: HTTP {response.status_code}{hint}")
         data = response.json()
     else:
         data = json.loads(Path(source).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("users", []), list):
-        raise ValueError(f"{source}: expected a JSON object with users, contacts, groups, chatrooms")
+        raise ValueError(f"{masked_url(source)}: expected a JSON object with users, contacts, groups, chatrooms")
     return data
 
 

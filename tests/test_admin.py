@@ -18,10 +18,19 @@ import httpx
 import pytest
 
 from quota.config import load_config
+from quota.gateway import create_gateway
 from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from tests.conftest import ROOT, Clock, RedisServer, asgi_client, free_port, run_cli
-from tests.helpers import create_room, entitlements, read_yaml, register, room_id, write_yaml
+from tests.helpers import (
+    create_room,
+    entitlements,
+    raw_members,
+    read_yaml,
+    register,
+    room_id,
+    write_yaml,
+)
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -80,6 +89,17 @@ class TestReload:
         assert any("plans.free.limits.friends_per_user" in p for p in r.json()["problems"])
         ent = (await admin.get("/_quota/entitlements/demo/free", headers=AUTH)).json()
         assert ent["limits"]["friends_per_user"] == 100
+
+    async def test_an_unreadable_file_is_named_and_the_old_config_stays(self, admin: httpx.AsyncClient) -> None:
+        """Catches a reload that met a file it could not read (audit of 2026-12-02: quota.yaml
+        replaced by a directory) answering 500, where a broken file is a 400 naming it."""
+        quota_yaml = admin.config_dir / "quota.yaml"
+        quota_yaml.unlink()
+        quota_yaml.mkdir()
+        r = await admin.post("/_quota/reload", headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert f"{quota_yaml}: (file): expected a readable file" in " ".join(r.json()["problems"]), r.json()
+        assert (await admin.get(f"/{PRO}/users")).status_code == 200
 
     async def test_in_flight_request_keeps_its_config(
         self, store: Any, config_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -291,6 +311,51 @@ class TestForget:
         ent = await entitlements(admin, FREE, user="friend", group=rid)
         assert ent["entities"]["user:friend"]["friends_per_user"]["used"] == 0
         assert ent["entities"][f"group:{rid}"]["members_per_group"]["used"] == 1  # its owner
+
+    async def test_forgetting_a_user_keeps_the_others_removals_in_flight(
+        self, store: Any, clock: Clock, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Catches forget deleting each relation's whole claims hash (audit of 2026-12-02): the
+        tombstone of an unfriend in flight went with it, so the same pair's re-add passed, then
+        the unfriend's settlement took out the friendship the re-add had just made: quota counted
+        none where the gateway held one. Forgetting `c` leaves a|b's tombstone: the re-add waits
+        (409), and what quota counts matches the gateway."""
+        monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
+        gateway = create_gateway()
+        done, release = asyncio.Event(), asyncio.Event()
+
+        async def answer_held(scope: Any, receive: Any, send: Any) -> None:
+            # The gateway removes the pair at once; its answer waits for the test.
+            if scope["type"] != "http" or scope["method"] != "DELETE":
+                return await gateway(scope, receive, send)
+            sent: list[Any] = []
+
+            async def keep(message: Any) -> None:
+                sent.append(message)
+
+            await gateway(scope, receive, keep)
+            done.set()
+            await release.wait()
+            for message in sent:
+                await send(message)
+
+        app = build_app(load_config(config_dir), store=store, upstream=answer_held)
+        app.clock = clock
+        async with asgi_client(app, ("10.3.3.3", 5000), "http://gw") as c:
+            await register(c, FREE, ["a", "b", "c"])
+            assert (await c.post(f"/{FREE}/users/a/contacts/users/b")).status_code == 200
+            assert (await c.post(f"/{FREE}/users/c/contacts/users/b")).status_code == 200
+            unfriend = asyncio.ensure_future(c.delete(f"/{FREE}/users/a/contacts/users/b"))
+            await asyncio.wait_for(done.wait(), 10)
+            assert (await c.post(f"/_quota/forget/{FREE}/c", headers=AUTH)).status_code == 200
+            readd = await c.post(f"/{FREE}/users/a/contacts/users/b")
+            release.set()
+            assert (await unfriend).status_code == 200
+            assert readd.status_code == 409 and readd.json()["error"] == "conflict", readd.text
+            ent = await entitlements(c, FREE, user="a")
+            held = gateway.state.gateway.apps["demo#free"].contacts.get("a", set())
+            assert ent["entities"]["user:a"]["friends_per_user"]["used"] == len(held) == 0
+            assert await raw_members(store, "q:{demo#free}:s:contacts:o:b") == set()
 
     async def test_forget_reads_the_id_as_the_configured_policy_does(
         self, config_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch

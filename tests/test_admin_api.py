@@ -486,3 +486,58 @@ async def test_wrong_tokens_are_counted_per_network_as_configured(
         assert (await same_network.get("/_quota/accounts", headers=AUTH)).status_code == 429
     async with asgi_client(app, ("2001:db8:1:3::1", 5000)) as next_network:
         assert (await next_network.get("/_quota/accounts", headers=AUTH)).status_code == 200
+
+
+async def test_an_app_is_held_by_one_account_whatever_the_file_says_later(
+    admin: httpx.AsyncClient, store: Any, clock: Clock, config_dir: Path
+) -> None:
+    """Catches a stored change and accounts.yaml each giving one app to another account (audit of
+    2026-12-02): the file alone validated, the reload was accepted, and both accounts held the app,
+    both bills counting its DAU and the other customer's dashboard showing it. A reload whose
+    accounts.yaml gives an app a stored change gave another account is refused (the old config
+    stays); a process that starts on such a file serves the app to the stored account alone."""
+    r = await admin.post("/_quota/accounts", json={"name": "acme", "plan": "pro", "apps": ["acme#chat"]}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    doc = read_yaml(config_dir / "accounts.yaml")
+    doc["accounts"]["demo-basic"]["apps"].append("acme#chat")
+    write_yaml(config_dir / "accounts.yaml", doc)
+    r = await admin.post("/_quota/reload", headers=AUTH)
+    assert r.status_code == 400, r.text
+    said = "accounts.demo-basic.apps: expected an app held by one account only, found acme#chat (account acme"
+    assert any(p.startswith(f"{config_dir / 'accounts.yaml'}: {said}") for p in r.json()["problems"]), r.json()
+
+    async def holders(client: httpx.AsyncClient) -> list[str]:
+        apps = (await client.get("/_quota/apps", headers=RO)).json()["apps"]
+        return [a["account"] for a in apps if a["app"] == "acme#chat"]
+
+    assert await holders(admin) == ["acme"]
+    # Another process, started on the edited file, over the same store.
+    async with make_client(store, clock, load_config(config_dir)) as other:
+        assert (await other.post("/acme/chat/users", json={"username": "alice"})).status_code == 200
+        assert (await other.post("/acme/chat/token", json={"username": "alice"})).status_code == 200
+        assert await holders(other) == ["acme"]
+        month = datetime.fromtimestamp(clock.now, UTC).strftime("%Y-%m")
+        bill = (await other.get(f"/_quota/bills/demo-basic?month={month}", headers=RO)).json()
+        assert "acme#chat" not in [a["app"] for a in bill["apps"]], bill
+        bill = (await other.get(f"/_quota/bills/acme?month={month}", headers=RO)).json()
+        assert [a["peak_dau"] for a in bill["apps"] if a["app"] == "acme#chat"] == [1], bill
+
+
+async def test_odd_admin_input_is_a_clear_400_and_answers_are_not_cached(admin: httpx.AsyncClient) -> None:
+    """Catches (audit of 2026-12-02): a body of arrays nested 30,000 deep, well under the size
+    bound, raised RecursionError past the handler (a 500); an appkey ending in a newline was
+    attached (`$` matches before one), and one of 5,000 characters was taken in a new account;
+    admin answers, which name accounts and customers' token digests, carried no Cache-Control."""
+    nested = "[" * 30_000 + "]" * 30_000
+    r = await admin.post("/_quota/accounts", content=nested, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "body must be JSON" in r.json()["error_description"], r.text
+    r = await admin.put("/_quota/accounts/demo-pro/apps/demo/chat%0A", headers=AUTH)
+    assert r.status_code == 400, r.text
+    long = {"name": "longname", "plan": "pro", "apps": ["x" * 5000 + "#chat"]}
+    r = await admin.post("/_quota/accounts", json=long, headers=AUTH)
+    assert r.status_code == 400 and "accounts.longname.apps[0]" in r.text, r.text
+    apps = (await admin.get("/_quota/accounts/demo-pro", headers=AUTH)).json()["apps"]
+    assert apps == ["demo#pro"], apps
+    for path, headers in (("/_quota/accounts", RO), ("/_quota/accounts", {}), ("/_quota/metrics", AUTH)):
+        r = await admin.get(path, headers=headers)
+        assert r.headers.get("cache-control") == "no-store", (path, r.status_code, r.headers)

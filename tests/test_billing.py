@@ -307,8 +307,9 @@ async def test_an_app_attached_to_another_account_bills_there_from_the_next_day(
 async def test_a_change_dated_into_a_month_served_is_refused(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches a backdated change rewriting a month already served: a subscribe dated before the
     plan in force dropped it (January served as enterprise, billed as free), a cancel dated last
-    month took this month's bill away. Over the admin API a change is dated this month or later,
-    and a subscribe is refused while any plan runs on or past its date."""
+    month took this month's bill away, a freeze dated back brought its purge date into the past.
+    Over the admin API a change is dated this month or later, and a subscribe is refused while any
+    plan runs on or past its date."""
     monkeypatch.setenv("QUOTA_ADMIN_TOKEN", TOKEN)
     app = build_app(load_config(), store=store)
     app.clock = Clock(datetime(2027, 1, 20, 10, tzinfo=UTC).timestamp())
@@ -317,6 +318,7 @@ async def test_a_change_dated_into_a_month_served_is_refused(store: Any, monkeyp
             ("subscribe", {"plan": "free", "date": "1999-12-31"}),
             ("change-plan", {"plan": "free", "date": "2026-12-31"}),
             ("cancel", {"date": "2026-12-05"}),
+            ("freeze", {"date": "0001-01-01"}),  # its purge date long past
         ):
             r = await c.post(f"/_quota/accounts/demo-enterprise/{action}", json=body, headers=AUTH)
             assert r.status_code == 400 and "2027-01-01 or later" in r.json()["error_description"], (action, r.text)

@@ -96,3 +96,16 @@ def test_a_what_if_bill_refuses_what_no_account_could_be_billed(args: list[str],
     out = run_cli("bill", "--plan", "basic", *args)
     assert out.returncode != 0 and said in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.redis
+def test_urls_in_errors_hide_their_secrets(redis_server: RedisServer) -> None:
+    """Catches a CLI error quoting a URL whole (audit of 2026-12-02): a source that did not answer,
+    or a store URL of an unknown scheme, printed the password and the token they carried."""
+    source = "http://ops:s3cret-pass@127.0.0.1:9/state?token=t0ken-in-query"
+    out = run_cli("reconcile", "demo#free", "--source", source, "--redis", redis_server.url)
+    assert out.returncode != 0 and "127.0.0.1:9/state" in out.stderr, out.stderr
+    out2 = run_cli("usage", "demo#free", "--redis", "rediss+bogus://u:s3cret-pass@h:1/0?token=t0ken-in-query")
+    assert out2.returncode != 0 and "rediss+bogus://u:***@h:1/0" in out2.stderr, out2.stderr
+    for said in (out.stdout + out.stderr, out2.stdout + out2.stderr):
+        assert "s3cret-pass" not in said and "t0ken-in-query" not in said, said

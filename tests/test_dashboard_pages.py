@@ -3,6 +3,7 @@ and the forecast, driven over HTTP through the middleware (httpx ASGITransport).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -215,6 +216,48 @@ async def test_cross_site_login_refused(gateway: httpx.AsyncClient) -> None:
     logging the operator's browser into a session of the attacker's choosing."""
     r = await gateway.post(f"{BASE}/login", data={"token": READ}, headers={"origin": "http://evil.example"})
     assert r.status_code == 403 and "set-cookie" not in r.headers
+
+
+async def test_a_burst_of_sign_ins_is_held_to_the_wrong_token_allowance(gateway: httpx.AsyncClient) -> None:
+    """Catches the lockout checked before the form was read and the wrong token counted after
+    (audit of 2026-12-02): sign-ins whose bodies all follow their headers each passed the check
+    before any was counted, so a burst of 500 guesses was compared whole. Of 30 sent at once, 10
+    are compared (wrong_tokens: 10/minute) and the rest refused, the right token among them."""
+    gate = asyncio.Event()
+
+    async def later(token: str) -> AsyncIterator[bytes]:
+        await gate.wait()
+        yield f"token={token}".encode()
+
+    form = {"origin": "http://gw", "content-type": "application/x-www-form-urlencoded"}
+    guesses = [f"guess-{i:04d}-000000000000000" for i in range(29)] + [READ]
+    sent = [asyncio.ensure_future(gateway.post(f"{BASE}/login", content=later(t), headers=form)) for t in guesses]
+    await asyncio.sleep(0.2)  # every sign-in's headers are in, its body not yet
+    gate.set()
+    codes = [r.status_code for r in await asyncio.gather(*sent)]
+    assert codes.count(401) == 10 and codes.count(429) == 20, codes
+    assert codes[-1] == 429
+
+
+async def test_a_sign_in_form_that_never_arrives_is_dropped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Catches a sign-in form read with no deadline: a client with no token held the connection
+    as long as it liked. It is answered 408 after body_timeout_s, as the request path does."""
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    cfg = config_with(tmp_path / "config", "")
+    (cfg / "quota.yaml").write_text("body_timeout_s: 1\n")
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"token="
+        await never.wait()
+        yield b"x"
+
+    form = {"origin": "http://gw", "content-type": "application/x-www-form-urlencoded"}
+    async with asgi_client(build_app(load_config(cfg), store=MemoryStore()), base_url="http://gw") as client:
+        started = time.monotonic()
+        r = await asyncio.wait_for(client.post(f"{BASE}/login", content=stalled(), headers=form), 10)
+    assert r.status_code == 408 and "did not arrive" in r.text, r.text
+    assert time.monotonic() - started < 5
 
 
 async def test_values_are_escaped_and_headers_strict(gateway: httpx.AsyncClient) -> None:

@@ -30,6 +30,7 @@ def test_start_against_unreachable_redis(config_dir: Path) -> None:
             assert c.get("/_quota/health").json() == {"status": "ok"}
             ready = c.get("/_quota/ready")
             assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+            assert str(config_dir) not in ready.text  # no path of the host's to a client without a token
             codes = [c.post("/demo/free/users", json=[{"username": f"x{i}"}]).status_code for i in range(20)]
             assert set(codes) == {503}
         log = proc.log()

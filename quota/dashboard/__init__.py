@@ -15,6 +15,7 @@ exist. Mounted by the admin API (quota/admin.py); the middleware never imports t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import date
 from importlib.resources import files
@@ -88,12 +89,15 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or request.headers.get("origin", "").startswith("https://")
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def _form(request: Request, timeout_s: float) -> dict[str, str]:
+    """The form's fields; ValueError past MAX_FORM_BYTES, TimeoutError if not in within `timeout_s`
+    (the request path's body_timeout_s: a sign-in form must not hold a connection forever)."""
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise ValueError("form too large")
+    async with asyncio.timeout(timeout_s):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise ValueError("form too large")
     fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
     return {k: v[0] for k, v in fields.items()}
 
@@ -149,16 +153,21 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
             return _said("the dashboard is off: no token configured", 404)
         if not _same_origin(request):
             return _said("cross-site form refused", 403)
+        # The form is read first: nothing may be awaited between the lockout's check and the count
+        # of a wrong token, or a burst of sign-ins whose bodies follow their headers would each
+        # pass the check before the first was counted (every guess compared, not ten a minute).
+        try:
+            form = await _form(request, middleware.runtime.body_timeout_s)
+        except ValueError:
+            return _html(pages.login(base(request), "The form was too large."), 400)
+        except TimeoutError:
+            return _html(pages.login(base(request), "The form did not arrive in time."), 408)
         who = client_key(middleware.runtime.clients, request.scope)
         wait = lockout.wait_s(who)
         if wait:
             refused = _html(pages.login(base(request), f"Too many wrong tokens from here: try again in {wait} s."), 429)
             refused.headers["retry-after"] = str(wait)
             return refused
-        try:
-            form = await _form(request)
-        except ValueError:
-            return _html(pages.login(base(request), "The form was too large."), 400)
         session = sessions.issue(tokens(), form.get("token", "").strip(), accounts())
         if session is None:
             lockout.failed(who)
@@ -180,8 +189,8 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
         if session is None:
             return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         try:
-            form = await _form(request) if _same_origin(request) else {}
-        except ValueError:
+            form = await _form(request, middleware.runtime.body_timeout_s) if _same_origin(request) else {}
+        except (ValueError, TimeoutError):
             form = {}
         if not sessions.csrf_ok(tokens(), accounts(), session, form.get("csrf", "")):
             return _said("logout refused: the form did not come from this dashboard", 403)

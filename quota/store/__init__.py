@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from quota.errors import ConfigError, Problem
 from quota.store.program import Outcome, Program
+from quota.tokens import masked_url
 
 
 class Store(Protocol):
@@ -47,6 +48,11 @@ class Store(Protocol):
 
     async def delete(self, keys: list[str]) -> None: ...
 
+    async def forget_claims(self, key: str, entity: str) -> int:
+        """Delete the fields of the claims hash `key`, and their deadlines in `key:due`, that name
+        the escaped `entity` (keys.names); the others' claims and tombstones stay. How many went."""
+        ...
+
     async def add_members(self, key: str, members: list[str]) -> None: ...
 
     async def remove_members(self, key: str, members: list[str]) -> int: ...
@@ -68,4 +74,4 @@ def store_from_url(url: str, *, timeout_ms: int = 250) -> Store:
     if scheme in SCHEMES:
         return RedisStore(url, timeout_ms=timeout_ms)
     expected = "memory://, redis[s]://host:port[/db], redis+cluster://h:p[,h:p] or redis+sentinel://h:p[,h:p]/service"
-    raise ConfigError([Problem("--redis", "url", expected, url)])
+    raise ConfigError([Problem("--redis", "url", expected, masked_url(url))])

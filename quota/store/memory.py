@@ -17,7 +17,7 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
-from quota.keys import escape
+from quota.keys import escape, names
 from quota.store.program import (
     UNLIMITED,
     AddOp,
@@ -587,6 +587,16 @@ class MemoryStore:
             self.sets.pop(key, None)
             self.zsets.pop(key, None)
             self.inflight.pop(key, None)
+
+    async def forget_claims(self, key: str, entity: str) -> int:
+        claims = self.inflight.get(key, {})
+        gone = [f for f in claims if names(f, entity)]
+        due = self.zsets.get(key + ":due")
+        for f in gone:
+            del claims[f]
+            if due is not None:
+                due.pop(f)
+        return len(gone)
 
     async def add_members(self, key: str, members: list[str]) -> None:
         if members:

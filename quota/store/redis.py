@@ -14,6 +14,7 @@ from mypy_extensions import mypyc_attr
 from redis.exceptions import RedisClusterException, RedisError
 
 from quota.errors import StorageError
+from quota.keys import names
 from quota.store.program import (
     AddOp,
     BindOp,
@@ -357,6 +358,14 @@ class RedisStore:
     async def delete(self, keys: list[str]) -> None:
         for key in keys:
             await self._call(self.client.delete(key))
+
+    async def forget_claims(self, key: str, entity: str) -> int:
+        fields = [f.decode() async for f, _ in self.client.hscan_iter(key, count=1000)]
+        gone = [f for f in fields if names(f, entity)]
+        if gone:
+            await self._call(self.client.hdel(key, *gone))
+            await self._call(self.client.zrem(key + ":due", *gone))
+        return len(gone)
 
     async def add_members(self, key: str, members: list[str]) -> None:
         if members:

@@ -223,3 +223,18 @@ async def test_a_deadline_reached_is_not_renewed(store: Any) -> None:
     await store.run(Program([friend("a", "d", ttl_ms=1000)]), T0)
     await store.run(Program([RenewOp(FRIENDS + ":due", ("a|d",), 10_000)]), T0 + 1000)
     assert await raw_deadlines(store, FRIENDS + ":due") == {"a|d": T0 + 1000}
+
+
+async def test_forgetting_a_user_takes_only_the_claims_naming_it(store: Any) -> None:
+    """Catches a forget that deletes a relation's whole claims hash (audit of 2026-12-02): the other
+    users' claims and the tombstones of their removals in flight went too. Forgetting `c` takes
+    the pairs, removals and dropped sets naming `c` (either side) with their deadlines, and leaves
+    every field that names others, ids that merely contain `c` included."""
+    ops: list[Any] = [friend("a", "b"), friend("c", "d"), friend("ac", "b"), friend("a", "c")]
+    ops.append(TombstoneOp(FRIENDS, ("rm:b|c", "xo:c", "rm:a|b", "xo:cc"), 60_000, True))
+    assert (await store.run(Program(ops), T0)).allowed
+    assert await store.forget_claims(FRIENDS, "c") == 4
+    kept = {"a|b", "ac|b", "rm:a|b", "xo:cc"}
+    assert set(await raw_hash(store, FRIENDS)) == kept
+    assert set(await raw_deadlines(store, FRIENDS + ":due")) == kept
+    assert await store.forget_claims(FRIENDS, "c") == 0

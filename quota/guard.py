@@ -21,7 +21,8 @@ from quota.decisions import Denial
 from quota.errors import StorageError
 from quota.metrics import Metrics
 from quota.routes import RouteRule
-from quota.store.program import BindOp, ConfirmOp, DrainOp, Outcome, Program
+from quota.store.memory import MemoryStore
+from quota.store.program import BindOp, ConfirmOp, DrainOp, Outcome, Program, RateOp, Refusal
 
 if TYPE_CHECKING:
     from quota.middleware import Runtime
@@ -42,6 +43,9 @@ class StoreGuard:
     def __init__(self, metrics: Metrics, breaker: CircuitBreaker | None = None) -> None:
         self.metrics = metrics
         self.breaker = breaker or CircuitBreaker()
+        self._last_event = 0
+        # The rates of programs the store did not answer, under the `open` policy (held_here).
+        self.local = MemoryStore()
         self._logged_at = 0.0
         self._unlogged = 0
         self._retries: set[asyncio.Task[None]] = set()
@@ -108,7 +112,12 @@ class StoreGuard:
                 # Confirms carried by a failed call are not sent again: the script may have run
                 # (a reply lost to a timeout), and a confirm applied twice would settle another
                 # request's claim. One that is lost only leaves its claim to lapse, member kept.
-                self.breaker.failure()
+                # One failure per event, not per call: the calls a stalled connection fails at once
+                # share its event and count once (a probe's always counts).
+                event = getattr(exc.__cause__, "event", 0)
+                if not event or event != self._last_event or self.breaker.probing:
+                    self._last_event = event
+                    self.breaker.failure()
                 timed_out = isinstance(exc, TimeoutError) or "Timeout" in str(exc)
                 self._failed("storage_timeout" if timed_out else "storage_unavailable", exc)
             except BaseException:
@@ -122,7 +131,21 @@ class StoreGuard:
             self._failed("breaker_open", None)
         outage = rule.outage if rule is not None else None
         policy = outage or (rt.settings.outage_counters if counters else rt.settings.outage_rates)
-        return Outcome(unchecked=True) if policy == "open" else UNAVAILABLE
+        return self.held_here(program, now_ms) if policy == "open" else UNAVAILABLE
+
+    def held_here(self, program: Program, now_ms: int) -> Outcome:
+        """The `open` policy: counters go unchecked, but a program's rates are held by this process
+        alone (a memory store of the guard's own), so a store that does not answer, or a client able
+        to make it seem so, lets each client its rate through each process, not everything."""
+        at = [i for i, op in enumerate(program.ops) if isinstance(op, RateOp)]
+        if not at:
+            return Outcome(unchecked=True)
+        local = self.local.decide(Program([program.ops[i] for i in at]), now_ms)
+        r = local.refusal
+        if r is None:
+            return Outcome(rates=local.rates, unchecked=True)
+        # Named by its index in the request's program, as the store names it.
+        return Outcome(Refusal(at[r.op_index], r.kind, r.used, r.cap, r.retry_after_ms, r.reset_ms), local.rates)
 
     def defer(self, rt: Runtime, program: Program) -> None:
         """Confirms (only) to send with the app's next program, or after confirm_delay_ms at the latest."""

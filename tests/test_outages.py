@@ -216,3 +216,59 @@ async def test_a_create_answered_during_an_outage_is_counted_once_the_store_is_b
             for _ in range(100)
         ]
     assert 1 + statuses.count(200) == 100, statuses
+
+
+async def test_rates_are_held_by_each_process_while_the_store_is_down() -> None:
+    """Catches `outage: {rates: open}` waving every request through while the store does not
+    answer (audit of 2026-12-02: a client able to stall the event loop made the store seem down,
+    and then exported the chat history 1,372 times against 1 a minute). The policy lets requests
+    through unchecked by the store, but each process holds their rates itself: one export a
+    minute, 100 reads a second per client, with Redis stopped."""
+    server = RedisServer()
+    server.start()
+    store = RedisStore(server.url, timeout_ms=200)
+    app = build_app(load_config(), store=store)
+    app.clock = clock = Clock(time.time())
+    try:
+        async with asgi_client(app, ("10.7.7.8", 4000), "http://gw") as client:
+            await register(client, PRO, ["owner"])
+            server.stop()
+            clock.tick = 0
+            exports = [(await client.get(f"/{PRO}/chatmessages/2026120110")).status_code for _ in range(5)]
+            assert exports == [200, 429, 429, 429, 429], exports
+            reads = [(await client.get(f"/{PRO}/users/owner")).status_code for _ in range(150)]
+            assert reads.count(200) == 100 and reads[100:] == [429] * 50, reads
+            refused = await client.get(f"/{PRO}/users/owner")
+            assert refused.json()["error"] == "reach_limit" and "retry-after" in refused.headers, refused.text
+            metrics = app.metrics.render().decode()
+            assert 'outcome="unchecked"' in metrics and 'kind="breaker_open"' in metrics
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_calls_failed_by_one_stall_are_one_failure(config_dir: Path) -> None:
+    """Catches each call a stalled connection fails counting apart toward the breaker (audit of
+    2026-12-02): the three calls waiting on one connection when its watchdog fired were three
+    consecutive failures, so one stall opened the breaker. They are one failure; the breaker opens
+    on the third stall in a row, with the timeouts said so (storage_timeout)."""
+    server = RedisServer()
+    server.start()
+    store = RedisStore(server.url, timeout_ms=200)
+    app = build_app(load_config(config_dir), store=store)
+    try:
+        async with asgi_client(app, ("10.7.7.9", 4000), "http://gw") as client:
+            await register(client, PRO, ["owner"])
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            for stall in (1, 2, 3):
+                reads = await asyncio.gather(*(client.get(f"/{PRO}/users/owner") for _ in range(3)))
+                assert [r.status_code for r in reads] == [200] * 3  # rates: open, held here
+                assert app.breaker.failures == stall
+                assert app.breaker.state == ("open" if stall == 3 else "closed")
+            assert 'quota_errors_total{kind="storage_timeout"} 9.0' in app.metrics.render().decode()
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await store.close()
+        server.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import ssl as ssl_module
 import time
 from collections.abc import Callable
@@ -38,7 +39,23 @@ class ReplyError(Exception):
 # A ConnectionError (callers catch OSError), which mypyc cannot make a native class of.
 @mypyc_attr(native_class=False)
 class WireClosed(ConnectionError):
-    pass
+    # Which failure of a connection failed the call (0: none in particular): every call waiting
+    # when a connection fails gets the same one, and counts once toward the breaker.
+    event = 0
+
+
+@mypyc_attr(native_class=False)
+class WireTimeout(WireClosed):
+    """Redis did not answer in time (named so: the store guard reports it as a timeout)."""
+
+
+# A reply is late only if the watchdog saw it late on time. One that fires this much past its
+# time found the event loop busy (a request's CPU), with replies perhaps unread in the socket: it
+# looks again once the loop has read them, up to LATE_MOST timeouts past the deadline. A loop stall
+# must not pass for a Redis outage: it would open the breaker and put every app on its outage policy.
+LATE_S: Final = 0.05
+LATE_MOST: Final = 4
+_EVENTS = itertools.count(1)
 
 
 # Flush once this many commands are buffered, else at the end of the loop tick. Per-tick flushing
@@ -127,6 +144,7 @@ class _Protocol(asyncio.Protocol):
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
+        self.check_at = 0.0
         self.closed: asyncio.Future[None] = loop.create_future()
         self.error: Exception | None = None
         # Bound once: each is called per request, and a bound method saves a lookup by name per call.
@@ -161,7 +179,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
-            self.error = WireClosed(str(exc) or exc.__class__.__name__)
+            kind = WireTimeout if isinstance(exc, TimeoutError) else WireClosed
+            self.error = kind(str(exc) or exc.__class__.__name__)
+            self.error.event = next(_EVENTS)
         while self.waiting:
             future, _ = self.waiting.popleft()
             if not future.done():
@@ -178,7 +198,8 @@ class _Protocol(asyncio.Protocol):
         if self.error is not None:
             future.set_exception(self.error)
             return future
-        self.push((future, monotonic() + self.timeout_s))
+        deadline = monotonic() + self.timeout_s
+        self.push((future, deadline))
         self.buffer.append(packed)
         if len(self.buffer) >= FLUSH_EVERY:
             self.flush()
@@ -186,6 +207,7 @@ class _Protocol(asyncio.Protocol):
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
         if self.watchdog is None:
+            self.check_at = deadline
             self.watchdog = self.loop.call_later(self.timeout_s, self._check)
         return future
 
@@ -203,8 +225,11 @@ class _Protocol(asyncio.Protocol):
         deadline = self.waiting[0][1]
         now = monotonic()
         if now >= deadline:
-            self._fail(TimeoutError(f"redis did not answer within {self.timeout_s * 1000:.0f} ms"))
-            return
+            if now - self.check_at < LATE_S or now - deadline >= LATE_MOST * self.timeout_s:
+                self._fail(TimeoutError(f"redis did not answer within {self.timeout_s * 1000:.0f} ms"))
+                return
+            deadline = now + LATE_S
+        self.check_at = deadline
         self.watchdog = self.loop.call_later(deadline - now, self._check)
 
 

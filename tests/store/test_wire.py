@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from quota.store.program import Program, RateOp
 from quota.store.redis import RedisStore
-from quota.store.wire import _PACKED, PACKED_KEPT, PACKED_LONGEST, ReplyError, Script, Wire, pack
+from quota.store.wire import _PACKED, PACKED_KEPT, PACKED_LONGEST, ReplyError, Script, Wire, WireTimeout, pack
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -155,7 +155,7 @@ async def test_hung_server_times_out_then_recovers() -> None:
         os.kill(server.proc.pid, signal.SIGSTOP)
         started = time.monotonic()
         results = await asyncio.gather(*(wire.call(("PING",)) for _ in range(5)), return_exceptions=True)
-        assert all(isinstance(r, ConnectionError) for r in results)
+        assert all(isinstance(r, WireTimeout) for r in results), results  # a timeout, said so
         assert time.monotonic() - started < 1.0
         os.kill(server.proc.pid, signal.SIGCONT)
         assert await wire.call(("PING",)) == b"PONG"
@@ -169,6 +169,30 @@ async def test_hung_server_times_out_then_recovers() -> None:
             os.kill(server.proc.pid, signal.SIGCONT)
         await wire.close()
         server.stop()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_busy_event_loop_is_no_redis_timeout(redis_server: RedisServer, loop: str) -> None:
+    """Catches a loop stall passing for a Redis timeout (audit of 2026-12-02): calls queued, then
+    0.6 s of CPU on the loop (a client's large body parsed), and the watchdog, due first under
+    uvloop (timers run before I/O), failed every call whose reply sat unread in the socket. Three
+    such failures opened the breaker, and `rates: open` let rates through. The calls get their
+    replies; a Redis that really stopped still times out (test_hung_server_times_out_then_recovers)."""
+    import uvloop
+
+    async def main() -> list[object]:
+        wire = Wire(redis_server.url, timeout_ms=200)
+        try:
+            assert await wire.call(("PING",)) == b"PONG"
+            calls = [asyncio.ensure_future(wire.call(("ECHO", f"m{i}"))) for i in range(3)]
+            asyncio.get_running_loop().call_soon(time.sleep, 0.6)
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+        finally:
+            await wire.close()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) == [b"m0", b"m1", b"m2"]
 
 
 async def test_auth_and_db_are_sent(tmp_path: object) -> None:

@@ -710,6 +710,23 @@ class TestUnknownOutcome:
         assert r.status_code == 504, r.text
         assert usage["included_dau"]["used"] == 0, usage
 
+    async def test_a_switch_of_protocols_unasked_is_no_answer(self, config_dir: Path) -> None:
+        """Catches a 101 to a plain request (audit of 2026-12-02): the parser's upgrade exception,
+        no HttpParserError, escaped the connection's reader (a traceback in the log) and the 101
+        went on to the client. It is an answer that never came: 504, the add kept."""
+        switched = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n"
+        async with _RawUpstream(lambda n: [switched]) as url:
+            proxy = ProxyApp(Upstream(url, read_timeout=2))
+            app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
+            try:
+                async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+                    r = await client.post(f"/{FREE}/users/alice/contacts/users/bob")
+                    used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
+            finally:
+                proxy.pool.close()
+        assert r.status_code == 504 and r.json()["error"] == "gateway_timeout", r.text
+        assert used["friends_per_user"]["used"] == 1
+
     async def test_an_add_that_never_left_is_undone(self, config_dir: Path) -> None:
         """Catches the keep above applied where nothing was sent: an upstream nobody listens on is a
         502, and the add is undone."""

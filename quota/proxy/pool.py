@@ -72,6 +72,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"the upstream sent a malformed response: {exc}"))
             self.close()
+        except httptools.HttpParserUpgrade:
+            # No HttpParserError: a 101 to a request that asked for no upgrade (the proxy relays
+            # WebSockets apart), after which the connection speaks something else.
+            self._fail(UpstreamClosed("the upstream switched protocols (101) unasked"))
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Closed here (a timeout, a malformed or unasked answer), not ended by the upstream.
@@ -112,7 +117,9 @@ class _Connection(asyncio.Protocol):
         if self.extra:
             return
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            return  # not an answer to pass on: feed_data raises HttpParserUpgrade next
+        if 100 <= status < 200:
             # An interim answer (103 Early Hints...): the final response follows on the connection.
             self.headers = []
             self.framed = False

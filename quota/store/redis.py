@@ -208,6 +208,8 @@ def connect(url: str, timeout_ms: int) -> tuple[Any, list[Any]]:
     nodes = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 6379)) for h in hosts.split(",") if h]
     if scheme.endswith("+cluster"):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes],
@@ -215,6 +217,9 @@ def connect(url: str, timeout_ms: int) -> tuple[Any, list[Any]]:
             ssl=tls,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # No retry (redis-py's cluster retries 3 times by default): a script whose reply was
+            # lost may have run, and run again it would confirm or undo another request's claim.
+            retry=Retry(NoBackoff(), 0),
         )
         return cluster, []
     from redis.asyncio.sentinel import Sentinel

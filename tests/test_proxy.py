@@ -669,6 +669,18 @@ class _RawUpstream:
         await self.server.wait_closed()
 
 
+async def _one_add(proxy: ProxyApp, config_dir: Path) -> tuple[httpx.Response, dict[str, Any]]:
+    """A friend add through `proxy`, and alice's counts after it."""
+    app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
+    try:
+        async with asgi_client(app, ("10.1.2.3", 4000)) as client:
+            r = await client.post(f"/{FREE}/users/alice/contacts/users/bob")
+            used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
+    finally:
+        proxy.pool.close()
+    return r, used
+
+
 class TestUnknownOutcome:
     """Found by the audit of 2026-12-02: a gateway slower than --read-timeout, or one whose
     connection broke once the request was on its way, may have done the request, and quota undid
@@ -716,28 +728,14 @@ class TestUnknownOutcome:
         went on to the client. It is an answer that never came: 504, the add kept."""
         switched = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n"
         async with _RawUpstream(lambda n: [switched]) as url:
-            proxy = ProxyApp(Upstream(url, read_timeout=2))
-            app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
-            try:
-                async with asgi_client(app, ("10.1.2.3", 4000)) as client:
-                    r = await client.post(f"/{FREE}/users/alice/contacts/users/bob")
-                    used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
-            finally:
-                proxy.pool.close()
+            r, used = await _one_add(ProxyApp(Upstream(url, read_timeout=2)), config_dir)
         assert r.status_code == 504 and r.json()["error"] == "gateway_timeout", r.text
         assert used["friends_per_user"]["used"] == 1
 
     async def test_an_add_that_never_left_is_undone(self, config_dir: Path) -> None:
         """Catches the keep above applied where nothing was sent: an upstream nobody listens on is a
         502, and the add is undone."""
-        proxy = ProxyApp(Upstream(f"http://127.0.0.1:{free_port()}", connect_timeout=1))
-        app = build_app(load_config(config_dir), store=MemoryStore(), upstream=proxy)
-        try:
-            async with asgi_client(app, ("10.1.2.3", 4000)) as client:
-                r = await client.post(f"/{FREE}/users/alice/contacts/users/bob")
-                used = (await entitlements(client, FREE, user="alice"))["entities"]["user:alice"]
-        finally:
-            proxy.pool.close()
+        r, used = await _one_add(ProxyApp(Upstream(f"http://127.0.0.1:{free_port()}", connect_timeout=1)), config_dir)
         assert r.status_code == 502 and r.json()["error"] == "bad_gateway", r.text
         assert used["friends_per_user"]["used"] == 0
 

@@ -40,7 +40,9 @@ class UnknownAppError(QuotaError):
 
 
 class StorageError(QuotaError):
-    pass
+    # The store's own failure this one stands for (quota.store.wire): the calls one failure fails
+    # share it, and count once toward the breaker. 0: none in particular.
+    event = 0
 
 
 class ConflictError(QuotaError):

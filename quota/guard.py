@@ -114,7 +114,7 @@ class StoreGuard:
                 # request's claim. One that is lost only leaves its claim to lapse, member kept.
                 # One failure per event, not per call: the calls a stalled connection fails at once
                 # share its event and count once (a probe's always counts).
-                event = getattr(exc.__cause__, "event", 0)
+                event = getattr(exc, "event", 0)
                 if not event or event != self._last_event or self.breaker.probing:
                     self._last_event = event
                     self.breaker.failure()

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from quota.accounts import add_months
 from quota.billing import AppPeak, compute_bill
 from quota.config import load_config
 from quota.keys import app_prefix, dau_key
@@ -215,21 +216,24 @@ async def test_frozen_account_over_admin_api(store: Any, clock: Clock, monkeypat
     app = build_app(load_config(), store=store)
     app.clock = clock
     auth = {"authorization": f"Bearer {TOKEN}"}
+    # Dated the 1st of the served month (earlier is refused: a freeze dated back nears its purge).
+    first = datetime.fromtimestamp(clock.now, UTC).date().replace(day=1)
+    since, purge = first.isoformat(), add_months(first, 6).isoformat()
     async with asgi_client(app, base_url="http://gw") as c:
-        assert (await c.post("/_quota/accounts/demo-pro/freeze", json={"date": "2026-03-31"})).status_code == 401
-        r = await c.post("/_quota/accounts/demo-pro/freeze", json={"date": "2026-03-31"}, headers=auth)
-        assert r.status_code == 200 and r.json()["purge_after"] == "2026-09-30"
+        assert (await c.post("/_quota/accounts/demo-pro/freeze", json={"date": since})).status_code == 401
+        r = await c.post("/_quota/accounts/demo-pro/freeze", json={"date": since}, headers=auth)
+        assert r.status_code == 200 and r.json()["purge_after"] == purge
         r = await c.get("/demo/pro/users")
         assert (
             r.status_code == 403 and r.json()["error"] == "forbidden_op" and "frozen" in r.json()["error_description"]
         )
-        assert "2026-09-30" in r.json()["error_description"]
+        assert purge in r.json()["error_description"]
         assert (await c.get("/demo/basic/users")).status_code == 200
         month = datetime.fromtimestamp(clock.now, UTC).strftime("%Y-%m")
         notes = (await c.get(f"/_quota/bills/demo-pro?month={month}", headers=auth)).json()["notes"]
         assert (
-            "account frozen since 2026-03-31: its requests are refused and its data may be purged after "
-            "2026-09-30; cancel the plan to stop its fee"
+            f"account frozen since {since}: its requests are refused and its data may be purged after "
+            f"{purge}; cancel the plan to stop its fee"
         ) in notes
         assert (await c.post("/_quota/accounts/demo-pro/unfreeze", headers=auth)).status_code == 200
         assert (await c.get("/demo/pro/users")).status_code == 200

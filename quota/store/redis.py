@@ -275,7 +275,10 @@ class RedisStore:
         # A cluster with every node down, or a slot no node covers, raises RedisClusterException,
         # which is no RedisError: an outage all the same (policy, breaker), never a 500.
         except (RedisError, RedisClusterException, OSError, ReplyError) as exc:
-            raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
+            failed = StorageError(f"redis: {exc.__class__.__name__}: {exc}")
+            # Carried over, not read through __cause__: compiled, `raise ... from` sets none.
+            failed.event = getattr(exc, "event", 0)
+            raise failed from exc
         return decode(program, now_ms, reply)
 
     def _packed(self, program: Program, now_ms: int, dry: bool) -> bytes:

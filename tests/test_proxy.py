@@ -429,6 +429,8 @@ class TestPassThrough:
             "+_method=DELETE",
             "_method[]=DELETE",
             "_%6Dethod=DELETE",  # a letter of the name escaped
+            "_%4DETHOD=DELETE",  # an escaped capital
+            "_M%45%54%48%4F%44=PUT",
         ],
     )
     def test_a_query_naming_a_method_is_refused(self, odd_proxy: Running, query: str) -> None:
@@ -473,6 +475,7 @@ class TestPassThrough:
             'form-data; name="_\\method"',  # a quoted name's backslash escape
             "form-data; name*=utf-8''%5Fmethod",  # RFC 2231
             'form-data; name="%5Fmethod"',  # a parser that percent-decodes names
+            'form-data; name="_%4D%45THOD"',  # and escaped capitals
             'form-data; name="_method[]"',
         ],
     )

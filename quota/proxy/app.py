@@ -37,10 +37,11 @@ log = logging.getLogger("quota.proxy")
 # Fields of a query or form, parts of a multipart body, read for a `_method` at most: as many as
 # PHP reads (max_input_vars) and Express (qs's parameterLimit); more is refused, not read.
 MAX_FORM_FIELDS = 1000
-# `method`, each letter as itself or percent-escaped (a gateway decodes names once), in a body
-# made lowercase: what a field or part must spell to be named `_method`.
-_METHODISH = re.compile(rb"(?:m|%6d)(?:e|%65)(?:t|%74)(?:h|%68)(?:o|%6f)(?:d|%64)")
-_ESCAPED_LETTERS = (b"%6d", b"%65", b"%74", b"%68", b"%6f", b"%64")
+# `method` in any case, each letter as itself or percent-escaped (a gateway decodes names once), in
+# a body made lowercase (so `%4D` is `%4d`, an escaped `M`): what a field or part must spell to be
+# named `_method`.
+_METHODISH = re.compile(rb"(?:m|%6d|%4d)(?:e|%65|%45)(?:t|%74|%54)(?:h|%68|%48)(?:o|%6f|%4f)(?:d|%64|%44)")
+_ESCAPED_LETTERS = (b"%6d", b"%65", b"%74", b"%68", b"%6f", b"%64", b"%4d", b"%45", b"%54", b"%48", b"%4f", b"%44")
 
 
 def _spells_method(data: bytes) -> bool:

@@ -75,12 +75,18 @@ def pair_field(owner: str, member: str, symmetric: bool) -> str:
     return f"{min(a, b)}|{max(a, b)}" if symmetric else f"{a}|{b}"
 
 
-def names(field: str, entity: str) -> bool:
-    """Whether a field of a claims hash names the escaped `entity`: a pair `a|b`, a removal's
-    `rm:a|b`, a dropped set's `xo:a` or `xm:a`, a login's `dau:yyyymmdd|a` (escaped ids hold no
-    `|` and no `:`, so a part is one id or none)."""
-    body = field[3:] if field[:3] in ("rm:", "xo:", "xm:") else field
-    return entity in body.split("|")
+def names(field: str, entity: str, owner: bool, member: bool) -> bool:
+    """Whether a field of a claims hash names the escaped `entity` on a side that holds its kind
+    (`owner`, `member`: a group's id may be spelled as a user's): a pair `owner|member` (a
+    friendship's either way), a removal's `rm:owner|member`, a dropped set's `xo:owner` or
+    `xm:member`, a login's `dau:yyyymmdd|user` (a member). Escaped ids hold no `|`."""
+    kind = field[:3]
+    if kind == "xo:":
+        return owner and field[3:] == entity
+    if kind == "xm:":
+        return member and field[3:] == entity
+    left, _, right = (field[3:] if kind == "rm:" else field).partition("|")
+    return (owner and left == entity) or (member and right == entity)
 
 
 def trash_key(owner_key: str, token: str) -> str:

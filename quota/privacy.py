@@ -77,9 +77,13 @@ async def forget_user(
     # Claims and tombstones of requests in flight that name the user go (a request in flight that
     # then fails keeps its member: drift on the safe side, not a leak of the id). Only those: the
     # others' tombstones still hold adds off what their removals are about to take out.
-    claims = [inflight_key(prefix, rel.name) for rel in routes.relations.values()] + [inflight_key(prefix, "activity")]
-    for key in claims:
-        await store.forget_claims(key, escape(user))
+    sides = [
+        (rel.name, rel.symmetric or rel.owner_kind == "user", rel.member_kind == "user")
+        for rel in routes.relations.values()
+    ]
+    for name, owner, member in [*sides, ("activity", False, True)]:
+        if owner or member:
+            await store.forget_claims(inflight_key(prefix, name), escape(user), owner, member)
     if program:
         await store.run(program, now_ms)
     for drain in drains:

@@ -107,5 +107,7 @@ def test_urls_in_errors_hide_their_secrets(redis_server: RedisServer) -> None:
     assert out.returncode != 0 and "127.0.0.1:9/state" in out.stderr, out.stderr
     out2 = run_cli("usage", "demo#free", "--redis", "rediss+bogus://u:s3cret-pass@h:1/0?token=t0ken-in-query")
     assert out2.returncode != 0 and "rediss+bogus://u:***@h:1/0" in out2.stderr, out2.stderr
-    for said in (out.stdout + out.stderr, out2.stdout + out2.stderr):
+    out3 = run_cli("usage", "demo#free", "--redis", "redis+sentinel://:s3cret-pass@127.0.0.1:1")
+    assert out3.returncode != 0 and "needs a service name" in out3.stderr, out3.stderr
+    for said in (out.stdout + out.stderr, out2.stdout + out2.stderr, out3.stdout + out3.stderr):
         assert "s3cret-pass" not in said and "t0ken-in-query" not in said, said

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -34,9 +34,13 @@ from quota.proxy.headers import (
 from quota.proxy.pool import NotSent, Pool
 
 log = logging.getLogger("quota.proxy")
-# Fields of a query or form, parts of a multipart body, read for a `_method` at most: as many as
-# PHP reads (max_input_vars) and Express (qs's parameterLimit); more is refused, not read.
+# Fields of a query or form read for a `_method` at most: as many as PHP reads (max_input_vars) and
+# Express (qs's parameterLimit); more is refused, not read. A name read is at most MAX_NAME_BYTES.
+# A multipart body's parts (an upload has one or two) and each part's head are bounded too.
 MAX_FORM_FIELDS = 1000
+MAX_NAME_BYTES = 256
+MAX_PARTS = 16
+MAX_PART_HEAD_BYTES = 2048
 # `method` in any case, each letter as itself or percent-escaped (a gateway decodes names once), in
 # a body made lowercase (so `%4D` is `%4d`, an escaped `M`): what a field or part must spell to be
 # named `_method`.
@@ -264,26 +268,40 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> str:
     return ""
 
 
-def _names_a_method(query: bytes) -> bool:
+def _names_a_method(fields: bytes) -> bool:
     """Whether a query (or a form body) carries `_method=` (Express's method-override, Rack,
     Laravel, Symfony), in any case, however escaped, and as PHP reads names: leading spaces
-    dropped, `.`, ` ` and an unclosed `[` made `_` (`.method`, `[method`), `_method[...]` an array."""
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    return any(_php_name(name).lower() == "_method" for name, _ in pairs)
+    dropped, cut at a NUL, `.`, ` ` and an unclosed `[` made `_` (`.method`, `[method`),
+    `_method[...]` an array. Names alone are decoded, and only those that spell `method`: values
+    may be a megabyte of `%`, which Python's parser takes most of a second to unescape."""
+    for piece in fields.split(b"&"):
+        name = piece.partition(b"=")[0]
+        if _spells_method(name):
+            decoded = unquote_to_bytes(name.replace(b"+", b" ")).decode("latin-1")
+            if _php_name(decoded) == "_method":
+                return True
+    return False
 
 
 def _form_refusal(what: str, fields: bytes) -> str:
     """Why a query or a urlencoded form is refused ("" when it is not): it names a method. One that
-    spells `method` nowhere, however escaped, names none and is not parsed; one that does and
-    holds more fields than MAX_FORM_FIELDS is refused unread: parsed, a megabyte of `a=%&` cost a
-    second and a half of CPU, a stall of every request of the process."""
+    spells `method` nowhere, however escaped, names none and is not read; one that does and holds
+    more fields than MAX_FORM_FIELDS, or a name that spells it over MAX_NAME_BYTES, is refused
+    unread: a megabyte of `a=%&` parsed cost a second and a half of CPU, a stall of every request
+    of the process."""
     if not _spells_method(fields):
         return ""
     if fields.count(b"&") >= MAX_FORM_FIELDS:
         return f"the {what} spells `method` and holds more than {MAX_FORM_FIELDS} fields, too many to read for one"
+    if any(len(name) > MAX_NAME_BYTES and _spells_method(name) for name in _names(fields)):
+        return f"the {what} spells `method` in a name over {MAX_NAME_BYTES} bytes, too long to read for one"
     if _names_a_method(fields):
         return f"the {what} names a method (_method): send that method"
     return ""
+
+
+def _names(fields: bytes) -> list[bytes]:
+    return [piece.partition(b"=")[0] for piece in fields.split(b"&")]
 
 
 def _body_refusal(headers: list[tuple[bytes, bytes]], body: bytes) -> str:
@@ -304,12 +322,17 @@ def _body_refusal(headers: list[tuple[bytes, bytes]], body: bytes) -> str:
             refused = _form_refusal("form", body)
             if refused:
                 return refused
-        if kind == b"multipart/form-data" and _spells_method(body):
+        if kind == b"multipart/form-data":
+            # Every part's head is read, whatever the body spells: a quoted name may escape any
+            # letter (`_m\ethod`), and RFC 2231 may cut it in pieces (`name*0`, `name*1`).
             boundary = _boundary(params)
-            if boundary and body.count(b"--" + boundary) > MAX_FORM_FIELDS:
-                return f"the form spells `method` and holds more than {MAX_FORM_FIELDS} parts, too many to read for one"
-            if _parts_name_a_method(body, boundary):
-                return named
+            if boundary and body.count(b"--" + boundary) > MAX_PARTS:
+                return f"the form holds more than {MAX_PARTS} parts"
+            try:
+                if _parts_name_a_method(body, boundary):
+                    return named
+            except ValueError as exc:
+                return str(exc)
         # Laravel takes any type naming /json or +json, parameters included, for JSON.
         if (b"/json" in value.lower() or b"+json" in value.lower()) and _json_names_a_method(body):
             return named
@@ -329,7 +352,8 @@ def _json_names_a_method(body: bytes) -> bool:
 _BOUNDARY = re.compile(rb'(?:^|;)\s*boundary\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
 # A part's field name as multipart parsers read it: quoted (with backslash escapes) or bare, or
 # RFC 2231's `name*=charset'lang'percent-encoded`.
-_PART_NAME = re.compile(r'(?:^|;)\s*name(\*?)\s*=\s*(?:"((?:\\.|[^"\\])*)"|([^;\s]*))', re.IGNORECASE)
+_PART_NAME = re.compile(r'(?:^|;)\s*name(?:\*(\d{1,3}))?(\*?)\s*=\s*(?:"((?:\\.|[^"\\])*)"|([^;\s]*))', re.IGNORECASE)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 def _boundary(params: bytes) -> bytes:
@@ -344,27 +368,40 @@ def _parts_name_a_method(body: bytes, boundary: bytes) -> bool:
     if not boundary:
         return False
     for part in body.split(b"--" + boundary)[1:]:
-        head = re.split(rb"\r?\n\r?\n", part, maxsplit=1)[0].decode("latin-1")
-        for line in head.splitlines():
+        head = _HEAD_END.split(part[: MAX_PART_HEAD_BYTES + 4], maxsplit=1)
+        if len(head) == 1 and len(part) > MAX_PART_HEAD_BYTES:
+            raise ValueError(f"a part of the form has a head over {MAX_PART_HEAD_BYTES} bytes")
+        for line in head[0].decode("latin-1").splitlines():
             field, _, value = line.partition(":")
             if field.strip().lower() != "content-disposition":
                 continue
-            for star, quoted, bare in _PART_NAME.findall(value):
+            names: list[str] = []
+            # RFC 2231 continuations (`name*0`, `name*1*`...) make one name, joined in order.
+            pieces: dict[int, str] = {}
+            for index, star, quoted, bare in _PART_NAME.findall(value):
                 raw = re.sub(r"\\(.)", r"\1", quoted) if quoted else bare
                 if star:
-                    raw = raw.split("'", 2)[-1]
+                    raw = unquote(raw.split("'", 2)[-1] if index in ("", "0") else raw, "latin-1")
+                if index:
+                    pieces[int(index)] = raw
+                else:
+                    names.append(raw)
+            if pieces:
+                names.append("".join(pieces[i] for i in sorted(pieces)))
+            for raw in names:
                 for reading in (raw, unquote(raw, "latin-1")):
-                    if _php_name(reading).lower() == "_method":
+                    if _php_name(reading) == "_method":
                         return True
     return False
 
 
 def _php_name(name: str) -> str:
-    name = name.lstrip(" ")
+    """A field's name as PHP reads it (lowercased: the names compared here are matched in any case)."""
+    name = name.partition("\x00")[0].lstrip(" ")
     bracket = name.find("[")
     if bracket >= 0 and "]" in name[bracket:]:
         name = name[:bracket]
-    return name.replace(" ", "_").replace(".", "_").replace("[", "_")
+    return name.replace(" ", "_").replace(".", "_").replace("[", "_").lower()
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -48,9 +48,10 @@ class Store(Protocol):
 
     async def delete(self, keys: list[str]) -> None: ...
 
-    async def forget_claims(self, key: str, entity: str) -> int:
+    async def forget_claims(self, key: str, entity: str, owner: bool, member: bool) -> int:
         """Delete the fields of the claims hash `key`, and their deadlines in `key:due`, that name
-        the escaped `entity` (keys.names); the others' claims and tombstones stay. How many went."""
+        the escaped `entity` on the sides given (keys.names); the others' claims and tombstones
+        stay. How many went."""
         ...
 
     async def add_members(self, key: str, members: list[str]) -> None: ...

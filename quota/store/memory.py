@@ -588,9 +588,9 @@ class MemoryStore:
             self.zsets.pop(key, None)
             self.inflight.pop(key, None)
 
-    async def forget_claims(self, key: str, entity: str) -> int:
+    async def forget_claims(self, key: str, entity: str, owner: bool, member: bool) -> int:
         claims = self.inflight.get(key, {})
-        gone = [f for f in claims if names(f, entity)]
+        gone = [f for f in claims if names(f, entity, owner, member)]
         due = self.zsets.get(key + ":due")
         for f in gone:
             del claims[f]

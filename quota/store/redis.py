@@ -37,6 +37,7 @@ from quota.store.program import (
     retry_after_ms,
 )
 from quota.store.wire import ReplyError, Script, Wire, array, bulk, bulks
+from quota.tokens import masked_url
 
 PROGRAM_LUA = resources.files("quota.store").joinpath("lua/program.lua").read_text(encoding="utf-8")
 SWAP_LUA = """
@@ -226,12 +227,18 @@ def connect(url: str, timeout_ms: int) -> tuple[Any, list[Any]]:
 
     service, _, db = path.partition("/")
     if not service:
-        raise ValueError(f"{url}: redis+sentinel needs a service name: redis+sentinel://host:port/<service>")
+        raise ValueError(
+            f"{masked_url(url)}: redis+sentinel needs a service name: redis+sentinel://host:port/<service>"
+        )
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         nodes, sentinel_kwargs={"socket_timeout": timeout}, password=password, ssl=tls, **options
     )
     # The sentinels' own connections are closed with the store.
     return sentinel.master_for(service, db=int(db or 0)), list(sentinel.sentinels)
+
+
+# Claims a forget deletes per command: a hash of many in flight is not deleted in one long one.
+FORGET_SLICE = 500
 
 
 # Compiled (quota/build.py), and open to subclasses: a store that wraps it adds counting or faults.
@@ -367,12 +374,15 @@ class RedisStore:
         for key in keys:
             await self._call(self.client.delete(key))
 
-    async def forget_claims(self, key: str, entity: str) -> int:
-        fields = [f.decode() async for f, _ in self.client.hscan_iter(key, count=1000)]
-        gone = [f for f in fields if names(f, entity)]
-        if gone:
-            await self._call(self.client.hdel(key, *gone))
-            await self._call(self.client.zrem(key + ":due", *gone))
+    async def forget_claims(self, key: str, entity: str, owner: bool, member: bool) -> int:
+        try:
+            fields = [f.decode() async for f, _ in self.client.hscan_iter(key, count=1000)]
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise StorageError(f"redis: {exc.__class__.__name__}: {exc}") from exc
+        gone = [f for f in fields if names(f, entity, owner, member)]
+        for i in range(0, len(gone), FORGET_SLICE):
+            await self._call(self.client.hdel(key, *gone[i : i + FORGET_SLICE]))
+            await self._call(self.client.zrem(key + ":due", *gone[i : i + FORGET_SLICE]))
         return len(gone)
 
     async def add_members(self, key: str, members: list[str]) -> None:

@@ -58,6 +58,14 @@ LATE_MOST: Final = 4
 _EVENTS = itertools.count(1)
 
 
+def _failure(exc: Exception) -> WireClosed:
+    """A connection's failure, as its callers get it: a timeout said so, and one event for all."""
+    kind = WireTimeout if isinstance(exc, TimeoutError) else WireClosed
+    failed = kind(str(exc) or exc.__class__.__name__)
+    failed.event = next(_EVENTS)
+    return failed
+
+
 # Flush once this many commands are buffered, else at the end of the loop tick. Per-tick flushing
 # alone puts concurrent requests in lockstep and leaves the CPU idle between ticks; per-command
 # writes cost a syscall each.
@@ -179,9 +187,7 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
-            kind = WireTimeout if isinstance(exc, TimeoutError) else WireClosed
-            self.error = kind(str(exc) or exc.__class__.__name__)
-            self.error.event = next(_EVENTS)
+            self.error = _failure(exc)
         while self.waiting:
             future, _ = self.waiting.popleft()
             if not future.done():
@@ -257,27 +263,49 @@ class Wire:
             return await asyncio.shield(self._connecting)
         self._connecting = loop.create_future()
         try:
-            if self.path:
-                make = loop.create_unix_connection(lambda: _Protocol(loop, self.timeout_s), self.path)
-            else:
-                make = loop.create_connection(
-                    lambda: _Protocol(loop, self.timeout_s), self.host, self.port, ssl=self.ssl
-                )
-            _, protocol = await asyncio.wait_for(make, self.timeout_s)
+            protocol = await self._opened(loop)
             if self.password:
                 auth = (self.username, self.password) if self.username else (self.password,)
                 await self._checked(protocol, ("AUTH", *auth))
             if self.db:
                 await self._checked(protocol, ("SELECT", self.db))
-        except BaseException as exc:
-            self._connecting.set_exception(exc if isinstance(exc, Exception) else WireClosed("cancelled"))
+        except Exception as exc:
+            # One failure for every caller waiting on this connect, counted once (StorageError.event).
+            failed = exc if isinstance(exc, (WireClosed, ReplyError)) else _failure(exc)
+            self._connecting.set_exception(failed)
             self._connecting.exception()  # retrieved: the callers that raced us see it through shield
+            self._connecting = None
+            if failed is exc:
+                raise
+            raise failed from exc
+        except BaseException:
+            self._connecting.set_exception(WireClosed("cancelled"))
+            self._connecting.exception()
             self._connecting = None
             raise
         self._protocol = protocol
         self._connecting.set_result(protocol)
         self._connecting = None
         return protocol
+
+    async def _opened(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+        # A connect timed out by a timer that fired late found the loop busy, not Redis slow: the
+        # connection may be made and unread. Tried once more then, as a late watchdog looks again.
+        for attempt in (1, 2):
+            started = monotonic()
+            if self.path:
+                make = loop.create_unix_connection(lambda: _Protocol(loop, self.timeout_s), self.path)
+            else:
+                make = loop.create_connection(
+                    lambda: _Protocol(loop, self.timeout_s), self.host, self.port, ssl=self.ssl
+                )
+            try:
+                _, protocol = await asyncio.wait_for(make, self.timeout_s)
+                return protocol
+            except TimeoutError:
+                if attempt == 2 or monotonic() - started < self.timeout_s + LATE_S:
+                    raise
+        raise AssertionError("unreachable")
 
     def send(self, packed: bytes) -> asyncio.Future[Any] | None:
         """A packed command sent now, when connected: its reply's future. None: `call` connects."""

@@ -228,13 +228,20 @@ async def test_a_deadline_reached_is_not_renewed(store: Any) -> None:
 async def test_forgetting_a_user_takes_only_the_claims_naming_it(store: Any) -> None:
     """Catches a forget that deletes a relation's whole claims hash (audit of 2026-12-02): the other
     users' claims and the tombstones of their removals in flight went too. Forgetting `c` takes
-    the pairs, removals and dropped sets naming `c` (either side) with their deadlines, and leaves
-    every field that names others, ids that merely contain `c` included."""
+    the pairs, removals and dropped sets naming `c` (either side of a friendship) with their
+    deadlines, and leaves every field that names others, ids that merely contain `c` included.
+    And only where a user stands (the review): forgetting user `1001` leaves group 1001's claims."""
     ops: list[Any] = [friend("a", "b"), friend("c", "d"), friend("ac", "b"), friend("a", "c")]
     ops.append(TombstoneOp(FRIENDS, ("rm:b|c", "xo:c", "rm:a|b", "xo:cc"), 60_000, True))
+    ops += [join("1001", "bob"), join("77", "1001")]
+    ops.append(TombstoneOp(ROOMS, ("xo:1001", "xm:1001", "rm:77|bob"), 60_000))
     assert (await store.run(Program(ops), T0)).allowed
-    assert await store.forget_claims(FRIENDS, "c") == 4
+    assert await store.forget_claims(FRIENDS, "c", True, True) == 4
     kept = {"a|b", "ac|b", "rm:a|b", "xo:cc"}
     assert set(await raw_hash(store, FRIENDS)) == kept
     assert set(await raw_deadlines(store, FRIENDS + ":due")) == kept
-    assert await store.forget_claims(FRIENDS, "c") == 0
+    assert await store.forget_claims(FRIENDS, "c", True, True) == 0
+    assert await store.forget_claims(ROOMS, "1001", False, True) == 2
+    kept = {"1001|bob", "xo:1001", "rm:77|bob"}
+    assert set(await raw_hash(store, ROOMS)) == kept
+    assert set(await raw_deadlines(store, ROOMS + ":due")) == kept

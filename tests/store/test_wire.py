@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from quota.store.program import Program, RateOp
 from quota.store.redis import RedisStore
-from quota.store.wire import _PACKED, PACKED_KEPT, PACKED_LONGEST, ReplyError, Script, Wire, WireTimeout, pack
+from quota.store.wire import (
+    _PACKED,
+    PACKED_KEPT,
+    PACKED_LONGEST,
+    ReplyError,
+    Script,
+    Wire,
+    WireClosed,
+    WireTimeout,
+    pack,
+)
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -171,19 +181,22 @@ async def test_hung_server_times_out_then_recovers() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("connected", [True, False], ids=["connected", "connecting"])
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_a_busy_event_loop_is_no_redis_timeout(redis_server: RedisServer, loop: str) -> None:
+def test_a_busy_event_loop_is_no_redis_timeout(redis_server: RedisServer, loop: str, connected: bool) -> None:
     """Catches a loop stall passing for a Redis timeout (audit of 2026-12-02): calls queued, then
     0.6 s of CPU on the loop (a client's large body parsed), and the watchdog, due first under
     uvloop (timers run before I/O), failed every call whose reply sat unread in the socket. Three
     such failures opened the breaker, and `rates: open` let rates through. The calls get their
-    replies; a Redis that really stopped still times out (test_hung_server_times_out_then_recovers)."""
+    replies; a Redis that really stopped still times out (test_hung_server_times_out_then_recovers).
+    The same for a connect under way when the loop stalls (the review of 2026-12-02)."""
     import uvloop
 
     async def main() -> list[object]:
         wire = Wire(redis_server.url, timeout_ms=200)
         try:
-            assert await wire.call(("PING",)) == b"PONG"
+            if connected:
+                assert await wire.call(("PING",)) == b"PONG"
             calls = [asyncio.ensure_future(wire.call(("ECHO", f"m{i}"))) for i in range(3)]
             asyncio.get_running_loop().call_soon(time.sleep, 0.6)
             return list(await asyncio.gather(*calls, return_exceptions=True))
@@ -193,6 +206,29 @@ def test_a_busy_event_loop_is_no_redis_timeout(redis_server: RedisServer, loop: 
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         assert runner.run(main()) == [b"m0", b"m1", b"m2"]
+
+
+async def test_the_calls_one_failed_connect_fails_share_its_event() -> None:
+    """Catches the calls waiting on one connect each failing on their own (the review of
+    2026-12-02): the failed connect's error named no event, so each counted apart toward the
+    breaker, and one refused connect was three consecutive failures. They share one error, with
+    one event, and a later failure has another."""
+    server = RedisServer()
+    server.start()
+    wire = Wire(server.url, timeout_ms=200)
+    try:
+        assert await wire.call(("PING",)) == b"PONG"
+        server.stop()
+        await asyncio.sleep(0.05)  # the close reaches the wire
+        first = await asyncio.gather(*(wire.call(("PING",)) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, WireClosed) for r in first), first
+        events = {getattr(r, "event", 0) for r in first}
+        assert len(events) == 1 and 0 not in events, events
+        again = await asyncio.gather(wire.call(("PING",)), return_exceptions=True)
+        assert isinstance(again[0], WireClosed) and again[0].event not in events
+    finally:
+        await wire.close()
+        server.stop()
 
 
 async def test_auth_and_db_are_sent(tmp_path: object) -> None:

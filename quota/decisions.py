@@ -30,8 +30,7 @@ from quota.matrix import MauShare
 from quota.plans import AppPlan
 from quota.routes import Change, RateUse, Relation, RouteMap, RouteRule, Selector
 from quota.store.program import (
-    FIRST_SLICES,
-    SLICE,
+    FIRST_SLICED,
     UNLIMITED,
     AddOp,
     BindOp,
@@ -860,13 +859,12 @@ def after_ops(
                 done.drains.append(drain)
     clears: list[Op] = [ClearOp(t.inflight_key, t.fields) for t in plan.tombstones]
     if done.drains:
-        # The first slices go with the drops, atomically, and share FIRST_SLICES: a batch deletion
-        # of 100 users drops 300 sets, and a slice of each in one script held Redis some 300 ms,
-        # past storage_timeout_ms (every other call timed out and the breaker opened). What a first
-        # slice leaves drains after, slice by slice, its members tombstoned meanwhile.
-        first = min(SLICE, FIRST_SLICES // len(done.drains))
-        if first:
-            ops.extend(DrainOp(d.trash_key, d.reverse_prefix, d.value, first) for d in done.drains)
+        # A first slice goes with the drops, atomically, for at most FIRST_SLICED sets: a batch
+        # deletion of 100 users drops 300 sets, and a slice of each in one script held Redis some
+        # 300 ms, past storage_timeout_ms (every other call timed out and the breaker opened). What
+        # is left drains after, slice by slice, its members tombstoned meanwhile.
+        if len(done.drains) <= FIRST_SLICED:
+            ops.extend(DrainOp(d.trash_key, d.reverse_prefix, d.value) for d in done.drains)
         done.clears = clears
     else:
         ops.extend(clears)

@@ -313,14 +313,20 @@ end
 """
 
 
+# The settling script of a batch deletion of 100 users: its 300 drops, marks and the users' removal
+# took 9 ms on this host idle, and a script of the same work 102 ms under CI's two suites at once.
+# Half of storage_timeout_ms; draining a slice of each set in it took 295 ms idle.
+MAX_SETTLE_US = 125_000
+
+
 async def test_a_batch_deletion_of_100_users_runs_no_long_script(own_redis: RedisServer) -> None:
     """Catches a batch deletion that drains the first slice of every set it drops in its one
     settling script: `DELETE /users?limit=100` drops 300 sets (each user's friends, groups and
-    chatrooms), and a slice of 200 members of each held Redis some 300 ms (measured on this host),
+    chatrooms), and a slice of 200 members of each held Redis 295 ms (measured on this host),
     past storage_timeout_ms: every other client's call timed out meanwhile and the breaker opened,
-    and with `outage: rates: open` requests then passed unchecked. No EVALSHA may take 50 ms, and
-    every set must still be drained: the users' own sets gone, no dropped set left, no friend or
-    room still naming a deleted user, and no tombstone left behind."""
+    and with `outage: rates: open` requests then passed unchecked. No EVALSHA may take half the
+    timeout, and every set must still be drained: the users' own sets gone, no dropped set left,
+    no friend or room still naming a deleted user, and no tombstone left behind."""
     users, each = 100, 250
     raw = redis_sync.Redis(port=own_redis.port)
     raw.flushdb()
@@ -347,7 +353,7 @@ async def test_a_batch_deletion_of_100_users_runs_no_long_script(own_redis: Redi
     finally:
         await store.close()
     slow = [e["duration"] for e in raw.slowlog_get(1024) if e["command"].lower().startswith(b"evalsha")]
-    assert max(slow, default=0) < MAX_SLICE_US, sorted(slow)[-5:]
+    assert max(slow, default=0) < MAX_SETTLE_US, sorted(slow)[-5:]
     for i in (0, users // 2, users - 1):
         user = f"d{i}"
         for rel in ("contacts:o:", "group_members:m:", "chatroom_members:m:"):

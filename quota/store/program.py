@@ -215,10 +215,11 @@ class DropOp:
         self.trash_key = trash_key
 
 
-# Members a script takes out of dropped sets (DrainOp.batch). A settlement's first slices share
-# FIRST_SLICES: one user's deletion drops three sets (friends, groups, chatrooms), each up to a slice.
+# Members a script takes out of dropped sets (DrainOp.batch). A settlement that drops at most
+# FIRST_SLICED sets (one user's deletion: friends, groups, chatrooms) takes a slice of each with
+# the drops; one that drops more (a batch deletion) drains them all after.
 SLICE = 200
-FIRST_SLICES = 3 * SLICE
+FIRST_SLICED = 3
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

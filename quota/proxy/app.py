@@ -268,40 +268,26 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> str:
     return ""
 
 
-def _names_a_method(fields: bytes) -> bool:
-    """Whether a query (or a form body) carries `_method=` (Express's method-override, Rack,
-    Laravel, Symfony), in any case, however escaped, and as PHP reads names: leading spaces
-    dropped, cut at a NUL, `.`, ` ` and an unclosed `[` made `_` (`.method`, `[method`),
-    `_method[...]` an array. Names alone are decoded, and only those that spell `method`: values
-    may be a megabyte of `%`, which Python's parser takes most of a second to unescape."""
-    for piece in fields.split(b"&"):
-        name = piece.partition(b"=")[0]
-        if _spells_method(name):
-            decoded = unquote_to_bytes(name.replace(b"+", b" ")).decode("latin-1")
-            if _php_name(decoded) == "_method":
-                return True
-    return False
-
-
 def _form_refusal(what: str, fields: bytes) -> str:
-    """Why a query or a urlencoded form is refused ("" when it is not): it names a method. One that
-    spells `method` nowhere, however escaped, names none and is not read; one that does and holds
-    more fields than MAX_FORM_FIELDS, or a name that spells it over MAX_NAME_BYTES, is refused
-    unread: a megabyte of `a=%&` parsed cost a second and a half of CPU, a stall of every request
-    of the process."""
+    """Why a query or a urlencoded form is refused ("" when it is not): it carries `_method=`
+    (Express's method-override, Rack, Laravel, Symfony), in any case, however escaped, and as PHP
+    reads names: leading spaces dropped, cut at a NUL, `.`, ` ` and an unclosed `[` made `_`
+    (`.method`, `[method`), `_method[...]` an array. Names alone are decoded, and only those that
+    spell `method`: values may be a megabyte of `%`, which Python's parser takes most of a second
+    to unescape. One that spells `method` nowhere is not read; one that does and holds more fields
+    than MAX_FORM_FIELDS, or a name that spells it over MAX_NAME_BYTES, is refused unread: a
+    megabyte of `a=%&` parsed cost a second and a half of CPU, a stall of every request of the
+    process."""
     if not _spells_method(fields):
         return ""
     if fields.count(b"&") >= MAX_FORM_FIELDS:
         return f"the {what} spells `method` and holds more than {MAX_FORM_FIELDS} fields, too many to read for one"
-    if any(len(name) > MAX_NAME_BYTES and _spells_method(name) for name in _names(fields)):
+    spelled = [name for name in (piece.partition(b"=")[0] for piece in fields.split(b"&")) if _spells_method(name)]
+    if any(len(name) > MAX_NAME_BYTES for name in spelled):
         return f"the {what} spells `method` in a name over {MAX_NAME_BYTES} bytes, too long to read for one"
-    if _names_a_method(fields):
+    if any(_php_name(unquote_to_bytes(name.replace(b"+", b" ")).decode("latin-1")) == "_method" for name in spelled):
         return f"the {what} names a method (_method): send that method"
     return ""
-
-
-def _names(fields: bytes) -> list[bytes]:
-    return [piece.partition(b"=")[0] for piece in fields.split(b"&")]
 
 
 def _body_refusal(headers: list[tuple[bytes, bytes]], body: bytes) -> str:

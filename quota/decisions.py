@@ -332,6 +332,12 @@ def gate(rule: RouteRule, app: AppPlan, params: dict[str, str], now_s: float) ->
 def select(selector: Selector, params: dict[str, str], body: Any, ids: IdPolicy, response: Any = None) -> list[str]:
     """The values a selector names, canonical, each once; BadInput when they are missing, not
     strings or not ids."""
+    if selector.source == "path" and not selector.many:
+        # One path value, canonical already (canonical_params): nothing to walk or deduplicate.
+        raw = params.get(selector.path[0], "")
+        if not raw:
+            raise BadInput(f"{selector} is empty")
+        return [raw]
     return list(dict.fromkeys(_named(selector, params, body, ids, response)))
 
 

@@ -609,7 +609,8 @@ class QuotaMiddleware:
         # drain of the sets it dropped.
         try:
             if failed is None and not plan.tombstones:
-                await self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded)
+                if not self._confirmed(rt, rule, plan, outcome, capture, bounded):
+                    await self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded)
             else:
                 # The client went away or the upstream raised. An answer that had already started
                 # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
@@ -620,6 +621,20 @@ class QuotaMiddleware:
             self.renewals.release(ticket)
         if failed is not None:
             raise failed
+
+    def _confirmed(
+        self, rt: Runtime, rule: RouteRule, plan: RequestPlan, outcome: Outcome, capture: _Capture, bounded: _Bounded
+    ) -> bool:
+        """Whether a kept request whose changes are adds alone was settled here, with no await:
+        their confirms are all that settles them, and they ride with a later program."""
+        if bounded.cut or plan.binds or plan.after or plan.tombstones:
+            return False
+        if not _kept(rule, capture.status):
+            return False
+        confirms = confirm_ops(plan, outcome.added)
+        if confirms:
+            self.guard.defer(rt, Program([*confirms]))
+        return True
 
     async def _settle_answer(
         self,
@@ -632,23 +647,15 @@ class QuotaMiddleware:
         capture: _Capture,
         bounded: _Bounded,
     ) -> None:
+        if self._confirmed(rt, rule, plan, outcome, capture, bounded):
+            return
         # The clock of the answer, not of the request: what this writes with a deadline (a batch
         # deletion's marks) must last from now, however long the upstream took.
         now_ms = int(self.clock() * 1000)
-        answered = 200 <= capture.status < 300
-        # A login answered 504 is undone all the same: anyone can name a user, so keeping it would
-        # let a client that slows the gateway fill the day's DAU with names; a user who did log in
-        # is counted when they connect.
-        kept = answered or (capture.status == UNKNOWN_OUTCOME and not rule.login)
-        if bounded.cut or not kept:
+        if bounded.cut or not _kept(rule, capture.status):
             await self.guard.settle(rt, undo_ops(plan, outcome.added), now_ms)
             return
-        if not (plan.binds or plan.after or plan.tombstones):
-            # Adds alone: their confirms are all that settles them, and they ride with a later program.
-            confirms = confirm_ops(plan, outcome.added)
-            if confirms:
-                self.guard.defer(rt, Program([*confirms]))
-            return
+        answered = 200 <= capture.status < 300
         ttl_ms = rt.settings.reservation_ttl_s * 1000
         response = capture.json() if answered else None
         done = after_ops(
@@ -691,6 +698,8 @@ class _Renewals:
         self.held: dict[int, tuple[Runtime, RequestPlan]] = {}
         self.handle: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The period the timer was last set with: a hold with a shorter one may need it sooner.
+        self.period = 0.0
         self.tasks: set[asyncio.Future[Any]] = set()
         self._next = 0
 
@@ -698,14 +707,16 @@ class _Renewals:
         self._next += 1
         self.held[self._next] = (rt, plan)
         loop = asyncio.get_running_loop()
-        due = loop.time() + rt.settings.reservation_ttl_s / 3
+        period = rt.settings.reservation_ttl_s / 3
         # A first request, a new loop, or one whose life is shorter than the timer's next tick
-        # allows (a reload shortened reservation_ttl_s): the timer is set again, sooner.
-        if self.handle is None or self.loop is not loop or due < self.handle.when():
-            if self.handle is not None:
-                self.handle.cancel()
+        # allows (a reload shortened reservation_ttl_s): the timer is set again, sooner. Only a
+        # shorter period can make a tick late, so the clock is read only then.
+        handle = self.handle
+        if handle is None or self.loop is not loop or (period < self.period and loop.time() + period < handle.when()):
+            if handle is not None:
+                handle.cancel()
             self.loop = loop
-            self.handle = loop.call_at(due, self._tick)
+            self._set(loop, period)
         return self._next
 
     def release(self, ticket: int) -> None:
@@ -726,7 +737,19 @@ class _Renewals:
             task = asyncio.ensure_future(self.mw.guard.settle(rt, program, now_ms))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        self.handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
+        self._set(asyncio.get_running_loop(), self._period())
+
+    def _set(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        self.period = period
+        self.handle = loop.call_later(period, self._tick)
+
+
+def _kept(rule: RouteRule, status: int) -> bool:
+    """Whether an answer's changes stand: a 2xx, or an answer that never came (the upstream may have
+    done the change). A login answered 504 is undone all the same: anyone can name a user, so keeping
+    it would let a client that slows the gateway fill the day's DAU with names; a user who did log in
+    is counted when they connect."""
+    return 200 <= status < 300 or (status == UNKNOWN_OUTCOME and not rule.login)
 
 
 def _forward(

@@ -12,6 +12,7 @@ that change counters while it runs may be lost from the rebuilt sets.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Callable
@@ -30,9 +31,15 @@ ROOMS = (("app_groups", "group_members", "groups"), ("app_chatrooms", "chatroom_
 
 def read_source(source: str) -> dict[str, Any]:
     """The gateway's truth from a file or a URL. Behind quota the state route is operators-only:
-    the request carries QUOTA_ADMIN_TOKEN when it is set."""
+    the request carries QUOTA_ADMIN_TOKEN when it is set, over plain http only to this machine."""
     if source.startswith(("http://", "https://")):
         token = os.environ.get("QUOTA_ADMIN_TOKEN")
+        if token and source.startswith("http://") and not _loopback(source):
+            # Anyone on the path would read the token that opens every app's admin routes.
+            raise ValueError(
+                f"{masked_url(source)}: QUOTA_ADMIN_TOKEN goes over plain http only to this machine "
+                "(localhost, 127.0.0.0/8, ::1); use https"
+            )
         headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
             response = httpx.get(source, timeout=30, headers=headers)
@@ -47,6 +54,19 @@ def read_source(source: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("users", []), list):
         raise ValueError(f"{masked_url(source)}: expected a JSON object with users, contacts, groups, chatrooms")
     return data
+
+
+def _loopback(url: str) -> bool:
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def reconcile(

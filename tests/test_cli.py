@@ -99,6 +99,28 @@ def test_a_what_if_bill_refuses_what_no_account_could_be_billed(args: list[str],
 
 
 @pytest.mark.redis
+def test_reconcile_sends_no_admin_token_over_plain_http_off_this_machine(redis_server: RedisServer) -> None:
+    """Catches `quota reconcile --source http://...` sending QUOTA_ADMIN_TOKEN in clear to another
+    host, where anyone on the path reads the token that opens every app's admin routes. Refused
+    before any connection (192.0.2.1 is a documentation address: a try would hang or fail on the
+    network, not name the refusal); https, and http to this machine, stay allowed (test_admin)."""
+    token = {"QUOTA_ADMIN_TOKEN": "t" * 40}
+    for host in ("192.0.2.1:9", "gateway.internal", "127.0.0.1.example.com"):
+        out = run_cli(
+            "reconcile",
+            "demo#free",
+            "--source",
+            f"http://{host}/demo/free/_state",
+            "--redis",
+            redis_server.url,
+            env=token,
+            timeout=20,
+        )
+        assert out.returncode != 0 and "use https" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "t" * 40 not in out.stderr + out.stdout
+
+
+@pytest.mark.redis
 def test_urls_in_errors_hide_their_secrets(redis_server: RedisServer) -> None:
     """Catches a CLI error quoting a URL whole (audit of 2026-12-02): a source that did not answer,
     or a store URL of an unknown scheme, printed the password and the token they carried."""

@@ -89,8 +89,7 @@ class StoreGuard:
         if self._confirms and program:
             waiting = self._confirms.pop(program.app_prefix(), None)
             if waiting is not None:
-                # Appended: the program's own ops keep their indexes (a refusal names one).
-                return Program([*program.ops, *waiting[1]])
+                return program.extended(waiting[1])
         return program
 
     async def call(

@@ -128,11 +128,11 @@ LANE_PATH: Final = 256
 
 
 class _Lane:
-    """What a request's checks decided before its store call, for a route that counts nothing but
-    rates: its rule, app, canonical ids and (shared) plan of store ops. All of it depends on the
-    method, path, raw path and client address alone, and on the day's apps: a lane lives in the
-    directory's memo of today (Directory.lanes), emptied with its apps. Retention, the one check that
-    reads the clock, never takes a lane (_laned)."""
+    """What a request's checks decided before its store call, for a route whose plan its path and
+    client decide (_laned): its rule, app, canonical ids and (shared) plan of store ops. All of it
+    depends on the method, path, raw path and client address alone, and on the day's apps: a lane
+    lives in the directory's memo of today (Directory.lanes), emptied with its apps. Retention, the
+    one check that reads the clock, never takes a lane."""
 
     __slots__ = ("rule", "app", "params", "plan", "metrics", "allowed")
 
@@ -146,8 +146,17 @@ class _Lane:
 
 def _laned(rule: RouteRule) -> bool:
     """A route whose requests take lanes once their checks pass and their store ops are built: the
-    plan of such a request is the same for every request of its path and client."""
-    return rule.rates_only and rule.retention is None and not (rule.admin or rule.refuse or rule.method == "WEBSOCKET")
+    plan of such a request is the same for every request of its path and client. Rates alone; or
+    adds alone whose ids all come from the path (a friend added, a group joined), which nothing
+    changes once built: their settling reads the plan (confirms, undos) and never adds to it, as a
+    removal's or a create's does. Such a request takes its lane only when its framing says it has
+    no body (_http): one with a body still to come reads it before it reserves anything."""
+    if rule.retention is not None or rule.admin or rule.refuse or rule.method == "WEBSOCKET":
+        return False
+    if rule.rates_only:
+        return True
+    by_path = not (rule.needs_body or rule.reads_response or rule.login or rule.connection)
+    return by_path and bool(rule.changes) and all(change.op == "add" for change in rule.changes)
 
 
 def _keep(lanes: dict[Any, Any], key: Any, value: Any) -> None:
@@ -328,7 +337,7 @@ class QuotaMiddleware:
         lane: _Lane | None = lanes.get(lane_key)
         # Where a route that takes no lane is memoised once its checks pass (_route): not yet memoised.
         route_key: Any = None
-        if lane is not None and _fits(scope, rt, declared):
+        if lane is not None and _fits(scope, rt, declared) and (not lane.rule.holds or (framed and not declared)):
             rule, app = lane.rule, lane.app
             decided = self._on_lane(rt, lane, receive, started)
         else:
@@ -414,7 +423,7 @@ class QuotaMiddleware:
 
         `memoised`: what an earlier request of the same method, path and raw path found today (the
         path checks, match and lookup read nothing else), kept beside the lanes by `_http` once its
-        checks passed, for a route that takes no lane (a message sent, a friend added). The query's
+        checks passed, for a route that takes no lane (a message sent, a user registered). The query's
         share of the URL and the declared body are checked every time."""
         if memoised is None or not url_fits(scope, rt.max_url_bytes):
             odd = path_denial(scope, rt.max_url_bytes)

@@ -256,19 +256,31 @@ async def test_slow_body_on_create_is_counted(store: Any, clock: Clock) -> None:
     [("1.1", [(b"transfer-encoding", b"chunked")]), ("2", []), ("1.1", [(b"content-length", b"2")])],
     ids=["chunked", "http2", "length"],
 )
+@pytest.mark.parametrize("laned", [False, True], ids=["first", "laned"])
 async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
-    store: Any, clock: Clock, config_dir: Path, version: str, headers: list[tuple[bytes, bytes]]
+    store: Any, clock: Clock, config_dir: Path, version: str, headers: list[tuple[bytes, bytes]], laned: bool
 ) -> None:
     """A friend add counts nothing of its body, yet a body still to come (chunked, HTTP/2, or a
     length of 2) is read before anything is reserved, as a create's is; only HTTP/1 framing that
     says there is none lets it reserve at once. Catches a reservation taken at the headers of a
     request whose body has not come: a slow client holds the last slot for as long as it takes to
-    send, and the add that completes first, two minutes before it, is refused."""
+    send, and the add that completes first, two minutes before it, is refused. `laned`: the path
+    and client took a lane first (an add with no body, then removed): the lane is no way round."""
     set_cap(config_dir, "free", friends_per_user=1)
     async with make_client(store, clock, load_config(config_dir)) as client:
         await register(client, FREE, ["a", "b", "c"])
         mw = middleware_of(client)
         gateway = mw.app
+        scope = {**_scope("POST", f"/{FREE}/users/a/contacts/users/b", headers), "http_version": version}
+        if laned:
+            for _ in range(2):
+                sent_first: list[Any] = []
+                await mw(_scope("POST", scope["path"]), _no_body, _into(sent_first))
+                assert sent_first[0]["status"] == 200
+            assert (await client.delete(f"/{FREE}/users/a/contacts/users/b")).status_code == 200
+            lanes = mw.runtime.directory.lanes(mw.today(clock.now))
+            key = ("POST", scope["path"], scope["raw_path"], mw.runtime.clients.address(scope))
+            assert key in lanes  # so the request below could take it
 
         async def reading(scope: Any, receive: Any, send: Any) -> None:
             # An upstream that reads the whole body before it answers, as a proxy's upstream does.
@@ -300,7 +312,6 @@ async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
             sent.append(message)
 
         mw.app = reading
-        scope = {**_scope("POST", f"/{FREE}/users/a/contacts/users/b", headers), "http_version": version}
         await mw(scope, receive, send)
         mw.app = gateway
         assert sent[0]["status"] == 403, sent[0]
@@ -311,6 +322,17 @@ async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return http_scope(method, path, headers=headers)
+
+
+async def _no_body() -> Any:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _into(sent: list[Any]) -> Any:
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    return send
 
 
 async def _everything_ok(scope: Any, receive: Any, send: Any) -> None:

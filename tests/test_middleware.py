@@ -782,28 +782,69 @@ class TestLanes:
                 written = json.loads(next(tmp_path.glob("worker-*.json")).read_text())
                 assert ["users.list", "", "pro", "allowed", 4] in written["decisions"]
 
-    async def test_a_memoised_route_still_checks_its_url_and_body(self, clock: Clock) -> None:
-        """A friend add takes no lane; its route and app are memoised by method, path and raw path.
-        Catches the memo skipping the query's share of the URL bound, the declared body bound, or
-        the raw path: `users%2Fb` decodes to a memoised path, and is another path upstream."""
+    @pytest.mark.parametrize(
+        ("path", "body", "raw"),
+        [
+            # A friend add: no body, its ids from the path alone, so it takes a lane.
+            (f"/{PRO}/users/a/contacts/users/b", None, f"/{PRO}/users/a/contacts/users%2Fb"),
+            # A registration reads its body: no lane, its route and app memoised.
+            (f"/{PRO}/users", [{"username": "c"}], f"/{PRO}%2Fusers"),
+        ],
+        ids=["lane", "memo"],
+    )
+    async def test_a_lane_or_memo_still_checks_its_url_and_body(
+        self, clock: Clock, path: str, body: Any, raw: str
+    ) -> None:
+        """A write whose ids are its path's takes a lane; a route that reads its body has its route
+        and app memoised by method, path and raw path. Catches either skipping the query's share of
+        the URL bound, the declared body bound, or the raw path: `%2F` decodes to the same path, and
+        is another path upstream."""
         async with make_client(MemoryStore(), clock) as c:
             mw = middleware_of(c)
             await register(c, PRO, ["a", "b"])
-            add = f"/{PRO}/users/a/contacts/users/b"
             for _ in range(2):
-                assert (await c.post(add)).status_code == 200
+                assert (await c.post(path, json=body)).status_code in (200, 400)
             memo = mw.runtime.directory.lanes(mw.today(clock.now))
-            assert ("POST", add, add.encode()) in memo  # so what follows is asked of the memo
-            assert (await c.post(add, params={"q": "x" * 9000})).status_code == 414
-            assert (await c.post(add, headers={"content-length": str(1 << 30)})).status_code == 413
-            odd = http_scope("POST", add, raw_path=add.replace("users/b", "users%2Fb").encode())
+            # So that what follows is asked of the lane, or of the memo.
+            held = [key for key in memo if key[:3] == ("POST", path, path.encode())]
+            assert [len(key) for key in held] == [4 if body is None else 3]
+            assert (await c.post(path, json=body, params={"q": "x" * 9000})).status_code == 414
+            assert (await c.post(path, json=body, headers={"content-length": str(1 << 30)})).status_code == 413
+            odd = http_scope("POST", path, raw_path=raw.encode())
             sent = await call_raw(mw, odd)
             assert sent[0]["status"] == 400 and b"encoded slashes" in sent[1]["body"]
-            assert (await c.post(add)).status_code == 200
+            assert (await c.post(path, json=body)).status_code in (200, 400)
 
-    async def test_a_memoised_route_is_its_methods_alone(self, clock: Clock) -> None:
-        """Catches a memo keyed without the method: the DELETE of a memoised friend add would be
-        taken for the add, counted as one, and the friend never freed from the cap."""
+    async def test_a_laned_add_is_still_held_to_its_cap(self, clock: Clock, tmp_path: Path) -> None:
+        """A lane keeps an add's plan, never its verdict. Catches a lane that carried what the store
+        said the first time: a friend add refused at the cap refused for the day after the friend
+        that filled it was removed, or one allowed before allowed past the cap."""
+        target = tmp_path / "config"
+        shutil.copytree(DEFAULT_DIR, target)
+        doc = read_yaml(target / "plans.yaml")
+        doc["plans"]["free"]["limits"]["friends_per_user"] = 1
+        write_yaml(target / "plans.yaml", doc)
+        async with make_client(MemoryStore(), clock, config=load_config(target)) as c:
+            mw = middleware_of(c)
+            await register(c, FREE, ["a", "b", "c"])
+            ab, ac = f"/{FREE}/users/a/contacts/users/b", f"/{FREE}/users/a/contacts/users/c"
+            for _ in range(3):
+                assert (await c.post(ac)).status_code == 200
+            for _ in range(3):
+                assert_refused(await c.post(ab), 403, "exceed_limit", "friends_per_user")
+            lanes = mw.runtime.directory.lanes(mw.today(clock.now))
+            assert {key[1] for key in lanes if key[0] == "POST" and len(key) == 4} >= {ab, ac}
+            assert (await c.delete(ac)).status_code == 200
+            for _ in range(2):
+                assert (await c.post(ab)).status_code == 200
+            assert_refused(await c.post(ac), 403, "exceed_limit", "friends_per_user")
+            await mw.guard.flush()
+            assert await raw_members(mw.runtime.store, "q:{demo#free}:s:contacts:o:a") == {"b"}
+            assert gateway_state(c, FREE).contacts["a"] == {"b"}
+
+    async def test_a_lane_is_its_methods_alone(self, clock: Clock) -> None:
+        """Catches a lane keyed without the method: the DELETE of a laned friend add would be taken
+        for the add, counted as one, and the friend never freed from the cap."""
         async with make_client(MemoryStore(), clock) as c:
             await register(c, PRO, ["a", "b"])
             add = f"/{PRO}/users/a/contacts/users/b"
@@ -814,9 +855,9 @@ class TestLanes:
             assert await raw_members(middleware_of(c).runtime.store, "q:{demo#pro}:s:contacts:o:a") == set()
             assert gateway_state(c, PRO).contacts.get("a", set()) == set()
 
-    async def test_a_memoised_route_ends_with_its_apps(self, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Catches a memoised route kept past a change of its app's account: demo-pro is frozen
-        through the admin API, and the friend add memoised a moment ago is refused."""
+    async def test_a_laned_write_ends_with_its_apps(self, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Catches a lane kept past a change of its app's account: demo-pro is frozen through the
+        admin API, and the friend add laned a moment ago is refused."""
         monkeypatch.setenv("QUOTA_ADMIN_TOKEN", LANE_TOKEN)
         async with make_client(MemoryStore(), clock) as c:
             await register(c, PRO, ["a", "b"])
@@ -859,7 +900,7 @@ class TestLanes:
             assert [len(key[1]) for key in lanes] == [len(f"/{PRO}/messages/translate/") + 10]
             lanes.clear()
             for i in range(LANES + 50):
-                # A friend add: no lane, its route memoised, one a path.
+                # A friend add: a lane a path (one client).
                 assert (await c.post(f"/{PRO}/users/a/contacts/users/u{i}")).status_code in (200, 404)
             assert 0 < len(lanes) <= LANES
             lanes.clear()

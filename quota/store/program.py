@@ -8,6 +8,7 @@ with the same semantics (memory.py in Python, redis.py as one Lua script, lua/pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 UNLIMITED = -1
@@ -445,10 +446,20 @@ class Program:
     # shared by every request of one client (decisions._Compiled) and sent as the same bytes, less
     # the clock. A program's ops are never changed once it has run.
     packed: tuple[int, bytes, bytes] | None = field(default=None, init=False, compare=False, repr=False)
+    # The program whose ops these begin with, when confirms waiting for a ride were appended to it
+    # (StoreGuard): a store may reuse the base's kept encoding and pack the confirms alone.
+    base: Program | None = field(default=None, init=False, compare=False, repr=False)
 
     def __init__(self, ops: list[Op] | None = None) -> None:
         self.ops = [] if ops is None else ops
         self.packed = None
+        self.base = None
+
+    def extended(self, ops: Sequence[Op]) -> Program:
+        """This program's ops, then `ops`: the indexes of its own are kept (a refusal names one)."""
+        out = Program([*self.ops, *ops])
+        out.base = self
+        return out
 
     def __bool__(self) -> bool:
         return bool(self.ops)

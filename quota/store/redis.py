@@ -291,6 +291,29 @@ class RedisStore:
     def _packed(self, program: Program, now_ms: int, dry: bool) -> bytes:
         # EVALSHA sha 1 key now_ms ["?"] ops...: all but the clock is the same each time a shared
         # program runs, and packed once; the head (up to the key) is shared by the app's programs.
+        base = program.base
+        extra = b""
+        if base is None:
+            count, head, tail = self._kept(program)
+        else:
+            # A (shared) program with the app's waiting confirms after it: its own encoding, kept,
+            # then the confirms' alone. Its route key is the base's: the base's ops come first.
+            count, head, tail = self._kept(base)
+            args: list[str | int] = []
+            for op in program.ops[len(base.ops) :]:
+                args.extend(_encode_op(op))
+            count, extra = count + len(args), bulks(args)
+        clock = self._clock
+        if now_ms != self._clock_ms:
+            # Requests come many to a millisecond under load: the clock's encoding is shared.
+            clock = self._clock = bulk(str(now_ms).encode())
+            self._clock_ms = now_ms
+        if dry:
+            return b"".join((array(count + 1), head, clock, DRY, tail, extra))
+        return b"".join((array(count), head, clock, tail, extra))
+
+    def _kept(self, program: Program) -> tuple[int, bytes, bytes]:
+        """A program's argument count, EVALSHA head and packed ops (less the clock), kept on it."""
         cached = program.packed
         if cached is None:
             args: list[str | int] = []
@@ -303,15 +326,7 @@ class RedisStore:
                     self._heads.clear()
                 head = self._heads[key] = bulks(("EVALSHA", self.program.sha, 1, key))
             cached = program.packed = (5 + len(args), head, bulks(args))
-        count, head, tail = cached
-        clock = self._clock
-        if now_ms != self._clock_ms:
-            # Requests come many to a millisecond under load: the clock's encoding is shared.
-            clock = self._clock = bulk(str(now_ms).encode())
-            self._clock_ms = now_ms
-        if dry:
-            return b"".join((array(count + 1), head, clock, DRY, tail))
-        return b"".join((array(count), head, clock, tail))
+        return cached
 
     async def _call(self, coro: Any) -> Any:
         try:

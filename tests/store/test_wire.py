@@ -14,7 +14,7 @@ import redis as redis_sync
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quota.store.program import Program, RateOp
+from quota.store.program import AddOp, ConfirmOp, Program, RateOp
 from quota.store.redis import RedisStore
 from quota.store.wire import (
     _PACKED,
@@ -137,6 +137,46 @@ async def test_a_store_packs_every_clock_whole(redis_server: RedisServer) -> Non
             assert outcome.allowed and outcome.rates[0].remaining < 100
     finally:
         await store.client.delete(rate.key)
+        await store.close()
+
+
+async def test_a_shared_program_with_confirms_after_it_is_packed_whole(redis_server: RedisServer) -> None:
+    """A shared program's encoding is kept on it; the app's waiting confirms that ride with it are
+    packed alone and sent after it. Catches the kept encoding sent without them, with them counted
+    in the argument count but missing (the pipeline falls out of step), or reused for a program
+    whose ops differ: every packing equals the same ops packed from scratch, dry runs included, and
+    Redis runs what is sent (the confirm settles its claim)."""
+    store = RedisStore(redis_server.url, timeout_ms=2000)
+    inflight = "q:{wire-ride}:s:contacts:inflight"
+    rate = RateOp("q:{wire-ride}:r:friends.add:rest_per_ip:c", 100, 1000, 1, "rest_per_ip")
+    add = AddOp(
+        "friends_per_user",
+        "q:{wire-ride}:s:contacts:o:a",
+        5,
+        ("b",),
+        inflight_key=inflight,
+        fields=("a|b",),
+        claim_ttl_ms=60_000,
+    )
+    shared = Program([rate, add])
+    try:
+        assert (await store.run(shared, 1_000)).allowed
+        assert shared.packed is not None  # kept: what follows reuses it
+        for confirms in (
+            [ConfirmOp(inflight, ("a|b",))],
+            [ConfirmOp(inflight, ("a|b",)), ConfirmOp(inflight, ("x|y",))],
+        ):
+            riding = shared.extended(confirms)
+            assert riding.ops == [rate, add, *confirms] and riding.base is shared
+            for dry in (False, True):
+                whole = store._packed(Program(list(riding.ops)), 2_000, dry)
+                assert store._packed(riding, 2_000, dry) == whole
+        assert (await store.run(shared.extended([ConfirmOp(inflight, ("a|b",))]), 3_000)).allowed
+        # The confirm went out and ran (first, as confirms do): the first claim settled, the ride's
+        # own add claimed again; without it, two claims would be in flight.
+        assert await store.client.hget(inflight, "a|b") == b"1"
+    finally:
+        await store.client.delete(rate.key, add.owner_key, inflight, inflight + ":due", "q:{wire-ride}:s:contacts:m:b")
         await store.close()
 
 

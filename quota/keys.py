@@ -12,6 +12,7 @@ one script can touch all of them; every value from a URL or a body is escaped be
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import date
 from functools import lru_cache
@@ -34,6 +35,12 @@ def escape(value: str) -> str:
 def app_prefix(appkey: str) -> str:
     org, _, app = appkey.partition("#")
     return "q:{" + escape(org) + "#" + escape(app) + "}:"
+
+
+def signed_out_key(cookie: str) -> str:
+    """Where a dashboard session signed out is marked until it would have expired: its cookie's
+    SHA-256, so neither a client's bytes nor a session's secret names a key."""
+    return "q:{dashboard}:out:" + hashlib.sha256(cookie.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def set_key(prefix: str, relation: str, side: str, entity: str) -> str:

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from quota.serve import build_app
 from quota.store.memory import MemoryStore
 from quota.tokens import Tokens
 from tests.activity import config_with
-from tests.conftest import asgi_client
+from tests.conftest import RedisServer, asgi_client
 
 READ = "dashboard-read-token-0123456789"
 ADMIN = "dashboard-admin-token-0123456789"
@@ -209,6 +210,80 @@ async def test_logout_needs_the_pages_csrf_field(gateway: httpx.AsyncClient) -> 
     r = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
     assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
     assert (await gateway.get(f"{BASE}/")).status_code == 303
+
+
+async def test_a_signed_out_cookie_is_refused_when_copied(gateway: httpx.AsyncClient) -> None:
+    """Catches a logout that only asks the browser to drop its cookie: a copy of it (stolen, or
+    another tab's) stayed valid for the rest of its 8 hours. Another session is left alone."""
+    await _login(gateway)
+    copied = _cookie(gateway.cookies[sessions.COOKIE])
+    csrf = _csrf((await gateway.get(f"{BASE}/")).text)
+    r = await gateway.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
+    assert r.status_code == 303 and sessions.COOKIE not in gateway.cookies
+    again = await gateway.get(f"{BASE}/", headers=copied)
+    assert again.status_code == 303 and again.headers["location"].endswith("/login")
+    await _login(gateway)
+    assert (await gateway.get(f"{BASE}/")).status_code == 200  # a new session of the same token
+
+
+@pytest.mark.redis
+async def test_a_sign_out_holds_in_every_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server: Any
+) -> None:
+    """Two processes on one Redis (two apps here): a session signed out on one is refused by the
+    other, which never saw the sign-out; a session not signed out passes on both. Catches a sign-out
+    kept in the process that took it."""
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
+    redis_server.flush()
+    cfg = load_config(config_with(tmp_path / "config", ""))
+    one, two = build_app(cfg, redis_url=redis_server.url), build_app(cfg, redis_url=redis_server.url)
+    try:
+        async with asgi_client(one, base_url="http://gw") as a, asgi_client(two, base_url="http://gw") as b:
+            await _login(a)
+            first = _cookie(a.cookies[sessions.COOKIE])
+            assert (await b.get(f"{BASE}/", headers=first)).status_code == 200
+            csrf = _csrf((await a.get(f"{BASE}/")).text)
+            signed_out = await a.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
+            assert signed_out.status_code == 303
+            assert (await b.get(f"{BASE}/", headers=first)).status_code == 303
+            await _login(b)
+            second = _cookie(b.cookies[sessions.COOKIE])
+            assert (await a.get(f"{BASE}/", headers=second)).status_code == 200
+    finally:
+        for app in (one, two):
+            await app.shutdown()
+            await app.runtime.store.close()
+
+
+@pytest.mark.redis
+async def test_a_store_that_cannot_say_gives_503s_not_sessions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Whether a session was signed out is the store's to say. Catches a page served, or a logout
+    answered as done, while the store does not answer (a signed-out cookie would pass an outage),
+    and a stack trace shown for it."""
+    monkeypatch.setenv("QUOTA_READ_TOKEN", READ)
+    monkeypatch.setenv("QUOTA_ADMIN_TOKEN", ADMIN)
+    server = RedisServer()
+    server.start()
+    app = build_app(load_config(config_with(tmp_path / "config", "")), redis_url=server.url)
+    try:
+        async with asgi_client(app, base_url="http://gw") as client:
+            await _login(client)
+            csrf = _csrf((await client.get(f"{BASE}/")).text)
+            server.stop()
+            page = await client.get(f"{BASE}/")
+            assert page.status_code == 503 and "Traceback" not in page.text
+            out = await client.post(f"{BASE}/logout", data={"csrf": csrf}, headers={"origin": "http://gw"})
+            assert out.status_code == 503 and "set-cookie" not in out.headers and "Traceback" not in out.text
+    finally:
+        await app.shutdown()
+        await app.runtime.store.close()
+        server.stop()
+
+
+def _cookie(value: str) -> dict[str, str]:
+    """A session's cookie sent by hand, as a copy of it would be (not from the client's jar)."""
+    return {"cookie": f"{sessions.COOKIE}={value}"}
 
 
 async def test_cross_site_login_refused(gateway: httpx.AsyncClient) -> None:

@@ -16,6 +16,7 @@ exist. Mounted by the admin API (quota/admin.py); the middleware never imports t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from importlib.resources import files
@@ -32,6 +33,7 @@ from quota.dashboard import pages, sessions
 from quota.dashboard.html import text
 from quota.dashboard.reports import account_month, app_month, month_today
 from quota.errors import StorageError, UnknownAppError
+from quota.keys import signed_out_key
 from quota.lockout import Lockout, client_key
 from quota.tokens import Tokens
 
@@ -116,8 +118,15 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
     def accounts() -> dict[str, Account]:
         return middleware.runtime.directory.accounts
 
-    def session_of(request: Request) -> sessions.Session | None:
-        return sessions.verify(tokens(), request.cookies.get(sessions.COOKIE, ""), accounts())
+    async def session_of(request: Request) -> sessions.Session | None:
+        """The request's session: its cookie signed and unexpired, and not signed out (a mark in
+        the store, so that a copy of the cookie ends with the sign-out in every process too).
+        Raises StorageError when the store cannot say."""
+        cookie = request.cookies.get(sessions.COOKIE, "")
+        session = sessions.verify(tokens(), cookie, accounts())
+        if session is None or await middleware.runtime.store.claimed(signed_out_key(cookie)):
+            return None
+        return session
 
     def csrf(session: sessions.Session) -> str:
         return session.csrf(tokens(), accounts())
@@ -129,10 +138,10 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
         async def run(request: Request) -> Response:
             if not tokens().enabled:
                 return _said("the dashboard is off: no token configured", 404)
-            session = session_of(request)
-            if session is None:
-                return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
             try:
+                session = await session_of(request)
+                if session is None:
+                    return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
                 return await handler(request, middleware.runtime, session)
             except (UnknownAppError, KeyError) as exc:
                 return _said(f"not found: {exc}", 404)
@@ -185,7 +194,10 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
         return response
 
     async def logout(request: Request) -> Response:
-        session = session_of(request)
+        try:
+            session = await session_of(request)
+        except StorageError:
+            return _said("quota storage is unavailable; retry shortly", 503)
         if session is None:
             return RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         try:
@@ -194,6 +206,14 @@ def create_dashboard(middleware: QuotaMiddleware, lockout: Lockout) -> Starlette
             form = {}
         if not sessions.csrf_ok(tokens(), accounts(), session, form.get("csrf", "")):
             return _said("logout refused: the form did not come from this dashboard", 403)
+        # Marked in the store until it would have expired: a copy of the cookie (a stolen one, a
+        # browser's other tab) is refused from now on, by every process.
+        cookie = request.cookies.get(sessions.COOKIE, "")
+        left_s = max(1, session.expires - int(time.time()) + 1)
+        try:
+            await middleware.runtime.store.claim_once(signed_out_key(cookie), left_s)
+        except StorageError:
+            return _said("quota storage is unavailable, so the sign-out could not be recorded; retry shortly", 503)
         response = RedirectResponse(f"{base(request)}/login", status_code=303, headers=HEADERS)
         response.delete_cookie(sessions.COOKIE, path=cookie_path(request), httponly=True, samesite="strict")
         return response

@@ -5,12 +5,14 @@ Who may sign in:
     an account's dashboard token     a customer: that account's apps only (accounts.yaml holds
                                      its SHA-256 as dashboard_token_sha256, never the token)
 
-The cookie is `<who>.<expires>.<mac>`, the mac an HMAC-SHA256 keyed by the token behind it (for a
+The cookie is `<who>.<expires>.<nonce>.<mac>`, the mac an HMAC-SHA256 keyed by the token behind it (for a
 customer: the operators' token and the account's token hash, so neither can be swapped). Nothing
 is kept in the process, so every worker accepts it, and rotating a token ends every session made
-with it. The token never leaves the login form's body: not in a URL, not in the cookie. The
-cookie is HttpOnly (no script reads it) and SameSite=Strict (no other site's page sends it), and
-each state-changing form (logout) also carries a field derived from the session.
+with it. A sign-out marks the cookie in the store (by its hash) until it would have expired, so a
+copy of it ends there too, in every process. The token never leaves the login form's body: not in
+a URL, not in the cookie. The cookie is HttpOnly (no script reads it) and SameSite=Strict (no other
+site's page sends it), and each state-changing form (logout) also carries a field derived from the
+session.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from quota.tokens import MIN_LENGTH, Tokens
 
 COOKIE = "quota_dashboard"
 LIFETIME_S = 8 * 3600
+NONCE_BYTES = 8
 ACCOUNT_PREFIX = "acct-"
 
 Who = Literal["admin", "read", "account"]
@@ -98,11 +102,13 @@ def _account_with_token(given: str, accounts: Mapping[str, Account]) -> Account 
 
 
 def issue(tokens: Tokens, given: str, accounts: Mapping[str, Account], now: float | None = None) -> Session | None:
-    """A session for a valid token, or None."""
+    """A session for a valid token, or None. Each has a nonce of its own: a sign-out marks one
+    cookie, and a sign-in again within the same second must not be given the cookie just ended."""
     expires = int(now if now is not None else time.time()) + LIFETIME_S
+    nonce = secrets.token_hex(NONCE_BYTES)
     scope = tokens.scope_of(given)
     if scope is not None:
-        body = f"{scope}.{expires}"
+        body = f"{scope}.{expires}.{nonce}"
         return Session(scope, expires, f"{body}.{_mac(given, body)}")
     account = _account_with_token(given, accounts)
     if account is None:
@@ -111,17 +117,18 @@ def issue(tokens: Tokens, given: str, accounts: Mapping[str, Account], now: floa
     key = _key(tokens, label, accounts)
     if key is None:
         return None
-    body = f"{label}.{expires}"
+    body = f"{label}.{expires}.{nonce}"
     return Session("account", expires, f"{body}.{_mac(key, body)}", account.name)
 
 
 def verify(tokens: Tokens, cookie: str, accounts: Mapping[str, Account], now: float | None = None) -> Session | None:
     label, _, rest = cookie.partition(".")
-    expires_text, _, mac = rest.partition(".")
+    expires_text, _, rest = rest.partition(".")
+    nonce, _, mac = rest.partition(".")
     key = _key(tokens, label, accounts)
-    if key is None or not expires_text.isdigit() or len(expires_text) > 12:
+    if key is None or not expires_text.isdigit() or len(expires_text) > 12 or len(nonce) != 2 * NONCE_BYTES:
         return None
-    if not hmac.compare_digest(mac.encode(), _mac(key, f"{label}.{expires_text}").encode()):
+    if not hmac.compare_digest(mac.encode(), _mac(key, f"{label}.{expires_text}.{nonce}").encode()):
         return None
     expires = int(expires_text)
     if expires <= (now if now is not None else time.time()):

@@ -40,6 +40,9 @@ class Store(Protocol):
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         """True for the first caller to claim `key` within `ttl_s` seconds, in any process."""
 
+    async def claimed(self, key: str) -> bool:
+        """Whether `key` is claimed (claim_once) and its claim has not lapsed, in any process."""
+
     async def delete_account(self, name: str) -> int:
         """Drop one stored account record (the overlay on accounts.yaml) and bump the version."""
 

@@ -574,6 +574,9 @@ class MemoryStore:
         self.markers[key] = now + ttl_s
         return True
 
+    async def claimed(self, key: str) -> bool:
+        return self.markers.get(key, 0) > int(time.time())
+
     async def delete_account(self, name: str) -> int:
         self.accounts.pop(name, None)
         self.version += 1

@@ -371,6 +371,9 @@ class RedisStore:
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         return bool(await self._call(self.client.set(key, b"1", nx=True, ex=ttl_s)))
 
+    async def claimed(self, key: str) -> bool:
+        return bool(await self._call(self.client.exists(key)))
+
     async def delete_account(self, name: str) -> int:
         pipe = self.client.pipeline(transaction=False)
         pipe.hdel(ACCOUNTS_KEY, name)

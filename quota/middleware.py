@@ -617,15 +617,16 @@ class QuotaMiddleware:
         # Renewed until settled, not only until answered: a removal's tombstones must outlive the
         # drain of the sets it dropped.
         try:
-            if failed is None and not plan.tombstones:
-                if not self._confirmed(rt, rule, plan, outcome, capture, bounded):
-                    await self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded)
-            else:
-                # The client went away or the upstream raised. An answer that had already started
-                # as a 2xx was the upstream's success: it did the change, so it is settled, not undone.
-                # A removal is settled whatever happens to its request meanwhile (a server that
-                # cancels on disconnect, a shutdown): its drain done and its tombstones lifted.
-                await asyncio.shield(self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded))
+            # The client went away or the upstream raised: an answer that had already started as a
+            # 2xx was the upstream's success, so it is settled (confirmed here), not undone.
+            if not self._confirmed(rt, rule, plan, outcome, capture, bounded):
+                settling = self._settle_answer(rt, rule, app, plan, outcome, verdict, capture, bounded)
+                if failed is None and not plan.tombstones:
+                    await settling
+                else:
+                    # A removal is settled whatever happens to its request meanwhile (a server that
+                    # cancels on disconnect, a shutdown): its drain done and its tombstones lifted.
+                    await asyncio.shield(settling)
         finally:
             self.renewals.release(ticket)
         if failed is not None:
@@ -656,8 +657,8 @@ class QuotaMiddleware:
         capture: _Capture,
         bounded: _Bounded,
     ) -> None:
-        if self._confirmed(rt, rule, plan, outcome, capture, bounded):
-            return
+        """What `_confirmed` did not settle: an undo, or a settlement with binds, removals or
+        tombstones."""
         # The clock of the answer, not of the request: what this writes with a deadline (a batch
         # deletion's marks) must last from now, however long the upstream took.
         now_ms = int(self.clock() * 1000)

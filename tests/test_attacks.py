@@ -320,6 +320,52 @@ async def test_slow_body_on_a_friend_add_is_read_before_its_reservation(
         assert gateway_state(client, FREE).contacts["a"] == {"c"}
 
 
+async def test_laned_adds_at_once_or_failing_upstream_keep_the_cap(store: Any, clock: Clock, config_dir: Path) -> None:
+    """Friend adds on their lanes (each path decided once before) sent nine at once behind a slow
+    upstream, then one whose upstream fails. Catches a lane that shares more than its plan between
+    requests in flight (a verdict, a claim, an outcome): the cap of 2 held exactly, what quota
+    counts is what the gateway holds, and a failed add is undone."""
+    set_cap(config_dir, "free", friends_per_user=2)
+    async with make_client(store, clock, load_config(config_dir)) as client:
+        await register(client, FREE, ["a", "c", "d", "e"])
+        mw = middleware_of(client)
+        gateway = mw.app
+        paths = {m: f"/{FREE}/users/a/contacts/users/{m}" for m in "cde"}
+        for m, path in paths.items():
+            for _ in range(2):
+                assert (await client.post(path)).status_code == (403 if m == "e" else 200)
+        for m in "cd":
+            assert (await client.delete(paths[m])).status_code == 200
+        lanes = mw.runtime.directory.lanes(mw.today(clock.now))
+        assert {key[1] for key in lanes if key[0] == "POST"} >= set(paths.values())
+        owner = set_key(app_prefix("demo#free"), "contacts", "o", "a")
+
+        async def slow(scope: Any, receive: Any, send: Any) -> None:
+            await asyncio.sleep(0.05)
+            await gateway(scope, receive, send)
+
+        mw.app = slow
+        answers = await asyncio.gather(*(client.post(paths[m]) for m in "cdecdecde"))
+        mw.app = gateway
+        assert {r.status_code for r in answers} == {200, 403}
+        await mw.guard.flush()
+        held = await members(client, owner)
+        assert len(held) == 2 and held == gateway_state(client, FREE).contacts["a"]
+        gone = sorted(held)[0]
+        assert (await client.delete(paths[gone])).status_code == 200
+
+        async def failing(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        mw.app = failing
+        left = next(m for m in "cde" if m not in held or m == gone)
+        assert (await client.post(paths[left])).status_code == 500
+        mw.app = gateway
+        await mw.guard.flush()
+        assert await members(client, owner) == held - {gone}
+
+
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return http_scope(method, path, headers=headers)
 

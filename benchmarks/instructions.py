@@ -17,7 +17,12 @@ httptools, uvloop) under callgrind, fed over HTTP by a client outside it (32 kee
 the requests wrk sends), N and 3N requests after the same warm-up. Its ratio, bare's count over a
 variant's, is what a load run's ratio would be if an instruction cost the same everywhere; uvicorn's
 parsing, its checks of each response header and the event loop are in it, and the idle ticks of
-uvicorn's clock add a little noise (some hundreds of instructions a request)."""
+uvicorn's clock add a little noise (some hundreds of instructions a request).
+
+`--redis-server` counts the other side of the wire: redis-server under callgrind, its instructions a
+request (the script that judges it, its commands, the protocol), while the load runs' quota-redis
+server runs outside valgrind and is fed as above. Redis shares its core with wrk in the load runs,
+and a request waits for its reply: what Redis spends a request is latency the server may not fill."""
 
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Any
 from benchmarks.costs import upstream_of
 from benchmarks.harness import OwnRedis
 from benchmarks.inprocess import drive, request_for, shares
-from benchmarks.redis_server import free_port
+from benchmarks.redis_server import RedisServer, free_port
 from benchmarks.variants import config_dir
 from quota.build import BUILD
 
@@ -166,7 +171,32 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
         return collected(err)
 
 
-async def _started(port: int, proc: subprocess.Popen[str], patience: float = 600) -> None:
+def redis_side(scenario: str, total: int) -> int:
+    """The instructions of redis-server under callgrind while the quota-redis server, outside valgrind,
+    is fed `total` requests after a warm-up."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
+        out, log = Path(tmp) / "out", Path(tmp) / "log"
+        callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={log}"]
+        redis = RedisServer(launcher=callgrind)
+        redis.start()
+        # Redis under valgrind answers some fifty times slower: a store timeout of the real run's
+        # would answer 503s (benchmarks/variants.py).
+        env = {**os.environ, "QUOTA_BENCH_STORAGE_TIMEOUT_MS": "60000"}
+        argv = [sys.executable, "-m", "benchmarks.server", SERVED["redis"], scenario, str(port), redis.url]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            asyncio.run(_started(port, proc))
+            asyncio.run(feed(port, scenario, WARM_UP))
+            asyncio.run(feed(port, scenario, total))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            redis.stop()
+        return collected(log.read_text())
+
+
+async def _started(port: int, proc: subprocess.Popen[Any], patience: float = 600) -> None:
     # Under valgrind, importing quota and the app takes a minute or more.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
@@ -193,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         help="count the load runs' uvicorn server fed over HTTP (the scenario names the upstream: trivial, "
         "else the gateway), not the in-process driver",
     )
+    p.add_argument(
+        "--redis-server",
+        action="store_true",
+        help="count redis-server's instructions a request, the load runs' quota-redis server fed over HTTP "
+        "outside valgrind (--stores is not used)",
+    )
     p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -205,8 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(known)}")
     if shutil.which("valgrind") is None:
         p.error("valgrind is not installed (Debian: apt-get install valgrind)")
-    if args.served and args.scenario == "flood":
+    if (args.served or args.redis_server) and args.scenario == "flood":
         p.error("--served counts allowed requests; a flood is refused by design (count it in-process)")
+    if args.redis_server:
+        scenario = "trivial" if args.scenario == "read" and args.upstream == "trivial" else args.scenario
+        print(f"redis-server's instructions per request, {scenario} (runs of {args.requests} and {3 * args.requests})")
+        small = redis_side(scenario, args.requests)
+        large = redis_side(scenario, 3 * args.requests)
+        print(f"  redis     {per_request(small, large, args.requests):9.0f}")
+        return 0
     if args.served:
         where = "under uvicorn, fed over HTTP"
         scenario = "trivial" if args.scenario == "read" and args.upstream == "trivial" else args.scenario

@@ -224,6 +224,19 @@ def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
             server.stop()
 
 
+def test_instructions_counts_the_redis_side_of_a_write() -> None:
+    """`--redis-server` counts redis-server under callgrind while the quota-redis server, outside it,
+    is fed writes: one count a request, of a script's size (tens of thousands of instructions at
+    least: a parse, a rate and a capped add), not the idle server's nothing nor a run's total."""
+    argv = ("--redis-server", "--scenario", "write", "--requests", "60")
+    out = _module("benchmarks.instructions", *argv, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("redis-server's instructions per request, write"), out.stdout
+    count = int(lines[1].split()[1])
+    assert 30_000 < count < 3_000_000, out.stdout
+
+
 def test_a_counted_run_waits_for_its_store(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under callgrind a store call seems some fifty times slower: the counted runs' config waits a
     minute for it (a 503 would count the refusal's work, not the request's); load runs keep the

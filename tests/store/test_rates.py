@@ -8,6 +8,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import redis as redis_sync
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -172,3 +173,35 @@ async def test_exact_at_whole_weights(store: Any) -> None:
         assert (await store.run(Program([op]), base + 1000 + 500)).allowed
     assert not (await store.run(Program([op]), base + 1000 + 600)).allowed
     assert (await store.run(Program([op]), base + 1000 + 801)).allowed
+
+
+async def test_every_counter_in_redis_expires(redis_server: RedisServer) -> None:
+    """A window's counter is dated when a hit makes it, not again on every hit: from its first hit
+    on it expires, after the next window has read it, whatever hits follow (one program hitting it
+    twice included); nothing the rates write is left without a TTL."""
+    redis_server.flush()
+    store = RedisStore(redis_server.url, timeout_ms=2000)
+    probe = redis_sync.Redis(port=redis_server.port)
+    op = RateOp("q:{t}:r:dated", 100, 1000, 1, "r")
+    twice = Program([RateOp("q:{t}:r:dated", 100, 1000, 2, "r"), op])
+    now = 9_000_000_100
+    try:
+        counter = f"q:{{t}}:r:dated:{now // 1000}"
+        assert (await store.run(Program([op]), now)).allowed
+        made = probe.pttl(counter)
+        # Two windows and a second: alive while the next window weighs it.
+        assert 2_000 < made <= 3_000
+        for step in range(1, 6):
+            assert (await store.run(Program([op]), now + step)).allowed
+        assert (await store.run(twice, now + 10)).allowed
+        assert int(probe.get(counter) or 0) == 1 + 5 + 3
+        assert 0 < probe.pttl(counter) <= made
+        # A new window's counter, made by a program that hits it twice, is dated too.
+        assert (await store.run(twice, now + 1_000)).allowed
+        assert int(probe.get(f"q:{{t}}:r:dated:{now // 1000 + 1}") or 0) == 3
+        keys = list(probe.scan_iter("q:{t}:r:*"))
+        assert len(keys) == 2
+        assert all(probe.pttl(key) > 0 for key in keys)
+    finally:
+        probe.close()
+        await store.close()

@@ -34,7 +34,14 @@
 -- elapsed; rlog: a = retry ms; owner: a = room left; member: who).
 
 local now = tonumber(ARGV[1])
-local PURGE = 256
+-- Arguments of redis.call go as strings: a Lua number is formatted there with sprintf's %.17g, which
+-- cost more than the call itself. So what the caller sent is passed on as sent, and a computed
+-- whole number is formatted as one (int).
+local NOW = ARGV[1]
+local PURGE = "256"
+local function int(x)
+  return string.format("%d", x)
+end
 
 -- Same escaping as quota/keys.py: percent-encode every byte outside [A-Za-z0-9_.-].
 local function escape(s)
@@ -46,75 +53,67 @@ local i = 2
 local n_args = #ARGV
 local dry = ARGV[2] == "?"
 if dry then i = 3 end
+-- Each op is built by one constructor that names every field it will hold, so that it is sized once
+-- rather than rehashed as fields are added.
+local function list(first, n, step)
+  local out = {}
+  for j = 0, n - 1 do out[j + 1] = ARGV[first + j * step] end
+  return out
+end
 while i <= n_args do
   local code = ARGV[i]
-  local op = {code = code}
+  local op
   if code == "R" then
-    op.key, op.limit, op.window, op.cost = ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
-    op.exact = ARGV[i+5] == "1"
+    op = {code = code, key = ARGV[i+1], limit = tonumber(ARGV[i+2]), window = tonumber(ARGV[i+3]),
+          cost = tonumber(ARGV[i+4]), charge = ARGV[i+4], exact = ARGV[i+5] == "1", current = false,
+          used = 0}
     i = i + 6
   elseif code == "A" then
-    op.owner, op.cap, op.pending = ARGV[i+1], tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
-    op.rprefix, op.rcap, op.rvalue, op.inflight = ARGV[i+4], tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7]
-    op.claim, op.expire, op.mdrop = tonumber(ARGV[i+8]), tonumber(ARGV[i+9]), ARGV[i+10]
     local n = tonumber(ARGV[i+11])
-    op.members, op.fields = {}, {}
-    for j = 1, n do
-      op.members[j] = ARGV[i+10+2*j]
-      op.fields[j] = ARGV[i+11+2*j]
-    end
+    op = {code = code, owner = ARGV[i+1], cap = tonumber(ARGV[i+2]), pending = tonumber(ARGV[i+3]),
+          rprefix = ARGV[i+4], rcap = tonumber(ARGV[i+5]), rvalue = ARGV[i+6], inflight = ARGV[i+7],
+          claim = tonumber(ARGV[i+8]), expire = tonumber(ARGV[i+9]), mdrop = ARGV[i+10],
+          members = list(i + 12, n, 2), fields = list(i + 13, n, 2), new = false, size = 0}
     i = i + 12 + 2 * n
   elseif code == "T" or code == "t" then
-    op.inflight, op.ttl, op.symmetric = ARGV[i+1], tonumber(ARGV[i+2]), ARGV[i+3] == "1"
     local n = tonumber(ARGV[i+4])
-    op.fields = {}
-    for j = 1, n do op.fields[j] = ARGV[i+4+j] end
+    op = {code = code, inflight = ARGV[i+1], ttl = tonumber(ARGV[i+2]), symmetric = ARGV[i+3] == "1",
+          fields = list(i + 5, n, 1)}
     i = i + 5 + n
   elseif code == "C" or code == "F" then
-    op.inflight = ARGV[i+1]
     local n = tonumber(ARGV[i+2])
-    op.fields = {}
-    for j = 1, n do op.fields[j] = ARGV[i+2+j] end
+    op = {code = code, inflight = ARGV[i+1], fields = list(i + 3, n, 1)}
     i = i + 3 + n
   elseif code == "U" then
-    op.owner, op.rprefix, op.rvalue, op.inflight = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
     local n = tonumber(ARGV[i+5])
-    op.members, op.fields = {}, {}
-    for j = 1, n do
-      op.members[j] = ARGV[i+4+2*j]
-      op.fields[j] = ARGV[i+5+2*j]
-    end
+    op = {code = code, owner = ARGV[i+1], rprefix = ARGV[i+2], rvalue = ARGV[i+3], inflight = ARGV[i+4],
+          members = list(i + 6, n, 2), fields = list(i + 7, n, 2)}
     i = i + 6 + 2 * n
   elseif code == "X" then
-    op.owner, op.rprefix, op.rvalue = ARGV[i+1], ARGV[i+2], ARGV[i+3]
     local n = tonumber(ARGV[i+4])
-    op.members = {}
-    for j = 1, n do op.members[j] = ARGV[i+4+j] end
+    op = {code = code, owner = ARGV[i+1], rprefix = ARGV[i+2], rvalue = ARGV[i+3], members = list(i + 5, n, 1)}
     i = i + 5 + n
   elseif code == "D" then
-    op.owner, op.trash = ARGV[i+1], ARGV[i+2]
+    op = {code = code, owner = ARGV[i+1], trash = ARGV[i+2]}
     i = i + 3
   elseif code == "W" then
-    op.trash, op.rprefix, op.value, op.batch = ARGV[i+1], ARGV[i+2], ARGV[i+3], tonumber(ARGV[i+4])
+    op = {code = code, trash = ARGV[i+1], rprefix = ARGV[i+2], value = ARGV[i+3], batch = tonumber(ARGV[i+4])}
     i = i + 5
   elseif code == "B" then
-    op.owner, op.placeholder, op.member = ARGV[i+1], ARGV[i+2], ARGV[i+3]
-    op.rprefix, op.rvalue = ARGV[i+4], ARGV[i+5]
+    op = {code = code, owner = ARGV[i+1], placeholder = ARGV[i+2], member = ARGV[i+3], rprefix = ARGV[i+4],
+          rvalue = ARGV[i+5]}
     i = i + 6
   elseif code == "N" then
-    op.key, op.ttl = ARGV[i+1], tonumber(ARGV[i+2])
     local n = tonumber(ARGV[i+3])
-    op.members = {}
-    for j = 1, n do op.members[j] = ARGV[i+3+j] end
+    op = {code = code, key = ARGV[i+1], ttl = tonumber(ARGV[i+2]), members = list(i + 4, n, 1)}
     i = i + 4 + n
   elseif code == "O" then
-    op.online, op.peak, op.month, op.conn = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-    op.ttl, op.cap, op.share = tonumber(ARGV[i+5]), tonumber(ARGV[i+6]), tonumber(ARGV[i+7])
-    op.mau_last, op.mau_this = ARGV[i+8], ARGV[i+9]
-    op.recheck = ARGV[i+10] == "1"
+    op = {code = code, online = ARGV[i+1], peak = ARGV[i+2], month = ARGV[i+3], conn = ARGV[i+4],
+          ttl = tonumber(ARGV[i+5]), cap = tonumber(ARGV[i+6]), share = tonumber(ARGV[i+7]),
+          mau_last = ARGV[i+8], mau_this = ARGV[i+9], recheck = ARGV[i+10] == "1"}
     i = i + 11
   elseif code == "Z" then
-    op.key, op.member = ARGV[i+1], ARGV[i+2]
+    op = {code = code, key = ARGV[i+1], member = ARGV[i+2]}
     i = i + 3
   else
     return redis.error_reply("quota: unknown opcode " .. tostring(code))
@@ -122,12 +121,13 @@ while i <= n_args do
   ops[#ops + 1] = op
 end
 
+-- The window's two counters in one call; the current one's name is kept for the apply.
 local function window(op)
   local index = math.floor(now / op.window)
   local elapsed = now - index * op.window
-  local prev = tonumber(redis.call("GET", op.key .. ":" .. (index - 1))) or 0
-  local cur = tonumber(redis.call("GET", op.key .. ":" .. index)) or 0
-  return index, elapsed, prev, cur
+  op.current = op.key .. ":" .. int(index)
+  local got = redis.call("MGET", op.key .. ":" .. int(index - 1), op.current)
+  return elapsed, tonumber(got[1]) or 0, tonumber(got[2]) or 0
 end
 
 local function weighted(prev, cur, elapsed, w)
@@ -136,14 +136,14 @@ end
 
 -- Expired members of a sorted set of deadlines, at most PURGE per call; returns them.
 local function purge(zkey)
-  local expired = redis.call("ZRANGEBYSCORE", zkey, "-inf", now, "LIMIT", 0, PURGE)
+  local expired = redis.call("ZRANGEBYSCORE", zkey, "-inf", NOW, "LIMIT", "0", PURGE)
   if #expired > 0 then redis.call("ZREM", zkey, unpack(expired)) end
   return expired
 end
 
 local function live(zkey)
   purge(zkey)
-  return redis.call("ZCOUNT", zkey, "(" .. now, "+inf")
+  return redis.call("ZCOUNT", zkey, "(" .. NOW, "+inf")
 end
 
 local function lease_cap(op)
@@ -156,13 +156,14 @@ end
 -- process may send them with its next program for the app (even one that is refused), not alone.
 local function confirm(op)
   for _, f in ipairs(op.fields) do
-    if redis.call("HEXISTS", op.inflight, f) == 1 then
-      if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
-        redis.call("HDEL", op.inflight, f, "s:" .. f)
-        redis.call("ZREM", op.inflight .. ":due", f)
-      else
-        redis.call("HSET", op.inflight, "s:" .. f, 1)
-      end
+    local held = tonumber(redis.call("HGET", op.inflight, f))
+    if held == nil then
+      -- Lapsed, or undone: nothing is left to confirm.
+    elseif held <= 1 then
+      redis.call("HDEL", op.inflight, f, "s:" .. f)
+      redis.call("ZREM", op.inflight .. ":due", f)
+    else
+      redis.call("HSET", op.inflight, f, int(held - 1), "s:" .. f, "1")
     end
   end
 end
@@ -193,15 +194,17 @@ for index, op in ipairs(ops) do
       end
       local oldest = redis.call("ZRANGE", log, 0, 0, "WITHSCORES")
       local first = tonumber(oldest[2]) or now
-      rates[#rates + 1] = {op.limit - used - op.cost, first + op.window + 1 - now}
+      rates[#rates + 1] = op.limit - used - op.cost
+      rates[#rates + 1] = first + op.window + 1 - now
       op.used = used
     else
-      local _, elapsed, prev, cur = window(op)
+      local elapsed, prev, cur = window(op)
       local used = weighted(prev, cur, elapsed, op.window)
       if used + op.cost > op.limit then
         return {0, index - 1, "rate", used, op.limit, prev, cur, elapsed, ""}
       end
-      rates[#rates + 1] = {op.limit - used - op.cost, op.window - elapsed}
+      rates[#rates + 1] = op.limit - used - op.cost
+      rates[#rates + 1] = op.window - elapsed
     end
   elseif code == "A" then
     if op.pending > 0 then
@@ -212,12 +215,18 @@ for index, op in ipairs(ops) do
     if op.inflight ~= "" then
       local lapsed = purge(op.inflight .. ":due")
       for _, f in ipairs(lapsed) do redis.call("HDEL", op.inflight, f, "s:" .. f) end
-      if redis.call("HEXISTS", op.inflight, "xo:" .. escape(op.rvalue)) == 1 then
+      -- Every tombstone that would make this add wait, asked for in one call.
+      local names = {"xo:" .. escape(op.rvalue)}
+      for j, m in ipairs(op.members) do
+        names[2 * j] = "rm:" .. op.fields[j]
+        names[2 * j + 1] = op.mdrop .. ":" .. escape(m)
+      end
+      local held = redis.call("HMGET", op.inflight, unpack(names))
+      if held[1] then
         return {0, index - 1, "busy", 0, 0, 0, 0, 0, op.members[1] or ""}
       end
       for j, m in ipairs(op.members) do
-        if redis.call("HEXISTS", op.inflight, "rm:" .. op.fields[j]) == 1
-          or redis.call("HEXISTS", op.inflight, op.mdrop .. ":" .. escape(m)) == 1 then
+        if held[2 * j] or held[2 * j + 1] then
           return {0, index - 1, "busy", 0, 0, 0, 0, 0, m}
         end
       end
@@ -302,14 +311,14 @@ for _, op in ipairs(ops) do
       -- Each hit a name of its own: hits dated alike by two workers, landing out of order, would
       -- share `now:count` and one overwrite the other (a hit lost, one request too many later).
       local seq = redis.call("INCRBY", log .. ":n", op.cost)
-      for j = 1, op.cost do redis.call("ZADD", log, now, now .. ":" .. (seq - op.cost + j)) end
+      for j = 1, op.cost do redis.call("ZADD", log, NOW, NOW .. ":" .. int(seq - op.cost + j)) end
       redis.call("PEXPIRE", log, op.window + 1000)
       redis.call("PEXPIRE", log .. ":n", op.window + 1000)
     else
-      local index = math.floor(now / op.window)
-      local key = op.key .. ":" .. index
-      redis.call("INCRBY", key, op.cost)
-      redis.call("PEXPIRE", key, op.window * 2 + 1000)
+      -- A counter is dated when it is made (it was 0 before this hit), not again on every hit.
+      if redis.call("INCRBY", op.current, op.charge) == op.cost then
+        redis.call("PEXPIRE", op.current, op.window * 2 + 1000)
+      end
     end
   elseif code == "A" then
     local claimed = {}
@@ -317,18 +326,18 @@ for _, op in ipairs(ops) do
       local f = op.fields[j]
       if redis.call("SADD", op.owner, m) == 1 then
         if op.rprefix ~= "" then redis.call("SADD", op.rprefix .. escape(m), op.rvalue) end
-        if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", now + op.pending, m) end
+        if op.pending > 0 then redis.call("ZADD", op.owner .. ":pending", int(now + op.pending), m) end
         if op.inflight ~= "" then
-          redis.call("HSET", op.inflight, f, 1)
+          redis.call("HSET", op.inflight, f, "1")
           redis.call("HDEL", op.inflight, "s:" .. f)
-          redis.call("ZADD", op.inflight .. ":due", now + op.claim, f)
+          redis.call("ZADD", op.inflight .. ":due", int(now + op.claim), f)
         end
         claimed[#claimed + 1] = m
       elseif op.inflight ~= "" then
         -- Already there: claimed too (a removal must wait for this add), and standing on its own
         -- unless another add in flight brought it.
-        if redis.call("HINCRBY", op.inflight, f, 1) == 1 then redis.call("HSET", op.inflight, "s:" .. f, 1) end
-        redis.call("ZADD", op.inflight .. ":due", now + op.claim, f)
+        if redis.call("HINCRBY", op.inflight, f, "1") == 1 then redis.call("HSET", op.inflight, "s:" .. f, "1") end
+        redis.call("ZADD", op.inflight .. ":due", int(now + op.claim), f)
         claimed[#claimed + 1] = m
       end
     end
@@ -340,7 +349,7 @@ for _, op in ipairs(ops) do
       if op.inflight ~= "" then
         gone = false
         local f = op.fields[j]
-        if redis.call("HEXISTS", op.inflight, f) == 1 and redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+        if redis.call("HEXISTS", op.inflight, f) == 1 and redis.call("HINCRBY", op.inflight, f, "-1") <= 0 then
           gone = redis.call("HEXISTS", op.inflight, "s:" .. f) == 0
           redis.call("HDEL", op.inflight, f, "s:" .. f)
           redis.call("ZREM", op.inflight .. ":due", f)
@@ -357,12 +366,12 @@ for _, op in ipairs(ops) do
     -- Applied before the checks (below).
   elseif code == "T" or code == "t" then
     for _, f in ipairs(op.fields) do
-      redis.call("HINCRBY", op.inflight, f, 1)
-      redis.call("ZADD", op.inflight .. ":due", now + op.ttl, f)
+      redis.call("HINCRBY", op.inflight, f, "1")
+      redis.call("ZADD", op.inflight .. ":due", int(now + op.ttl), f)
     end
   elseif code == "C" then
     for _, f in ipairs(op.fields) do
-      if redis.call("HINCRBY", op.inflight, f, -1) <= 0 then
+      if redis.call("HINCRBY", op.inflight, f, "-1") <= 0 then
         redis.call("HDEL", op.inflight, f)
         redis.call("ZREM", op.inflight .. ":due", f)
       end
@@ -393,11 +402,11 @@ for _, op in ipairs(ops) do
   elseif code == "N" then
     for _, m in ipairs(op.members) do
       local deadline = tonumber(redis.call("ZSCORE", op.key, m))
-      if deadline and deadline > now then redis.call("ZADD", op.key, "XX", now + op.ttl, m) end
+      if deadline and deadline > now then redis.call("ZADD", op.key, "XX", int(now + op.ttl), m) end
     end
   elseif code == "O" then
-    redis.call("ZADD", op.online, now + op.ttl, op.conn)
-    online = redis.call("ZCOUNT", op.online, "(" .. now, "+inf")
+    redis.call("ZADD", op.online, int(now + op.ttl), op.conn)
+    online = redis.call("ZCOUNT", op.online, "(" .. NOW, "+inf")
     local peak = tonumber(redis.call("HGET", op.peak, op.month)) or 0
     if online > peak then redis.call("HSET", op.peak, op.month, online) end
   elseif code == "Z" then
@@ -405,11 +414,8 @@ for _, op in ipairs(ops) do
   end
 end
 
-local reply = {1, online, remaining, #rates}
-for _, r in ipairs(rates) do
-  reply[#reply + 1] = r[1]
-  reply[#reply + 1] = r[2]
-end
+local reply = {1, online, remaining, #rates / 2}
+for _, r in ipairs(rates) do reply[#reply + 1] = r end
 reply[#reply + 1] = #adds
 for _, add in ipairs(adds) do
   reply[#reply + 1] = #add[1]

@@ -150,6 +150,13 @@ async def feed(port: int, scenario: str, total: int, concurrency: int = 32) -> N
     await asyncio.gather(*(worker(count) for count in shares(total, concurrency)))
 
 
+def _fed(port: int, proc: subprocess.Popen[Any], scenario: str, total: int) -> None:
+    """The server `proc` on `port`, once it answers, fed the warm-up and then `total` requests."""
+    asyncio.run(_started(port, proc))
+    asyncio.run(feed(port, scenario, WARM_UP))
+    asyncio.run(feed(port, scenario, total))
+
+
 def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
     """The instructions of the load runs' server under callgrind, fed `total` requests after a warm-up."""
     port = free_port()
@@ -157,9 +164,7 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
         argv, env = _under_callgrind(tmp, "benchmarks.server", SERVED[store], scenario, str(port), redis.url)
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            asyncio.run(_started(port, proc))
-            asyncio.run(feed(port, scenario, WARM_UP))
-            asyncio.run(feed(port, scenario, total))
+            _fed(port, proc, scenario, total)
         finally:
             proc.terminate()
             try:
@@ -186,9 +191,7 @@ def redis_side(scenario: str, total: int) -> int:
         argv = [sys.executable, "-m", "benchmarks.server", SERVED["redis"], scenario, str(port), redis.url]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         try:
-            asyncio.run(_started(port, proc))
-            asyncio.run(feed(port, scenario, WARM_UP))
-            asyncio.run(feed(port, scenario, total))
+            _fed(port, proc, scenario, total)
         finally:
             proc.terminate()
             proc.wait(60)

@@ -578,6 +578,31 @@ class TestBodies:
             assert b"names a key twice" in sent[1]["body"]
             assert seen == []
 
+    async def test_a_batch_of_thousands_is_held_to_its_cap(self, store: Any, clock: Clock, config_dir: Path) -> None:
+        """A batch add whose route sets no max_batch (the key is optional) and fails open: 4,000
+        members in one body (some 34 KB of short ids, under the 64 KiB bound) are refused by the
+        free plan's members_per_group, three times running, and another app's write passes after
+        them. Catches: an add too large for one script call failing as an outage (let through on
+        `open`) and opening the breaker for every app."""
+        routes = config_dir / "routes.yaml"
+        doc = read_yaml(routes)
+        for rule in doc["routes"]:
+            if rule.get("name") == "groups.add_members":
+                rule["outage"] = "open"
+                for change in rule["changes"]:
+                    change.pop("max_batch", None)
+        write_yaml(routes, doc)
+        body = {"usernames": [f"u{i}" for i in range(4_000)]}
+        async with make_client(store, clock, load_config(config_dir)) as client:
+            await register(client, FREE, ["o"])
+            gid = room_id(await create_room(client, FREE, "chatgroups", "o"), "chatgroups")
+            for _ in range(3):
+                r = await client.post(f"/{FREE}/chatgroups/{gid}/users", json=body)
+                assert r.status_code == 403, (r.status_code, r.text[:200])
+                assert r.json()["limit"] == "members_per_group"
+            r = await client.post(f"/{PRO}/users", json=[{"username": "x", "password": "p"}])
+            assert r.status_code == 200, r.text
+
     @pytest.mark.parametrize(
         ("headers", "body", "status"),
         [

@@ -245,3 +245,41 @@ async def test_forgetting_a_user_takes_only_the_claims_naming_it(store: Any) -> 
     kept = {"1001|bob", "xo:1001", "rm:77|bob"}
     assert set(await raw_hash(store, ROOMS)) == kept
     assert set(await raw_deadlines(store, ROOMS + ":due")) == kept
+
+
+def batch_join(group: str, users: tuple[str, ...], cap: int) -> AddOp:
+    """Users added to a group in one request, as a route with no max_batch lets a body ask."""
+    return AddOp(
+        "members_per_group",
+        f"q:{{demo#pro}}:s:group_members:o:{group}",
+        cap,
+        users,
+        reverse_prefix="q:{demo#pro}:s:group_members:m:",
+        reverse_value=group,
+        inflight_key=ROOMS,
+        fields=tuple(f"{group}|{user}" for user in users),
+        claim_ttl_ms=60_000,
+        member_drop="xm",
+    )
+
+
+async def test_an_add_of_thousands_is_judged_whole(store: Any) -> None:
+    """4,500 members in one add (max_batch is optional, and a 64 KiB body holds that many short ids):
+    busy under a tombstone of any of them, the last and those whose names straddle the script's
+    slices of 1,000 names included; refused whole by its cap when over it; added whole under it.
+    Catches: more names than one Lua unpack takes (an error, a 503, the breaker), or a slice skipped."""
+    users = tuple(f"u{i}" for i in range(4_500))
+    for field, who in (
+        (f"rm:g1|{users[499]}", users[499]),
+        (f"xm:{users[499]}", users[499]),
+        (f"rm:g1|{users[-1]}", users[-1]),
+    ):
+        await store.run(Program([TombstoneOp(ROOMS, (field,), 60_000)]), T0)
+        assert (await store.run(Program([batch_join("g1", users, UNLIMITED)]), T0 + 1)).refusal == busy(0, who), field
+        await store.run(Program([ClearOp(ROOMS, (field,))]), T0 + 2)
+    over = await store.run(Program([batch_join("g1", users, 4_499)]), T0 + 3)
+    assert over.refusal is not None and (over.refusal.kind, over.refusal.used) == ("owner", 0)
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:g1") == set()
+    under = await store.run(Program([batch_join("g1", users, 4_500)]), T0 + 4)
+    assert under.allowed and under.sizes == (4_500,) and len(under.added[0]) == 4_500
+    assert await raw_members(store, "q:{demo#pro}:s:group_members:o:g1") == set(users)

@@ -39,6 +39,7 @@ local now = tonumber(ARGV[1])
 -- whole number is formatted as one (int).
 local NOW = ARGV[1]
 local PURGE = "256"
+local NAMES = 1000
 local function int(x)
   return string.format("%d", x)
 end
@@ -215,13 +216,18 @@ for index, op in ipairs(ops) do
     if op.inflight ~= "" then
       local lapsed = purge(op.inflight .. ":due")
       for _, f in ipairs(lapsed) do redis.call("HDEL", op.inflight, f, "s:" .. f) end
-      -- Every tombstone that would make this add wait, asked for in one call.
+      -- Every tombstone that would make this add wait, asked for in one call; a batch too large
+      -- for one unpack (Lua's stack takes fewer than 8,000 values) in calls of NAMES each.
       local names = {"xo:" .. escape(op.rvalue)}
       for j, m in ipairs(op.members) do
         names[2 * j] = "rm:" .. op.fields[j]
         names[2 * j + 1] = op.mdrop .. ":" .. escape(m)
       end
-      local held = redis.call("HMGET", op.inflight, unpack(names))
+      local held = {}
+      for first = 1, #names, NAMES do
+        local got = redis.call("HMGET", op.inflight, unpack(names, first, math.min(first + NAMES - 1, #names)))
+        for k = 1, #got do held[first + k - 1] = got[k] end
+      end
       if held[1] then
         return {0, index - 1, "busy", 0, 0, 0, 0, 0, op.members[1] or ""}
       end

@@ -157,7 +157,14 @@ def _fed(port: int, proc: subprocess.Popen[Any], scenario: str, total: int) -> N
     asyncio.run(feed(port, scenario, total))
 
 
-def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
+def _kept(out: Path, keep: Path | None, name: str) -> None:
+    """A run's callgrind output copied to `keep` (for callgrind_annotate), when asked."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, keep / name)
+
+
+def served(store: str, scenario: str, total: int, redis: OwnRedis, keep: Path | None = None) -> int:
     """The instructions of the load runs' server under callgrind, fed `total` requests after a warm-up."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="quota-callgrind-") as tmp:
@@ -173,10 +180,11 @@ def served(store: str, scenario: str, total: int, redis: OwnRedis) -> int:
                 proc.kill()
                 proc.communicate()
                 raise
+        _kept(Path(tmp) / "out", keep, f"{store}.{scenario}.{total}.callgrind")
         return collected(err)
 
 
-def redis_side(scenario: str, total: int) -> int:
+def redis_side(scenario: str, total: int, keep: Path | None = None) -> int:
     """The instructions of redis-server under callgrind while the quota-redis server, outside valgrind,
     is fed `total` requests after a warm-up."""
     port = free_port()
@@ -196,6 +204,7 @@ def redis_side(scenario: str, total: int) -> int:
             proc.terminate()
             proc.wait(60)
             redis.stop()
+        _kept(out, keep, f"redis-server.{scenario}.{total}.callgrind")
         return collected(log.read_text())
 
 
@@ -232,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         help="count redis-server's instructions a request, the load runs' quota-redis server fed over HTTP "
         "outside valgrind (--stores is not used)",
     )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="with --served or --redis-server, keep each run's callgrind output in DIR, for callgrind_annotate",
+    )
     p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -244,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown store {unknown[0]!r}: choose from {', '.join(known)}")
     if shutil.which("valgrind") is None:
         p.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    if args.keep is not None and not (args.served or args.redis_server):
+        p.error("--keep keeps the outputs of --served or --redis-server runs (the in-process children's are not kept)")
     if (args.served or args.redis_server) and args.scenario == "flood":
         p.error("--served counts allowed requests; a flood is refused by design (count it in-process)")
     if args.redis_server:
         scenario = "trivial" if args.scenario == "read" and args.upstream == "trivial" else args.scenario
         print(f"redis-server's instructions per request, {scenario} (runs of {args.requests} and {3 * args.requests})")
-        small = redis_side(scenario, args.requests)
-        large = redis_side(scenario, 3 * args.requests)
+        small = redis_side(scenario, args.requests, args.keep)
+        large = redis_side(scenario, 3 * args.requests, args.keep)
         print(f"  redis     {per_request(small, large, args.requests):9.0f}")
         return 0
     if args.served:
@@ -268,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         bare: float | None = None
         for store in stores:
             if redis is not None:
-                small = served(store, scenario, args.requests, redis)
-                large = served(store, scenario, 3 * args.requests, redis)
+                small = served(store, scenario, args.requests, redis, args.keep)
+                large = served(store, scenario, 3 * args.requests, redis, args.keep)
             else:
                 small = counted(store, scenario, args.requests, args.upstream)
                 large = counted(store, scenario, 3 * args.requests, args.upstream)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -224,17 +225,23 @@ def test_instructions_served_feed_speaks_http_to_the_load_server() -> None:
             server.stop()
 
 
-def test_instructions_counts_the_redis_side_of_a_write() -> None:
+def test_instructions_counts_the_redis_side_of_a_write(tmp_path: Path) -> None:
     """`--redis-server` counts redis-server under callgrind while the quota-redis server, outside it,
     is fed writes: one count a request, of a script's size (tens of thousands of instructions at
-    least: a parse, a rate and a capped add), not the idle server's nothing nor a run's total."""
-    argv = ("--redis-server", "--scenario", "write", "--requests", "60")
+    least: a parse, a rate and a capped add), not the idle server's nothing nor a run's total.
+    `--keep` leaves both runs' outputs for callgrind_annotate."""
+    argv = ("--redis-server", "--scenario", "write", "--requests", "60", "--keep", str(tmp_path / "kept"))
     out = _module("benchmarks.instructions", *argv, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("redis-server's instructions per request, write"), out.stdout
     count = int(lines[1].split()[1])
     assert 30_000 < count < 3_000_000, out.stdout
+    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert kept == ["redis-server.write.180.callgrind", "redis-server.write.60.callgrind"], kept
+    assert (tmp_path / "kept" / kept[0]).read_text().startswith("# callgrind format")
+    refused = _module("benchmarks.instructions", "--keep", str(tmp_path / "no"), timeout=60)
+    assert refused.returncode == 2 and "--keep" in refused.stderr, refused.stderr
 
 
 def test_a_counted_run_waits_for_its_store(monkeypatch: pytest.MonkeyPatch) -> None:

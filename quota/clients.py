@@ -4,8 +4,11 @@ quota's `trusted_proxies` is the one authority: every X-Forwarded-For line is re
 send its own line before a proxy appends another), hops may carry ports (`1.2.3.4:5678`,
 `[2001:db8::1]:443`), and the list is walked from the right past trusted hops; the first hop that is
 not a trusted proxy is the client. Servers must not rewrite the peer address themselves (`quota
-serve` turns uvicorn's proxy headers off). IPv6 clients are keyed by their network (/64 by default):
-one host holds a whole /64 and could otherwise take a fresh budget per address.
+serve` turns uvicorn's proxy headers off). A server on a unix socket names no peer: its requests
+share one address ("") unless `unix` is among the trusted proxies, when the proxy in front of it
+(nginx, say) is trusted like any other and X-Forwarded-For is walked the same way. IPv6 clients
+are keyed by their network (/64 by default): one host holds a whole /64 and could otherwise take a
+fresh budget per address.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ def parse_hop(hop: str) -> Address | None:
 
 
 class ClientAddress:
-    def __init__(self, trusted: tuple[Network, ...], ipv6_prefix: int = 64) -> None:
+    def __init__(self, trusted: tuple[Network, ...], ipv6_prefix: int = 64, unix: bool = False) -> None:
         self.trusted = trusted
         self.ipv6_prefix = ipv6_prefix
+        self.unix = unix
         self._peers: dict[str, bool] = {}
         self._spelled: dict[str, str] = {}
         self._key = lru_cache(maxsize=PEER_CACHE)(self._rate_key)
@@ -67,7 +71,10 @@ class ClientAddress:
         """The client's address as text (the peer's, unless a trusted proxy forwarded the request)."""
         client = scope.get("client")
         peer = self._canonical(str(client[0])) if client else ""
-        if not self.trusted or not peer or not self._peer_trusted(peer):
+        if not peer:
+            if not self.unix:
+                return peer
+        elif not self.trusted or not self._peer_trusted(peer):
             return peer
         lines = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
         if not lines:

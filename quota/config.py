@@ -59,6 +59,9 @@ class Webhooks:
 @dataclass(frozen=True)
 class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # `unix` in trusted_proxies: a peer with no network address (a unix socket, which ASGI servers
+    # hand as no client at all) is a proxy on this machine, and X-Forwarded-For names the client.
+    trusted_unix: bool = False
     admin_token: str | None = None
     # Read-only scope: metrics, entitlements, usage, bills, the dashboard (see quota/tokens.py).
     read_token: str | None = None
@@ -818,14 +821,18 @@ class _Settings(_Checker):
         )
         base = Settings()
         proxies = []
+        unix = False
         listed = node.get("trusted_proxies")
         if listed is not None and not isinstance(listed, list):
-            self.fail("trusted_proxies", "a list of IP addresses or networks", listed)
+            self.fail("trusted_proxies", "a list of IP addresses or networks, or unix", listed)
         for i, net in enumerate(listed if isinstance(listed, list) else []):
+            if net == "unix":
+                unix = True
+                continue
             try:
                 proxies.append(ipaddress.ip_network(str(net), strict=False))
             except ValueError:
-                self.fail(f"trusted_proxies[{i}]", "an IP address or network", net)
+                self.fail(f"trusted_proxies[{i}]", "an IP address or network, or unix", net)
         outage = self.mapping(node.get("outage") or {}, "outage", optional=("rates", "counters"))
         for part in ("rates", "counters"):
             if part in outage and outage[part] not in ("open", "closed"):
@@ -838,6 +845,7 @@ class _Settings(_Checker):
         wrong = self.rate(node["wrong_tokens"], "wrong_tokens") if "wrong_tokens" in node else base.wrong_tokens
         return Settings(
             trusted_proxies=tuple(proxies),
+            trusted_unix=unix,
             admin_token=token,
             read_token=read_token,
             admin_prefix=str(node.get("admin_prefix", base.admin_prefix)),

@@ -79,7 +79,8 @@ class Runtime:
         # a test's store with faults, may await in `run`, and is awaited).
         self.memory = store if type(store) is MemoryStore else None
         self.directory = directory or Directory(config.matrix, config.accounts, store)
-        self.clients = ClientAddress(config.settings.trusted_proxies, config.settings.ipv6_prefix)
+        settings = config.settings
+        self.clients = ClientAddress(settings.trusted_proxies, settings.ipv6_prefix, settings.trusted_unix)
         self.ids = config.settings.identifiers
         # What every request reads of the settings, held natively: Settings is a plain dataclass,
         # and reading its attributes from compiled code is a dictionary lookup each.

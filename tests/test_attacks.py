@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from starlette.middleware.gzip import GZipMiddleware
 
 from quota.config import load_config
@@ -544,6 +545,41 @@ class TestForwardedFor:
             write_yaml(plans, doc)
             mw.reload(config_dir)
             assert await self._budget(proxy, first[:51]) == [200] * 50 + [429]
+
+    @pytest.mark.parametrize("trusted", [True, False], ids=["unix-trusted", "untrusted"])
+    async def test_a_unix_socket_behind_a_proxy(
+        self, clock: Clock, config_dir: Path, tmp_path: Path, trusted: bool
+    ) -> None:
+        """quota embedded in an app that uvicorn serves on a unix socket behind a proxy (nginx, say):
+        such a server names no peer. With `unix` among trusted_proxies, X-Forwarded-For names the
+        client: each has its own budget, and a hop a client wrote itself, before the one the proxy
+        appended, buys none. Without it, forwarded hops are not read and every client shares one
+        budget. Catches: hops read from a socket nobody trusted, or a trusted socket's clients all
+        in one bucket."""
+        clock.tick = 0
+        (config_dir / "quota.yaml").write_text(f"trusted_proxies: [{'unix' if trusted else ''}]\n")
+        app = build_app(load_config(config_dir), store=MemoryStore())
+        app.clock = clock
+        sock = tmp_path / "quota.sock"
+        server = uvicorn.Server(
+            uvicorn.Config(app, uds=str(sock), proxy_headers=False, lifespan="off", log_level="warning")
+        )
+        serving = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                assert not serving.done()
+                await asyncio.sleep(0.01)
+            transport = httpx.AsyncHTTPTransport(uds=str(sock))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as proxy:
+                first = await self._budget(proxy, [{"x-forwarded-for": "9.9.9.9"}] * 101)
+                assert first == [200] * 100 + [429]
+                other = await self._budget(proxy, [{"x-forwarded-for": "8.8.8.8"}])
+                spoofed = await self._budget(proxy, [{"x-forwarded-for": "1.1.1.1, 9.9.9.9"}])
+            assert (other, spoofed) == (([200], [429]) if trusted else ([429], [429]))
+        finally:
+            server.should_exit = True
+            await serving
+            await app.shutdown()
 
     async def test_untrusted_peer_cannot_forward(self, store: Any, clock: Clock) -> None:
         """Catches X-Forwarded-For honoured from a peer that is not a trusted proxy."""

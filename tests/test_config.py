@@ -151,6 +151,11 @@ def test_a_key_written_twice_is_refused(config_dir: Path) -> None:
         ),
         ("quota.yaml", lambda d: d.update(trusted_proxies="10.0.0.1"), "trusted_proxies: expected a list"),
         ("quota.yaml", lambda d: d.update(trusted_proxies=0), "trusted_proxies: expected a list"),
+        (
+            "quota.yaml",
+            lambda d: d.update(trusted_proxies=["unix", "unix:/run/nginx.sock"]),
+            "trusted_proxies[1]: expected an IP address or network, or unix, found 'unix:/run/nginx.sock'",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_kind_is_named(config_dir: Path, file: str, change: Any, said: str) -> None:

@@ -201,6 +201,10 @@ async def test_a_drop_looks_at_claims_not_at_other_tombstones(store: Any) -> Non
     assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:u",), 60_000)]), T0 + 1)).refusal is None
     await store.run(Program([join("8", "v")]), T0 + 2)
     assert (await store.run(Program([TombstoneOp(ROOMS, ("xm:v",), 60_000)]), T0 + 3)).refusal == busy(0, "v")
+    # Several sets dropped at once (a user forgotten: their own and every one naming them): each is
+    # looked for among the claims, the last as surely as the first.
+    several = TombstoneOp(ROOMS, ("xm:w", "xo:9", "rm:9|x", "xo:8"), 60_000)
+    assert (await store.run(Program([several]), T0 + 3)).refusal == busy(0, "8")
 
 
 async def test_an_undo_of_several_members_settles_each(store: Any) -> None:

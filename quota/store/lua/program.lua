@@ -264,6 +264,8 @@ for index, op in ipairs(ops) do
   elseif code == "T" then
     -- A claim whose request died unanswered must not hold removals for ever.
     for _, f in ipairs(purge(op.inflight .. ":due")) do redis.call("HDEL", op.inflight, f, "s:" .. f) end
+    -- The hash's fields, read once for all the sets this op drops (nothing changes it while checking).
+    local fields = nil
     for _, f in ipairs(op.fields) do
       local kind, what = string.sub(f, 1, 2), string.sub(f, 4)
       if kind == "rm" then
@@ -272,7 +274,8 @@ for index, op in ipairs(ops) do
         end
       else
         -- A whole set is dropped: no add of a pair naming the entity may be in flight.
-        for _, g in ipairs(redis.call("HKEYS", op.inflight)) do
+        if fields == nil then fields = redis.call("HKEYS", op.inflight) end
+        for _, g in ipairs(fields) do
           if not string.find(g, ":", 1, true) then
             local bar = string.find(g, "|", 1, true)
             local left, right = string.sub(g, 1, bar - 1), string.sub(g, bar + 1)

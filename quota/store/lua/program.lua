@@ -214,7 +214,7 @@ for k = 1, n_ops do
       for _, m in ipairs(new) do
         local rkey = rprefix .. escape(m)
         local rsize = call("SCARD", rkey)
-        if call("SISMEMBER", rkey, rvalue) == 0 and rsize + 1 > rcap then
+        if rsize + 1 > rcap and call("SISMEMBER", rkey, rvalue) == 0 then
           -- A room's creation its creator reserved here and never settled: dropped once expired,
           -- on the refusing path alone (a join costs nothing more).
           for _, placeholder in ipairs(purge(rkey .. ":pending")) do call("SREM", rkey, placeholder) end
